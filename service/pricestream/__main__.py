@@ -1,0 +1,3 @@
+from pricestream.cli import main
+
+raise SystemExit(main())

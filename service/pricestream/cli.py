@@ -1,0 +1,130 @@
+"""The `pricestream` command: serve, feed, watch, demo."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import uvloop
+from redis.asyncio import Redis
+
+from pricestream.feed import WELL_KNOWN, run_feed, ticker_universe
+from pricestream.logs import configure_logging
+from pricestream.redis_broker import RedisPricePublisher
+from pricestream.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("pricestream.cli")
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+    """One flag per setting (``--flush-interval`` for ``flush_interval``); env vars still apply."""
+    for name, field in Settings.model_fields.items():
+        if only is not None and name not in only:
+            continue
+        kind = field.annotation if field.annotation in (int, float) else str
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=kind,
+            default=None,
+            help=f"{field.description} [env PRICESTREAM_{name.upper()}]",
+        )
+
+
+def _settings_from(args: argparse.Namespace, **fixed: Any) -> Settings:
+    overrides = {name: getattr(args, name, None) for name in Settings.model_fields}
+    overrides.update({k: v for k, v in fixed.items() if overrides.get(k) is None})
+    return load_settings(**overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pricestream", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gRPC streaming server")
+    _add_setting_flags(serve)
+
+    feed = commands.add_parser("feed", help="publish simulated random-walk prices to Redis")
+    feed.add_argument("--tickers", type=int, default=50, help="how many tickers (default 50)")
+    feed.add_argument("--rate", type=float, default=1000.0, help="updates per second in total")
+    feed.add_argument("--duration", type=float, default=None, help="seconds; default: forever")
+    _add_setting_flags(feed, only=("redis_url", "redis_timeout", "log_level"))
+
+    watch = commands.add_parser("watch", help="stream tickers into a live terminal table")
+    watch.add_argument("tickers", nargs="+", help="ticker symbols, e.g. AAPL MSFT")
+    watch.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
+    watch.add_argument("--duration", type=float, default=None, help="seconds; default: forever")
+
+    demo = commands.add_parser("demo", help="server + feed + watcher in one command")
+    demo.add_argument("tickers", nargs="*", default=list(WELL_KNOWN[:8]), help="tickers to watch")
+    demo.add_argument("--universe", type=int, default=50, help="tickers the feed simulates")
+    demo.add_argument("--rate", type=float, default=500.0, help="feed updates per second")
+    demo.add_argument("--duration", type=float, default=None, help="seconds; default: forever")
+    demo.add_argument("--no-clear", action="store_true", help="append frames, do not redraw")
+    _add_setting_flags(demo)
+    return parser
+
+
+async def _feed_main(args: argparse.Namespace, settings: Settings) -> int:
+    client = Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout)
+    tickers = ticker_universe(args.tickers)
+    log.info("feed: %d tickers at %g updates/s", len(tickers), args.rate)
+    try:
+        published = await run_feed(RedisPricePublisher(client), tickers, args.rate, args.duration)
+    finally:
+        await client.aclose()
+    log.info("feed: published %d updates", published, extra={"event": "feed_finished"})
+    return 0
+
+
+def _run(coro: Any) -> int:
+    with contextlib.suppress(KeyboardInterrupt):
+        return int(uvloop.run(coro) or 0)
+    return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            from pricestream.server import Server, run_until_signalled
+
+            settings = _settings_from(args)
+            configure_logging(settings.log_level, settings.pod_name)
+            _run(run_until_signalled(Server(settings)))
+            return 0
+        if args.command == "feed":
+            settings = _settings_from(args)
+            configure_logging(settings.log_level, settings.pod_name)
+            if args.rate <= 0 or args.tickers <= 0:
+                raise SettingsError("--rate and --tickers must be positive")
+            return _run(_feed_main(args, settings))
+        if args.command == "watch":
+            from pricestream.watch import watch
+
+            return _run(watch(args.target, args.tickers, duration=args.duration))
+        if args.command == "demo":
+            from pricestream.demo import run_demo
+
+            settings = _settings_from(
+                args, grpc_host="127.0.0.1", http_host="127.0.0.1", log_level="WARNING"
+            )
+            configure_logging(settings.log_level, settings.pod_name)
+            return _run(
+                run_demo(
+                    settings,
+                    tickers=args.tickers,
+                    universe_size=args.universe,
+                    rate=args.rate,
+                    duration=args.duration,
+                    clear=not args.no_clear,
+                )
+            )
+    except SettingsError as exc:
+        print(f"pricestream: {exc}", file=sys.stderr)
+        return 2
+    raise AssertionError(f"unhandled command {args.command}")

@@ -1,0 +1,50 @@
+"""The Redis ingestion contract: channel and key names, and the wire frames of a batch.
+
+A ``PriceUpdateBatch`` is ``repeated PriceUpdate updates = 1``, so its encoding is the
+concatenation of one length-delimited field-1 frame per update. The hub builds each frame
+once per received message and every stream reuses it: no re-encoding per client.
+"""
+
+from __future__ import annotations
+
+from pricestream.v1.pricestream_pb2 import PriceUpdate
+
+CHANNEL_PREFIX = "price:"
+LAST_PRICE_PREFIX = "price:last:"
+# Service channels of pricestream itself (not part of the ingestion contract).
+SESSION_CLOSED_CHANNEL = "pricestream:session-closed"
+PROBE_CHANNEL_PREFIX = "pricestream:probe:"
+
+_BATCH_UPDATES_TAG = b"\x0a"  # field 1, wire type 2 (length-delimited)
+
+
+def price_channel(ticker: str) -> str:
+    return CHANNEL_PREFIX + ticker
+
+
+def last_price_key(ticker: str) -> str:
+    return LAST_PRICE_PREFIX + ticker
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def batch_frame(payload: bytes) -> bytes:
+    """The bytes one serialized ``PriceUpdate`` occupies inside a ``PriceUpdateBatch``."""
+    return _BATCH_UPDATES_TAG + _varint(len(payload)) + payload
+
+
+def decode_update(payload: bytes) -> PriceUpdate | None:
+    """Parse a payload from Redis; ``None`` when it is not a valid ``PriceUpdate``."""
+    update = PriceUpdate()
+    try:
+        update.ParseFromString(payload)
+    except Exception:  # protobuf raises DecodeError, but also others on some garbage
+        return None
+    return update

@@ -1,0 +1,68 @@
+"""`pricestream demo`: server + feed + watcher in one process, with or without Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from pricestream.feed import PricePublisher, run_feed, ticker_universe
+from pricestream.redis_broker import RedisPricePublisher
+from pricestream.redis_client import redacted
+from pricestream.server import Server
+from pricestream.settings import Settings
+from pricestream.watch import watch
+
+
+async def redis_reachable(url: str) -> bool:
+    client = Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    try:
+        return bool(await client.ping())
+    except (RedisError, OSError):
+        return False
+    finally:
+        await client.aclose()
+
+
+async def run_demo(
+    settings: Settings,
+    *,
+    tickers: list[str],
+    universe_size: int,
+    rate: float,
+    duration: float | None,
+    clear: bool = True,
+) -> int:
+    explicit = "PRICESTREAM_REDIS_URL" in os.environ
+    use_redis = explicit or await redis_reachable(settings.redis_url)
+    if use_redis:
+        print(f"demo: using Redis at {redacted(settings.redis_url)}", file=sys.stderr)
+    else:
+        print(
+            f"demo: no Redis at {redacted(settings.redis_url)}; "
+            "using the in-memory broker and session store",
+            file=sys.stderr,
+        )
+    async with Server(settings, in_memory=not use_redis) as server:
+        redis_client: Redis | None = None
+        publisher: PricePublisher
+        if use_redis:
+            redis_client = Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout)
+            publisher = RedisPricePublisher(redis_client)
+        else:
+            publisher = server.engine.broker
+        universe = ticker_universe(universe_size)
+        feed = asyncio.create_task(run_feed(publisher, universe, rate))
+        try:
+            target = f"127.0.0.1:{server.grpc_port}"
+            return await watch(target, tickers, duration=duration, clear=clear)
+        finally:
+            feed.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feed
+            if redis_client is not None:
+                await redis_client.aclose()

@@ -1,0 +1,211 @@
+"""The streaming engine of one pod: broker, hub, flush clock, session store and registry.
+
+``Engine`` is the single owner of every background task and backend connection; entering it
+starts them and leaving it stops them in reverse order, whatever happened in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import grpc
+from redis.asyncio import ConnectionPool, Redis
+from redis.exceptions import RedisError
+
+from pricestream.broker import Broker
+from pricestream.codec import SESSION_CLOSED_CHANNEL
+from pricestream.flush import FlushClock, StreamWriter
+from pricestream.hub import Hub
+from pricestream.memory_broker import MemoryBroker
+from pricestream.memory_sessions import MemorySessionStore
+from pricestream.metrics import LiveGauges, Metrics
+from pricestream.redis_broker import RedisBroker
+from pricestream.redis_client import make_client, make_pool, redacted
+from pricestream.redis_sessions import RedisSessionStore
+from pricestream.registry import SessionRegistry
+from pricestream.sessions import SessionStore
+from pricestream.settings import Settings
+
+log = logging.getLogger("pricestream.engine")
+
+
+@dataclass
+class Backends:
+    broker: Broker
+    store: SessionStore
+    redis: Redis | None = None
+    pool: ConnectionPool | None = None
+
+
+class Engine:
+    def __init__(self, settings: Settings, *, in_memory: bool = False) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.registry = SessionRegistry(self.metrics, settings.max_sessions)
+        self.backends = self._make_backends(in_memory)
+        self.broker = self.backends.broker
+        self.store = self.backends.store
+        self.hub = Hub(self.broker, self.metrics, settings.linger)
+        self.clock = FlushClock(
+            settings.flush_interval, settings.stall_timeout, self.metrics, self._cut_off
+        )
+        self._streams_active = 0
+        self._no_streams = asyncio.Event()
+        self._no_streams.set()
+        self.draining = False
+        self.redis_unhealthy_since: float | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.metrics.register_live_gauges(
+            LiveGauges(
+                sessions_active=lambda: len(self.registry),
+                streams_active=lambda: self.streams_active,
+                subscriptions_active=lambda: self.hub.subscriptions_active,
+                pubsub_connections_active=lambda: self.broker.connections_active,
+                redis_up=lambda: self.broker.healthy,
+                ready=lambda: self.ready,
+            )
+        )
+
+    def _make_backends(self, in_memory: bool) -> Backends:
+        s = self.settings
+        if in_memory:
+            return Backends(
+                MemoryBroker(),
+                MemorySessionStore(s.session_ttl, s.lease_ttl, s.resume_grace, self.on_closed),
+            )
+        pool = make_pool(s)
+        client = make_client(pool)
+        return Backends(
+            RedisBroker(pool, client, s, self.metrics),
+            RedisSessionStore(client, s.session_ttl, s.lease_ttl, s.resume_grace),
+            client,
+            pool,
+        )
+
+    @property
+    def streams_active(self) -> int:
+        return self._streams_active
+
+    def stream_started(self) -> None:
+        self._streams_active += 1
+        self._no_streams.clear()
+        self.metrics.streams_opened.inc()
+
+    def stream_finished(self, reason: str) -> None:
+        self._streams_active -= 1
+        self.metrics.streams_closed.labels(reason).inc()
+        if self._streams_active == 0:
+            self._no_streams.set()
+
+    async def streams_finished(self) -> None:
+        """Return once no StreamPriceUpdates call is in progress."""
+        await self._no_streams.wait()
+
+    @property
+    def ready(self) -> bool:
+        return not self.draining and self.broker.healthy
+
+    async def __aenter__(self) -> Engine:
+        if self.backends.redis is not None:
+            log.info("using Redis at %s", redacted(self.settings.redis_url))
+        self.hub.on_service_channel(SESSION_CLOSED_CHANNEL, self._on_closed_message)
+        await self.broker.start()
+        self._tasks = [
+            asyncio.create_task(self.clock.run(), name="flush-clock"),
+            asyncio.create_task(self._maintain(), name="session-maintenance"),
+        ]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for session in self.registry.streaming():
+            log.warning("stream of session %s still registered at shutdown", session.session_id)
+        self.hub.close()
+        await self.broker.aclose()
+        if self.backends.redis is not None:
+            await self.backends.redis.aclose()
+        if self.backends.pool is not None:
+            await self.backends.pool.disconnect()
+
+    def on_closed(self, session_id: str) -> None:
+        """A session was closed (here or on another pod): end it here too."""
+        session = self.registry.get(session_id)
+        if session is None:
+            return
+        if session.writer is not None:
+            session.writer.stop("closed", grpc.StatusCode.OK, "session closed")
+        else:
+            self.registry.end(session_id, "closed")
+
+    def _on_closed_message(self, payload: bytes) -> None:
+        with contextlib.suppress(UnicodeDecodeError):
+            self.on_closed(payload.decode("ascii"))
+
+    def stop_all_streams(self, reason: str, code: grpc.StatusCode, message: str) -> None:
+        for session in self.registry.streaming():
+            assert session.writer is not None
+            session.writer.stop(reason, code, message)
+
+    def _cut_off(self, writer: StreamWriter) -> None:
+        self.metrics.slow_consumer_disconnects.inc()
+        writer.stop(
+            "slow_consumer",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"client did not read for {self.settings.stall_timeout:g}s; stream cut off",
+        )
+
+    async def _maintain(self) -> None:
+        """Expire pending sessions, refresh leases, end streams whose session is gone."""
+        loop = asyncio.get_running_loop()
+        period = min(1.0, self.settings.lease_ttl / 3)
+        next_refresh = 0.0
+        while True:
+            await asyncio.sleep(period)
+            self.registry.expire_pending()
+            self._check_redis_outage(loop.time())
+            if loop.time() < next_refresh:
+                continue
+            next_refresh = loop.time() + self.settings.lease_ttl / 3
+            await self._refresh_leases()
+
+    async def _refresh_leases(self) -> None:
+        streaming = {
+            s.session_id: (s.owner, s.tickers)
+            for s in self.registry.streaming()
+            if s.writer is not None and s.writer.end_reason is None
+        }
+        if not streaming:
+            return
+        try:
+            lost = await self.store.refresh(streaming)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("could not refresh %d stream leases: %s", len(streaming), exc)
+            return
+        for session_id in lost:
+            session = self.registry.get(session_id)
+            if session is not None and session.writer is not None:
+                session.writer.stop(
+                    "session_lost",
+                    grpc.StatusCode.NOT_FOUND,
+                    "session was closed or taken over by another stream",
+                )
+
+    def _check_redis_outage(self, now: float) -> None:
+        if self.broker.healthy:
+            self.redis_unhealthy_since = None
+            return
+        if self.redis_unhealthy_since is None:
+            self.redis_unhealthy_since = now
+        elif now - self.redis_unhealthy_since > self.settings.redis_outage_limit:
+            self.stop_all_streams(
+                "redis_unavailable",
+                grpc.StatusCode.UNAVAILABLE,
+                f"Redis unreachable for over {self.settings.redis_outage_limit:g}s; "
+                "resume the session later",
+            )

@@ -1,0 +1,92 @@
+"""A simulated market: random-walk prices for N tickers at R updates/s.
+
+It follows the ingestion contract any real producer can follow: each update is a serialized
+``PriceUpdate`` (publish timestamp, per-ticker increasing sequence) stored at
+``price:last:{TICKER}`` and published on ``price:{TICKER}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+from pricestream.v1.pricestream_pb2 import PriceUpdate
+
+log = logging.getLogger("pricestream.feed")
+
+WELL_KNOWN = (
+    "AAPL", "MSFT", "GOOG", "AMZN", "NVDA", "META", "TSLA", "BKR", "JPM", "V",
+    "XOM", "JNJ", "WMT", "PG", "MA", "HD", "CVX", "KO", "PEP", "NFLX",
+)  # fmt: skip
+TICK_SECONDS = 0.01
+
+
+class PricePublisher(Protocol):
+    async def publish_prices(self, prices: Sequence[tuple[str, bytes]]) -> None: ...
+
+
+def ticker_universe(count: int) -> list[str]:
+    """``count`` ticker symbols: well-known ones first, then T0021, T0022, ..."""
+    if count <= len(WELL_KNOWN):
+        return list(WELL_KNOWN[:count])
+    return list(WELL_KNOWN) + [f"T{i:04d}" for i in range(len(WELL_KNOWN) + 1, count + 1)]
+
+
+class RandomWalk:
+    """Prices and sequence numbers of a set of tickers; each step is a small log-normal move."""
+
+    def __init__(self, tickers: Sequence[str], seed: int | None = None) -> None:
+        self._rng = random.Random(seed)
+        self.tickers = list(tickers)
+        self.prices = {t: round(self._rng.uniform(20, 500), 2) for t in self.tickers}
+        self.sequences = dict.fromkeys(self.tickers, 0)
+
+    def step(self, ticker: str) -> bytes:
+        price = self.prices[ticker] * math.exp(self._rng.gauss(0.0, 0.002))
+        self.prices[ticker] = price
+        self.sequences[ticker] += 1
+        return PriceUpdate(
+            ticker=ticker,
+            price=round(price, 4),
+            published_at_unix_nanos=time.time_ns(),
+            sequence=self.sequences[ticker],
+        ).SerializeToString()
+
+
+async def run_feed(
+    publisher: PricePublisher,
+    tickers: Sequence[str],
+    rate: float,
+    duration: float | None = None,
+    seed: int | None = None,
+) -> int:
+    """Publish ``rate`` updates/s spread over ``tickers`` round-robin; returns how many."""
+    if rate <= 0:
+        raise ValueError("rate must be positive")
+    walk = RandomWalk(tickers, seed)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    end = None if duration is None else start + duration
+    published = 0
+    cursor = 0
+    next_tick = start
+    while end is None or loop.time() < end:
+        next_tick += TICK_SECONDS
+        due = int((next_tick - start) * rate) - published
+        if due > 0:
+            batch = []
+            for _ in range(due):
+                ticker = walk.tickers[cursor % len(walk.tickers)]
+                cursor += 1
+                batch.append((ticker, walk.step(ticker)))
+            await publisher.publish_prices(batch)
+            published += due
+        delay = next_tick - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+    return published

@@ -1,0 +1,54 @@
+"""HTTP side of a pod: /metrics for Prometheus, /healthz (liveness), /readyz (readiness)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from pricestream.engine import Engine
+
+
+def make_app(engine: Engine) -> web.Application:
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(
+            body=engine.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        body = {
+            "ready": engine.ready,
+            "redis_pubsub_healthy": engine.broker.healthy,
+            "draining": engine.draining,
+        }
+        return web.json_response(body, status=200 if engine.ready else 503)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+class HttpServer:
+    """Owns the aiohttp runner; ``port`` is the bound port (useful with port 0)."""
+
+    def __init__(self, engine: Engine, host: str, port: int) -> None:
+        self._runner = web.AppRunner(make_app(engine), access_log=None, handle_signals=False)
+        self._host = host
+        self._port = port
+        self.port = port
+
+    async def __aenter__(self) -> HttpServer:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        await site.start()
+        server = site._server
+        if server is not None and server.sockets:  # type: ignore[union-attr]
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._runner.cleanup()

@@ -1,0 +1,148 @@
+"""Per-pod fan-out: ticker -> local subscribers, one broker subscription per ticker.
+
+Bookkeeping is synchronous on the event loop: no await sits between deciding that a ticker
+has its first (or lost its last) subscriber and recording it, so the two can never race.
+The broker is told the desired set and reconciles on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from pricestream.broker import Broker
+from pricestream.codec import batch_frame, decode_update, price_channel
+from pricestream.metrics import Metrics
+
+log = logging.getLogger("pricestream.hub")
+
+# (batch frame, publisher timestamp in ns, sequence)
+Entry = tuple[bytes, int, int]
+
+
+class Subscriber(Protocol):
+    def offer(self, ticker: str, entry: Entry) -> None: ...
+
+
+class Topic:
+    __slots__ = ("channel", "last", "linger", "subscribers", "ticker")
+
+    def __init__(self, ticker: str) -> None:
+        self.ticker = ticker
+        self.channel = price_channel(ticker)
+        self.subscribers: set[Subscriber] = set()
+        self.last: Entry | None = None
+        self.linger: asyncio.TimerHandle | None = None
+
+
+def entry_from_payload(ticker: str, payload: bytes) -> Entry | str:
+    """Validate a payload for ``ticker``; an ``Entry``, or the reason it must be dropped."""
+    update = decode_update(payload)
+    if update is None:
+        return "malformed"
+    if update.ticker != ticker:
+        return "wrong_ticker"
+    return (batch_frame(payload), update.published_at_unix_nanos, update.sequence)
+
+
+class Hub:
+    def __init__(self, broker: Broker, metrics: Metrics, linger: float) -> None:
+        self._broker = broker
+        self._metrics = metrics
+        self._linger = linger
+        self._topics: dict[str, Topic] = {}
+        self._by_channel: dict[bytes, Topic] = {}
+        self._service_handlers: dict[bytes, Callable[[bytes], None]] = {}
+        broker.set_handler(self.on_message)
+
+    @property
+    def subscriptions_active(self) -> int:
+        return len(self._topics)
+
+    def on_service_channel(self, channel: str, handler: Callable[[bytes], None]) -> None:
+        """Deliver every message of a non-price channel to ``handler``; kept for the hub's life."""
+        self._service_handlers[channel.encode()] = handler
+        self._broker.want(channel)
+
+    def add(self, subscriber: Subscriber, tickers: Iterable[str]) -> list[Topic]:
+        topics = []
+        for ticker in tickers:
+            topic = self._topics.get(ticker)
+            if topic is None:
+                topic = self._open(ticker)
+            elif topic.linger is not None:
+                topic.linger.cancel()
+                topic.linger = None
+            topic.subscribers.add(subscriber)
+            topics.append(topic)
+        return topics
+
+    def remove(self, subscriber: Subscriber, topics: Iterable[Topic]) -> None:
+        for topic in topics:
+            topic.subscribers.discard(subscriber)
+            if topic.subscribers or topic.linger is not None:
+                continue
+            if self._topics.get(topic.ticker) is not topic:
+                continue  # already released (hub closed)
+            if self._linger <= 0:
+                self._release(topic)
+            else:
+                loop = asyncio.get_running_loop()
+                topic.linger = loop.call_later(self._linger, self._release_if_idle, topic)
+
+    def close(self) -> None:
+        """Release every subscription now (shutdown); subscribers must be gone already."""
+        for topic in list(self._topics.values()):
+            if topic.linger is not None:
+                topic.linger.cancel()
+                topic.linger = None
+            self._release(topic)
+
+    def on_message(self, channel: bytes, payload: bytes) -> None:
+        topic = self._by_channel.get(channel)
+        if topic is None:
+            handler = self._service_handlers.get(channel)
+            if handler is not None:
+                handler(payload)
+            return  # a late message for a ticker just released
+        entry = entry_from_payload(topic.ticker, payload)
+        if isinstance(entry, str):
+            self._metrics.updates_dropped.labels(entry).inc()
+            log.debug("dropped %s payload on %s", entry, topic.channel)
+            return
+        self._metrics.updates_received.inc()
+        topic.last = entry
+        ticker = topic.ticker
+        for subscriber in topic.subscribers:
+            subscriber.offer(ticker, entry)
+
+    def _open(self, ticker: str) -> Topic:
+        topic = Topic(ticker)
+        self._topics[ticker] = topic
+        self._by_channel[topic.channel.encode()] = topic
+        self._broker.want(topic.channel)
+        self._metrics.subscriptions_opened.inc()
+        log.info(
+            "Created Redis PubSub subscription for %s",
+            ticker,
+            extra={"event": "subscription_created", "ticker": ticker},
+        )
+        return topic
+
+    def _release_if_idle(self, topic: Topic) -> None:
+        topic.linger = None
+        if not topic.subscribers:
+            self._release(topic)
+
+    def _release(self, topic: Topic) -> None:
+        del self._topics[topic.ticker]
+        del self._by_channel[topic.channel.encode()]
+        self._broker.unwant(topic.channel)
+        self._metrics.subscriptions_closed.inc()
+        log.info(
+            "Closed Redis PubSub subscription for %s (no more subscribers)",
+            topic.ticker,
+            extra={"event": "subscription_closed", "ticker": topic.ticker},
+        )

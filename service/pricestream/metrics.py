@@ -1,0 +1,162 @@
+"""Prometheus metrics of one server: counters count events, gauges read live state at scrape time.
+
+Names follow DESIGN.md. No label ever carries a ticker or a session id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# The OpenMetrics `_created` samples double the series count and confuse `_total` pairs.
+prometheus_client.disable_created_metrics()
+
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+    1.0, 1.5, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LiveGauges:
+    """Callbacks that read the registries at scrape time."""
+
+    sessions_active: Callable[[], int]
+    streams_active: Callable[[], int]
+    subscriptions_active: Callable[[], int]
+    pubsub_connections_active: Callable[[], int]
+    redis_up: Callable[[], bool]
+    ready: Callable[[], bool]
+
+
+class _LiveCollector(Collector):
+    def __init__(self, gauges: LiveGauges) -> None:
+        self._gauges = gauges
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        g = self._gauges
+        yield GaugeMetricFamily(
+            "pricestream_sessions_active",
+            "Sessions this pod holds: created here and not yet streamed, or streaming here.",
+            value=g.sessions_active(),
+        )
+        yield GaugeMetricFamily(
+            "pricestream_streams_active",
+            "StreamPriceUpdates calls in progress, counted at the RPC boundary.",
+            value=g.streams_active(),
+        )
+        yield GaugeMetricFamily(
+            "pricestream_pubsub_subscriptions_active",
+            "Ticker channels this pod holds a Redis Pub/Sub subscription for.",
+            value=g.subscriptions_active(),
+        )
+        yield GaugeMetricFamily(
+            "pricestream_redis_pubsub_connections_active",
+            "Open Redis Pub/Sub connections of this pod.",
+            value=g.pubsub_connections_active(),
+        )
+        yield GaugeMetricFamily(
+            "pricestream_redis_up",
+            "1 when Redis answers commands and every Pub/Sub connection delivers, else 0.",
+            value=1 if g.redis_up() else 0,
+        )
+        yield GaugeMetricFamily(
+            "pricestream_ready",
+            "1 when the pod accepts new streams (what /readyz reports), else 0.",
+            value=1 if g.ready() else 0,
+        )
+
+
+class Metrics:
+    """All event counters of one server, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.sessions_opened = Counter(
+            "pricestream_sessions_opened", "Sessions that entered this pod's registry.", registry=r
+        )
+        self.sessions_closed = Counter(
+            "pricestream_sessions_closed",
+            "Sessions that left this pod's registry, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.streams_opened = Counter(
+            "pricestream_streams_opened", "StreamPriceUpdates calls started.", registry=r
+        )
+        self.streams_closed = Counter(
+            "pricestream_streams_closed",
+            "StreamPriceUpdates calls ended, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.subscriptions_opened = Counter(
+            "pricestream_pubsub_subscriptions_opened",
+            "Ticker channel subscriptions this pod opened.",
+            registry=r,
+        )
+        self.subscriptions_closed = Counter(
+            "pricestream_pubsub_subscriptions_closed",
+            "Ticker channel subscriptions this pod closed.",
+            registry=r,
+        )
+        self.connections_opened = Counter(
+            "pricestream_redis_pubsub_connections_opened",
+            "Redis Pub/Sub connections opened.",
+            registry=r,
+        )
+        self.connections_closed = Counter(
+            "pricestream_redis_pubsub_connections_closed",
+            "Redis Pub/Sub connections closed.",
+            registry=r,
+        )
+        self.updates_received = Counter(
+            "pricestream_price_updates_received",
+            "Price updates received from Pub/Sub for a ticker this pod holds.",
+            registry=r,
+        )
+        self.updates_dropped = Counter(
+            "pricestream_price_updates_dropped",
+            "Pub/Sub payloads dropped as invalid, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.updates_sent = Counter(
+            "pricestream_price_updates_sent", "Price updates handed to streams.", registry=r
+        )
+        self.updates_coalesced = Counter(
+            "pricestream_price_updates_coalesced",
+            "Price updates replaced by a newer one for the same ticker before a flush.",
+            registry=r,
+        )
+        self.batches_sent = Counter(
+            "pricestream_batches_sent", "PriceUpdateBatch messages handed to streams.", registry=r
+        )
+        self.delivery_latency = Histogram(
+            "pricestream_delivery_latency_seconds",
+            "Seconds from the publisher's timestamp to the batch being handed to the stream.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.redis_reconnects = Counter(
+            "pricestream_redis_reconnects",
+            "Redis Pub/Sub connections re-established after a failure.",
+            registry=r,
+        )
+        self.slow_consumer_disconnects = Counter(
+            "pricestream_slow_consumer_disconnects",
+            "Streams cut off because the client stopped reading.",
+            registry=r,
+        )
+
+    def register_live_gauges(self, gauges: LiveGauges) -> None:
+        self.registry.register(_LiveCollector(gauges))
+
+    def exposition(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)

@@ -1,0 +1,277 @@
+"""Redis Pub/Sub over a small fixed pool of connections, each with its own reader.
+
+Channels are hashed onto connections. Each connection keeps a desired set and a subscribed
+set; a sync task sends SUBSCRIBE/UNSUBSCRIBE for the difference in chunks of 512. After any
+failure the connection is closed (always, in one ``finally``), and a new one is opened with
+exponential backoff and jitter; it starts with an empty subscribed set, so everything still
+desired is subscribed again. An idle connection is probed: a message published to its own
+service channel must come back within ``probe_timeout``, or the connection is replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import zlib
+from collections.abc import Coroutine, Iterable, Sequence
+from typing import Any
+
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import RedisError
+
+from pricestream.broker import MessageHandler
+from pricestream.codec import PROBE_CHANNEL_PREFIX, last_price_key, price_channel
+from pricestream.metrics import Metrics
+from pricestream.settings import Settings
+
+log = logging.getLogger("pricestream.redis")
+
+SUBSCRIBE_CHUNK = 512
+_MESSAGE = b"message"
+
+
+class ProbeFailed(Exception):
+    """The liveness probe did not come back: the connection no longer delivers."""
+
+
+def _chunks(items: Iterable[bytes], size: int) -> Iterable[list[bytes]]:
+    batch: list[bytes] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+async def _run_until_first_failure(*coroutines: Coroutine[Any, Any, None]) -> None:
+    """Run coroutines together; when one ends or fails, cancel the rest and re-raise."""
+    tasks = [asyncio.ensure_future(coro) for coro in coroutines]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class PubSubConnection:
+    """One Pub/Sub connection slot: it owns its socket, reader, sync and liveness tasks."""
+
+    def __init__(
+        self,
+        index: int,
+        pool: ConnectionPool,
+        commands: Redis,
+        settings: Settings,
+        metrics: Metrics,
+        handler_ref: list[MessageHandler],
+    ) -> None:
+        self.index = index
+        self._pool = pool
+        self._commands = commands
+        self._settings = settings
+        self._metrics = metrics
+        self._handler_ref = handler_ref
+        self.probe_channel = f"{PROBE_CHANNEL_PREFIX}{settings.pod_name}:{index}".encode()
+        self.desired: set[bytes] = {self.probe_channel}
+        self._subscribed: set[bytes] = set()
+        self._changed = asyncio.Event()
+        self._last_seen = 0.0
+        self.connected = False
+        self.live = False
+        self._ever_connected = False
+
+    def want(self, channel: bytes) -> None:
+        if channel not in self.desired:
+            self.desired.add(channel)
+            self._changed.set()
+
+    def unwant(self, channel: bytes) -> None:
+        if channel in self.desired:
+            self.desired.discard(channel)
+            self._changed.set()
+
+    async def run(self) -> None:
+        """Keep a connection up until cancelled."""
+        failures = 0
+        while True:
+            try:
+                await self._connect_and_serve()
+            except (TimeoutError, RedisError, OSError, ProbeFailed) as exc:
+                failures += 1
+                delay = self._backoff(failures)
+                log.warning(
+                    "Redis Pub/Sub connection %d lost: %s; reconnecting in %.2fs",
+                    self.index,
+                    exc or type(exc).__name__,
+                    delay,
+                    extra={"event": "redis_connection_lost", "connection": self.index},
+                )
+                await asyncio.sleep(delay)
+            else:
+                failures = 0
+
+    def _backoff(self, failures: int) -> float:
+        ceiling = min(self._settings.reconnect_max_backoff, 0.1 * 2 ** (failures - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+    async def _connect_and_serve(self) -> None:
+        conn: AbstractConnection = self._pool.make_connection()
+        opened = False
+        try:
+            await conn.connect()
+            opened = True
+            self._metrics.connections_opened.inc()
+            if self._ever_connected:
+                self._metrics.redis_reconnects.inc()
+                log.info(
+                    "Redis Pub/Sub connection %d restored",
+                    self.index,
+                    extra={"event": "redis_connection_restored", "connection": self.index},
+                )
+            self._ever_connected = True
+            self.connected = True
+            self._subscribed = set()
+            self._changed.set()
+            self._last_seen = asyncio.get_running_loop().time()
+            await _run_until_first_failure(
+                self._read(conn), self._sync(conn), self._watch_liveness()
+            )
+        finally:
+            self.connected = False
+            self.live = False
+            self._subscribed = set()
+            if opened:
+                self._metrics.connections_closed.inc()
+            await conn.disconnect(nowait=True)
+
+    async def _read(self, conn: AbstractConnection) -> None:
+        loop = asyncio.get_running_loop()
+        probe = self.probe_channel
+        while True:
+            reply = await conn.read_response(timeout=math.inf, disconnect_on_error=False)
+            self._last_seen = loop.time()
+            kind = reply[0]
+            if kind == _MESSAGE:
+                if reply[1] != probe:
+                    self._handler_ref[0](reply[1], reply[2])
+            elif kind == b"subscribe" and reply[1] == probe:
+                self.live = True
+
+    async def _sync(self, conn: AbstractConnection) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            if not conn.is_connected:
+                raise ConnectionError("Pub/Sub connection closed")
+            add = self.desired - self._subscribed
+            for chunk in _chunks(sorted(add), SUBSCRIBE_CHUNK):
+                await conn.send_command("SUBSCRIBE", *chunk, check_health=False)
+            self._subscribed |= add
+            remove = self._subscribed - self.desired
+            for chunk in _chunks(sorted(remove), SUBSCRIBE_CHUNK):
+                await conn.send_command("UNSUBSCRIBE", *chunk, check_health=False)
+            self._subscribed -= remove
+
+    async def _watch_liveness(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self._settings.probe_interval
+        while True:
+            idle = loop.time() - self._last_seen
+            if idle < interval:
+                await asyncio.sleep(interval - idle)
+                continue
+            sent_at = loop.time()
+            await self._commands.publish(self.probe_channel, b"probe")
+            deadline = sent_at + self._settings.probe_timeout
+            while self._last_seen < sent_at:
+                if loop.time() >= deadline:
+                    raise ProbeFailed(
+                        f"liveness probe not delivered within {self._settings.probe_timeout}s"
+                    )
+                await asyncio.sleep(min(0.05, self._settings.probe_timeout / 10))
+
+
+def _drop(channel: bytes, payload: bytes) -> None:
+    """Handler until one is set."""
+
+
+class RedisBroker:
+    def __init__(self, pool: ConnectionPool, commands: Redis, settings: Settings, metrics: Metrics):
+        self._commands = commands
+        self._handler_ref: list[MessageHandler] = [_drop]
+        self._connections = [
+            PubSubConnection(i, pool, commands, settings, metrics, self._handler_ref)
+            for i in range(settings.pubsub_connections)
+        ]
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def set_handler(self, handler: MessageHandler) -> None:
+        self._handler_ref[0] = handler
+
+    def _connection_for(self, channel: bytes) -> PubSubConnection:
+        return self._connections[zlib.crc32(channel) % len(self._connections)]
+
+    def want(self, channel: str) -> None:
+        key = channel.encode()
+        self._connection_for(key).want(key)
+
+    def unwant(self, channel: str) -> None:
+        key = channel.encode()
+        self._connection_for(key).unwant(key)
+
+    @property
+    def healthy(self) -> bool:
+        return all(conn.live for conn in self._connections)
+
+    @property
+    def connections_active(self) -> int:
+        return sum(1 for conn in self._connections if conn.connected)
+
+    def subscribed_channels(self) -> int:
+        """Channels wanted across all connections, service channels excluded."""
+        return sum(len(conn.desired) - 1 for conn in self._connections)
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(conn.run(), name=f"pubsub-connection-{conn.index}")
+            for conn in self._connections
+        ]
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def last_prices(self, tickers: Sequence[str]) -> list[bytes | None]:
+        if not tickers:
+            return []
+        return await self._commands.mget([last_price_key(t) for t in tickers])
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        await self._commands.publish(channel, payload)
+
+    async def publish_prices(self, prices: Sequence[tuple[str, bytes]]) -> None:
+        await RedisPricePublisher(self._commands).publish_prices(prices)
+
+
+class RedisPricePublisher:
+    """The producer side of the ingestion contract, in one pipeline per batch."""
+
+    def __init__(self, client: Redis) -> None:
+        self._client = client
+
+    async def publish_prices(self, prices: Sequence[tuple[str, bytes]]) -> None:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for ticker, payload in prices:
+                pipe.set(last_price_key(ticker), payload)
+                pipe.publish(price_channel(ticker), payload)
+            await pipe.execute()

@@ -1,0 +1,37 @@
+"""One place that turns settings into a redis-py client with timeouts on everything."""
+
+from __future__ import annotations
+
+from redis.asyncio import ConnectionPool, Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from pricestream.settings import Settings
+
+
+def make_pool(settings: Settings) -> ConnectionPool:
+    """A connection pool whose every connect, read and write times out after ``redis_timeout``."""
+    return ConnectionPool.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout,
+        socket_connect_timeout=settings.redis_timeout,
+        # One immediate retry covers a pooled socket that went stale across a Redis restart.
+        retry=Retry(NoBackoff(), 1),
+        max_connections=64,
+        # RESP2: Pub/Sub messages come back from read_response instead of a push handler.
+        protocol=2,
+    )
+
+
+def make_client(pool: ConnectionPool) -> Redis:
+    return Redis(connection_pool=pool)
+
+
+def redacted(url: str) -> str:
+    """The URL with any password replaced, fit for a log line."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in credentials else f"{scheme}://***@{host}"

@@ -1,0 +1,89 @@
+"""This pod's sessions: what `pricestream_sessions_active` counts and each close's reason.
+
+A session enters when it is created here (pending) or when a stream of it starts here
+(streaming); it leaves exactly once, through ``end``, with one of ``CLOSE_REASONS``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from pricestream.flush import StreamWriter
+from pricestream.metrics import Metrics
+
+CLOSE_REASONS = (
+    "closed",  # CloseSession
+    "unclaimed",  # created here, not streamed here before its TTL ran out
+    "stream_ended",  # its stream here ended; the session stays resumable in the store
+)
+
+
+@dataclass(eq=False)
+class LocalSession:
+    session_id: str
+    tickers: tuple[str, ...]
+    deadline: float  # monotonic; only meaningful while pending
+    owner: str = ""
+    writer: StreamWriter | None = field(default=None, repr=False)
+
+    @property
+    def streaming(self) -> bool:
+        return self.writer is not None
+
+
+class SessionRegistry:
+    def __init__(self, metrics: Metrics, max_sessions: int) -> None:
+        self._metrics = metrics
+        self._max_sessions = max_sessions
+        self._sessions: dict[str, LocalSession] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def get(self, session_id: str) -> LocalSession | None:
+        return self._sessions.get(session_id)
+
+    @property
+    def full(self) -> bool:
+        return len(self._sessions) >= self._max_sessions
+
+    def add_pending(self, session_id: str, tickers: tuple[str, ...], ttl: float) -> None:
+        self._open(LocalSession(session_id, tickers, time.monotonic() + ttl))
+
+    def start_streaming(
+        self, session_id: str, tickers: tuple[str, ...], owner: str, writer: StreamWriter
+    ) -> LocalSession:
+        session = self._sessions.get(session_id)
+        if session is None:
+            session = LocalSession(session_id, tickers, 0.0)
+            self._open(session)
+        session.owner = owner
+        session.writer = writer
+        return session
+
+    def end(self, session_id: str, reason: str) -> bool:
+        if self._sessions.pop(session_id, None) is None:
+            return False
+        self._metrics.sessions_closed.labels(reason).inc()
+        return True
+
+    def streaming(self) -> list[LocalSession]:
+        return [s for s in self._sessions.values() if s.writer is not None]
+
+    def expire_pending(self) -> list[str]:
+        """End pending sessions whose TTL passed; their ids."""
+        now = time.monotonic()
+        expired = [
+            s.session_id for s in self._sessions.values() if s.writer is None and s.deadline <= now
+        ]
+        for session_id in expired:
+            self.end(session_id, "unclaimed")
+        return expired
+
+    def _open(self, session: LocalSession) -> None:
+        self._sessions[session.session_id] = session
+        self._metrics.sessions_opened.inc()

@@ -1,0 +1,154 @@
+"""`pricestream serve`: the gRPC server, health, reflection, HTTP side and graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from pricestream.engine import Engine
+from pricestream.http_api import HttpServer
+from pricestream.service import SERVICE_NAME, PriceStreamService
+from pricestream.settings import Settings
+
+log = logging.getLogger("pricestream.server")
+
+MAX_REQUEST_BYTES = 64 * 1024
+SHUTDOWN_MESSAGE = "server is shutting down; resume the session on another server"
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class Server:
+    """Owns the engine, the gRPC server and the HTTP server of one pod."""
+
+    def __init__(self, settings: Settings, *, in_memory: bool = False) -> None:
+        self.settings = settings
+        self.engine = Engine(settings, in_memory=in_memory)
+        self.health = HealthServicer()
+        self.grpc_port = settings.grpc_port
+        self._grpc = grpc.aio.server(options=grpc_options(settings))
+        self._http = HttpServer(self.engine, settings.http_host, settings.http_port)
+        self._health_task: asyncio.Task[None] | None = None
+        self._drained = False
+
+    @property
+    def http_port(self) -> int:
+        return self._http.port
+
+    async def __aenter__(self) -> Server:
+        if self.settings.faults:
+            log.warning(
+                "FAULT INJECTION ACTIVE (%s): this server leaks on purpose; never in production",
+                self.settings.faults,
+            )
+        await self.engine.__aenter__()
+        try:
+            self._grpc.add_generic_rpc_handlers(
+                (PriceStreamService(self.engine).generic_handler(),)
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+            reflection.enable_server_reflection(
+                (
+                    SERVICE_NAME,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ),
+                self._grpc,
+            )
+            address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+            self.grpc_port = self._grpc.add_insecure_port(address)
+            await self._grpc.start()
+            await self._http.__aenter__()
+            await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+            self._health_task = asyncio.create_task(self._track_readiness(), name="readiness")
+        except BaseException:
+            await self._grpc.stop(0)
+            await self.engine.__aexit__(None, None, None)
+            raise
+        log.info(
+            "serving gRPC on port %d, HTTP on port %d",
+            self.grpc_port,
+            self.http_port,
+            extra={"event": "server_started"},
+        )
+        return self
+
+    async def _track_readiness(self) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        was_ready: bool | None = None
+        while True:
+            ready = self.engine.ready
+            if ready != was_ready:
+                await self.health.set(SERVICE_NAME, serving if ready else not_serving)
+                log.info(
+                    "readiness changed: %s",
+                    "ready" if ready else "not ready",
+                    extra={"event": "readiness", "ready": ready},
+                )
+                was_ready = ready
+            await asyncio.sleep(0.25)
+
+    async def drain(self) -> None:
+        """Refuse new work, end every stream with UNAVAILABLE, wait for them to finish."""
+        if self._drained:
+            return
+        self._drained = True
+        engine = self.engine
+        engine.draining = True
+        if self._health_task is not None:
+            self._health_task.cancel()
+        await self.health.enter_graceful_shutdown()
+        log.info("draining %d streams", engine.streams_active, extra={"event": "drain_started"})
+        engine.stop_all_streams("shutdown", grpc.StatusCode.UNAVAILABLE, SHUTDOWN_MESSAGE)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(engine.streams_finished(), self.settings.drain_timeout)
+        log.info(
+            "drain finished with %d streams left",
+            engine.streams_active,
+            extra={"event": "drain_finished"},
+        )
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            await self.drain()
+            await self._grpc.stop(grace=1.0)
+        finally:
+            if self._health_task is not None:
+                self._health_task.cancel()
+                await asyncio.gather(self._health_task, return_exceptions=True)
+            await self._http.__aexit__(None, None, None)
+            await self.engine.__aexit__(None, None, None)
+            log.info(
+                "stopped: sessions_active=%d streams_active=%d subscriptions_active=%d",
+                len(self.engine.registry),
+                self.engine.streams_active,
+                self.engine.hub.subscriptions_active,
+                extra={"event": "server_stopped"},
+            )
+
+
+async def run_until_signalled(server: Server) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        await stop.wait()
+        log.info("signal received, shutting down", extra={"event": "shutdown_requested"})

@@ -1,0 +1,140 @@
+"""The gRPC service `pricestream.v1.PriceStreamService` over an ``Engine``."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import empty_pb2, timestamp_pb2
+from grpc.aio import ServicerContext
+from redis.exceptions import RedisError
+
+from pricestream.engine import Engine
+from pricestream.errors import RequestError, not_found, resource_exhausted, unavailable
+from pricestream.stream import StreamLifecycle, finish_status
+from pricestream.v1 import pricestream_pb2 as pb
+from pricestream.validation import check_session_id, normalise_tickers
+
+log = logging.getLogger("pricestream.service")
+
+SERVICE_NAME = "pricestream.v1.PriceStreamService"
+DRAINING_MESSAGE = "server is draining; retry on another server"
+
+R = TypeVar("R")
+
+
+def _answers_errors(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    """Turn RequestError and backend failures into one status code and one sentence.
+
+    The decorated method takes the call's ``ServicerContext`` as its last argument.
+    """
+
+    @functools.wraps(method)
+    async def wrapper(*args: Any) -> R:
+        context: ServicerContext = args[-1]
+        try:
+            return await method(*args)
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
+        except (RedisError, OSError, TimeoutError) as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"Redis unreachable: {exc}")
+        raise AssertionError("unreachable: abort raises")
+
+    return wrapper
+
+
+class PriceStreamService:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def _refuse_if_draining(self) -> None:
+        if self._engine.draining:
+            raise unavailable(DRAINING_MESSAGE)
+
+    @_answers_errors
+    async def create_session(
+        self, request: pb.CreateSessionRequest, context: ServicerContext
+    ) -> pb.Session:
+        self._refuse_if_draining()
+        engine = self._engine
+        tickers = normalise_tickers(list(request.tickers), engine.settings.max_tickers_per_session)
+        if engine.registry.full:
+            raise resource_exhausted(
+                f"this server holds its maximum of {engine.settings.max_sessions} sessions"
+            )
+        info = await engine.store.create(tickers)
+        engine.registry.add_pending(info.session_id, info.tickers, engine.settings.session_ttl)
+        log.info(
+            "session opened %s for %d tickers",
+            info.session_id,
+            len(info.tickers),
+            extra={"event": "session_opened", "session_id": info.session_id},
+        )
+        expires_at = timestamp_pb2.Timestamp()
+        expires_at.FromNanoseconds(int(info.expires_at * 1e9))
+        return pb.Session(session_id=info.session_id, tickers=info.tickers, expires_at=expires_at)
+
+    @_answers_errors
+    async def close_session(
+        self, request: pb.CloseSessionRequest, context: ServicerContext
+    ) -> empty_pb2.Empty:
+        session_id = check_session_id(request.session_id)
+        if not await self._engine.store.close(session_id):
+            raise not_found(f"session {session_id} does not exist or has expired")
+        self._engine.on_closed(session_id)  # at once here; other pods hear it via Pub/Sub
+        log.info(
+            "session closed %s",
+            session_id,
+            extra={"event": "session_closed", "session_id": session_id, "reason": "closed"},
+        )
+        return empty_pb2.Empty()
+
+    async def stream_price_updates(
+        self, request: pb.StreamPriceUpdatesRequest, context: ServicerContext
+    ) -> None:
+        engine = self._engine
+        lifecycle = StreamLifecycle(engine, context)
+        engine.stream_started()
+        try:
+            await self._stream(lifecycle, request, context)
+        finally:
+            engine.stream_finished(lifecycle.reason)
+
+    @_answers_errors
+    async def _stream(
+        self,
+        lifecycle: StreamLifecycle,
+        request: pb.StreamPriceUpdatesRequest,
+        context: ServicerContext,
+    ) -> None:
+        self._refuse_if_draining()
+        lifecycle.session_id = check_session_id(request.session_id)
+        async with lifecycle:
+            await lifecycle.pump()
+        finish_status(lifecycle, context)
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "CreateSession": grpc.unary_unary_rpc_method_handler(
+                    self.create_session,
+                    request_deserializer=pb.CreateSessionRequest.FromString,
+                    response_serializer=pb.Session.SerializeToString,
+                ),
+                # Batches are already encoded by the flush path: bytes go out as they are.
+                "StreamPriceUpdates": grpc.unary_stream_rpc_method_handler(
+                    self.stream_price_updates,
+                    request_deserializer=pb.StreamPriceUpdatesRequest.FromString,
+                    response_serializer=None,
+                ),
+                "CloseSession": grpc.unary_unary_rpc_method_handler(
+                    self.close_session,
+                    request_deserializer=pb.CloseSessionRequest.FromString,
+                    response_serializer=empty_pb2.Empty.SerializeToString,
+                ),
+            },
+        )

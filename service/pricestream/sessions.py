@@ -1,0 +1,58 @@
+"""The session store contract shared by the Redis and in-memory implementations.
+
+A session is created with a TTL (``session_ttl``) and expires if never streamed. A stream
+claims it with a lease that only its owner refreshes; while leased, the session lives for
+``lease_ttl + resume_grace``. When a stream ends without ``CloseSession`` the lease is
+dropped and the session stays resumable for ``resume_grace``, on any pod. ``close`` deletes
+it and leaves a tombstone for ``resume_grace`` so a refresh never resurrects it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from pricestream.validation import SESSION_ID_LENGTH
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str
+    tickers: tuple[str, ...]
+    expires_at: float  # unix seconds; when the session expires if nobody streams it
+
+
+class SessionNotFound(Exception):
+    """No such session: never created, expired, or closed."""
+
+
+class SessionBusy(Exception):
+    """Another stream holds the session's lease."""
+
+
+def new_session_id() -> str:
+    session_id = secrets.token_urlsafe(16)
+    assert len(session_id) == SESSION_ID_LENGTH
+    return session_id
+
+
+class SessionStore(Protocol):
+    async def create(self, tickers: Sequence[str]) -> SessionInfo: ...
+
+    async def claim(self, session_id: str, owner: str) -> tuple[str, ...]:
+        """Take the session's lease; its tickers, or SessionNotFound / SessionBusy."""
+        ...
+
+    async def refresh(self, claims: Mapping[str, tuple[str, tuple[str, ...]]]) -> list[str]:
+        """Extend leases {session_id: (owner, tickers)}; the ids that were closed or taken."""
+        ...
+
+    async def release(self, session_id: str, owner: str) -> None:
+        """Drop the lease; the session stays resumable for the grace period."""
+        ...
+
+    async def close(self, session_id: str) -> bool:
+        """Delete the session and end its stream anywhere; False if it did not exist."""
+        ...

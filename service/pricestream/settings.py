@@ -1,0 +1,114 @@
+"""Server settings: flags and ``PRICESTREAM_*`` environment variables, validated once at start."""
+
+from __future__ import annotations
+
+import socket
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+KNOWN_FAULTS = frozenset({"skip_cleanup_on_send_error"})
+
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class Settings(BaseSettings):
+    """Every tunable of ``pricestream serve``; env var: ``PRICESTREAM_`` + the upper-case name."""
+
+    model_config = SettingsConfigDict(env_prefix="PRICESTREAM_", extra="forbid", frozen=True)
+
+    redis_url: str = Field(DEFAULT_REDIS_URL, description="Redis URL (redis:// or rediss://).")
+    grpc_host: str = Field("[::]", description="Address the gRPC server binds.")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
+    http_host: str = Field(
+        "0.0.0.0", description="Address of the /metrics, /healthz, /readyz server."
+    )
+    http_port: int = Field(9464, ge=0, le=65535, description="HTTP port (0 picks a free one).")
+    flush_interval: float = Field(0.1, ge=0.01, le=10.0, description="Seconds between batches.")
+    session_ttl: Seconds = Field(60.0, description="Seconds a never-streamed session lives.")
+    resume_grace: Seconds = Field(
+        30.0, description="Seconds a session stays resumable after its stream ends."
+    )
+    lease_ttl: float = Field(
+        10.0, ge=1.0, description="Seconds a stream's lease lives unless refreshed."
+    )
+    linger: float = Field(
+        1.0, ge=0.0, description="Seconds a ticker stays subscribed after its last subscriber."
+    )
+    pubsub_connections: int = Field(
+        2, ge=1, le=16, description="Redis Pub/Sub connections per pod."
+    )
+    max_tickers_per_session: int = Field(
+        100, ge=1, le=10_000, description="Tickers one session may ask for."
+    )
+    max_sessions: int = Field(20_000, ge=1, description="Sessions one pod holds at most.")
+    stall_timeout: Seconds = Field(
+        10.0, description="Seconds a client may leave a batch unread before it is cut off."
+    )
+    drain_timeout: Seconds = Field(
+        10.0, description="Seconds SIGTERM waits for streams to end before exiting."
+    )
+    redis_timeout: Seconds = Field(2.0, description="Timeout of every Redis command and connect.")
+    probe_interval: Seconds = Field(
+        5.0, description="Idle seconds before a Pub/Sub connection is probed."
+    )
+    probe_timeout: Seconds = Field(
+        2.0, description="Seconds a liveness probe may take before reconnecting."
+    )
+    redis_outage_limit: Seconds = Field(
+        30.0, description="Seconds streams stay open while Redis is unreachable, then UNAVAILABLE."
+    )
+    reconnect_max_backoff: Seconds = Field(5.0, description="Upper bound of the reconnect backoff.")
+    pod_name: str = Field(
+        default_factory=socket.gethostname, min_length=1, description="Name in logs."
+    )
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    faults: str = Field(
+        "", description="Fault injection for detection tests only; never in production."
+    )
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return level
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("faults")
+    @classmethod
+    def _known_faults(cls, value: str) -> str:
+        names = {name.strip() for name in value.split(",") if name.strip()}
+        unknown = names - KNOWN_FAULTS
+        if unknown:
+            raise ValueError(f"unknown fault {sorted(unknown)[0]!r}; known: {sorted(KNOWN_FAULTS)}")
+        return ",".join(sorted(names))
+
+    def has_fault(self, name: str) -> bool:
+        return name in self.faults.split(",")
+
+
+class SettingsError(ValueError):
+    """A setting is invalid; the message is one line meant for the operator."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from env vars plus explicit overrides (flags), or raise one clear line."""
+    cleaned = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return Settings(**cleaned)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "settings"
+        raise SettingsError(
+            f"invalid setting {name} (env PRICESTREAM_{name.upper()}): {first['msg']}"
+        ) from None

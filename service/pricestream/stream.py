@@ -1,0 +1,191 @@
+"""One StreamPriceUpdates call, from claim to cleanup.
+
+``StreamLifecycle`` is the one place a stream's resources are taken and given back: lease,
+registry entry, hub subscriptions and flush-clock registration. Every way out (normal end,
+client cancel or disappearance, deadline, send error, CloseSession elsewhere, shutdown,
+Redis outage, slow consumer) leaves through ``__aexit__``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from types import TracebackType
+
+import grpc
+from grpc.aio import ServicerContext
+from redis.exceptions import RedisError
+
+from pricestream.engine import Engine
+from pricestream.errors import failed_precondition, not_found, resource_exhausted, unavailable
+from pricestream.flush import StreamWriter
+from pricestream.hub import Topic, entry_from_payload
+from pricestream.sessions import SessionBusy, SessionNotFound
+
+log = logging.getLogger("pricestream.stream")
+
+RECONNECT_HINT = ("pricestream-reconnect", "resume-session")
+_CLIENT_GONE_REASONS = frozenset({"send_error", "client_gone"})
+
+
+class StreamLifecycle:
+    def __init__(self, engine: Engine, context: ServicerContext) -> None:
+        self._engine = engine
+        self.session_id = ""
+        self._context = context
+        self._owner = f"{engine.settings.pod_name}/{secrets.token_hex(6)}"
+        self._topics: list[Topic] = []
+        self.writer: StreamWriter | None = None
+        self.tickers: tuple[str, ...] = ()
+        self.reason = "rejected"  # until the stream is registered
+
+    async def __aenter__(self) -> StreamLifecycle:
+        engine = self._engine
+        if engine.registry.full and self.session_id not in engine.registry:
+            raise resource_exhausted(
+                f"this server holds its maximum of {engine.settings.max_sessions} sessions"
+            )
+        try:
+            self.tickers = await engine.store.claim(self.session_id, self._owner)
+        except SessionNotFound:
+            raise not_found(f"session {self.session_id} does not exist or has expired") from None
+        except SessionBusy:
+            raise failed_precondition(
+                f"session {self.session_id} is already streaming; one stream per session"
+            ) from None
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise unavailable(f"session store unreachable: {exc}") from None
+        # From here on nothing awaits until the stream is fully registered.
+        writer = StreamWriter(engine.clock)
+        engine.registry.start_streaming(self.session_id, self.tickers, self._owner, writer)
+        engine.clock.register(writer)
+        self._topics = engine.hub.add(writer, self.tickers)
+        self.writer = writer
+        log.info(
+            "stream started for session %s",
+            self.session_id,
+            extra={"event": "stream_started", "session_id": self.session_id},
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        writer = self.writer
+        assert writer is not None
+        self.reason, suppress = self._classify(writer, exc)
+        if self.reason in _CLIENT_GONE_REASONS and self._engine.settings.has_fault(
+            "skip_cleanup_on_send_error"
+        ):
+            log.warning(
+                "FAULT skip_cleanup_on_send_error: leaving session %s and its subscriptions",
+                self.session_id,
+                extra={"event": "fault_injected", "session_id": self.session_id},
+            )
+            return suppress
+        self._release_local(writer)
+        await self._release_lease()
+        return suppress
+
+    def _classify(self, writer: StreamWriter, exc: BaseException | None) -> tuple[str, bool]:
+        """Why the stream ended, and whether its exception is handled here."""
+        if writer.end_reason is not None:
+            if isinstance(exc, asyncio.CancelledError):
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()  # our own cancel of a stalled write: we answer it
+            return writer.end_reason, exc is None or isinstance(exc, asyncio.CancelledError)
+        if isinstance(exc, asyncio.CancelledError):
+            remaining = self._context.time_remaining()
+            deadline_passed = remaining is not None and remaining <= 0
+            return ("deadline" if deadline_passed else "client_gone"), False
+        if exc is not None and isinstance(exc, Exception):
+            return "send_error", True
+        return "ended", False
+
+    def _release_local(self, writer: StreamWriter) -> None:
+        engine = self._engine
+        engine.hub.remove(writer, self._topics)
+        engine.clock.unregister(writer)
+        registry_reason = "closed" if self.reason == "closed" else "stream_ended"
+        engine.registry.end(self.session_id, registry_reason)
+        log.info(
+            "stream ended for session %s: %s",
+            self.session_id,
+            self.reason,
+            extra={"event": "stream_ended", "session_id": self.session_id, "reason": self.reason},
+        )
+
+    async def _release_lease(self) -> None:
+        if self.reason == "closed":
+            return  # the session is gone already
+        try:
+            await asyncio.wait_for(
+                self._engine.store.release(self.session_id, self._owner),
+                self._engine.settings.redis_timeout,
+            )
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning(
+                "could not release lease of session %s (it expires by itself): %s",
+                self.session_id,
+                exc,
+            )
+
+    async def pump(self) -> None:
+        """Send the last known prices at once, then one batch per flush with news."""
+        writer = self.writer
+        assert writer is not None
+        await self._seed_last_prices(writer)
+        metrics = self._engine.metrics
+        observe = metrics.delivery_latency.observe
+        write = self._context.write
+        while writer.end_reason is None:
+            if writer.pending:
+                payload, published = writer.take()
+                writer.write_started = time.monotonic()
+                await write(payload)
+                writer.write_started = None
+                now_ns = time.time_ns()
+                for published_ns in published:
+                    observe((now_ns - published_ns) / 1e9)
+                metrics.updates_sent.inc(len(published))
+                metrics.batches_sent.inc()
+            await writer.wait_due()
+
+    async def _seed_last_prices(self, writer: StreamWriter) -> None:
+        missing = []
+        for topic in self._topics:
+            if topic.last is not None:
+                writer.seed(topic.ticker, topic.last)
+            else:
+                missing.append(topic.ticker)
+        if not missing:
+            return
+        try:
+            payloads = await self._engine.broker.last_prices(missing)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("could not read last prices: %s", exc)
+            return
+        for ticker, payload in zip(missing, payloads, strict=True):
+            if payload is None:
+                continue
+            entry = entry_from_payload(ticker, payload)
+            if not isinstance(entry, str):
+                writer.seed(ticker, entry)
+
+
+def finish_status(lifecycle: StreamLifecycle, context: ServicerContext) -> None:
+    """Put the stream's end status on the call when the server ended it."""
+    writer = lifecycle.writer
+    if writer is None or writer.end_reason is None:
+        return
+    if writer.end_code != grpc.StatusCode.OK:
+        context.set_code(writer.end_code)
+        context.set_details(writer.end_message)
+    if writer.end_reason in ("shutdown", "redis_unavailable"):
+        context.set_trailing_metadata((RECONNECT_HINT,))
