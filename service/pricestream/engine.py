@@ -28,6 +28,7 @@ from pricestream.redis_sessions import RedisSessionStore
 from pricestream.registry import SessionRegistry
 from pricestream.sessions import SessionStore
 from pricestream.settings import Settings
+from pricestream.tasks import cancel_and_wait
 
 log = logging.getLogger("pricestream.engine")
 
@@ -120,9 +121,7 @@ class Engine:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         for session in self.registry.streaming():
             log.warning("stream of session %s still registered at shutdown", session.session_id)

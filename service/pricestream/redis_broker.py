@@ -15,8 +15,7 @@ import logging
 import math
 import random
 import zlib
-from collections.abc import Coroutine, Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
@@ -26,6 +25,7 @@ from pricestream.broker import MessageHandler
 from pricestream.codec import PROBE_CHANNEL_PREFIX, last_price_key, price_channel
 from pricestream.metrics import Metrics
 from pricestream.settings import Settings
+from pricestream.tasks import cancel_and_wait, run_until_first_failure
 
 log = logging.getLogger("pricestream.redis")
 
@@ -46,19 +46,6 @@ def _chunks(items: Iterable[bytes], size: int) -> Iterable[list[bytes]]:
             batch = []
     if batch:
         yield batch
-
-
-async def _run_until_first_failure(*coroutines: Coroutine[Any, Any, None]) -> None:
-    """Run coroutines together; when one ends or fails, cancel the rest and re-raise."""
-    tasks = [asyncio.ensure_future(coro) for coro in coroutines]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            task.result()
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class PubSubConnection:
@@ -141,7 +128,7 @@ class PubSubConnection:
             self._subscribed = set()
             self._changed.set()
             self._last_seen = asyncio.get_running_loop().time()
-            await _run_until_first_failure(
+            await run_until_first_failure(
                 self._read(conn), self._sync(conn), self._watch_liveness()
             )
         finally:
@@ -246,9 +233,7 @@ class RedisBroker:
         ]
 
     async def aclose(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         self._tasks = []
 
     async def last_prices(self, tickers: Sequence[str]) -> list[bytes | None]:

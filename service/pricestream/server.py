@@ -16,6 +16,7 @@ from pricestream.engine import Engine
 from pricestream.http_api import HttpServer
 from pricestream.service import SERVICE_NAME, PriceStreamService
 from pricestream.settings import Settings
+from pricestream.tasks import cancel_and_wait
 
 log = logging.getLogger("pricestream.server")
 
@@ -130,8 +131,7 @@ class Server:
             await self._grpc.stop(grace=1.0)
         finally:
             if self._health_task is not None:
-                self._health_task.cancel()
-                await asyncio.gather(self._health_task, return_exceptions=True)
+                await cancel_and_wait([self._health_task])
             await self._http.__aexit__(None, None, None)
             await self.engine.__aexit__(None, None, None)
             log.info(

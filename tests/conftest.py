@@ -1,0 +1,176 @@
+"""Fixtures: real redis-server processes on free loopback ports, servers, gRPC clients."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from pricestream.server import Server
+from pricestream.settings import Settings, load_settings
+from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
+from redis import Redis
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require_binary(name: str) -> str:
+    """Path of a tool the test needs: missing fails in CI, skips elsewhere."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (make setup installs it)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisProcess:
+    """A redis-server of our own on a free loopback port; can be killed and restarted."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.binary = require_binary("redis-server")
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--daemonize",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if self.client().ping():
+                    return
+            except Exception:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def client(self) -> Redis:
+        return Redis.from_url(self.url, socket_timeout=2)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    redis = RedisProcess(tmp_path_factory.mktemp("redis"))
+    redis.start()
+    yield redis
+    redis.stop()
+
+
+@pytest.fixture
+def redis(shared_redis: RedisProcess) -> RedisProcess:
+    """The session-wide redis-server, emptied for this test."""
+    client = shared_redis.client()
+    client.flushall()
+    client.close()
+    return shared_redis
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server for this test alone (tests that kill or restart it)."""
+    redis = RedisProcess(tmp_path)
+    redis.start()
+    yield redis
+    redis.kill()
+
+
+FAST = {
+    "grpc_host": "127.0.0.1",
+    "grpc_port": 0,
+    "http_host": "127.0.0.1",
+    "http_port": 0,
+    "flush_interval": 0.05,
+    "linger": 0.2,
+    "session_ttl": 5.0,
+    "resume_grace": 3.0,
+    "lease_ttl": 1.0,
+    "stall_timeout": 1.0,
+    "drain_timeout": 3.0,
+    "probe_interval": 1.0,
+    "probe_timeout": 0.5,
+    "redis_outage_limit": 2.0,
+    "reconnect_max_backoff": 0.5,
+    "redis_timeout": 1.0,
+}
+
+
+def fast_settings(redis_url: str, **overrides: object) -> Settings:
+    return load_settings(**{**FAST, "redis_url": redis_url, **overrides})
+
+
+def fast_env(redis_url: str, **overrides: object) -> dict[str, str]:
+    """Environment for a `pricestream serve` subprocess with the fast settings."""
+    env = dict(os.environ)
+    for key, value in {**FAST, "redis_url": redis_url, **overrides}.items():
+        env[f"PRICESTREAM_{key.upper()}"] = str(value)
+    return env
+
+
+@pytest.fixture
+async def server(redis: RedisProcess) -> AsyncIterator[Server]:
+    async with Server(fast_settings(redis.url, pod_name="pod-a")) as srv:
+        await wait_ready(srv)
+        yield srv
+
+
+async def wait_ready(srv: Server, timeout: float = 10.0) -> None:
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not srv.engine.ready:
+        if time.monotonic() > deadline:
+            raise AssertionError("server did not become ready")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def stub(server: Server) -> AsyncIterator[PriceStreamServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        yield PriceStreamServiceStub(channel)
