@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -174,3 +175,21 @@ async def wait_ready(srv: Server, timeout: float = 10.0) -> None:
 async def stub(server: Server) -> AsyncIterator[PriceStreamServiceStub]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         yield PriceStreamServiceStub(channel)
+
+
+@pytest.fixture(autouse=True)
+async def dump_tasks_if_stuck() -> AsyncIterator[None]:
+    """If a test hangs, print every asyncio task's stack once, to show what it waits for."""
+    import asyncio
+    import sys
+
+    async def watchdog() -> None:
+        await asyncio.sleep(float(os.environ.get("PRICESTREAM_TEST_DUMP_AFTER", "60")))
+        for task in asyncio.all_tasks():
+            print(f"--- task {task.get_name()}: {task!r}", file=sys.stderr)
+            with contextlib.suppress(Exception):
+                task.print_stack(limit=8, file=sys.stderr)
+
+    task = asyncio.create_task(watchdog())
+    yield
+    task.cancel()

@@ -7,9 +7,8 @@ import time
 import urllib.request
 from collections import defaultdict
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from pricestream.server import Server
+from prometheus_client.parser import text_string_to_metric_families
 
 PAIRS = (
     ("pricestream_sessions_opened_total", "pricestream_sessions_closed_total"),

@@ -7,7 +7,6 @@ import time
 
 import grpc
 import pytest
-
 from conftest import fast_settings, wait_ready
 from invariants import samples, wait_invariant
 from pricestream.feed import RandomWalk
@@ -41,8 +40,11 @@ async def next_batch(call, timeout: float = 3.0) -> pb.PriceUpdateBatch:
 
 async def read_to_end(call, timeout: float = 3.0) -> grpc.StatusCode:
     """Read until the server ends the stream; its status code."""
-    while await asyncio.wait_for(call.read(), timeout) is not grpc.aio.EOF:
-        pass
+    try:
+        while await asyncio.wait_for(call.read(), timeout) is not grpc.aio.EOF:
+            pass
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
     return await call.code()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sys
 
@@ -15,6 +14,7 @@ from pricestream.redis_broker import RedisPricePublisher
 from pricestream.redis_client import redacted
 from pricestream.server import Server
 from pricestream.settings import Settings
+from pricestream.tasks import cancel_and_wait
 from pricestream.watch import watch
 
 
@@ -61,8 +61,6 @@ async def run_demo(
             target = f"127.0.0.1:{server.grpc_port}"
             return await watch(target, tickers, duration=duration, clear=clear)
         finally:
-            feed.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await feed
+            await cancel_and_wait([feed])
             if redis_client is not None:
                 await redis_client.aclose()

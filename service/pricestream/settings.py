@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     max_tickers_per_session: int = Field(
         100, ge=1, le=10_000, description="Tickers one session may ask for."
     )
+    max_send_message_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=64,
+        description="Largest message sent; a larger batch ends the stream.",
+    )
     max_sessions: int = Field(20_000, ge=1, description="Sessions one pod holds at most.")
     stall_timeout: Seconds = Field(
         10.0, description="Seconds a client may leave a batch unread before it is cut off."

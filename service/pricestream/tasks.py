@@ -10,16 +10,25 @@ _RECANCEL_SECONDS = 0.5
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
-    """Cancel tasks and wait until every one has ended.
+    """Cancel tasks and wait until every one has ended, even if the caller is cancelled meanwhile.
 
     Cancels again while any is still running: on Python 3.11 ``asyncio.wait_for`` (used inside
-    redis-py) can swallow a cancellation that races with its inner operation finishing.
+    redis-py) can swallow a cancellation that races with its inner operation finishing. A
+    cancellation of the caller is re-raised only once every task has ended, so no task is
+    ever orphaned half-cancelled.
     """
     pending = {task for task in tasks if not task.done()}
+    caller_cancelled = False
     while pending:
         for task in pending:
             task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=_RECANCEL_SECONDS)
+        try:
+            _, pending = await asyncio.wait(pending, timeout=_RECANCEL_SECONDS)
+        except asyncio.CancelledError:
+            caller_cancelled = True
+            pending = {task for task in pending if not task.done()}
+    if caller_cancelled:
+        raise asyncio.CancelledError
 
 
 async def run_until_first_failure(*coroutines: Coroutine[Any, Any, None]) -> None:

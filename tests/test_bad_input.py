@@ -1,0 +1,153 @@
+"""Bad input gets its status code and one clear sentence, and leaves invariant 1 intact."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from conftest import fast_settings, wait_ready
+from invariants import samples, wait_invariant
+from pricestream.server import Server
+from pricestream.v1 import pricestream_pb2 as pb
+from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
+from test_api import Market, next_batch
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("tickers", "code", "phrase"),
+    [
+        ([], INVALID, "at least one ticker"),
+        ([f"T{i}" for i in range(101)], INVALID, "at most 100"),
+        ([""], INVALID, "must not be empty"),
+        (["A" * 1000], INVALID, "longer than 16"),
+        (["AA\x00PL"], INVALID, "invalid"),
+        (["AAPL\n"], INVALID, "invalid"),
+        (["ÄPFEL"], INVALID, "invalid"),
+        (["€"], INVALID, "invalid"),
+        (["-AAPL"], INVALID, "invalid"),
+    ],
+    ids=["empty", "too-many", "empty-string", "1000-chars", "nul", "newline", "umlaut", "euro",
+         "leading-dash"],
+)  # fmt: skip
+async def test_create_session_rejects(
+    stub: PriceStreamServiceStub, server: Server, tickers: list[str], code, phrase: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.CreateSession(pb.CreateSessionRequest(tickers=tickers))
+    assert raised.value.code() == code
+    details = raised.value.details()
+    assert phrase in details
+    assert details.count("\n") == 0 and len(details) < 200
+    await wait_invariant(server, timeout=2)
+    assert len(server.engine.registry) == 0
+
+
+async def test_lowercase_normalised_and_duplicates_deduplicated(
+    stub: PriceStreamServiceStub,
+) -> None:
+    tickers = ["brk.b", "BRK.B", "msft", "MSFT", "bf-b"] + ["KO"] * 500
+    session = await stub.CreateSession(pb.CreateSessionRequest(tickers=tickers))
+    assert list(session.tickers) == ["BRK.B", "MSFT", "BF-B", "KO"]
+
+
+@pytest.mark.parametrize(
+    ("session_id", "code", "phrase"),
+    [
+        ("", INVALID, "required"),
+        ("not-a-session", INVALID, "malformed"),
+        ("x" * 5000, INVALID, "malformed"),
+        ("ääääääääääääääääääääää", INVALID, "malformed"),
+        ("A" * 22, grpc.StatusCode.NOT_FOUND, "does not exist"),
+    ],
+    ids=["empty", "short", "huge", "non-ascii", "unknown"],
+)
+async def test_stream_and_close_reject_bad_session_ids(
+    stub: PriceStreamServiceStub, server: Server, session_id: str, code, phrase: str
+) -> None:
+    call = stub.StreamPriceUpdates(pb.StreamPriceUpdatesRequest(session_id=session_id))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await next_batch(call)
+    assert raised.value.code() == code
+    assert phrase in raised.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
+    assert raised.value.code() == code
+    values = await wait_invariant(server, timeout=2)
+    assert values["pricestream_streams_closed_total"] == 1  # counted as rejected
+
+
+async def test_second_stream_from_another_channel_is_refused(
+    stub: PriceStreamServiceStub, server: Server
+) -> None:
+    session = await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL"]))
+    request = pb.StreamPriceUpdatesRequest(session_id=session.session_id)
+    first = stub.StreamPriceUpdates(request)
+    await asyncio.sleep(0.3)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as other:
+        second = PriceStreamServiceStub(other).StreamPriceUpdates(request)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await next_batch(second)
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert not first.done()
+    first.cancel()
+    await wait_invariant(server, timeout=5)
+
+
+async def test_closed_session_is_not_found(stub: PriceStreamServiceStub, server: Server) -> None:
+    session = await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL"]))
+    await stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    call = stub.StreamPriceUpdates(pb.StreamPriceUpdatesRequest(session_id=session.session_id))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await next_batch(call)
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    await wait_invariant(server, timeout=2)
+
+
+async def test_session_limit_gives_resource_exhausted(redis) -> None:
+    async with Server(fast_settings(redis.url, max_sessions=2)) as server:
+        await wait_ready(server)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = PriceStreamServiceStub(channel)
+            for _ in range(2):
+                await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL"]))
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL"]))
+            assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "maximum of 2 sessions" in raised.value.details()
+
+
+async def test_oversized_request_is_refused(stub: PriceStreamServiceStub, server: Server) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.CreateSession(pb.CreateSessionRequest(tickers=["A" * 100_000]))
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    await wait_invariant(server, timeout=2)
+
+
+async def test_bad_pubsub_payloads_are_dropped_and_counted(
+    stub: PriceStreamServiceStub, server: Server, redis
+) -> None:
+    market = Market(redis.url, ["AAPL", "MSFT"])
+    session = await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL"]))
+    call = stub.StreamPriceUpdates(pb.StreamPriceUpdatesRequest(session_id=session.session_id))
+    await asyncio.sleep(0.3)  # subscribed
+    client = redis.client()
+    client.publish("price:AAPL", b"\xff\xfe not protobuf at all")
+    wrong = pb.PriceUpdate(ticker="MSFT", price=1.0, sequence=1).SerializeToString()
+    client.publish("price:AAPL", wrong)
+    client.close()
+    await market.tick("AAPL")  # the reader survived: a good update still arrives
+    batch = await next_batch(call)
+    assert [u.ticker for u in batch.updates] == ["AAPL"]
+    values = samples(server.engine.metrics.exposition().decode())
+    assert values["pricestream_price_updates_dropped_total"] == 2
+    text = server.engine.metrics.exposition().decode()
+    assert 'reason="malformed"' in text and 'reason="wrong_ticker"' in text
+    call.cancel()
+    await market.aclose()
+    await wait_invariant(server, timeout=5)

@@ -1,0 +1,226 @@
+"""Every way a stream can end releases everything: one test per exit path, each ending with
+DESIGN.md invariant 1 (gauges back to 0, every opened == closed)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import fast_settings, wait_ready
+from invariants import samples, wait_invariant
+from pricestream.feed import run_feed
+from pricestream.redis_broker import RedisPricePublisher
+from pricestream.redis_client import make_client, make_pool
+from pricestream.server import Server
+from pricestream.stream import RECONNECT_HINT
+from pricestream.tasks import cancel_and_wait
+from pricestream.v1 import pricestream_pb2 as pb
+from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
+from test_api import next_batch, read_to_end
+
+TICKERS = ["AAPL", "MSFT", "GOOG", "AMZN", "NVDA"]
+CLIENT_SCRIPT = Path(__file__).parent / "clients" / "stream_forever.py"
+
+
+@contextlib.asynccontextmanager
+async def running_feed(redis_url: str, rate: float = 200.0) -> AsyncIterator[None]:
+    client = make_client(make_pool(fast_settings(redis_url)))
+    task = asyncio.create_task(run_feed(RedisPricePublisher(client), TICKERS, rate))
+    try:
+        yield
+    finally:
+        await cancel_and_wait([task])
+        await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def pod(redis_url: str, **overrides: object) -> AsyncIterator[Server]:
+    async with Server(fast_settings(redis_url, **overrides)) as server:
+        await wait_ready(server)
+        yield server
+
+
+async def open_stream(stub: PriceStreamServiceStub, **call_options):
+    session = await stub.CreateSession(pb.CreateSessionRequest(tickers=TICKERS[:3]))
+    call = stub.StreamPriceUpdates(
+        pb.StreamPriceUpdatesRequest(session_id=session.session_id), **call_options
+    )
+    await next_batch(call)
+    return session, call
+
+
+def reasons(server: Server) -> dict[str, float]:
+    out = {}
+    for line in server.engine.metrics.exposition().decode().splitlines():
+        if line.startswith("pricestream_streams_closed_total{"):
+            reason = line.split('reason="')[1].split('"')[0]
+            out[reason] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+async def test_normal_end_by_close_session(redis) -> None:
+    async with running_feed(redis.url), pod(redis.url) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = PriceStreamServiceStub(channel)
+            session, call = await open_stream(stub)
+            await stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
+            assert await read_to_end(call) == grpc.StatusCode.OK
+        await wait_invariant(server)
+        assert reasons(server) == {"closed": 1}
+
+
+async def test_client_cancel(redis) -> None:
+    async with running_feed(redis.url), pod(redis.url) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            _, call = await open_stream(PriceStreamServiceStub(channel))
+            call.cancel()
+        await wait_invariant(server)
+        assert reasons(server) == {"client_gone": 1}
+
+
+async def test_channel_closed_abruptly(redis) -> None:
+    async with running_feed(redis.url), pod(redis.url) as server:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+        await open_stream(PriceStreamServiceStub(channel))
+        await channel.close(grace=None)
+        await wait_invariant(server)
+        assert reasons(server) == {"client_gone": 1}
+
+
+async def test_client_process_killed(redis) -> None:
+    async with running_feed(redis.url), pod(redis.url) as server:
+        client = await asyncio.create_subprocess_exec(
+            sys.executable, str(CLIENT_SCRIPT), f"127.0.0.1:{server.grpc_port}", "20", *TICKERS,
+            stdout=subprocess.PIPE,
+        )  # fmt: skip
+        assert client.stdout is not None
+        line = await asyncio.wait_for(client.stdout.readline(), 20)
+        assert line.strip() == b"streaming 20"
+        assert server.engine.streams_active == 20
+        client.kill()  # SIGKILL: no FIN from the application, the kernel resets the socket
+        await client.wait()
+        await wait_invariant(server)
+        assert reasons(server) == {"client_gone": 20}
+
+
+async def test_deadline(redis) -> None:
+    async with running_feed(redis.url), pod(redis.url) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            _, call = await open_stream(PriceStreamServiceStub(channel), timeout=1.0)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                while True:
+                    await next_batch(call)
+            assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await wait_invariant(server)
+        assert set(reasons(server)) <= {"deadline", "client_gone"}
+        assert sum(reasons(server).values()) == 1
+
+
+async def test_send_error(redis) -> None:
+    # A batch larger than the server's send limit makes the write itself fail.
+    async with running_feed(redis.url), pod(redis.url, max_send_message_bytes=128) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = PriceStreamServiceStub(channel)
+            session = await stub.CreateSession(pb.CreateSessionRequest(tickers=TICKERS))
+            call = stub.StreamPriceUpdates(
+                pb.StreamPriceUpdatesRequest(session_id=session.session_id)
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                while True:
+                    await next_batch(call)
+            assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        await wait_invariant(server)
+        assert reasons(server) == {"send_error": 1}
+
+
+async def test_close_session_from_another_pod(redis) -> None:
+    async with running_feed(redis.url), pod(redis.url) as pod_a, pod(redis.url) as pod_b:
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{pod_a.grpc_port}") as channel_a,
+            grpc.aio.insecure_channel(f"127.0.0.1:{pod_b.grpc_port}") as channel_b,
+        ):
+            session, call = await open_stream(PriceStreamServiceStub(channel_a))
+            await PriceStreamServiceStub(channel_b).CloseSession(
+                pb.CloseSessionRequest(session_id=session.session_id)
+            )
+            assert await read_to_end(call) == grpc.StatusCode.OK
+        await wait_invariant(pod_a)
+        await wait_invariant(pod_b)
+        assert reasons(pod_a) == {"closed": 1}
+
+
+async def test_server_shutdown(redis) -> None:
+    async with running_feed(redis.url):
+        server = Server(fast_settings(redis.url))
+        async with server:
+            await wait_ready(server)
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+            calls = [(await open_stream(PriceStreamServiceStub(channel)))[1] for _ in range(5)]
+        # Leaving the block drained the server: every stream ended with UNAVAILABLE + hint.
+        for call in calls:
+            assert await call.code() == grpc.StatusCode.UNAVAILABLE
+            assert "resume the session" in await call.details()
+            assert RECONNECT_HINT in tuple(await call.trailing_metadata())
+        await channel.close()
+        values = await wait_invariant(server, timeout=1)
+        assert reasons(server) == {"shutdown": 5}
+        assert values["pricestream_redis_pubsub_connections_active"] == 0
+
+
+async def test_redis_outage_longer_than_limit(own_redis) -> None:
+    async with running_feed(own_redis.url), pod(own_redis.url, redis_outage_limit=1.0) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            _, call = await open_stream(PriceStreamServiceStub(channel))
+            own_redis.kill()
+            assert await read_to_end(call, timeout=15) == grpc.StatusCode.UNAVAILABLE
+            assert "Redis unreachable" in await call.details()
+        values = await wait_invariant(server)
+        assert reasons(server) == {"redis_unavailable": 1}
+        assert values["pricestream_redis_up"] == 0
+        assert values["pricestream_redis_pubsub_connections_active"] == 0
+
+
+async def test_slow_consumer_cut_off(redis) -> None:
+    async with running_feed(redis.url, rate=2000), pod(redis.url, flush_interval=0.01) as server:
+        tiny_window = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{server.grpc_port}", options=tiny_window
+        ) as channel:
+            stub = PriceStreamServiceStub(channel)
+            _, stalled = await open_stream(stub)  # then not read until it is cut off
+            _, healthy = await open_stream(stub)
+            deadline = asyncio.get_running_loop().time() + 30
+            while server.engine.metrics.slow_consumer_disconnects._value.get() == 0:
+                assert asyncio.get_running_loop().time() < deadline, "never cut off"
+                await next_batch(healthy)  # the other stream keeps flowing meanwhile
+            for _ in range(50):  # released within moments, unread or not
+                if server.engine.streams_active == 1:
+                    break
+                await asyncio.sleep(0.02)
+            assert server.engine.streams_active == 1
+            # Once the slow client reads again it finds the buffered batches, then the status.
+            assert await read_to_end(stalled) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "did not read" in await stalled.details()
+            await next_batch(healthy)
+            healthy.cancel()
+        await wait_invariant(server)
+        assert reasons(server) == {"slow_consumer": 1, "client_gone": 1}
+
+
+async def test_injected_fault_leaks_and_invariant_check_catches_it(redis) -> None:
+    """The seed's bug on purpose: proves the invariant check can fail."""
+    async with running_feed(redis.url), pod(redis.url, faults="skip_cleanup_on_send_error") as srv:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as channel:
+            _, call = await open_stream(PriceStreamServiceStub(channel))
+            call.cancel()
+        with pytest.raises(AssertionError, match=r"sessions_active = 1\.0"):
+            await wait_invariant(srv, timeout=1.5)
+        values = samples(srv.engine.metrics.exposition().decode())
+        assert values["pricestream_streams_active"] == 0  # counted at the RPC boundary
+        assert values["pricestream_pubsub_subscriptions_active"] == 3  # the orphans
