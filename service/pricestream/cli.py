@@ -91,11 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
-            from pricestream.server import Server, run_until_signalled
+            from pricestream.server import run_until_signalled
 
             settings = _settings_from(args)
             configure_logging(settings.log_level, settings.pod_name)
-            _run(run_until_signalled(Server(settings)))
+            _run(run_until_signalled(settings))
             return 0
         if args.command == "feed":
             settings = _settings_from(args)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 
 from redis.asyncio import Redis
@@ -37,8 +36,7 @@ async def run_demo(
     duration: float | None,
     clear: bool = True,
 ) -> int:
-    explicit = "PRICESTREAM_REDIS_URL" in os.environ
-    use_redis = explicit or await redis_reachable(settings.redis_url)
+    use_redis = await redis_reachable(settings.redis_url)
     if use_redis:
         print(f"demo: using Redis at {redacted(settings.redis_url)}", file=sys.stderr)
     else:

@@ -78,6 +78,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # Process CPU, RSS and open fds; Python platform and GC figures.
+        prometheus_client.ProcessCollector(registry=r)
+        prometheus_client.PlatformCollector(registry=r)
+        prometheus_client.GCCollector(registry=r)
         self.sessions_opened = Counter(
             "pricestream_sessions_opened", "Sessions that entered this pod's registry.", registry=r
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -11,13 +11,16 @@ from pricestream.settings import Settings
 
 def make_pool(settings: Settings) -> ConnectionPool:
     """A connection pool whose every connect, read and write times out after ``redis_timeout``."""
-    return ConnectionPool.from_url(
+    # Blocking: a burst of requests waits (up to the timeout) for a free connection
+    # instead of failing at once with "Too many connections".
+    return BlockingConnectionPool.from_url(
         settings.redis_url,
+        timeout=settings.redis_timeout,
         socket_timeout=settings.redis_timeout,
         socket_connect_timeout=settings.redis_timeout,
         # One immediate retry covers a pooled socket that went stale across a Redis restart.
         retry=Retry(NoBackoff(), 1),
-        max_connections=64,
+        max_connections=32,
         # RESP2: Pub/Sub messages come back from read_response instead of a push handler.
         protocol=2,
     )

@@ -28,6 +28,8 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
         ("grpc.max_send_message_length", settings.max_send_message_bytes),
+        # One client connection may carry many streams (a gateway, a load tester).
+        ("grpc.max_concurrent_streams", settings.max_sessions),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -86,7 +88,11 @@ class Server:
             "serving gRPC on port %d, HTTP on port %d",
             self.grpc_port,
             self.http_port,
-            extra={"event": "server_started"},
+            extra={
+                "event": "server_started",
+                "grpc_port": self.grpc_port,
+                "http_port": self.http_port,
+            },
         )
         return self
 
@@ -144,12 +150,16 @@ class Server:
             )
 
 
-async def run_until_signalled(server: Server) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and stop."""
+async def run_until_signalled(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and stop.
+
+    The server is built here, inside the running loop: grpc.aio binds to the loop current at
+    construction.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with server:
+    async with Server(settings):
         await stop.wait()
         log.info("signal received, shutting down", extra={"event": "shutdown_requested"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from typing import TextIO
 
 import grpc
 
+from pricestream.tasks import cancel_and_wait
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 
@@ -75,21 +77,29 @@ async def watch(
         reader = asyncio.create_task(read())
         deadline = None if duration is None else time.monotonic() + duration
         status = 0
+        interrupted = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, interrupted.set)
         try:
-            while not reader.done() and (deadline is None or time.monotonic() < deadline):
+            while not reader.done() and not interrupted.is_set():
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
                 screen = render(rows, session.tickers, target, time.time_ns())
                 out.write((_CLEAR if clear else "") + screen)
                 out.flush()
-                await asyncio.sleep(refresh)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(interrupted.wait(), refresh)
             if reader.done() and reader.exception() is not None:
                 exc = reader.exception()
                 if isinstance(exc, grpc.aio.AioRpcError):
                     print(f"pricestream watch: {exc.code().name}: {exc.details()}", file=sys.stderr)
                 status = 1
         finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
             call.cancel()
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            await cancel_and_wait([reader])
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await stub.CloseSession(
                     pb.CloseSessionRequest(session_id=session.session_id), timeout=2

@@ -1,0 +1,248 @@
+"""Whole processes: `pricestream serve`, `feed`, `watch` and `demo`, with signals and kills."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import fast_env
+from invariants import samples, scrape, wait_invariant
+from pricestream.stream import RECONNECT_HINT
+from pricestream.v1 import pricestream_pb2 as pb
+from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
+from processes import ServeProcess, env_without_pricestream, pricestream_command
+from test_api import next_batch, read_to_end
+
+CLIENT_SCRIPT = Path(__file__).parent / "clients" / "stream_forever.py"
+UNIVERSE = [f"T{i:04d}" for i in range(21, 51)]  # the feed's tickers beyond the first 20
+
+
+def start_feed(redis_url: str, tickers: int, rate: float) -> subprocess.Popen[bytes]:
+    env = fast_env(redis_url)
+    return subprocess.Popen(
+        pricestream_command("feed", "--tickers", str(tickers), "--rate", str(rate)),
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture
+def serve(redis, tmp_path: Path):
+    started: list[ServeProcess] = []
+
+    def start(**overrides: object) -> ServeProcess:
+        proc = ServeProcess(fast_env(redis.url, **overrides), tmp_path / f"serve{len(started)}.log")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def feed(redis):
+    proc = start_feed(redis.url, tickers=50, rate=2000)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+async def test_thousand_streams_a_third_killed_abruptly(serve, feed, redis) -> None:
+    from pricestream.feed import ticker_universe
+
+    tickers = ticker_universe(50)
+    # The seed's 500 ms window keeps this one test process able to read all 1,000 streams.
+    server = serve(log_level="INFO", session_ttl=60.0, flush_interval=0.5, stall_timeout=10.0)
+    channels = [grpc.aio.insecure_channel(server.target) for _ in range(10)]
+    stubs = [PriceStreamServiceStub(c) for c in channels]
+
+    async def open_one(index: int, stub: PriceStreamServiceStub):
+        chosen = [tickers[(index * 7 + k) % 50] for k in range(3)]
+        session = await stub.CreateSession(pb.CreateSessionRequest(tickers=chosen))
+        call = stub.StreamPriceUpdates(pb.StreamPriceUpdatesRequest(session_id=session.session_id))
+        await next_batch(call, timeout=20)
+        return session, call
+
+    # 778 streams on channels 0-7 (667 end normally, 111 are cancelled), 111 on channels 8-9
+    # (closed abruptly), 111 in a client process killed with SIGKILL.
+    main = await asyncio.gather(*(open_one(i, stubs[i % 8]) for i in range(778)))
+    dropped = await asyncio.gather(*(open_one(i, stubs[8 + i % 2]) for i in range(778, 889)))
+    killed = await asyncio.create_subprocess_exec(
+        sys.executable, str(CLIENT_SCRIPT), server.target, "111", *tickers,
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert killed.stdout is not None
+    assert (await asyncio.wait_for(killed.stdout.readline(), 30)).strip() == b"streaming 111"
+
+    values = samples(scrape(server.http_port))
+    assert values["pricestream_streams_active"] == 1000
+    assert values["pricestream_sessions_active"] == 1000
+    assert values["pricestream_pubsub_subscriptions_active"] == 50
+
+    # A first data point for the closing note: updates/s received and server RSS.
+    received = 0
+    started = time.monotonic()
+
+    async def drain_for(call, seconds: float) -> None:
+        nonlocal received
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            batch = await next_batch(call)  # read first: `+=` would read `received` before
+            received += len(batch.updates)
+
+    await asyncio.gather(*(drain_for(call, 3.0) for _, call in main))
+    rate = received / (time.monotonic() - started)
+    rss_mb = samples(scrape(server.http_port))["process_resident_memory_bytes"] / 2**20
+    print(
+        f"\n1000 streams: {rate:,.0f} updates/s received by 778 readers, server RSS {rss_mb:.0f} MB"
+    )
+
+    for _, call in main[667:]:
+        call.cancel()
+    for channel in channels[8:]:
+        await channel.close(grace=None)
+    killed.kill()
+    await killed.wait()
+    for session, _ in main[:667]:
+        await stubs[0].CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
+    codes = await asyncio.gather(*(read_to_end(call) for _, call in main[:667]))
+    assert set(codes) == {grpc.StatusCode.OK}
+
+    values = await wait_invariant(server.http_port, timeout=20)
+    assert values["pricestream_sessions_opened_total"] == 1000
+    assert values["pricestream_slow_consumer_disconnects_total"] == 0
+    for channel in channels[:8]:
+        await channel.close()
+    assert dropped  # kept open until the abrupt close above
+
+    assert server.terminate() == 0
+    created = collections.Counter()
+    closed = collections.Counter()
+    for record in server.records():
+        message = record.get("msg", "")
+        if match := re.fullmatch(r"Created Redis PubSub subscription for (\S+)", message):
+            created[match[1]] += 1
+        elif match := re.fullmatch(
+            r"Closed Redis PubSub subscription for (\S+) \(no more subscribers\)", message
+        ):
+            closed[match[1]] += 1
+    assert set(created) == set(tickers)
+    assert created == closed
+
+
+async def test_sigterm_drains_streams_and_exits(serve, feed) -> None:
+    server = serve(drain_timeout=5.0)
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = PriceStreamServiceStub(channel)
+        calls = []
+        for i in range(50):
+            session = await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL", "MSFT"]))
+            call = stub.StreamPriceUpdates(
+                pb.StreamPriceUpdatesRequest(session_id=session.session_id)
+            )
+            await next_batch(call)
+            calls.append(call)
+            del i
+        started = time.monotonic()
+        code = await asyncio.to_thread(server.terminate, 15)
+        assert code == 0
+        assert time.monotonic() - started < 5.0 + 2.0  # within drain timeout + stop grace
+        for call in calls:
+            assert await read_to_end(call) == grpc.StatusCode.UNAVAILABLE
+            assert RECONNECT_HINT in tuple(await call.trailing_metadata())
+    stopped = [r for r in server.records() if r.get("event") == "server_stopped"]
+    assert stopped and stopped[-1]["msg"] == (
+        "stopped: sessions_active=0 streams_active=0 subscriptions_active=0"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "phrase"),
+    [
+        (["--flush-interval", "0"], {}, "flush_interval"),
+        (["--grpc-port", "70000"], {}, "grpc_port"),
+        ([], {"PRICESTREAM_PUBSUB_CONNECTIONS": "lots"}, "pubsub_connections"),
+        ([], {"PRICESTREAM_FAULTS": "crash_everything"}, "unknown fault"),
+        ([], {"PRICESTREAM_REDIS_URL": "http://example"}, "redis_url"),
+        ([], {"PRICESTREAM_LOG_LEVEL": "LOUD"}, "log_level"),
+    ],
+)
+def test_bad_settings_fail_with_one_line(args: list[str], env: dict[str, str], phrase: str) -> None:
+    result = subprocess.run(
+        pricestream_command("serve", *args),
+        env={**env_without_pricestream(), **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("pricestream: invalid setting") or "unknown fault" in lines[0]
+    assert phrase in lines[0]
+
+
+async def test_feed_publishes_per_ingestion_contract(redis) -> None:
+    result = await asyncio.to_thread(
+        subprocess.run,
+        pricestream_command("feed", "--tickers", "5", "--rate", "100", "--duration", "1"),
+        env=fast_env(redis.url),
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    client = redis.client()
+    for ticker in ["AAPL", "MSFT", "GOOG", "AMZN", "NVDA"]:
+        update = pb.PriceUpdate.FromString(client.get(f"price:last:{ticker}"))
+        assert update.ticker == ticker
+        assert 15 <= update.sequence <= 25  # 100/s over 5 tickers for 1 s
+        assert update.price > 0
+        assert abs(update.published_at_unix_nanos / 1e9 - time.time()) < 10
+    client.close()
+
+
+async def test_watch_shows_prices_and_exits_cleanly_on_ctrl_c(serve, feed) -> None:
+    server = serve()
+    watch = await asyncio.create_subprocess_exec(
+        *pricestream_command("watch", "AAPL", "msft", "--target", server.target),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert watch.stdout is not None
+    seen = b""
+    deadline = time.monotonic() + 20
+    while not re.search(rb"MSFT\s+\d+\.\d\d\s+[+-]\d+\.\d\d%\s+\d+ms", seen):
+        assert time.monotonic() < deadline, seen[-500:]
+        seen += await asyncio.wait_for(watch.stdout.read(4096), 20)
+    assert b"AAPL" in seen
+    watch.send_signal(2)  # SIGINT, as Ctrl-C
+    _, stderr = await asyncio.wait_for(watch.communicate(), 20)
+    assert watch.returncode == 0, stderr
+    await wait_invariant(server.http_port, timeout=10)
+    closes = [r for r in server.records() if r.get("event") == "session_closed"]
+    assert len(closes) == 1  # watch closed its session on the way out
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_demo_shows_live_prices(redis, backend: str) -> None:
+    url = redis.url if backend == "redis" else "redis://127.0.0.1:1/0"
+    env = env_without_pricestream()
+    args = ["demo", "AAPL", "--duration", "3", "--no-clear", "--redis-url", url]
+    args += ["--grpc-port", "0", "--http-port", "0"]
+    result = await asyncio.to_thread(
+        subprocess.run, pricestream_command(*args), env=env, capture_output=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    expected = "using Redis" if backend == "redis" else "using the in-memory broker"
+    assert expected in result.stderr.decode()
+    prices = re.findall(rb"AAPL\s+(\d+\.\d\d)\s", result.stdout)
+    assert len(prices) >= 5
+    assert len(set(prices)) >= 2  # the price moves
