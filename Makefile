@@ -33,7 +33,7 @@ helm: $(HELM)
 
 $(HELM):
 	mkdir -p $(TOOLS)/bin
-	GOBIN=$(TOOLS)/bin GOFLAGS=-mod=mod go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+	GOBIN=$(TOOLS)/bin go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 
 proto: venv  ## regenerate the committed gRPC stubs
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=service --pyi_out=service \

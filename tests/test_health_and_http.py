@@ -1,0 +1,77 @@
+"""gRPC health and reflection, and the HTTP /metrics, /healthz and /readyz endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from pricestream.server import Server
+from pricestream.service import SERVICE_NAME
+
+
+async def get(port: int, path: str) -> tuple[int, bytes]:
+    """GET from a thread: the server under test runs on this test's event loop."""
+    return await asyncio.to_thread(_get, port, path)
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+async def test_grpc_health_and_reflection(server: Server) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICE_NAME):
+            for _ in range(20):  # readiness reaches the health service within 250 ms
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                await asyncio.sleep(0.05)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        call = reflect.ServerReflectionInfo()
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        reply = await call.read()
+        await call.done_writing()
+        names = {s.name for s in reply.list_services_response.service}
+        assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
+
+        await server.drain()
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_http_endpoints(server: Server) -> None:
+    status, body = await get(server.http_port, "/healthz")
+    assert status == 200
+    status, body = await get(server.http_port, "/readyz")
+    assert status == 200 and json.loads(body)["ready"] is True
+    status, body = await get(server.http_port, "/metrics")
+    assert status == 200
+    text = body.decode()
+    for name in (
+        "pricestream_sessions_active",
+        "pricestream_streams_active",
+        "pricestream_pubsub_subscriptions_active",
+        "pricestream_redis_pubsub_connections_active 2.0",
+        "pricestream_redis_pubsub_connections_opened_total 2.0",
+        "pricestream_redis_up 1.0",
+        "process_resident_memory_bytes",
+    ):
+        assert name in text
+    assert "_created" not in text  # no OpenMetrics _created series
+
+    await server.drain()
+    status, body = await get(server.http_port, "/readyz")
+    assert status == 503
+    assert json.loads(body) == {"ready": False, "redis_pubsub_healthy": True, "draining": True}
