@@ -185,10 +185,11 @@ async def dump_tasks_if_stuck() -> AsyncIterator[None]:
 
     async def watchdog() -> None:
         await asyncio.sleep(float(os.environ.get("PRICESTREAM_TEST_DUMP_AFTER", "60")))
+        out = sys.__stderr__  # past pytest's capture
         for task in asyncio.all_tasks():
-            print(f"--- task {task.get_name()}: {task!r}", file=sys.stderr)
+            print(f"--- task {task.get_name()}: {task!r}", file=out)
             with contextlib.suppress(Exception):
-                task.print_stack(limit=8, file=sys.stderr)
+                task.print_stack(limit=8, file=out)
 
     task = asyncio.create_task(watchdog())
     yield

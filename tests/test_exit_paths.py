@@ -156,18 +156,23 @@ async def test_close_session_from_another_pod(redis) -> None:
 
 
 async def test_server_shutdown(redis) -> None:
+    # The full SIGTERM path of a real process is test_processes.py::test_sigterm_drains_...;
+    # here the drain is checked in process, before the gRPC server itself stops.
     async with running_feed(redis.url):
         server = Server(fast_settings(redis.url))
         async with server:
             await wait_ready(server)
-            channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}")
-            calls = [(await open_stream(PriceStreamServiceStub(channel)))[1] for _ in range(5)]
-        # Leaving the block drained the server: every stream ended with UNAVAILABLE + hint.
-        for call in calls:
-            assert await call.code() == grpc.StatusCode.UNAVAILABLE
-            assert "resume the session" in await call.details()
-            assert RECONNECT_HINT in tuple(await call.trailing_metadata())
-        await channel.close()
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+                stub = PriceStreamServiceStub(channel)
+                calls = [(await open_stream(stub))[1] for _ in range(5)]
+                await server.drain()
+                for call in calls:
+                    assert await read_to_end(call) == grpc.StatusCode.UNAVAILABLE
+                    assert "resume the session" in await call.details()
+                    assert RECONNECT_HINT in tuple(await call.trailing_metadata())
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL"]))
+                assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
         values = await wait_invariant(server, timeout=1)
         assert reasons(server) == {"shutdown": 5}
         assert values["pricestream_redis_pubsub_connections_active"] == 0
