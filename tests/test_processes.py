@@ -136,6 +136,14 @@ async def test_thousand_streams_a_third_killed_abruptly(serve, feed, redis) -> N
             closed[match[1]] += 1
     assert set(created) == set(tickers)
     assert created == closed
+    audit = await asyncio.to_thread(
+        subprocess.run,
+        pricestream_command("audit-logs", str(server.log_path)),
+        capture_output=True,
+        text=True,
+    )
+    assert audit.returncode == 0, audit.stdout
+    assert "sessions: opened 1,000, closed 1,000, still open 0" in audit.stdout
 
 
 async def test_sigterm_drains_streams_and_exits(serve, feed) -> None:

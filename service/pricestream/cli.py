@@ -1,4 +1,4 @@
-"""The `pricestream` command: serve, feed, watch, demo."""
+"""The `pricestream` command: serve, feed, watch, demo, audit-logs."""
 
 from __future__ import annotations
 
@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, default=None, help="seconds; default: forever")
     demo.add_argument("--no-clear", action="store_true", help="append frames, do not redraw")
     _add_setting_flags(demo)
+
+    audit = commands.add_parser(
+        "audit-logs", help="pair Created/Closed lifecycle lines of JSON logs; exit 1 on a leak"
+    )
+    audit.add_argument("files", nargs="*", help="log files, oldest first (.gz ok); stdin if none")
     return parser
 
 
@@ -124,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     clear=not args.no_clear,
                 )
             )
+        if args.command == "audit-logs":
+            from pricestream.audit import audit_logs
+
+            return audit_logs(args.files)
     except SettingsError as exc:
         print(f"pricestream: {exc}", file=sys.stderr)
         return 2

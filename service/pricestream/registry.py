@@ -6,11 +6,14 @@ A session enters when it is created here (pending) or when a stream of it starts
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 from pricestream.flush import StreamWriter
 from pricestream.metrics import Metrics
+
+log = logging.getLogger("pricestream.sessions")
 
 CLOSE_REASONS = (
     "closed",  # CloseSession
@@ -69,6 +72,12 @@ class SessionRegistry:
         if self._sessions.pop(session_id, None) is None:
             return False
         self._metrics.sessions_closed.labels(reason).inc()
+        log.info(
+            "session closed %s (%s)",
+            session_id,
+            reason,
+            extra={"event": "session_closed", "session_id": session_id, "reason": reason},
+        )
         return True
 
     def streaming(self) -> list[LocalSession]:
@@ -87,3 +96,9 @@ class SessionRegistry:
     def _open(self, session: LocalSession) -> None:
         self._sessions[session.session_id] = session
         self._metrics.sessions_opened.inc()
+        log.info(
+            "session opened %s for %d tickers",
+            session.session_id,
+            len(session.tickers),
+            extra={"event": "session_opened", "session_id": session.session_id},
+        )

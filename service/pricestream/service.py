@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -17,8 +16,6 @@ from pricestream.errors import RequestError, not_found, resource_exhausted, unav
 from pricestream.stream import StreamLifecycle, finish_status
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.validation import check_session_id, normalise_tickers
-
-log = logging.getLogger("pricestream.service")
 
 SERVICE_NAME = "pricestream.v1.PriceStreamService"
 DRAINING_MESSAGE = "server is draining; retry on another server"
@@ -67,12 +64,6 @@ class PriceStreamService:
             )
         info = await engine.store.create(tickers)
         engine.registry.add_pending(info.session_id, info.tickers, engine.settings.session_ttl)
-        log.info(
-            "session opened %s for %d tickers",
-            info.session_id,
-            len(info.tickers),
-            extra={"event": "session_opened", "session_id": info.session_id},
-        )
         expires_at = timestamp_pb2.Timestamp()
         expires_at.FromNanoseconds(int(info.expires_at * 1e9))
         return pb.Session(session_id=info.session_id, tickers=info.tickers, expires_at=expires_at)
@@ -85,11 +76,6 @@ class PriceStreamService:
         if not await self._engine.store.close(session_id):
             raise not_found(f"session {session_id} does not exist or has expired")
         self._engine.on_closed(session_id)  # at once here; other pods hear it via Pub/Sub
-        log.info(
-            "session closed %s",
-            session_id,
-            extra={"event": "session_closed", "session_id": session_id, "reason": "closed"},
-        )
         return empty_pb2.Empty()
 
     async def stream_price_updates(
