@@ -29,6 +29,7 @@ from pricestream.registry import SessionRegistry
 from pricestream.sessions import SessionStore
 from pricestream.settings import Settings
 from pricestream.tasks import cancel_and_wait
+from pricestream.tracing import Tracing
 
 log = logging.getLogger("pricestream.engine")
 
@@ -45,11 +46,12 @@ class Engine:
     def __init__(self, settings: Settings, *, in_memory: bool = False) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        self.tracing = Tracing(settings.pod_name)
         self.registry = SessionRegistry(self.metrics, settings.max_sessions)
         self.backends = self._make_backends(in_memory)
         self.broker = self.backends.broker
         self.store = self.backends.store
-        self.hub = Hub(self.broker, self.metrics, settings.linger)
+        self.hub = Hub(self.broker, self.metrics, settings.linger, self.tracing.tracer)
         self.clock = FlushClock(
             settings.flush_interval, settings.stall_timeout, self.metrics, self._cut_off
         )
@@ -131,6 +133,7 @@ class Engine:
             await self.backends.redis.aclose()
         if self.backends.pool is not None:
             await self.backends.pool.disconnect()
+        await asyncio.to_thread(self.tracing.close)  # flushing must not block the loop
 
     def on_closed(self, session_id: str) -> None:
         """A session was closed (here or on another pod): end it here too."""

@@ -12,6 +12,8 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
+from opentelemetry import trace
+
 from pricestream.broker import Broker
 from pricestream.codec import batch_frame, decode_update, price_channel
 from pricestream.metrics import Metrics
@@ -48,8 +50,11 @@ def entry_from_payload(ticker: str, payload: bytes) -> Entry | str:
 
 
 class Hub:
-    def __init__(self, broker: Broker, metrics: Metrics, linger: float) -> None:
+    def __init__(
+        self, broker: Broker, metrics: Metrics, linger: float, tracer: trace.Tracer
+    ) -> None:
         self._broker = broker
+        self._tracer = tracer
         self._metrics = metrics
         self._linger = linger
         self._topics: dict[str, Topic] = {}
@@ -122,7 +127,10 @@ class Hub:
         topic = Topic(ticker)
         self._topics[ticker] = topic
         self._by_channel[topic.channel.encode()] = topic
-        self._broker.want(topic.channel)
+        with self._tracer.start_as_current_span(
+            "pubsub.subscribe", attributes={"messaging.destination.name": topic.channel}
+        ):
+            self._broker.want(topic.channel)
         self._metrics.subscriptions_opened.inc()
         log.info(
             "Created Redis PubSub subscription for %s",
@@ -139,7 +147,10 @@ class Hub:
     def _release(self, topic: Topic) -> None:
         del self._topics[topic.ticker]
         del self._by_channel[topic.channel.encode()]
-        self._broker.unwant(topic.channel)
+        with self._tracer.start_as_current_span(
+            "pubsub.unsubscribe", attributes={"messaging.destination.name": topic.channel}
+        ):
+            self._broker.unwant(topic.channel)
         self._metrics.subscriptions_closed.inc()
         log.info(
             "Closed Redis PubSub subscription for %s (no more subscribers)",

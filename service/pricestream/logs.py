@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+from pricestream.tracing import current_ids
+
 _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
@@ -25,6 +27,9 @@ class JsonFormatter(logging.Formatter):
             "pod": self._pod,
             "msg": record.getMessage(),
         }
+        ids = current_ids()
+        if ids is not None:
+            entry["trace_id"], entry["span_id"] = ids
         for key, value in vars(record).items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
                 entry[key] = value

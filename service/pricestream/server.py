@@ -13,6 +13,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from pricestream.engine import Engine
+from pricestream.grpc_metrics import GrpcMetrics, MetricsInterceptor
 from pricestream.http_api import HttpServer
 from pricestream.service import SERVICE_NAME, PriceStreamService
 from pricestream.settings import Settings
@@ -45,7 +46,10 @@ class Server:
         self.engine = Engine(settings, in_memory=in_memory)
         self.health = HealthServicer()
         self.grpc_port = settings.grpc_port
-        self._grpc = grpc.aio.server(options=grpc_options(settings))
+        self.grpc_metrics = GrpcMetrics(self.engine.metrics.registry)
+        self._grpc = grpc.aio.server(
+            options=grpc_options(settings), interceptors=(MetricsInterceptor(self.grpc_metrics),)
+        )
         self._http = HttpServer(self.engine, settings.http_host, settings.http_port)
         self._health_task: asyncio.Task[None] | None = None
         self._drained = False

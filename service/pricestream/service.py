@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 from grpc.aio import ServicerContext
+from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from pricestream.engine import Engine
 from pricestream.errors import RequestError, not_found, resource_exhausted, unavailable
 from pricestream.stream import StreamLifecycle, finish_status
+from pricestream.tracing import caller_context
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.validation import check_session_id, normalise_tickers
 
@@ -43,16 +46,43 @@ def _answers_errors(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaita
     return wrapper
 
 
+def _status_value(code: object) -> int:
+    if isinstance(code, grpc.StatusCode):
+        return int(code.value[0])
+    return int(code) if isinstance(code, int) else 2
+
+
 class PriceStreamService:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+
+    @contextlib.contextmanager
+    def _span(self, method: str, context: ServicerContext) -> Iterator[trace.Span]:
+        """A server span for one call, continuing the caller's trace from its metadata."""
+        with self._engine.tracing.tracer.start_as_current_span(
+            f"{SERVICE_NAME}/{method}",
+            context=caller_context(context.invocation_metadata()),
+            kind=trace.SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": SERVICE_NAME, "rpc.method": method},
+        ) as span:
+            yield span
+            code = context.code()
+            if code is not None:
+                span.set_attribute("rpc.grpc.status_code", _status_value(code))
 
     def _refuse_if_draining(self) -> None:
         if self._engine.draining:
             raise unavailable(DRAINING_MESSAGE)
 
-    @_answers_errors
     async def create_session(
+        self, request: pb.CreateSessionRequest, context: ServicerContext
+    ) -> pb.Session:
+        with self._span("CreateSession", context) as span:
+            span.set_attribute("pricestream.tickers.requested", len(request.tickers))
+            return await self._create_session(request, context)
+
+    @_answers_errors
+    async def _create_session(
         self, request: pb.CreateSessionRequest, context: ServicerContext
     ) -> pb.Session:
         self._refuse_if_draining()
@@ -68,8 +98,15 @@ class PriceStreamService:
         expires_at.FromNanoseconds(int(info.expires_at * 1e9))
         return pb.Session(session_id=info.session_id, tickers=info.tickers, expires_at=expires_at)
 
-    @_answers_errors
     async def close_session(
+        self, request: pb.CloseSessionRequest, context: ServicerContext
+    ) -> empty_pb2.Empty:
+        with self._span("CloseSession", context) as span:
+            span.set_attribute("pricestream.session_id", request.session_id[:64])
+            return await self._close_session(request, context)
+
+    @_answers_errors
+    async def _close_session(
         self, request: pb.CloseSessionRequest, context: ServicerContext
     ) -> empty_pb2.Empty:
         session_id = check_session_id(request.session_id)
@@ -84,10 +121,19 @@ class PriceStreamService:
         engine = self._engine
         lifecycle = StreamLifecycle(engine, context)
         engine.stream_started()
-        try:
-            await self._stream(lifecycle, request, context)
-        finally:
-            engine.stream_finished(lifecycle.reason)
+        with self._span("StreamPriceUpdates", context) as span:
+            span.set_attribute("pricestream.session_id", request.session_id[:64])
+            try:
+                await self._stream(lifecycle, request, context)
+            finally:
+                engine.stream_finished(lifecycle.reason)
+                span.set_attributes(
+                    {
+                        "pricestream.close_reason": lifecycle.reason,
+                        "pricestream.batches_sent": lifecycle.batches_sent,
+                        "pricestream.updates_sent": lifecycle.updates_sent,
+                    }
+                )
 
     @_answers_errors
     async def _stream(

@@ -40,6 +40,8 @@ class StreamLifecycle:
         self.writer: StreamWriter | None = None
         self.tickers: tuple[str, ...] = ()
         self.reason = "rejected"  # until the stream is registered
+        self.batches_sent = 0
+        self.updates_sent = 0
 
     async def __aenter__(self) -> StreamLifecycle:
         engine = self._engine
@@ -155,6 +157,8 @@ class StreamLifecycle:
                     observe((now_ns - published_ns) / 1e9)
                 metrics.updates_sent.inc(len(published))
                 metrics.batches_sent.inc()
+                self.batches_sent += 1
+                self.updates_sent += len(published)
             await writer.wait_due()
 
     async def _seed_last_prices(self, writer: StreamWriter) -> None:
