@@ -156,7 +156,14 @@ def fast_env(redis_url: str, **overrides: object) -> dict[str, str]:
 
 @pytest.fixture
 async def server(redis: RedisProcess) -> AsyncIterator[Server]:
-    async with Server(fast_settings(redis.url, pod_name="pod-a")) as srv:
+    async with ready_server(fast_settings(redis.url, pod_name="pod-a")) as srv:
+        yield srv
+
+
+@contextlib.asynccontextmanager
+async def ready_server(settings: Settings) -> AsyncIterator[Server]:
+    """An in-process server, entered and ready (Redis reachable, Pub/Sub live)."""
+    async with Server(settings) as srv:
         await wait_ready(srv)
         yield srv
 

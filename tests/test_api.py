@@ -7,7 +7,7 @@ import time
 
 import grpc
 import pytest
-from conftest import fast_settings, wait_ready
+from conftest import fast_settings, ready_server, wait_ready
 from invariants import samples, wait_invariant
 from pricestream.feed import RandomWalk
 from pricestream.redis_broker import RedisPricePublisher
@@ -74,8 +74,7 @@ async def test_create_stream_close(stub: PriceStreamServiceStub, server: Server,
 
 async def test_coalescing_keeps_latest_per_ticker(redis) -> None:
     settings = fast_settings(redis.url, flush_interval=0.5)
-    async with Server(settings) as server:
-        await wait_ready(server)
+    async with ready_server(settings) as server:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
             stub = PriceStreamServiceStub(channel)
             market = Market(redis.url, ["AAPL", "MSFT"])
@@ -138,8 +137,7 @@ async def test_session_streams_on_another_pod_and_only_once(redis) -> None:
 
 async def test_session_resumable_after_stream_ends_then_expires(redis) -> None:
     settings = fast_settings(redis.url, resume_grace=1.5)
-    async with Server(settings) as server:
-        await wait_ready(server)
+    async with ready_server(settings) as server:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
             stub = PriceStreamServiceStub(channel)
             market = Market(redis.url, ["TSLA"])
@@ -165,8 +163,7 @@ async def test_session_resumable_after_stream_ends_then_expires(redis) -> None:
 
 async def test_never_streamed_session_expires(redis) -> None:
     settings = fast_settings(redis.url, session_ttl=1.0)
-    async with Server(settings) as server:
-        await wait_ready(server)
+    async with ready_server(settings) as server:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
             stub = PriceStreamServiceStub(channel)
             session = await stub.CreateSession(pb.CreateSessionRequest(tickers=["KO"]))

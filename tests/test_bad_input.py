@@ -6,7 +6,7 @@ import asyncio
 
 import grpc
 import pytest
-from conftest import fast_settings, wait_ready
+from conftest import fast_settings, ready_server
 from invariants import samples, wait_invariant
 from pricestream.server import Server
 from pricestream.v1 import pricestream_pb2 as pb
@@ -110,8 +110,7 @@ async def test_closed_session_is_not_found(stub: PriceStreamServiceStub, server:
 
 
 async def test_session_limit_gives_resource_exhausted(redis) -> None:
-    async with Server(fast_settings(redis.url, max_sessions=2)) as server:
-        await wait_ready(server)
+    async with ready_server(fast_settings(redis.url, max_sessions=2)) as server:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
             stub = PriceStreamServiceStub(channel)
             for _ in range(2):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import fast_settings, wait_ready
+from conftest import fast_settings, ready_server, wait_ready
 from invariants import samples, wait_invariant
 from pricestream.feed import run_feed
 from pricestream.redis_broker import RedisPricePublisher
@@ -39,11 +39,9 @@ async def running_feed(redis_url: str, rate: float = 200.0) -> AsyncIterator[Non
         await client.aclose()
 
 
-@contextlib.asynccontextmanager
-async def pod(redis_url: str, **overrides: object) -> AsyncIterator[Server]:
-    async with Server(fast_settings(redis_url, **overrides)) as server:
-        await wait_ready(server)
-        yield server
+def pod(redis_url: str, **overrides: object):
+    """A ready in-process server with the fast settings."""
+    return ready_server(fast_settings(redis_url, **overrides))
 
 
 async def open_stream(stub: PriceStreamServiceStub, **call_options):
@@ -124,7 +122,10 @@ async def test_deadline(redis) -> None:
 
 async def test_send_error(redis) -> None:
     # A batch larger than the server's send limit makes the write itself fail.
-    async with running_feed(redis.url), pod(redis.url, max_send_message_bytes=128) as server:
+    async with (
+        running_feed(redis.url),
+        pod(redis.url, max_send_message_bytes=128) as server,
+    ):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
             stub = PriceStreamServiceStub(channel)
             session = await stub.CreateSession(pb.CreateSessionRequest(tickers=TICKERS))
@@ -140,7 +141,11 @@ async def test_send_error(redis) -> None:
 
 
 async def test_close_session_from_another_pod(redis) -> None:
-    async with running_feed(redis.url), pod(redis.url) as pod_a, pod(redis.url) as pod_b:
+    async with (
+        running_feed(redis.url),
+        pod(redis.url) as pod_a,
+        pod(redis.url) as pod_b,
+    ):
         async with (
             grpc.aio.insecure_channel(f"127.0.0.1:{pod_a.grpc_port}") as channel_a,
             grpc.aio.insecure_channel(f"127.0.0.1:{pod_b.grpc_port}") as channel_b,
@@ -179,7 +184,10 @@ async def test_server_shutdown(redis) -> None:
 
 
 async def test_redis_outage_longer_than_limit(own_redis) -> None:
-    async with running_feed(own_redis.url), pod(own_redis.url, redis_outage_limit=1.0) as server:
+    async with (
+        running_feed(own_redis.url),
+        pod(own_redis.url, redis_outage_limit=1.0) as server,
+    ):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
             _, call = await open_stream(PriceStreamServiceStub(channel))
             own_redis.kill()
@@ -192,7 +200,10 @@ async def test_redis_outage_longer_than_limit(own_redis) -> None:
 
 
 async def test_slow_consumer_cut_off(redis) -> None:
-    async with running_feed(redis.url, rate=2000), pod(redis.url, flush_interval=0.01) as server:
+    async with (
+        running_feed(redis.url, rate=2000),
+        pod(redis.url, flush_interval=0.01) as server,
+    ):
         tiny_window = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
         async with grpc.aio.insecure_channel(
             f"127.0.0.1:{server.grpc_port}", options=tiny_window
@@ -220,7 +231,10 @@ async def test_slow_consumer_cut_off(redis) -> None:
 
 async def test_injected_fault_leaks_and_invariant_check_catches_it(redis) -> None:
     """The seed's bug on purpose: proves the invariant check can fail."""
-    async with running_feed(redis.url), pod(redis.url, faults="skip_cleanup_on_send_error") as srv:
+    async with (
+        running_feed(redis.url),
+        pod(redis.url, faults="skip_cleanup_on_send_error") as srv,
+    ):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as channel:
             _, call = await open_stream(PriceStreamServiceStub(channel))
             call.cancel()

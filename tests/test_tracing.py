@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from conftest import fast_settings, wait_ready
+from conftest import fast_settings, ready_server
 from invariants import wait_invariant
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from pricestream.server import Server
@@ -58,8 +58,7 @@ async def test_spans_reach_the_otlp_receiver(receiver, redis, monkeypatch) -> No
     monkeypatch.setenv("OTEL_SERVICE_NAME", "pricestream-test")
     market = Market(redis.url, ["AAPL"])
     await market.tick("AAPL")
-    async with Server(fast_settings(redis.url)) as server:
-        await wait_ready(server)
+    async with ready_server(fast_settings(redis.url)) as server:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
             stub = PriceStreamServiceStub(channel)
             session = await stub.CreateSession(

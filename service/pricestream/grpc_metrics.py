@@ -11,9 +11,10 @@ Client- and bidi-streaming methods (only reflection here) pass through uncounted
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -104,36 +105,32 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         labels = ("unary", service, method)
         return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, labels))
 
-    def _begin(self, labels: tuple[str, str, str]) -> float:
+    @contextlib.contextmanager
+    def _observed(
+        self, labels: tuple[str, str, str], context: grpc.aio.ServicerContext
+    ) -> Iterator[None]:
+        """Count the call as started, then as handled with its code and duration."""
         self._m.started.labels(*labels).inc()
         self._m.msg_received.labels(*labels).inc()
-        return time.perf_counter()
-
-    def _end(
-        self,
-        labels: tuple[str, str, str],
-        started: float,
-        context: grpc.aio.ServicerContext,
-        error: BaseException | None,
-    ) -> None:
-        self._m.handled.labels(*labels, _code_name(context, error)).inc()
-        self._m.handling.labels(*labels).observe(time.perf_counter() - started)
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            yield
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self._m.handled.labels(*labels, _code_name(context, error)).inc()
+            self._m.handling.labels(*labels).observe(time.perf_counter() - started)
 
     def _wrap_unary(self, behavior: Any, labels: tuple[str, str, str]) -> Any:
         sent = self._m.msg_sent.labels(*labels)
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = self._begin(labels)
-            error: BaseException | None = None
-            try:
+            with self._observed(labels, context):
                 response = await behavior(request, context)
                 sent.inc()
                 return response
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                self._end(labels, started, context, error)
 
         return unary
 
@@ -142,29 +139,15 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if inspect.isasyncgenfunction(behavior):
 
             async def generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
-                started = self._begin(labels)
-                error: BaseException | None = None
-                try:
+                with self._observed(labels, context):
                     async for response in behavior(request, context):
                         yield response
                         sent.inc()
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    self._end(labels, started, context, error)
 
             return generator
 
         async def writer(request: Any, context: grpc.aio.ServicerContext) -> None:
-            started = self._begin(labels)
-            error: BaseException | None = None
-            try:
+            with self._observed(labels, context):
                 await behavior(request, _CountingContext(context, sent.inc))
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                self._end(labels, started, context, error)
 
         return writer
