@@ -8,12 +8,13 @@ import time
 
 import grpc
 import pytest
+from conftest import fast_settings, ready_server
 from invariants import samples, wait_invariant
 from pricestream.server import Server
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from prometheus_client.parser import text_string_to_metric_families
-from test_api import Market, next_batch
+from test_api import Market, next_batch, read_to_end
 
 SERVICE = "pricestream.v1.PriceStreamService"
 
@@ -66,41 +67,76 @@ async def test_grpc_server_metrics_and_label_cardinality(
                 assert label_value not in ("AAPL", session.session_id), sample
 
 
-async def test_counters_and_gauges_agree_after_a_mixed_scenario(server: Server, redis) -> None:
-    market = Market(redis.url, ["AAPL", "MSFT", "GOOG"])
-    await market.tick("AAPL", "MSFT", "GOOG")
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-        stub = PriceStreamServiceStub(channel)
-        calls = []
-        for i in range(12):
-            tickers = ["AAPL", "MSFT", "GOOG"][: 1 + i % 3]
-            session = await stub.CreateSession(pb.CreateSessionRequest(tickers=tickers))
-            call = stub.StreamPriceUpdates(
-                pb.StreamPriceUpdatesRequest(session_id=session.session_id)
-            )
-            await next_batch(call)
-            calls.append((session, call))
-        # Mid-scenario: every opened - closed pair equals its live gauge.
-        values = samples(server.engine.metrics.exposition().decode())
-        assert values["pricestream_streams_active"] == 12 == len(server.engine.registry)
-        sessions_net = values["pricestream_sessions_opened_total"] - values.get(
-            "pricestream_sessions_closed_total", 0
-        )
-        assert sessions_net == values["pricestream_sessions_active"]
-        subscriptions_net = (
-            values["pricestream_pubsub_subscriptions_opened_total"]
-            - values["pricestream_pubsub_subscriptions_closed_total"]
-        )
-        assert subscriptions_net == values["pricestream_pubsub_subscriptions_active"] == 3
-        assert server.engine.hub.subscriptions_active == 3
-        for session, _ in calls[:4]:
-            await stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
-        for _, call in calls[4:8]:
-            call.cancel()
-    # The channel closed with calls[8:] still open: the client went away.
+async def test_counters_and_gauges_agree_after_a_mixed_scenario(own_redis) -> None:
+    """Normal ends, cancels, a vanished client, send errors and a Redis restart."""
+    # 128-byte sends: 1-3 ticker batches fit, a 5-ticker first batch fails to send.
+    settings = fast_settings(own_redis.url, max_send_message_bytes=128, redis_outage_limit=30.0)
+    tickers = ["AAPL", "MSFT", "GOOG", "AMZN", "NVDA"]
+    market = Market(own_redis.url, tickers)
+    await market.tick(*tickers)
+    async with ready_server(settings) as server:
+        engine = server.engine
+
+        def check_pairs() -> dict[str, float]:
+            """opened - closed == active for each pair, and == a fresh look at the registries."""
+            values = samples(engine.metrics.exposition().decode())
+            for prefix, live in (
+                ("pricestream_sessions", len(engine.registry)),
+                ("pricestream_streams", engine.streams_active),
+                ("pricestream_pubsub_subscriptions", engine.hub.subscriptions_active),
+                ("pricestream_redis_pubsub_connections", engine.broker.connections_active),
+            ):
+                net = values.get(f"{prefix}_opened_total", 0) - values.get(
+                    f"{prefix}_closed_total", 0
+                )
+                assert net == values[f"{prefix}_active"] == live, prefix
+            return values
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = PriceStreamServiceStub(channel)
+            calls = []
+            for i in range(12):
+                chosen = tickers[: 1 + i % 3]
+                session = await stub.CreateSession(pb.CreateSessionRequest(tickers=chosen))
+                call = stub.StreamPriceUpdates(
+                    pb.StreamPriceUpdatesRequest(session_id=session.session_id)
+                )
+                await next_batch(call)
+                calls.append((session, call))
+            for _ in range(2):  # send errors
+                session = await stub.CreateSession(pb.CreateSessionRequest(tickers=tickers))
+                failing = stub.StreamPriceUpdates(
+                    pb.StreamPriceUpdatesRequest(session_id=session.session_id)
+                )
+                assert await read_to_end(failing) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            await asyncio.sleep(0.2)
+            check_pairs()
+
+            own_redis.kill()  # Redis restart mid-stream
+            own_redis.start()
+            for _ in range(200):  # both Pub/Sub connections noticed, reconnected, probed
+                reconnects = engine.metrics.redis_reconnects._value.get()
+                if reconnects >= 2 and engine.broker.healthy:
+                    break
+                await asyncio.sleep(0.05)
+            assert engine.broker.healthy
+            values = check_pairs()
+            assert values["pricestream_redis_reconnects_total"] >= 2
+            assert values["pricestream_streams_active"] == 12  # streams rode it out
+
+            for session, _ in calls[:4]:
+                await stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
+            for _, call in calls[4:8]:
+                call.cancel()
+            await asyncio.sleep(0.2)
+            check_pairs()
+        # The channel closed with calls[8:] still open: the client went away.
+        values = await wait_invariant(server)
+        check_pairs()
+        assert values["pricestream_streams_opened_total"] == 14
+        text = engine.metrics.exposition().decode()
+        assert 'pricestream_streams_closed_total{reason="send_error"} 2.0' in text
     await market.aclose()
-    values = await wait_invariant(server)
-    assert values["pricestream_streams_opened_total"] == 12
 
 
 async def test_scrape_with_1000_streams(server: Server, redis) -> None:

@@ -110,7 +110,10 @@ class PriceStreamService:
         self, request: pb.CloseSessionRequest, context: ServicerContext
     ) -> empty_pb2.Empty:
         session_id = check_session_id(request.session_id)
-        if not await self._engine.store.close(session_id):
+        existed = await self._engine.store.close(session_id)
+        # A session this pod holds counts even if Redis lost it (a restart without
+        # persistence); the lease refresh would have written it back moments later.
+        if not existed and session_id not in self._engine.registry:
             raise not_found(f"session {session_id} does not exist or has expired")
         self._engine.on_closed(session_id)  # at once here; other pods hear it via Pub/Sub
         return empty_pb2.Empty()
