@@ -40,8 +40,8 @@ proto: venv  ## regenerate the committed gRPC stubs
 		--grpc_python_out=service $(PROTO)
 
 lint: venv
-	$(VENV)/bin/ruff check service tests dashboards
-	$(VENV)/bin/ruff format --check service tests dashboards
+	$(VENV)/bin/ruff check service tests dashboards scripts
+	$(VENV)/bin/ruff format --check service tests dashboards scripts
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache
