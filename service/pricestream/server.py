@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from pricestream.auth import BearerAuthInterceptor, load_tokens
 from pricestream.engine import Engine
 from pricestream.grpc_metrics import GrpcMetrics, MetricsInterceptor
 from pricestream.http_api import HttpServer
@@ -35,6 +36,10 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # Long-lived channels move after a scale-up: GOAWAY after the age, hard close after
+        # the grace; clients resume their session on whichever pod they reach.
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace * 1000)),
     ]
 
 
@@ -47,9 +52,11 @@ class Server:
         self.health = HealthServicer()
         self.grpc_port = settings.grpc_port
         self.grpc_metrics = GrpcMetrics(self.engine.metrics.registry)
-        self._grpc = grpc.aio.server(
-            options=grpc_options(settings), interceptors=(MetricsInterceptor(self.grpc_metrics),)
-        )
+        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.grpc_metrics)]
+        tokens = load_tokens(settings)
+        if tokens:
+            interceptors.append(BearerAuthInterceptor(tokens))
+        self._grpc = grpc.aio.server(options=grpc_options(settings), interceptors=interceptors)
         self._http = HttpServer(self.engine, settings.http_host, settings.http_port)
         self._health_task: asyncio.Task[None] | None = None
         self._drained = False

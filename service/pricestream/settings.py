@@ -65,6 +65,18 @@ class Settings(BaseSettings):
     redis_outage_limit: Seconds = Field(
         30.0, description="Seconds streams stay open while Redis is unreachable, then UNAVAILABLE."
     )
+    max_connection_age: Seconds = Field(
+        900.0, description="Seconds before a client connection is asked to reconnect (rebalancing)."
+    )
+    max_connection_age_grace: Seconds = Field(
+        10.0, description="Seconds streams get to finish after that; then the connection closes."
+    )
+    auth_tokens: str = Field(
+        "", description="Comma-separated bearer tokens; when set (or a file), every RPC needs one."
+    )
+    auth_tokens_file: str = Field(
+        "", description="File with one bearer token per line (a mounted Kubernetes Secret)."
+    )
     reconnect_max_backoff: Seconds = Field(5.0, description="Upper bound of the reconnect backoff.")
     pod_name: str = Field(
         default_factory=socket.gethostname, min_length=1, description="Name in logs."
