@@ -51,11 +51,8 @@ def _matches(presented: bytes, tokens: list[bytes]) -> bool:
     return found and bool(presented)
 
 
-async def _reject_unary(request: Any, context: grpc.aio.ServicerContext) -> None:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, MESSAGE)
-
-
-async def _reject_stream(request: Any, context: grpc.aio.ServicerContext) -> None:
+async def _reject(request: Any, context: grpc.aio.ServicerContext) -> None:
+    """Behaviour of a refused call, unary or server-streaming alike."""
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, MESSAGE)
 
 
@@ -75,8 +72,8 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(
-                _reject_stream, request_deserializer=handler.request_deserializer
+                _reject, request_deserializer=handler.request_deserializer
             )
         return grpc.unary_unary_rpc_method_handler(
-            _reject_unary, request_deserializer=handler.request_deserializer
+            _reject, request_deserializer=handler.request_deserializer
         )
