@@ -150,3 +150,21 @@ async def test_bad_pubsub_payloads_are_dropped_and_counted(
     call.cancel()
     await market.aclose()
     await wait_invariant(server, timeout=5)
+
+
+async def test_raw_non_protobuf_request_is_invalid_argument(server: Server) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        for method, message in (
+            ("CreateSession", "pricestream.v1.CreateSessionRequest"),
+            ("CloseSession", "pricestream.v1.CloseSessionRequest"),
+        ):
+            call = channel.unary_unary(f"/pricestream.v1.PriceStreamService/{method}")
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call(b"\xff\xff\xff not protobuf")
+            assert raised.value.code() == INVALID
+            assert raised.value.details() == f"request is not a valid {message} message"
+        stream = channel.unary_stream("/pricestream.v1.PriceStreamService/StreamPriceUpdates")
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stream(b"\xff\xff\xff").read()
+        assert raised.value.code() == INVALID
+    await wait_invariant(server, timeout=2)

@@ -9,12 +9,19 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf.message import DecodeError, Message
 from grpc.aio import ServicerContext
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from pricestream.engine import Engine
-from pricestream.errors import RequestError, not_found, resource_exhausted, unavailable
+from pricestream.errors import (
+    RequestError,
+    invalid_argument,
+    not_found,
+    resource_exhausted,
+    unavailable,
+)
 from pricestream.stream import StreamLifecycle, finish_status
 from pricestream.tracing import caller_context
 from pricestream.v1 import pricestream_pb2 as pb
@@ -24,6 +31,7 @@ SERVICE_NAME = "pricestream.v1.PriceStreamService"
 DRAINING_MESSAGE = "server is draining; retry on another server"
 
 R = TypeVar("R")
+M = TypeVar("M", bound=Message)
 
 
 def _answers_errors(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
@@ -44,6 +52,26 @@ def _answers_errors(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaita
         raise AssertionError("unreachable: abort raises")
 
     return wrapper
+
+
+def _lenient(message_class: type[M]) -> Callable[[bytes], M | None]:
+    """A request deserializer that yields None for bytes that are not the message."""
+
+    def parse(data: bytes) -> M | None:
+        try:
+            return message_class.FromString(data)
+        except DecodeError:
+            return None
+
+    return parse
+
+
+def _require(request: M | None, message_class: type[M]) -> M:
+    if request is None:
+        raise invalid_argument(
+            f"request is not a valid {message_class.DESCRIPTOR.full_name} message"
+        )
+    return request
 
 
 def _status_value(code: object) -> int:
@@ -77,8 +105,7 @@ class PriceStreamService:
     async def create_session(
         self, request: pb.CreateSessionRequest, context: ServicerContext
     ) -> pb.Session:
-        with self._span("CreateSession", context) as span:
-            span.set_attribute("pricestream.tickers.requested", len(request.tickers))
+        with self._span("CreateSession", context):
             return await self._create_session(request, context)
 
     @_answers_errors
@@ -86,6 +113,7 @@ class PriceStreamService:
         self, request: pb.CreateSessionRequest, context: ServicerContext
     ) -> pb.Session:
         self._refuse_if_draining()
+        request = _require(request, pb.CreateSessionRequest)
         engine = self._engine
         tickers = normalise_tickers(list(request.tickers), engine.settings.max_tickers_per_session)
         if engine.registry.full:
@@ -101,15 +129,14 @@ class PriceStreamService:
     async def close_session(
         self, request: pb.CloseSessionRequest, context: ServicerContext
     ) -> empty_pb2.Empty:
-        with self._span("CloseSession", context) as span:
-            span.set_attribute("pricestream.session_id", request.session_id[:64])
+        with self._span("CloseSession", context):
             return await self._close_session(request, context)
 
     @_answers_errors
     async def _close_session(
         self, request: pb.CloseSessionRequest, context: ServicerContext
     ) -> empty_pb2.Empty:
-        session_id = check_session_id(request.session_id)
+        session_id = check_session_id(_require(request, pb.CloseSessionRequest).session_id)
         existed = await self._engine.store.close(session_id)
         # A session this pod holds counts even if Redis lost it (a restart without
         # persistence); the lease refresh would have written it back moments later.
@@ -125,7 +152,8 @@ class PriceStreamService:
         lifecycle = StreamLifecycle(engine, context)
         engine.stream_started()
         with self._span("StreamPriceUpdates", context) as span:
-            span.set_attribute("pricestream.session_id", request.session_id[:64])
+            if request is not None:
+                span.set_attribute("pricestream.session_id", request.session_id[:64])
             try:
                 await self._stream(lifecycle, request, context)
             finally:
@@ -146,6 +174,7 @@ class PriceStreamService:
         context: ServicerContext,
     ) -> None:
         self._refuse_if_draining()
+        request = _require(request, pb.StreamPriceUpdatesRequest)
         lifecycle.session_id = check_session_id(request.session_id)
         async with lifecycle:
             await lifecycle.pump()
@@ -157,18 +186,18 @@ class PriceStreamService:
             {
                 "CreateSession": grpc.unary_unary_rpc_method_handler(
                     self.create_session,
-                    request_deserializer=pb.CreateSessionRequest.FromString,
+                    request_deserializer=_lenient(pb.CreateSessionRequest),
                     response_serializer=pb.Session.SerializeToString,
                 ),
                 # Batches are already encoded by the flush path: bytes go out as they are.
                 "StreamPriceUpdates": grpc.unary_stream_rpc_method_handler(
                     self.stream_price_updates,
-                    request_deserializer=pb.StreamPriceUpdatesRequest.FromString,
+                    request_deserializer=_lenient(pb.StreamPriceUpdatesRequest),
                     response_serializer=None,
                 ),
                 "CloseSession": grpc.unary_unary_rpc_method_handler(
                     self.close_session,
-                    request_deserializer=pb.CloseSessionRequest.FromString,
+                    request_deserializer=_lenient(pb.CloseSessionRequest),
                     response_serializer=empty_pb2.Empty.SerializeToString,
                 ),
             },
