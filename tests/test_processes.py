@@ -21,7 +21,7 @@ from processes import ServeProcess, env_without_pricestream, pricestream_command
 from test_api import next_batch, read_to_end
 
 CLIENT_SCRIPT = Path(__file__).parent / "clients" / "stream_forever.py"
-UNIVERSE = [f"T{i:04d}" for i in range(21, 51)]  # the feed's tickers beyond the first 20
+ALL_RELEASED = "stopped: sessions_active=0 streams_active=0 subscriptions_active=0"
 
 
 def start_feed(redis_url: str, tickers: int, rate: float) -> subprocess.Popen[bytes]:
@@ -167,9 +167,7 @@ async def test_sigterm_drains_streams_and_exits(serve, feed) -> None:
             assert await read_to_end(call) == grpc.StatusCode.UNAVAILABLE
             assert RECONNECT_HINT in tuple(await call.trailing_metadata())
     stopped = [r for r in server.records() if r.get("event") == "server_stopped"]
-    assert stopped and stopped[-1]["msg"] == (
-        "stopped: sessions_active=0 streams_active=0 subscriptions_active=0"
-    )
+    assert stopped and stopped[-1]["msg"] == ALL_RELEASED
 
 
 @pytest.mark.parametrize(
@@ -254,3 +252,53 @@ async def test_demo_shows_live_prices(redis, backend: str) -> None:
     prices = re.findall(rb"AAPL\s+(\d+\.\d\d)\s", result.stdout)
     assert len(prices) >= 5
     assert len(set(prices)) >= 2  # the price moves
+
+
+async def test_drain_1000_streams_and_resume_on_another_replica(serve, feed) -> None:
+    from pricestream.feed import ticker_universe
+
+    tickers = ticker_universe(50)
+    pod_a = serve(log_level="INFO", session_ttl=60.0, flush_interval=0.5, drain_timeout=8.0)
+    pod_b = serve(log_level="INFO", session_ttl=60.0, flush_interval=0.5)
+    channels_a = [grpc.aio.insecure_channel(pod_a.target) for _ in range(8)]
+    channel_b = grpc.aio.insecure_channel(pod_b.target)
+    stubs_a = [PriceStreamServiceStub(c) for c in channels_a]
+    stub_b = PriceStreamServiceStub(channel_b)
+
+    async def open_one(index: int):
+        stub = stubs_a[index % 8]
+        chosen = [tickers[(index * 7 + k) % 50] for k in range(3)]
+        session = await stub.CreateSession(pb.CreateSessionRequest(tickers=chosen))
+        call = stub.StreamPriceUpdates(pb.StreamPriceUpdatesRequest(session_id=session.session_id))
+        await next_batch(call, timeout=20)
+        return session, call
+
+    opened = await asyncio.gather(*(open_one(i) for i in range(1000)))
+    started = time.monotonic()
+    code = await asyncio.to_thread(pod_a.terminate, 30)
+    assert code == 0
+    assert time.monotonic() - started < 8.0 + 2.0  # drain timeout + stop grace
+    codes = await asyncio.gather(*(read_to_end(call, timeout=10) for _, call in opened))
+    assert set(codes) == {grpc.StatusCode.UNAVAILABLE}
+    hints = await asyncio.gather(*(call.trailing_metadata() for _, call in opened))
+    assert all(RECONNECT_HINT in tuple(hint) for hint in hints)
+    stopped = [r for r in pod_a.records() if r.get("event") == "server_stopped"]
+    assert stopped[-1]["msg"] == ALL_RELEASED
+
+    # The same sessions resume on the other replica and keep receiving prices.
+    async def resume(session):
+        call = stub_b.StreamPriceUpdates(
+            pb.StreamPriceUpdatesRequest(session_id=session.session_id)
+        )
+        first = await next_batch(call, timeout=20)
+        assert {u.ticker for u in first.updates} == set(session.tickers)
+        await next_batch(call, timeout=10)  # and a fresh one after that
+        return call
+
+    resumed = await asyncio.gather(*(resume(session) for session, _ in opened))
+    assert samples(scrape(pod_b.http_port))["pricestream_streams_active"] == 1000
+    for call in resumed:
+        call.cancel()
+    await wait_invariant(pod_b.http_port, timeout=20)
+    for channel in [*channels_a, channel_b]:
+        await channel.close()
