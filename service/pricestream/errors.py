@@ -32,3 +32,16 @@ def resource_exhausted(message: str) -> RequestError:
 
 def unavailable(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.UNAVAILABLE, message)
+
+
+_CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def call_status(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
+    """The status code set on a call so far (grpc reports an enum or its int), or None."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):
+        return _CODES_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
+    return None

@@ -20,6 +20,8 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from pricestream.errors import call_status
+
 LABELS = ("grpc_type", "grpc_service", "grpc_method")
 HANDLING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
 
@@ -71,18 +73,13 @@ class _CountingContext:
         return getattr(self._context, name)
 
 
-_CODES_BY_VALUE = {code.value[0]: code.name for code in grpc.StatusCode}
-
-
 def _code_name(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
     """The status the call ended with, as go-grpc-prometheus spells it."""
     if isinstance(error, asyncio.CancelledError):
         return "CANCELLED"
-    code = context.code()
-    if isinstance(code, grpc.StatusCode):
+    code = call_status(context)
+    if code is not None:
         return code.name
-    if isinstance(code, int) and code in _CODES_BY_VALUE:
-        return _CODES_BY_VALUE[code]
     return "UNKNOWN" if error is not None else "OK"
 
 

@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 from pricestream.engine import Engine
 from pricestream.errors import (
     RequestError,
+    call_status,
     invalid_argument,
     not_found,
     resource_exhausted,
@@ -74,10 +75,18 @@ def _require(request: M | None, message_class: type[M]) -> M:
     return request
 
 
-def _status_value(code: object) -> int:
-    if isinstance(code, grpc.StatusCode):
-        return int(code.value[0])
-    return int(code) if isinstance(code, int) else 2
+def _traced(method: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:
+    """Run a unary handler inside the server span of ``method``."""
+
+    def decorate(handler: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+        @functools.wraps(handler)
+        async def wrapper(self: PriceStreamService, request: Any, context: ServicerContext) -> R:
+            with self._span(method, context):
+                return await handler(self, request, context)
+
+        return wrapper
+
+    return decorate
 
 
 class PriceStreamService:
@@ -94,22 +103,17 @@ class PriceStreamService:
             attributes={"rpc.system": "grpc", "rpc.service": SERVICE_NAME, "rpc.method": method},
         ) as span:
             yield span
-            code = context.code()
+            code = call_status(context)
             if code is not None:
-                span.set_attribute("rpc.grpc.status_code", _status_value(code))
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
 
     def _refuse_if_draining(self) -> None:
         if self._engine.draining:
             raise unavailable(DRAINING_MESSAGE)
 
-    async def create_session(
-        self, request: pb.CreateSessionRequest, context: ServicerContext
-    ) -> pb.Session:
-        with self._span("CreateSession", context):
-            return await self._create_session(request, context)
-
+    @_traced("CreateSession")
     @_answers_errors
-    async def _create_session(
+    async def create_session(
         self, request: pb.CreateSessionRequest, context: ServicerContext
     ) -> pb.Session:
         self._refuse_if_draining()
@@ -126,14 +130,9 @@ class PriceStreamService:
         expires_at.FromNanoseconds(int(info.expires_at * 1e9))
         return pb.Session(session_id=info.session_id, tickers=info.tickers, expires_at=expires_at)
 
-    async def close_session(
-        self, request: pb.CloseSessionRequest, context: ServicerContext
-    ) -> empty_pb2.Empty:
-        with self._span("CloseSession", context):
-            return await self._close_session(request, context)
-
+    @_traced("CloseSession")
     @_answers_errors
-    async def _close_session(
+    async def close_session(
         self, request: pb.CloseSessionRequest, context: ServicerContext
     ) -> empty_pb2.Empty:
         session_id = check_session_id(_require(request, pb.CloseSessionRequest).session_id)
