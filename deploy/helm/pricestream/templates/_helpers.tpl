@@ -1,0 +1,60 @@
+{{/* Name of the chart, overridable. */}}
+{{- define "pricestream.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Fully qualified name: the release name, with the chart name appended unless it is in it. */}}
+{{- define "pricestream.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else if contains (include "pricestream.name" .) .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name (include "pricestream.name" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "pricestream.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "pricestream.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: pricestream
+{{- end }}
+
+{{- define "pricestream.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "pricestream.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Labels kube-prometheus-stack selects on (monitoring.labels), plus the standard ones. */}}
+{{- define "pricestream.monitoringLabels" -}}
+{{ include "pricestream.labels" . }}
+{{- with .Values.monitoring.labels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "pricestream.monitoringEnabled" -}}
+{{- if and .Values.monitoring.enabled (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1") }}true{{ end }}
+{{- end }}
+
+{{/*
+The rules file (files/rules/pricestream.rules.yaml) with its ${parameters} replaced by
+monitoring.rules.params and ${selector} by the PromQL matchers of this release's targets.
+The same text is what `promtool test rules` and the end-to-end test load.
+*/}}
+{{- define "pricestream.rules" -}}
+{{- $rules := .Files.Get "files/rules/pricestream.rules.yaml" }}
+{{- $selector := .Values.monitoring.rules.selector | default (printf "job=\"%s\",namespace=\"%s\"" (include "pricestream.fullname" .) .Release.Namespace) }}
+{{- $rules = $rules | replace "${selector}" $selector }}
+{{- $rules = $rules | replace "${runbookUrl}" (.Values.monitoring.rules.runbookUrl | trimSuffix "/") }}
+{{- range $name, $value := .Values.monitoring.rules.params }}
+{{- $rules = $rules | replace (printf "${%s}" $name) (toString $value) }}
+{{- end }}
+{{- $rules = $rules | fromYaml | toYaml }}
+{{- if contains "${" $rules }}
+{{- fail (printf "monitoring.rules.params lacks a value for a parameter of the rules file: %s" (regexFind "\\$\\{[A-Za-z]+\\}" $rules)) }}
+{{- end }}
+{{- $rules }}
+{{- end }}

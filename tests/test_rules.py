@@ -1,0 +1,198 @@
+"""The chart's rules file: valid for promtool, and right on healthy, leaking, restarting and
+missing pods (promtool test rules with the production windows the chart ships)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from chart import rules_file
+from conftest import require_binary
+from rule_scenarios import JOB, NAMESPACE, Expected, Pod, Scenario, hold, ramp
+
+RUNBOOKS = "https://github.com/pricestream/pricestream/blob/main/docs/runbooks"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def alert_names(rules_text: str) -> list[str]:
+    groups = yaml.safe_load(rules_text)["groups"]
+    return [rule["alert"] for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+@pytest.fixture(scope="module")
+def shipped_rules(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("rules") / "pricestream.rules.yaml"
+    path.write_text(rules_file())
+    return path
+
+
+def test_promtool_accepts_the_rules(shipped_rules: Path) -> None:
+    result = subprocess.run(
+        [require_binary("promtool"), "check", "rules", str(shipped_rules)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 21 rules found" in result.stdout
+
+
+def test_every_alert_has_severity_annotations_and_a_runbook(shipped_rules: Path) -> None:
+    groups = yaml.safe_load(shipped_rules.read_text())["groups"]
+    alerts = [rule for group in groups for rule in group["rules"] if "alert" in rule]
+    assert len(alerts) >= 12
+    for rule in alerts:
+        assert rule["alert"].startswith("PriceStream")
+        assert rule["labels"]["severity"] in {"critical", "warning", "info"}
+        assert set(rule["annotations"]) == {"summary", "description", "runbook_url"}
+        runbook = ROOT / "docs/runbooks" / f"{rule['alert']}.md"
+        assert rule["annotations"]["runbook_url"] == f"{RUNBOOKS}/{runbook.name}"
+        assert runbook.exists(), f"no runbook for {rule['alert']}"
+    for group in groups:
+        for rule in group["rules"]:
+            if "record" in rule:
+                level, metric, operations = rule["record"].split(":")
+                assert level and metric.startswith(("pricestream_", "grpc_")) and operations
+
+
+def test_windows_and_thresholds_come_from_values() -> None:
+    text = rules_file(params={"orphanFor": "7s", "rateWindow": "42s"}, selector='job="x"')
+    rules = {
+        rule.get("alert") or rule["record"]: rule
+        for group in yaml.safe_load(text)["groups"]
+        for rule in group["rules"]
+    }
+    assert rules["PriceStreamPubSubSubscriptionsOrphaned"]["for"] == "7s"
+    assert "[42s]" in rules["namespace_pod:pricestream_price_updates_received:rate"]["expr"]
+    assert 'pricestream_streams_active{job="x"}' in text
+    assert "${" not in text
+
+
+def labels(pod: str, severity: str) -> dict[str, str]:
+    return {"namespace": NAMESPACE, "pod": pod, "severity": severity}
+
+
+def orphaned(pod: str, value: int) -> Expected:
+    return Expected(
+        "PriceStreamPubSubSubscriptionsOrphaned",
+        labels(pod, "critical"),
+        {
+            "summary": "A pod holds Redis Pub/Sub subscriptions while it has no streams.",
+            "description": f"Pod {pod} in namespace {NAMESPACE} holds {value} Redis Pub/Sub "
+            "subscriptions although no stream is active: subscriptions leaked.",
+            "runbook_url": f"{RUNBOOKS}/PriceStreamPubSubSubscriptionsOrphaned.md",
+        },
+    )
+
+
+def zombies(pod: str, value: int) -> Expected:
+    return Expected(
+        "PriceStreamZombieSessions",
+        labels(pod, "warning"),
+        {
+            "summary": "A pod holds sessions that have no stream.",
+            "description": f"Pod {pod} in namespace {NAMESPACE} holds {value} more sessions "
+            "than active streams (threshold 50).",
+            "runbook_url": f"{RUNBOOKS}/PriceStreamZombieSessions.md",
+        },
+    )
+
+
+SPIKE = hold(100, 20) + ramp(100, 1000, 10) + hold(1000, 10) + ramp(1000, 0, 10) + hold(0, 100)
+SEED_SHAPE = [0.0, *ramp(0, 1000, 10), *hold(1000, 10), *ramp(1000, 0, 10), *hold(0, 60)]
+SEED_LEAK = [min(93, 93 * minute // 29) for minute in range(len(SEED_SHAPE))]
+LEAKY = "pricestream-7d9f-leaky"
+
+
+def seed_leak() -> Scenario:
+    """The seed's bug: 1,897 subscriptions opened, 1,804 closed, streams back to zero."""
+    leaky = Pod(
+        LEAKY,
+        list(SEED_SHAPE),
+        universe=499,
+        subscription_churn=46,
+        leaked_sessions=SEED_LEAK,
+        leaked_subscriptions=SEED_LEAK,
+    )
+    return Scenario(
+        "seed leak: 93 orphaned subscriptions and sessions after streams return to zero",
+        [leaky, Pod("pricestream-7d9f-healthy", hold(300, len(SEED_SHAPE)))],
+        check_minutes=[15, 25, 40, 50, 80],
+        firing={
+            40: [zombies(LEAKY, 93)],  # 51+ zombies since minute 16, for 15m
+            50: [orphaned(LEAKY, 93), zombies(LEAKY, 93)],  # no stream since 30, for 15m
+            80: [orphaned(LEAKY, 93), zombies(LEAKY, 93)],
+        },
+    )
+
+
+def restart_series() -> list[Pod]:
+    restarted: list[float | None] = [*hold(300, 40), None, *hold(300, 80)]
+    replaced_old: list[float | None] = [*hold(300, 60), *[None] * 61]
+    replaced_new: list[float | None] = [*[None] * 60, *hold(300, 61)]
+    return [
+        Pod("pricestream-a", restarted, restarts_at=[41]),
+        Pod("pricestream-b", replaced_old),
+        Pod("pricestream-c", replaced_new),
+    ]
+
+
+def target_absent() -> Scenario:
+    other = {"series": f'up{{job="other",namespace="{NAMESPACE}"}}', "values": "1x40"}
+    expected = Expected(
+        "PriceStreamTargetAbsent",
+        {"job": JOB, "namespace": NAMESPACE, "severity": "critical"},
+        {
+            "summary": "Prometheus has no pricestream target at all.",
+            "description": f"No scrape target matches {JOB} in namespace {NAMESPACE}: the service "
+            "is gone or no longer discovered.",
+            "runbook_url": f"{RUNBOOKS}/PriceStreamTargetAbsent.md",
+        },
+    )
+    return Scenario(
+        "target absent: fires after 15m, keeping the namespace label for routing",
+        [],
+        check_minutes=[10, 20],
+        firing={20: [expected]},
+        extra_series=[other],
+    )
+
+
+SCENARIOS = {
+    "healthy_spike": lambda: Scenario(
+        "healthy 10x spike up and back to zero on two pods: nothing fires",
+        [Pod("pricestream-a", list(SPIKE)), Pod("pricestream-b", list(SPIKE), churn=5)],
+        check_minutes=[15, 25, 35, 45, 60, 90, 120, 150],
+    ),
+    "seed_leak": seed_leak,
+    "pod_restart": lambda: Scenario(
+        "a pod restarts in place (counters reset) and another is replaced: nothing fires",
+        restart_series(),
+        check_minutes=[30, 41, 45, 61, 70, 100, 120],
+    ),
+    "target_absent": target_absent,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_promtool_scenario(name: str, shipped_rules: Path, tmp_path: Path) -> None:
+    scenario = SCENARIOS[name]()
+    document = scenario.promtool_test(str(shipped_rules), alert_names(shipped_rules.read_text()))
+    test_file = tmp_path / f"{name}.test.yaml"
+    test_file.write_text(yaml.safe_dump(document, sort_keys=False, width=10_000))
+    result = subprocess.run(
+        [require_binary("promtool"), "test", "rules", str(test_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert "SUCCESS" in result.stdout
+
+
+def test_seed_leak_counts_match_the_seed() -> None:
+    series = {s["series"].split("{")[0]: s["values"].split() for s in seed_leak().pods[0].series()}
+    assert series["pricestream_pubsub_subscriptions_opened_total"][-1] == "1897"
+    assert series["pricestream_pubsub_subscriptions_closed_total"][-1] == "1804"
+    assert series["pricestream_streams_active"][-1] == "0"
