@@ -8,7 +8,7 @@ HELM_VERSION := v3.22.0
 HELM := $(TOOLS)/bin/helm
 PROTO := proto/pricestream/v1/pricestream.proto
 
-.PHONY: demo test setup system-deps venv helm proto lint check-proto bench clean
+.PHONY: demo test setup system-deps venv helm proto dashboards lint bench clean
 
 demo: venv  ## server + feed + live table, Redis if reachable else in memory
 	$(VENV)/bin/pricestream demo
@@ -38,6 +38,9 @@ $(HELM):
 proto: venv  ## regenerate the committed gRPC stubs
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=service --pyi_out=service \
 		--grpc_python_out=service $(PROTO)
+
+dashboards: venv  ## regenerate the committed Grafana JSON inside the chart
+	$(PY) -m dashboards.generate
 
 lint: venv
 	$(VENV)/bin/ruff check service tests dashboards scripts
