@@ -185,13 +185,17 @@ async def stub(server: Server) -> AsyncIterator[PriceStreamServiceStub]:
 
 
 @pytest.fixture(autouse=True)
-async def dump_tasks_if_stuck() -> AsyncIterator[None]:
-    """If a test hangs, print every asyncio task's stack once, to show what it waits for."""
+async def dump_tasks_if_stuck(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """If a test hangs, print every asyncio task's stack once, to show what it waits for:
+    after 60 s, or 80% of a longer `@pytest.mark.timeout`."""
     import asyncio
     import sys
 
+    marker = request.node.get_closest_marker("timeout")
+    dump_after = max(60.0, 0.8 * float(marker.args[0])) if marker else 60.0
+
     async def watchdog() -> None:
-        await asyncio.sleep(float(os.environ.get("PRICESTREAM_TEST_DUMP_AFTER", "60")))
+        await asyncio.sleep(float(os.environ.get("PRICESTREAM_TEST_DUMP_AFTER", dump_after)))
         out = sys.__stderr__  # past pytest's capture
         for task in asyncio.all_tasks():
             print(f"--- task {task.get_name()}: {task!r}", file=out)

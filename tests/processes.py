@@ -71,3 +71,13 @@ class ServeProcess:
 
 def env_without_pricestream() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PRICESTREAM_")}
+
+
+def start_feed(redis_url: str, tickers: int, rate: float) -> subprocess.Popen[bytes]:
+    """`pricestream feed` publishing to `redis_url` until stopped."""
+    env = {**env_without_pricestream(), "PRICESTREAM_REDIS_URL": redis_url}
+    return subprocess.Popen(
+        pricestream_command("feed", "--tickers", str(tickers), "--rate", str(rate)),
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )

@@ -17,20 +17,11 @@ from invariants import samples, scrape, wait_invariant
 from pricestream.stream import RECONNECT_HINT
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
-from processes import ServeProcess, env_without_pricestream, pricestream_command
+from processes import ServeProcess, env_without_pricestream, pricestream_command, start_feed
 from test_api import next_batch, read_to_end
 
 CLIENT_SCRIPT = Path(__file__).parent / "clients" / "stream_forever.py"
 ALL_RELEASED = "stopped: sessions_active=0 streams_active=0 subscriptions_active=0"
-
-
-def start_feed(redis_url: str, tickers: int, rate: float) -> subprocess.Popen[bytes]:
-    env = fast_env(redis_url)
-    return subprocess.Popen(
-        pricestream_command("feed", "--tickers", str(tickers), "--rate", str(rate)),
-        env=env,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 @pytest.fixture
