@@ -75,3 +75,29 @@ async def test_http_endpoints(server: Server) -> None:
     status, body = await get(server.http_port, "/readyz")
     assert status == 503
     assert json.loads(body) == {"ready": False, "redis_pubsub_healthy": True, "draining": True}
+
+
+async def test_health_command_answers_like_the_probes(server: Server) -> None:
+    """`pricestream health` (image HEALTHCHECK, helm test): exit 0 only on SERVING."""
+    import subprocess
+    import sys
+
+    async def health(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "pricestream", "health", *args]
+        return await asyncio.to_thread(
+            subprocess.run, command, capture_output=True, text=True, timeout=30
+        )
+
+    target = f"127.0.0.1:{server.grpc_port}"
+    api = await health("--target", target)
+    assert api.returncode == 0, api.stderr
+    assert api.stdout.strip() == f"{target}: {SERVICE_NAME} SERVING"
+    process = await health("--target", target, "--service", "")
+    assert process.returncode == 0
+    assert process.stdout.strip() == f"{target}: the server SERVING"
+    unknown = await health("--target", target, "--service", "no.such.Service")
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip().startswith(f"{target}: health check failed with NOT_FOUND")
+    closed = await health("--target", "127.0.0.1:1", "--timeout", "1")
+    assert closed.returncode == 1
+    assert "health check failed with UNAVAILABLE" in closed.stderr

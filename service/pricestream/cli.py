@@ -1,4 +1,4 @@
-"""The `pricestream` command: serve, feed, watch, demo, audit-logs."""
+"""The `pricestream` command: serve, feed, watch, demo, audit-logs, health."""
 
 from __future__ import annotations
 
@@ -71,7 +71,26 @@ def build_parser() -> argparse.ArgumentParser:
         "audit-logs", help="pair Created/Closed lifecycle lines of JSON logs; exit 1 on a leak"
     )
     audit.add_argument("files", nargs="*", help="log files, oldest first (.gz ok); stdin if none")
+
+    health = commands.add_parser(
+        "health", help="ask a server's gRPC health service; exit 0 only if SERVING"
+    )
+    health.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
+    health.add_argument(
+        "--service",
+        default="pricestream.v1.PriceStreamService",
+        help='service to check; "" for the process as a whole (liveness)',
+    )
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
     return parser
+
+
+async def _health_main(args: argparse.Namespace) -> int:
+    from pricestream.health_check import check
+
+    serving, sentence = await check(args.target, args.service, args.timeout)
+    print(sentence, file=sys.stdout if serving else sys.stderr)
+    return 0 if serving else 1
 
 
 async def _feed_main(args: argparse.Namespace, settings: Settings) -> int:
@@ -108,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.rate <= 0 or args.tickers <= 0:
                 raise SettingsError("--rate and --tickers must be positive")
             return _run(_feed_main(args, settings))
+        if args.command == "health":
+            return _run(_health_main(args))
         if args.command == "watch":
             from pricestream.watch import watch
 
