@@ -7,8 +7,15 @@ TOOLS := $(CURDIR)/.tools
 HELM_VERSION := v3.22.0
 HELM := $(TOOLS)/bin/helm
 PROTO := proto/pricestream/v1/pricestream.proto
+CHART := deploy/helm/pricestream
+APP_VERSION := $(shell sed -n 's/^appVersion: "\(.*\)"/\1/p' $(CHART)/Chart.yaml)
+IMAGE := pricestream:$(APP_VERSION)
+KIND_CLUSTER ?= pricestream
+KPS_RELEASE ?= kps
+NAMESPACE ?= pricestream
 
-.PHONY: demo test setup system-deps venv helm proto dashboards lint bench clean
+.PHONY: demo test setup system-deps venv helm proto dashboards schema lint bench clean \
+	kind-up image kind-load deploy grafana kind-down
 
 demo: venv  ## server + feed + live table, Redis if reachable else in memory
 	$(VENV)/bin/pricestream demo
@@ -42,9 +49,41 @@ proto: venv  ## regenerate the committed gRPC stubs
 dashboards: venv  ## regenerate the committed Grafana JSON inside the chart
 	$(PY) -m dashboards.generate
 
+schema: venv  ## regenerate the chart's values.schema.json from values.yaml
+	$(PY) scripts/values_schema.py
+
 lint: venv
 	$(VENV)/bin/ruff check service tests dashboards scripts
 	$(VENV)/bin/ruff format --check service tests dashboards scripts
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache
+
+# --- Kubernetes with kind (needs Docker, kind and kubectl on your machine; not run in CI) ---
+
+kind-up: helm  ## kind cluster + kube-prometheus-stack + prometheus-adapter (sessions per pod)
+	kind create cluster --name $(KIND_CLUSTER) --wait 120s
+	$(HELM) repo add prometheus-community https://prometheus-community.github.io/helm-charts --force-update
+	$(HELM) repo update prometheus-community
+	$(HELM) upgrade --install $(KPS_RELEASE) prometheus-community/kube-prometheus-stack \
+		--namespace monitoring --create-namespace --wait --timeout 10m
+	$(HELM) upgrade --install prometheus-adapter prometheus-community/prometheus-adapter \
+		--namespace monitoring -f deploy/kind/prometheus-adapter-values.yaml --wait
+
+image:  ## build the server image (Dockerfile)
+	docker build -t $(IMAGE) .
+
+kind-load: image  ## load the image into the kind cluster's nodes
+	kind load docker-image $(IMAGE) --name $(KIND_CLUSTER)
+
+deploy: helm  ## install or upgrade the chart with ci/kind-values.yaml, then run its helm test
+	$(HELM) upgrade --install pricestream $(CHART) --namespace $(NAMESPACE) --create-namespace \
+		-f $(CHART)/ci/kind-values.yaml --set image.tag=$(APP_VERSION) --wait --timeout 5m
+	$(HELM) test pricestream --namespace $(NAMESPACE)
+
+grafana:  ## port-forward Grafana and print where to look
+	@echo "Grafana: http://localhost:3000 (admin / prom-operator), dashboard 'pricestream / overview'"
+	kubectl --namespace monitoring port-forward svc/$(KPS_RELEASE)-grafana 3000:80
+
+kind-down:  ## delete the kind cluster
+	kind delete cluster --name $(KIND_CLUSTER)

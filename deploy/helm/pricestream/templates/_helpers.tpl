@@ -58,3 +58,46 @@ The same text is what `promtool test rules` and the end-to-end test load.
 {{- end }}
 {{- $rules }}
 {{- end }}
+
+{{- define "pricestream.image" -}}
+{{- $tag := .Values.image.tag | default .Chart.AppVersion }}
+{{- if eq $tag "latest" }}{{ fail "image.tag must name a version, not latest" }}{{ end }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+
+{{- define "pricestream.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "pricestream.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "pricestream.redisName" -}}
+{{- printf "%s-redis" (include "pricestream.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* PRICESTREAM_REDIS_URL: the in-chart Redis, an existing Secret (by reference), or a URL. */}}
+{{- define "pricestream.redisUrlEnv" -}}
+- name: PRICESTREAM_REDIS_URL
+{{- if .Values.redis.enabled }}
+  value: {{ printf "redis://%s:6379/0" (include "pricestream.redisName" .) | quote }}
+{{- else if .Values.redis.external.existingSecret }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.external.existingSecret }}
+      key: {{ .Values.redis.external.existingSecretKey }}
+{{- else if .Values.redis.external.url }}
+  value: {{ .Values.redis.external.url | quote }}
+{{- else }}
+{{- fail "redis.enabled is false: set redis.external.existingSecret (or redis.external.url)" }}
+{{- end }}
+{{- end }}
+
+{{- define "pricestream.podSecurityContext" -}}
+{{ toYaml .Values.podSecurityContext }}
+{{- end }}
+
+{{- define "pricestream.containerSecurityContext" -}}
+{{ toYaml .Values.securityContext }}
+{{- end }}

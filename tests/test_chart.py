@@ -1,0 +1,292 @@
+"""The Helm chart: lint, schema validation of every rendered object against two Kubernetes
+versions and the prometheus-operator CRDs, and assertions on what the objects say."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from chart import CHART, find, helm, render, rules_file
+from metric_names import exported_names
+from pricestream.server import Server
+
+from dashboards import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+CI_VALUES = sorted(p.name for p in (CHART / "ci").glob("*.yaml"))
+KUBERNETES_VERSIONS = ["1.30.0", kubernetes_validate.utils.latest_version()]
+CRDS = ROOT / "tests/data/crds"
+CRD_FILES = {
+    "ServiceMonitor": "monitoring.coreos.com_servicemonitors.yaml",
+    "PrometheusRule": "monitoring.coreos.com_prometheusrules.yaml",
+}
+
+
+def values(name: str) -> list[str]:
+    return ["-f", str(CHART / "ci" / name)]
+
+
+def strict(schema: dict[str, Any]) -> dict[str, Any]:
+    """The CRD schema, rejecting undeclared fields (as `kubectl --validate=strict` does)."""
+    if isinstance(schema, dict):
+        out = {k: strict(v) for k, v in schema.items()}
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [strict(v) for v in schema]
+    return schema
+
+
+def crd_validator(kind: str) -> jsonschema.Draft7Validator:
+    crd = yaml.safe_load((CRDS / CRD_FILES[kind]).read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return jsonschema.Draft7Validator(strict(version["schema"]["openAPIV3Schema"]))
+
+
+@pytest.mark.parametrize("name", CI_VALUES)
+def test_helm_lint_strict(name: str) -> None:
+    result = subprocess.run(
+        [helm(), "lint", "--strict", str(CHART), *values(name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("monitoring_api", [True, False], ids=["with-crds", "without-crds"])
+@pytest.mark.parametrize("name", CI_VALUES)
+def test_rendered_objects_are_valid(name: str, monitoring_api: bool) -> None:
+    objects = render(*values(name), monitoring_api=monitoring_api)
+    kinds = {obj["kind"] for obj in objects}
+    assert {"Deployment", "Service", "ConfigMap"} <= kinds
+    monitoring_on = "monitoring-off" not in name
+    assert ("ServiceMonitor" in kinds) == (monitoring_api and monitoring_on)
+    assert ("PrometheusRule" in kinds) == (monitoring_api and monitoring_on)
+    for obj in objects:
+        if obj["kind"] in CRD_FILES:
+            errors = list(crd_validator(obj["kind"]).iter_errors(obj))
+            assert not errors, f"{obj['kind']}: {errors[0].message} at {list(errors[0].path)}"
+            continue
+        for version in KUBERNETES_VERSIONS:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{obj['kind']} {obj['metadata']['name']} on {version}: {exc}")
+
+
+def test_validation_can_fail() -> None:
+    (deployment,) = find(render(), "Deployment")[:1]
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[0], strict=True)
+    (monitor,) = find(render(), "ServiceMonitor")
+    monitor["spec"]["endpoints"][0]["intervall"] = "5s"
+    assert list(crd_validator("ServiceMonitor").iter_errors(monitor))
+
+
+def server_deployment(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = [
+        d
+        for d in find(objects, "Deployment")
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "server"
+    ]
+    return deployment
+
+
+def test_deployment_probes_drain_and_security() -> None:
+    objects = render()
+    deployment = server_deployment(objects)
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert deployment["spec"]["replicas"] == 2
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "grpc": 50051,
+        "metrics": 9464,
+    }
+    assert container["livenessProbe"]["grpc"] == {"port": 50051, "service": ""}
+    assert container["readinessProbe"]["grpc"] == {
+        "port": 50051,
+        "service": "pricestream.v1.PriceStreamService",
+    }
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+    env = dict((e["name"], e.get("value")) for e in container["env"])
+    (config,) = [c for c in find(objects, "ConfigMap") if "PRICESTREAM_DRAIN_TIMEOUT" in c["data"]]
+    drain = float(config["data"]["PRICESTREAM_DRAIN_TIMEOUT"])
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + drain
+    assert env["PRICESTREAM_REDIS_URL"] == "redis://pricestream-redis:6379/0"
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    security = container["securityContext"]
+    assert (
+        security["runAsNonRoot"]
+        if "runAsNonRoot" in security
+        else pod["securityContext"]["runAsNonRoot"]
+    )
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["automountServiceAccountToken"] is False
+    assert "cpu" not in container["resources"]["limits"]
+    assert pod["topologySpreadConstraints"]
+    (service,) = [s for s in find(objects, "Service") if s["metadata"]["name"] == "pricestream"]
+    assert {p["name"]: p.get("appProtocol") for p in service["spec"]["ports"]}["grpc"] == "grpc"
+
+
+def test_readiness_over_http_when_asked() -> None:
+    container = server_deployment(render(*values("tracing-headless-values.yaml")))["spec"][
+        "template"
+    ]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+
+
+async def test_hpa_scales_on_metrics_the_service_exports(server: Server) -> None:
+    objects = render(*values("hpa-custom-metric-values.yaml"))
+    (hpa,) = find(objects, "HorizontalPodAutoscaler")
+    assert "replicas" not in server_deployment(objects)["spec"]
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 20)
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+    pods_metrics = [
+        m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"
+    ]
+    assert pods_metrics == ["pricestream_sessions_active"]
+    exported = exported_names(server.engine.metrics.exposition().decode())
+    assert set(pods_metrics) <= exported
+
+
+def test_prometheus_rule_is_the_rules_file_and_dashboards_are_the_generated_json() -> None:
+    objects = render()
+    (rule,) = find(objects, "PrometheusRule")
+    assert rule["spec"]["groups"] == yaml.safe_load(rules_file())["groups"]
+    for group in rule["spec"]["groups"]:
+        for each in group["rules"]:
+            assert (
+                'job="pricestream",namespace="prod"' in each["expr"]
+                or "namespace_pod" in (each["expr"])
+            )
+    (dashboards,) = [
+        c for c in find(objects, "ConfigMap") if c["metadata"]["name"].endswith("-dashboards")
+    ]
+    assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
+    for name in generate.DASHBOARDS:
+        committed = json.loads((generate.OUT / name).read_text())
+        assert json.loads(dashboards["data"][name]) == committed
+
+
+def test_monitoring_labels_reach_servicemonitor_and_rule() -> None:
+    objects = render(*values("kind-values.yaml"))
+    for kind in ("ServiceMonitor", "PrometheusRule"):
+        (obj,) = find(objects, kind)
+        assert obj["metadata"]["labels"]["release"] == "kps"
+
+
+def test_secrets_only_by_reference() -> None:
+    objects = render(*values("external-redis-values.yaml"))
+    assert not find(objects, "Secret")
+    container = server_deployment(objects)["spec"]["template"]["spec"]["containers"][0]
+    (redis_url,) = [e for e in container["env"] if e["name"] == "PRICESTREAM_REDIS_URL"]
+    assert redis_url["valueFrom"]["secretKeyRef"] == {
+        "name": "pricestream-redis",
+        "key": "redis-url",
+    }
+    volumes = server_deployment(objects)["spec"]["template"]["spec"]["volumes"]
+    assert {"secretName": "pricestream-auth", "items": [{"key": "tokens", "path": "tokens"}]} in [
+        v.get("secret") for v in volumes
+    ]
+    assert not [d for d in find(objects, "Deployment") if "redis" in d["metadata"]["name"]]
+
+
+def test_network_policy_admits_monitoring_and_redis_only() -> None:
+    (server_policy, redis_policy, feed_policy) = find(render(), "NetworkPolicy")
+    metrics_rule = server_policy["spec"]["ingress"][1]
+    assert metrics_rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    redis_egress = server_policy["spec"]["egress"][1]
+    assert redis_egress["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == (
+        "redis"
+    )
+    assert redis_policy["spec"]["ingress"][0]["ports"] == [{"port": 6379, "protocol": "TCP"}]
+    assert feed_policy["spec"]["ingress"] == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "replicaCont=3"], "additional properties 'replicaCont' not allowed"),
+        (["--set", "image.tag=latest"], "/image/tag"),
+        (["--set", "readinessProbeMode=tcp"], "/readinessProbeMode"),
+        (["--set", "terminationGracePeriodSeconds=5"], "must exceed preStopSleepSeconds"),
+        (["--set", "redis.enabled=false"], "set redis.external.existingSecret"),
+    ],
+)
+def test_bad_values_are_rejected_with_a_reason(args: list[str], message: str) -> None:
+    command = [helm(), "template", "x", str(CHART), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_no_latest_image_anywhere() -> None:
+    for name in CI_VALUES:
+        for obj in render(*values(name)):
+            spec = obj.get("spec", {})
+            pod = spec.get("template", {}).get("spec") or (spec if obj["kind"] == "Pod" else {})
+            for container in pod.get("containers", []):
+                image = container["image"]
+                assert ":" in image and not image.endswith(":latest"), image
+
+
+def test_values_schema_is_fresh() -> None:
+    result = subprocess.run(
+        [ROOT / ".venv/bin/python", ROOT / "scripts/values_schema.py", "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = ROOT / ".venv/bin/hadolint"
+    result = subprocess.run(
+        [hadolint, ROOT / "Dockerfile"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (ROOT / "Dockerfile").read_text()
+    assert "USER 10001" in text and 'ENTRYPOINT ["pricestream"]' in text
+
+
+def test_kind_workflow_is_visible_with_make_n() -> None:
+    result = subprocess.run(
+        ["make", "-n", "kind-up", "image", "kind-load", "deploy", "grafana", "kind-down"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    for step in [
+        "kind create cluster",
+        "helm repo add prometheus-community",
+        "kube-prometheus-stack",
+        "prometheus-adapter",
+        "docker build",
+        "kind load docker-image",
+        "upgrade --install",
+        "ci/kind-values.yaml",
+        "port-forward",
+        "kind delete cluster",
+    ]:
+        assert step in result.stdout, step
