@@ -1,4 +1,4 @@
-"""The `pricestream` command: serve, feed, watch, demo, audit-logs, health."""
+"""The `pricestream` command: serve, feed, watch, demo, audit-logs, health, loadtest."""
 
 from __future__ import annotations
 
@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         help='service to check; "" for the process as a whole (liveness)',
     )
     health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+
+    from pricestream.loadtest.cli import add_arguments
+
+    loadtest = commands.add_parser(
+        "loadtest", help="virtual users against a server; report, plots and a leak verdict"
+    )
+    add_arguments(loadtest)
     return parser
 
 
@@ -127,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.rate <= 0 or args.tickers <= 0:
                 raise SettingsError("--rate and --tickers must be positive")
             return _run(_feed_main(args, settings))
+        if args.command == "loadtest":
+            from pricestream.loadtest.cli import main as loadtest_main
+
+            return loadtest_main(args, list(argv)[1:] if argv is not None else None)
         if args.command == "health":
             return _run(_health_main(args))
         if args.command == "watch":

@@ -1,0 +1,127 @@
+"""`pricestream loadtest`: load shapes, latency histogram, and a real smoke run against a real
+server (a few hundred users) whose leak verdict and error count are asserted."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import RedisProcess, fast_env
+from pricestream.loadtest.histogram import Histogram
+from pricestream.loadtest.stages import (
+    Schedule,
+    Stage,
+    StageError,
+    parse_duration,
+    parse_stages,
+    profile_stages,
+)
+from processes import ServeProcess, pricestream_command, start_feed
+
+
+def test_stages_parse_and_ramp_linearly() -> None:
+    stages = parse_stages("30s:100,1m:100,1m30s:1000,10s:0")
+    assert stages == [Stage(30, 100), Stage(60, 100), Stage(90, 1000), Stage(10, 0)]
+    schedule = Schedule(tuple(stages))
+    assert schedule.seconds == 190 and schedule.peak == 1000
+    assert schedule.users_at(0) == 0
+    assert schedule.users_at(15) == 50
+    assert schedule.users_at(60) == 100
+    assert schedule.users_at(90 + 45) == 550
+    assert schedule.users_at(185) == 500
+    assert schedule.users_at(500) == 0
+    assert [schedule.stage_at(t) for t in (0, 29.9, 30, 179, 180, 999)] == [0, 0, 1, 2, 3, 3]
+    for t in (15, 77, 135):
+        parts = [schedule.share(t, w, 3) for w in range(3)]
+        assert sum(parts) == round(schedule.users_at(t)) and max(parts) - min(parts) <= 1
+    assert parse_duration("1h") == 3600 and parse_duration("2.5s") == 2.5
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("30s", "is not DURATION:USERS"),
+        ("30s:lots", "is not a whole number"),
+        ("30:10", "is not a duration"),
+        ("0s:10", "must be positive"),
+        ("5s:-1", "cannot be negative"),
+    ],
+)
+def test_bad_stages_say_why(text: str, message: str) -> None:
+    with pytest.raises(StageError, match=message):
+        parse_stages(text)
+
+
+def test_profiles_scale_users() -> None:
+    spike = profile_stages("spike", scale=0.5)
+    assert max(s.target for s in spike) == 500
+    assert any(b.target >= 10 * a.target > 0 for a, b in itertools.pairwise(spike))
+    with pytest.raises(StageError, match="unknown profile"):
+        profile_stages("nope")
+
+
+def test_histogram_quantiles_and_merge() -> None:
+    a, b = Histogram(), Histogram()
+    for ms in range(1, 101):
+        (a if ms % 2 else b).add(ms / 1000)
+    a.merge(Histogram.from_json(json.loads(json.dumps(b.to_json()))))
+    assert a.total == 100
+    assert a.quantile(0.5) == pytest.approx(0.0501, abs=2e-4)
+    assert a.quantile(0.99) == pytest.approx(0.0991, abs=2e-4)
+    assert a.max() == pytest.approx(0.1001, abs=2e-4)
+    assert Histogram().quantile(0.5) is None
+
+
+@pytest.mark.timeout(120)
+def test_smoke_run_against_a_real_server(own_redis: RedisProcess, tmp_path: Path) -> None:
+    feed = start_feed(own_redis.url, tickers=50, rate=1000)
+    server = ServeProcess(fast_env(own_redis.url, stall_timeout=3.0), tmp_path / "serve.log")
+    try:
+        out = tmp_path / "report"
+        command = pricestream_command(
+            "loadtest",
+            "--target", server.target,
+            "--metrics-url", f"http://127.0.0.1:{server.http_port}/metrics",
+            "--stages", "2s:300,3s:300,2s:0",
+            "--workers", "2",
+            "--slow-fraction", "0.02",
+            "--slow-read-delay", "5",
+            "--max-error-rate", "0",
+            "--leak-timeout", "15",
+            "--out", str(out),
+            "--quiet",
+        )  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=90)
+        assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+        report = json.loads((out / "report.json").read_text())
+        assert report["leak_verdict"]["passed"], report["leak_verdict"]
+        assert report["total"]["errors"] == {}
+        assert report["total"]["sessions_created"] == report["total"]["sessions_attempted"] >= 600
+        assert report["total"]["updates_per_second"] > 1000
+        assert report["total"]["delivery_latency_ms"]["p99"] < 1000
+        assert sum(report["total"]["leaves"].values()) == report["total"]["sessions_created"]
+        final = report["leak_verdict"]["final"]
+        assert final["pricestream_sessions_opened_total"] >= 600
+        assert final["pricestream_sessions_active"] == 0
+        for name in ("summary.md", "users.png", "throughput.png", "latency.png", "server.png"):
+            assert (out / name).stat().st_size > 0
+        assert "Leak verdict: PASS" in (out / "summary.md").read_text()
+        assert "leak verdict PASS" in result.stdout
+    finally:
+        server.stop()
+        feed.kill()
+        feed.wait()
+
+
+def test_bad_flags_get_one_sentence_and_exit_2() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pricestream", "loadtest", "--leave-mix", "vanish=1"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("pricestream: --leave-mix part 'vanish=1' is not WAY=WEIGHT")
