@@ -165,3 +165,32 @@ async def test_scrape_with_1000_streams(server: Server, redis) -> None:
             call.cancel()
     await market.aclose()
     await wait_invariant(server, timeout=20)
+
+
+def test_batch_latency_histogram_matches_prometheus_client() -> None:
+    """The hot-path histogram exposes what prometheus_client's Histogram would."""
+    import random
+
+    from pricestream.latency import BatchLatencyHistogram
+    from pricestream.metrics import LATENCY_BUCKETS
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    ours_registry, reference_registry = CollectorRegistry(), CollectorRegistry()
+    ours = BatchLatencyHistogram("x_seconds", "doc", LATENCY_BUCKETS)
+    ours_registry.register(ours)
+    reference = Histogram("x_seconds", "doc", buckets=LATENCY_BUCKETS, registry=reference_registry)
+    rng = random.Random(3)
+    delays = [rng.choice([*LATENCY_BUCKETS, 0.0004, 0.07, 42.0]) for _ in range(2000)]
+    now_ns = 1_800_000_000 * 10**9
+    for start in range(0, len(delays), 5):
+        batch = delays[start : start + 5]
+        ours.observe_batch(now_ns, [now_ns - round(d * 1e9) for d in batch])
+        for delay in batch:
+            reference.observe(delay)
+
+    def bucket_lines(registry: CollectorRegistry) -> list[str]:
+        text = generate_latest(registry).decode()
+        return sorted(line for line in text.splitlines() if "_bucket" in line or "_count" in line)
+
+    assert bucket_lines(ours_registry) == bucket_lines(reference_registry)
+    assert abs(ours._sum_ns / 1e9 - sum(delays)) < 1e-6

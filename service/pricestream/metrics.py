@@ -9,9 +9,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from pricestream.latency import BatchLatencyHistogram
 
 # The OpenMetrics `_created` samples double the series count and confuse `_total` pairs.
 prometheus_client.disable_created_metrics()
@@ -142,12 +144,12 @@ class Metrics:
         self.batches_sent = Counter(
             "pricestream_batches_sent", "PriceUpdateBatch messages handed to streams.", registry=r
         )
-        self.delivery_latency = Histogram(
+        self.delivery_latency = BatchLatencyHistogram(
             "pricestream_delivery_latency_seconds",
             "Seconds from the publisher's timestamp to the batch being handed to the stream.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
+        r.register(self.delivery_latency)
         self.redis_reconnects = Counter(
             "pricestream_redis_reconnects",
             "Redis Pub/Sub connections re-established after a failure.",

@@ -144,7 +144,7 @@ class StreamLifecycle:
         assert writer is not None
         await self._seed_last_prices(writer)
         metrics = self._engine.metrics
-        observe = metrics.delivery_latency.observe
+        observe_batch = metrics.delivery_latency.observe_batch
         write = self._context.write
         while writer.end_reason is None:
             if writer.pending:
@@ -152,9 +152,7 @@ class StreamLifecycle:
                 writer.write_started = time.monotonic()
                 await write(payload)
                 writer.write_started = None
-                now_ns = time.time_ns()
-                for published_ns in published:
-                    observe((now_ns - published_ns) / 1e9)
+                observe_batch(time.time_ns(), published)
                 metrics.updates_sent.inc(len(published))
                 metrics.batches_sent.inc()
                 self.batches_sent += 1

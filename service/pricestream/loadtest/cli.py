@@ -55,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no live progress line")
     parser.add_argument("--token", default="", help="bearer token, when the server wants one")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the users")
+    parser.add_argument(
+        "--keep-users",
+        action="store_true",
+        help="users stay across stages (default: each leaves when its stage ends)",
+    )
 
 
 def parse_leave_mix(text: str) -> dict[str, float]:
@@ -108,6 +113,7 @@ def options_from(args: argparse.Namespace, argv: list[str] | None = None) -> Loa
         progress=not args.quiet,
         token=args.token,
         seed=args.seed,
+        keep_users=args.keep_users,
         command=command.strip(),
     )
 

@@ -39,6 +39,7 @@ class LoadTestOptions:
     progress: bool = True
     token: str = ""
     seed: int = 0
+    keep_users: bool = False
     command: str = ""
 
 
@@ -65,6 +66,7 @@ class LoadTest:
             channels=o.channels_per_worker,
             seed=o.seed,
             token=o.token,
+            keep_users=o.keep_users,
         )
 
     async def _worker(self, index: int, start_at: float) -> None:

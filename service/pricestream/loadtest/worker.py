@@ -43,6 +43,7 @@ class WorkerConfig:
     channels: int = 4
     seed: int = 0
     token: str = ""
+    keep_users: bool = False  # users stay across stages (leave only when the target drops)
 
 
 @dataclass
@@ -58,6 +59,11 @@ class Stats:
     create_latency: Histogram = field(default_factory=Histogram)
     start_latency: Histogram = field(default_factory=Histogram)
     delivery: Counter[int] = field(default_factory=Counter)  # buckets of RESOLUTION seconds
+    tearing_down: bool = False  # past the end: calls we cancel ourselves are not errors
+
+    def error(self, kind: str) -> None:
+        if not self.tearing_down:
+            self.errors[kind] += 1
 
     def take(self) -> dict[str, Any]:
         """Counters since the last call, as JSON-ready data; resets them in place (running
@@ -97,6 +103,8 @@ class VirtualUser:
         self.call: Any = None
         self.session_id = ""
         self.task: asyncio.Task[None] | None = None
+        self.side_tasks: set[asyncio.Task[None]] = set()  # strong refs: a collected task's
+        # grpc call would be cancelled by its finaliser
         self._metadata = (("authorization", f"Bearer {config.token}"),) if config.token else None
 
     async def run(self) -> None:
@@ -108,7 +116,8 @@ class VirtualUser:
                 pb.CreateSessionRequest(tickers=self.tickers), timeout=10, metadata=self._metadata
             )
         except grpc.aio.AioRpcError as exc:
-            stats.errors[f"create:{exc.code().name}"] += 1
+            if not self.leaving:
+                stats.error(f"create:{exc.code().name}")
             return
         stats.sessions_created += 1
         stats.create_latency.add(time.perf_counter() - started)
@@ -128,7 +137,7 @@ class VirtualUser:
                 batch = await call.read()
                 if batch is grpc.aio.EOF:
                     if not self.leaving:
-                        stats.errors["stream:ended"] += 1
+                        stats.error("stream:ended")
                     return
                 now = time.time_ns()
                 if first:
@@ -148,7 +157,7 @@ class VirtualUser:
                 if self.slow and exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
                     stats.slow_cut_off += 1
                 else:
-                    stats.errors[f"stream:{exc.code().name}"] += 1
+                    stats.error(f"stream:{exc.code().name}")
         except asyncio.CancelledError:
             if not self.leaving:
                 raise
@@ -163,14 +172,19 @@ class VirtualUser:
 
     def _leave_now(self) -> None:
         if not self.started:  # the server may not have the stream yet: close the session too
-            asyncio.get_running_loop().create_task(self._close_session(cancel_after=True))
+            self._side(self._close_session(cancel_after=True))
         elif self.way == "cancel":
             self.call.cancel()
         elif self.way == "close_session":
-            asyncio.get_running_loop().create_task(self._close_session())
+            self._side(self._close_session())
         else:
             assert self.own_channel is not None
-            asyncio.get_running_loop().create_task(self.own_channel.close())
+            self._side(self.own_channel.close())
+
+    def _side(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.side_tasks.add(task)
+        task.add_done_callback(self.side_tasks.discard)
 
     async def _close_session(self, cancel_after: bool = False) -> None:
         try:
@@ -179,7 +193,7 @@ class VirtualUser:
                 metadata=self._metadata,
             )  # fmt: skip
         except grpc.aio.AioRpcError as exc:
-            self.stats.errors[f"close:{exc.code().name}"] += 1
+            self.stats.error(f"close:{exc.code().name}")
             if self.call is not None:
                 self.call.cancel()
         if cancel_after and self.call is not None:
@@ -264,11 +278,13 @@ class Worker:
 
     def steer(self, elapsed: float) -> None:
         """Bring the running users to this worker's share; users of a past stage leave."""
-        self.users = [u for u in self.users if u.task is not None and not u.task.done()]
+        self.users = [
+            u for u in self.users if (u.task is not None and not u.task.done()) or u.side_tasks
+        ]
         stage = self.schedule.stage_at(elapsed)
         staying = []
         for user in self.users:
-            if not user.leaving and user.stage < stage:
+            if not user.leaving and user.stage < stage and not self.config.keep_users:
                 user.leave()
             if not user.leaving:
                 staying.append(user)
@@ -279,9 +295,11 @@ class Worker:
             self.spawn(stage)
 
     async def finish(self, timeout: float = 15.0) -> None:
+        self.stats.tearing_down = True
         for user in self.users:
             user.leave()
         tasks = [u.task for u in self.users if u.task is not None]
+        tasks += [t for u in self.users for t in u.side_tasks]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
 
