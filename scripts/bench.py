@@ -158,6 +158,7 @@ def run_case(case: Case, ramp: int, hold: int, workdir: Path, client_cpus: str) 
                 (after["process_resident_memory_bytes"] - idle_rss) / 1024 / case.streams, 2
             ),
             "client_cores": round(report["client_cpu_cores"], 2),
+            "slow_consumer_cutoffs": after.get("pricestream_slow_consumer_disconnects_total", 0),
             "errors": report["total"]["errors"],
             "leak_verdict": "PASS" if report["leak_verdict"]["passed"] else "FAIL",
             "loadtest_exit": loadtest.returncode,
@@ -182,7 +183,8 @@ def table(rows: list[dict]) -> str:
     head = (
         "| case | delivered updates/s | ratio to seed (7,000/s per core) | p50 / p99 ms "
         "| server cores | CPU s per 1M updates | RSS idle / loaded MB | KB per stream "
-        "| client cores | errors | leak verdict |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| client cores | slow-consumer cut-offs | client errors | leak verdict |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -192,7 +194,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['delivered_per_s'] / SEED_UPDATES_PER_CORE:.1f}x "
             f"| {r['p50_ms']} / {r['p99_ms']} | {r['server_cores']:.2f} "
             f"| {r['cpu_s_per_million']} | {r['rss_idle_mb']} / {r['rss_peak_mb']} "
-            f"| {r['rss_kb_per_stream']} | {r['client_cores']} | {errors} | {r['leak_verdict']} |"
+            f"| {r['rss_kb_per_stream']} | {r['client_cores']} | {r['slow_consumer_cutoffs']:.0f} "
+            f"| {errors} | {r['leak_verdict']} |"
         )
     return head + "\n".join(lines) + "\n"
 

@@ -5,7 +5,7 @@ set -euo pipefail
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
-command -v alertmanager >/dev/null && command -v amtool >/dev/null || need+=(prometheus-alertmanager)
+command -v prometheus-alertmanager >/dev/null && command -v amtool >/dev/null || need+=(prometheus-alertmanager)
 command -v go >/dev/null || need+=(golang-go)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

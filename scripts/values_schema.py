@@ -57,6 +57,13 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "monitoring.rules.runbookUrl": {"type": "string", "pattern": r"^https?://"},
 }
 MINIMUM_ONE = {"replicaCount", "autoscaling.minReplicas", "autoscaling.maxReplicas"}
+# Settings that are counts; every other number under config is seconds or a rate (fractions ok).
+WHOLE_NUMBERS = {
+    "config.maxSessions",
+    "config.maxTickersPerSession",
+    "config.sessionCreateBurst",
+    "config.pubsubConnections",
+}
 
 
 def schema_for(value: Any, path: str) -> dict[str, Any]:
@@ -77,6 +84,8 @@ def schema_for(value: Any, path: str) -> dict[str, Any]:
         }
     if isinstance(value, bool):
         return {"type": "boolean"}
+    if path.startswith("config.") and isinstance(value, int | float) and path not in WHOLE_NUMBERS:
+        return {"type": "number", "minimum": 0}
     if isinstance(value, int):
         return {"type": "integer", "minimum": 1 if path in MINIMUM_ONE else 0}
     if isinstance(value, float):

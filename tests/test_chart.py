@@ -290,3 +290,16 @@ def test_kind_workflow_is_visible_with_make_n() -> None:
         "kind delete cluster",
     ]:
         assert step in result.stdout, step
+
+
+def test_tls_mounts_the_secret_and_probes_over_http() -> None:
+    objects = render(*values("external-redis-values.yaml"))
+    pod = server_deployment(objects)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert {"name": "tls", "secret": {"secretName": "pricestream-tls"}} in pod["volumes"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    (config,) = [c for c in find(objects, "ConfigMap") if "PRICESTREAM_TLS_CERT_FILE" in c["data"]]
+    assert config["data"]["PRICESTREAM_TLS_CLIENT_CA_FILE"] == "/etc/pricestream/tls/ca.crt"
+    (test_pod,) = find(objects, "Pod")
+    assert "--tls-ca" in test_pod["spec"]["containers"][0]["args"]

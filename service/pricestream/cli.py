@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         help='service to check; "" for the process as a whole (liveness)',
     )
     health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    health.add_argument("--tls-ca", default="", help="CA bundle (PEM): connect with TLS")
+    health.add_argument("--tls-server-name", default="", help="name to check in the certificate")
+    health.add_argument("--tls-cert", default="", help="client certificate (mutual TLS)")
+    health.add_argument("--tls-key", default="", help="client key (mutual TLS)")
 
     from pricestream.loadtest.cli import add_arguments
 
@@ -95,7 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
 async def _health_main(args: argparse.Namespace) -> int:
     from pricestream.health_check import check
 
-    serving, sentence = await check(args.target, args.service, args.timeout)
+    serving, sentence = await check(
+        args.target,
+        args.service,
+        args.timeout,
+        ca_file=args.tls_ca,
+        server_name=args.tls_server_name,
+        cert_file=args.tls_cert,
+        key_file=args.tls_key,
+    )
     print(sentence, file=sys.stdout if serving else sys.stderr)
     return 0 if serving else 1
 

@@ -22,6 +22,7 @@ from pricestream.hub import Hub
 from pricestream.memory_broker import MemoryBroker
 from pricestream.memory_sessions import MemorySessionStore
 from pricestream.metrics import LiveGauges, Metrics
+from pricestream.rate_limit import PeerRateLimiter
 from pricestream.redis_broker import RedisBroker
 from pricestream.redis_client import make_client, make_pool, redacted
 from pricestream.redis_sessions import RedisSessionStore
@@ -48,6 +49,9 @@ class Engine:
         self.metrics = Metrics()
         self.tracing = Tracing(settings.pod_name)
         self.registry = SessionRegistry(self.metrics, settings.max_sessions)
+        self.create_limiter = PeerRateLimiter(
+            settings.session_create_rate, settings.session_create_burst
+        )
         self.backends = self._make_backends(in_memory)
         self.broker = self.backends.broker
         self.store = self.backends.store
@@ -170,6 +174,7 @@ class Engine:
         while True:
             await asyncio.sleep(period)
             self.registry.expire_pending()
+            self.create_limiter.prune()
             self._check_redis_outage(loop.time())
             if loop.time() < next_refresh:
                 continue

@@ -8,10 +8,12 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pricestream.tls import channel as tls_channel
 
-async def check(target: str, service: str, timeout: float) -> tuple[bool, str]:
-    """(serving, one sentence saying what the server answered)."""
-    async with grpc.aio.insecure_channel(target) as channel:
+
+async def check(target: str, service: str, timeout: float, **tls: str) -> tuple[bool, str]:
+    """(serving, one sentence saying what the server answered); `tls`: see tls.channel."""
+    async with tls_channel(target, **tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = await stub.Check(

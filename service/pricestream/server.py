@@ -19,6 +19,7 @@ from pricestream.http_api import HttpServer
 from pricestream.service import SERVICE_NAME, PriceStreamService
 from pricestream.settings import Settings
 from pricestream.tasks import cancel_and_wait
+from pricestream.tls import server_credentials
 
 log = logging.getLogger("pricestream.server")
 
@@ -86,7 +87,12 @@ class Server:
                 self._grpc,
             )
             address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
-            self.grpc_port = self._grpc.add_insecure_port(address)
+            if self.settings.tls:
+                self.grpc_port = self._grpc.add_secure_port(
+                    address, server_credentials(self.settings)
+                )
+            else:
+                self.grpc_port = self._grpc.add_insecure_port(address)
             await self._grpc.start()
             await self._http.__aenter__()
             await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -103,6 +109,7 @@ class Server:
                 "event": "server_started",
                 "grpc_port": self.grpc_port,
                 "http_port": self.http_port,
+                "tls": self.settings.tls,
             },
         )
         return self

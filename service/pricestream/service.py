@@ -23,6 +23,7 @@ from pricestream.errors import (
     resource_exhausted,
     unavailable,
 )
+from pricestream.rate_limit import peer_address
 from pricestream.stream import StreamLifecycle, finish_status
 from pricestream.tracing import caller_context
 from pricestream.v1 import pricestream_pb2 as pb
@@ -123,6 +124,12 @@ class PriceStreamService:
         if engine.registry.full:
             raise resource_exhausted(
                 f"this server holds its maximum of {engine.settings.max_sessions} sessions"
+            )
+        peer = peer_address(context.peer() or "")
+        if not engine.create_limiter.allow(peer):
+            raise resource_exhausted(
+                f"too many sessions created from {peer}: at most "
+                f"{engine.settings.session_create_rate:g} per second; retry later"
             )
         info = await engine.store.create(tickers)
         engine.registry.add_pending(info.session_id, info.tickers, engine.settings.session_ttl)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from typing import Annotated
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -49,6 +49,12 @@ class Settings(BaseSettings):
         description="Largest message sent; a larger batch ends the stream.",
     )
     max_sessions: int = Field(20_000, ge=1, description="Sessions one pod holds at most.")
+    session_create_rate: float = Field(
+        0.0, ge=0.0, description="CreateSession calls per second per client IP (0: no limit)."
+    )
+    session_create_burst: int = Field(
+        100, ge=1, description="CreateSession calls a client IP may make at once."
+    )
     stall_timeout: Seconds = Field(
         10.0, description="Seconds a client may leave a batch unread before it is cut off."
     )
@@ -76,6 +82,13 @@ class Settings(BaseSettings):
     )
     auth_tokens_file: str = Field(
         "", description="File with one bearer token per line (a mounted Kubernetes Secret)."
+    )
+    tls_cert_file: str = Field(
+        "", description="PEM certificate chain of the gRPC port; with tls_key_file turns TLS on."
+    )
+    tls_key_file: str = Field("", description="PEM private key of that certificate.")
+    tls_client_ca_file: str = Field(
+        "", description="PEM CA bundle; when set, clients must present a certificate it signed."
     )
     reconnect_max_backoff: Seconds = Field(5.0, description="Upper bound of the reconnect backoff.")
     pod_name: str = Field(
@@ -110,6 +123,18 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown fault {sorted(unknown)[0]!r}; known: {sorted(KNOWN_FAULTS)}")
         return ",".join(sorted(names))
 
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
+
     def has_fault(self, name: str) -> bool:
         return name in self.faults.split(",")
 
@@ -125,7 +150,10 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**cleaned)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
-        name = str(first["loc"][0]) if first["loc"] else "settings"
+        message = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:  # a rule across settings
+            raise SettingsError(f"invalid settings: {message}") from None
+        name = str(first["loc"][0])
         raise SettingsError(
-            f"invalid setting {name} (env PRICESTREAM_{name.upper()}): {first['msg']}"
+            f"invalid setting {name} (env PRICESTREAM_{name.upper()}): {message}"
         ) from None

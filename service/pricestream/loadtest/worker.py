@@ -118,6 +118,8 @@ class VirtualUser:
         except grpc.aio.AioRpcError as exc:
             if not self.leaving:
                 stats.error(f"create:{exc.code().name}")
+                # back off before this user's slot is filled again: no retry storm
+                await asyncio.sleep(random.uniform(0.5, 1.5))
             return
         stats.sessions_created += 1
         stats.create_latency.add(time.perf_counter() - started)
