@@ -181,16 +181,17 @@ def _cpu_count(spec: str) -> int:
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| case | delivered updates/s | ratio to seed (7,000/s per core) | p50 / p99 ms "
+        "| case | delivered updates/s | server sent updates/s | ratio to seed (7,000/s per core) "
+        "| p50 / p99 ms "
         "| server cores | CPU s per 1M updates | RSS idle / loaded MB | KB per stream "
         "| client cores | slow-consumer cut-offs | client errors | leak verdict |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
         errors = ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "0"
         lines.append(
-            f"| {r['case']} | {r['delivered_per_s']:,.0f} "
+            f"| {r['case']} | {r['delivered_per_s']:,.0f} | {r['server_sent_per_s']:,.0f} "
             f"| {r['delivered_per_s'] / SEED_UPDATES_PER_CORE:.1f}x "
             f"| {r['p50_ms']} / {r['p99_ms']} | {r['server_cores']:.2f} "
             f"| {r['cpu_s_per_million']} | {r['rss_idle_mb']} / {r['rss_peak_mb']} "
