@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
-from conftest import IN_CI, require_binary
-
-ROOT = Path(__file__).resolve().parents[1]
-HELM = ROOT / ".tools/bin/helm"
+from chart import helm
+from conftest import require_binary
 
 
 @pytest.mark.parametrize(
@@ -27,10 +24,5 @@ def test_system_tool_present(tool: str, args: list[str], expected: str) -> None:
 
 
 def test_project_local_helm_built() -> None:
-    if not HELM.exists():
-        message = "helm is not built: run `make helm`"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    result = subprocess.run([str(HELM), "version", "--short"], capture_output=True, text=True)
+    result = subprocess.run([helm(), "version", "--short"], capture_output=True, text=True)
     assert result.stdout.startswith("v3.22")  # go install leaves out the patch digit
