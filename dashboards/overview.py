@@ -214,12 +214,22 @@ def build() -> dict[str, Any]:
     )
     layout.add(
         timeseries(
+            "Flush lag (overload)",
+            "s",
+            [Query(f"max by (pod) (pricestream_flush_lag_seconds{{{SEL}}})", "{{pod}}")],
+            "How late the flushes run; above PRICESTREAM_OVERLOAD_LAG new sessions are refused.",
+        ),
+        8,
+        8,
+    )
+    layout.add(
+        timeseries(
             "CPU per pod",
             "percentunit",
             [Query(rate("process_cpu_seconds_total"), "{{pod}}")],
             "CPU seconds per second (1 = one full core).",
         ),
-        12,
+        8,
         8,
     )
     layout.add(
@@ -229,7 +239,7 @@ def build() -> dict[str, Any]:
             [Query(f"sum by (pod) (process_resident_memory_bytes{{{SEL}}})", "{{pod}}")],
             "Resident memory of each server process.",
         ),
-        12,
+        8,
         8,
     )
 

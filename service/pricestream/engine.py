@@ -63,6 +63,7 @@ class Engine:
         self._no_streams = asyncio.Event()
         self._no_streams.set()
         self.draining = False
+        self._overloaded = False
         self.redis_unhealthy_since: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics.register_live_gauges(
@@ -73,6 +74,7 @@ class Engine:
                 pubsub_connections_active=lambda: self.broker.connections_active,
                 redis_up=lambda: self.broker.healthy,
                 ready=lambda: self.ready,
+                loop_lag=lambda: self.clock.lag,
             )
         )
 
@@ -113,7 +115,25 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        return not self.draining and self.broker.healthy
+        return not self.draining and self.broker.healthy and not self.overloaded
+
+    @property
+    def overloaded(self) -> bool:
+        """The event loop runs too late to serve more: refuse new sessions, turn not ready.
+        Hysteresis: it ends once the lag falls below half the limit."""
+        limit = self.settings.overload_lag
+        if limit <= 0:
+            return False
+        lag = self.clock.lag
+        if self._overloaded:
+            self._overloaded = lag > limit / 2
+        elif lag > limit:
+            self._overloaded = True
+            log.warning(
+                "overloaded: flushes run %.0f ms late; refusing new sessions", lag * 1000,
+                extra={"event": "overloaded", "lag_seconds": round(lag, 3)},
+            )  # fmt: skip
+        return self._overloaded
 
     async def __aenter__(self) -> Engine:
         if self.backends.redis is not None:

@@ -102,6 +102,9 @@ class StreamWriter:
             self._task.cancel()  # the client is not reading: abandon the pending write
 
 
+LAG_SMOOTHING = 0.2  # weight of the newest flush in the moving average of lateness
+
+
 class FlushClock:
     def __init__(
         self,
@@ -117,6 +120,10 @@ class FlushClock:
         self._queued: list[StreamWriter] = []
         self._writers: set[StreamWriter] = set()
         self._coalesced = 0
+        self.lag = 0.0  # seconds the flushes run late (moving average): the loop's overload
+
+    def observe_lag(self, late: float) -> None:
+        self.lag += LAG_SMOOTHING * (max(late, 0.0) - self.lag)
 
     def register(self, writer: StreamWriter) -> None:
         self._writers.add(writer)
@@ -139,7 +146,9 @@ class FlushClock:
             delay = next_flush - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            else:
+            late = loop.time() - next_flush
+            self.observe_lag(late)
+            if late > self._interval:
                 next_flush = loop.time()  # we fell behind: do not try to catch up in a burst
             queued, self._queued = self._queued, []
             for writer in queued:

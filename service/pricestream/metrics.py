@@ -34,6 +34,7 @@ class LiveGauges:
     pubsub_connections_active: Callable[[], int]
     redis_up: Callable[[], bool]
     ready: Callable[[], bool]
+    loop_lag: Callable[[], float]
 
 
 class _LiveCollector(Collector):
@@ -71,6 +72,11 @@ class _LiveCollector(Collector):
             "pricestream_ready",
             "1 when the pod accepts new streams (what /readyz reports), else 0.",
             value=1 if g.ready() else 0,
+        )
+        yield GaugeMetricFamily(
+            "pricestream_flush_lag_seconds",
+            "How late the flushes run (moving average): the event loop's overload.",
+            value=g.loop_lag(),
         )
 
 

@@ -125,6 +125,11 @@ class PriceStreamService:
             raise resource_exhausted(
                 f"this server holds its maximum of {engine.settings.max_sessions} sessions"
             )
+        if engine.overloaded:
+            raise resource_exhausted(
+                f"this server is overloaded (its flushes run {engine.clock.lag * 1000:.0f} ms "
+                "late); retry on another server"
+            )
         peer = peer_address(context.peer() or "")
         if not engine.create_limiter.allow(peer):
             raise resource_exhausted(

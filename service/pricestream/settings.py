@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     session_create_burst: int = Field(
         100, ge=1, description="CreateSession calls a client IP may make at once."
     )
+    overload_lag: float = Field(
+        0.5,
+        ge=0.0,
+        description="Seconds the flush clock may run late before the pod refuses new sessions "
+        "and turns not ready (0: never).",
+    )
     stall_timeout: Seconds = Field(
         10.0, description="Seconds a client may leave a batch unread before it is cut off."
     )
