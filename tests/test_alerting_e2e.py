@@ -54,6 +54,8 @@ SHORT_WINDOWS = {
     "noUpdatesFor": "15s",
     "latencyObjectiveSeconds": "1",
     "latencyFor": "15s",
+    "overloadLagSeconds": "0.5",
+    "overloadFor": "15s",
     "slowConsumerRatio": "0.05",
     "slowConsumerFor": "15s",
     "grpcErrorRatio": "0.05",

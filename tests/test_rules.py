@@ -35,7 +35,7 @@ def test_promtool_accepts_the_rules(shipped_rules: Path) -> None:
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 21 rules found" in result.stdout
+    assert "SUCCESS: 22 rules found" in result.stdout
 
 
 def test_every_alert_has_severity_annotations_and_a_runbook(shipped_rules: Path) -> None:
@@ -159,6 +159,28 @@ def target_absent() -> Scenario:
     )
 
 
+def overloaded() -> Scenario:
+    pod = Pod("pricestream-hot", hold(3000, 30))
+    lag = {"series": f"pricestream_flush_lag_seconds{{{pod.labels()}}}", "values": "0x4 0.8x25"}
+    expected = Expected(
+        "PriceStreamOverloaded",
+        labels(pod.name, "warning"),
+        {
+            "summary": "A pod's CPU is saturated; it refuses new sessions.",
+            "description": f"Pod {pod.name} in namespace {NAMESPACE} runs its flushes 800ms late: "
+            "it refuses new sessions and reports not ready.",
+            "runbook_url": f"{RUNBOOKS}/PriceStreamOverloaded.md",
+        },
+    )
+    return Scenario(
+        "flushes 800 ms late from minute 5: overload fires after its 10m, not before",
+        [pod],
+        check_minutes=[10, 16, 25],
+        firing={16: [expected], 25: [expected]},
+        extra_series=[lag],
+    )
+
+
 SCENARIOS = {
     "healthy_spike": lambda: Scenario(
         "healthy 10x spike up and back to zero on two pods: nothing fires",
@@ -172,6 +194,7 @@ SCENARIOS = {
         check_minutes=[30, 41, 45, 61, 70, 100, 120],
     ),
     "target_absent": target_absent,
+    "overloaded": overloaded,
 }
 
 
