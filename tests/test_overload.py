@@ -23,6 +23,20 @@ def test_lag_is_a_moving_average_of_lateness() -> None:
     assert clock.lag == pytest.approx(0.5, rel=0.02)
     clock.observe_lag(-1.0)  # early wake-ups count as on time, not as negative lateness
     assert clock.lag == pytest.approx(0.4, rel=0.02)
+    assert not clock.overloaded  # no limit configured
+
+
+def test_overload_has_hysteresis() -> None:
+    clock = FlushClock(0.1, 10.0, Metrics(), on_stall=lambda writer: None, overload_lag=0.2)
+    while not clock.overloaded:
+        clock.observe_lag(0.5)
+    assert clock.lag > 0.2
+    while clock.lag > 0.15:  # below the limit, above half of it: still overloaded
+        clock.observe_lag(0.12)
+        assert clock.overloaded
+    while clock.overloaded:
+        clock.observe_lag(0.0)
+    assert clock.lag <= 0.1
 
 
 async def block_the_loop(seconds: float, chunk: float) -> None:

@@ -57,13 +57,16 @@ class Engine:
         self.store = self.backends.store
         self.hub = Hub(self.broker, self.metrics, settings.linger, self.tracing.tracer)
         self.clock = FlushClock(
-            settings.flush_interval, settings.stall_timeout, self.metrics, self._cut_off
+            settings.flush_interval,
+            settings.stall_timeout,
+            self.metrics,
+            self._cut_off,
+            overload_lag=settings.overload_lag,
         )
         self._streams_active = 0
         self._no_streams = asyncio.Event()
         self._no_streams.set()
         self.draining = False
-        self._overloaded = False
         self.redis_unhealthy_since: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics.register_live_gauges(
@@ -119,21 +122,8 @@ class Engine:
 
     @property
     def overloaded(self) -> bool:
-        """The event loop runs too late to serve more: refuse new sessions, turn not ready.
-        Hysteresis: it ends once the lag falls below half the limit."""
-        limit = self.settings.overload_lag
-        if limit <= 0:
-            return False
-        lag = self.clock.lag
-        if self._overloaded:
-            self._overloaded = lag > limit / 2
-        elif lag > limit:
-            self._overloaded = True
-            log.warning(
-                "overloaded: flushes run %.0f ms late; refusing new sessions", lag * 1000,
-                extra={"event": "overloaded", "lag_seconds": round(lag, 3)},
-            )  # fmt: skip
-        return self._overloaded
+        """The event loop runs too late to serve more: refuse new sessions, turn not ready."""
+        return self.clock.overloaded
 
     async def __aenter__(self) -> Engine:
         if self.backends.redis is not None:

@@ -9,6 +9,7 @@ off writers whose client has left a batch unread for longer than the stall timeo
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 
@@ -102,6 +103,8 @@ class StreamWriter:
             self._task.cancel()  # the client is not reading: abandon the pending write
 
 
+log = logging.getLogger("pricestream.flush")
+
 LAG_SMOOTHING = 0.2  # weight of the newest flush in the moving average of lateness
 
 
@@ -112,8 +115,10 @@ class FlushClock:
         stall_timeout: float,
         metrics: Metrics,
         on_stall: Callable[[StreamWriter], None],
+        overload_lag: float = 0.0,
     ) -> None:
         self._interval = interval
+        self._overload_lag = overload_lag
         self._stall_timeout = stall_timeout
         self._metrics = metrics
         self._on_stall = on_stall
@@ -121,9 +126,28 @@ class FlushClock:
         self._writers: set[StreamWriter] = set()
         self._coalesced = 0
         self.lag = 0.0  # seconds the flushes run late (moving average): the loop's overload
+        self.overloaded = False
 
     def observe_lag(self, late: float) -> None:
+        """Fold one flush's lateness into `lag`; past `overload_lag` the pod is overloaded until
+        the lag falls below half of it (hysteresis). 0 turns overload off."""
         self.lag += LAG_SMOOTHING * (max(late, 0.0) - self.lag)
+        if self._overload_lag <= 0:
+            return
+        if self.overloaded and self.lag <= self._overload_lag / 2:
+            self.overloaded = False
+            log.info("no longer overloaded", extra={"event": "overloaded", "overloaded": False})
+        elif not self.overloaded and self.lag > self._overload_lag:
+            self.overloaded = True
+            log.warning(
+                "overloaded: flushes run %.0f ms late; refusing new sessions",
+                self.lag * 1000,
+                extra={
+                    "event": "overloaded",
+                    "overloaded": True,
+                    "lag_seconds": round(self.lag, 3),
+                },
+            )
 
     def register(self, writer: StreamWriter) -> None:
         self._writers.add(writer)
