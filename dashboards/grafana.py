@@ -6,6 +6,7 @@ every panel repeats (datasource variable, grid position, unit, legend).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,3 +157,15 @@ def alerts_annotation(expr: str) -> dict[str, Any]:
         "tagKeys": "severity,pod",
         "useValueForTime": False,
     }
+
+
+def promql_queries(dashboard: dict[str, Any]) -> list[str]:
+    """Every PromQL expression the dashboard makes Prometheus run: panel targets, annotations,
+    and the series selector inside each `label_values(selector, label)` variable."""
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs += [a["expr"] for a in dashboard["annotations"]["list"] if "expr" in a]
+    for variable in dashboard["templating"]["list"]:
+        match = re.fullmatch(r"label_values\((.+), *\w+\)", variable.get("definition", ""))
+        if match:
+            exprs.append(match.group(1))
+    return exprs

@@ -26,6 +26,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from pricestream.leak_check import samples
+
 ROOT = Path(__file__).resolve().parents[1]
 SEED_UPDATES_PER_CORE = 7_000  # the Go system: 14,000 updates/s on ~2 cores
 
@@ -58,9 +60,6 @@ def free_port() -> int:
 
 
 def metrics(port: int) -> dict[str, float]:
-    sys.path.insert(0, str(ROOT / "service"))
-    from pricestream.leak_check import samples
-
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         return samples(response.read().decode())
 

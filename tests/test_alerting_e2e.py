@@ -31,6 +31,7 @@ from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from processes import ServeProcess, start_feed
 
 from dashboards import generate
+from dashboards.grafana import promql_queries
 
 NAMESPACE = "e2e"
 TICKERS = 20
@@ -297,13 +298,7 @@ async def test_leak_alert_reaches_alertmanager_and_healthy_churn_stays_silent(st
     # Every dashboard query, variables substituted, runs and returns data.
     empty = []
     for name, build in generate.DASHBOARDS.items():
-        dashboard = build()
-        exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-        exprs += [a["expr"] for a in dashboard["annotations"]["list"] if "expr" in a]
-        for variable in dashboard["templating"]["list"]:
-            if match := re.fullmatch(r"label_values\((.+), *\w+\)", variable.get("definition", "")):
-                exprs.append(match.group(1))
-        for expr in exprs:
+        for expr in promql_queries(build()):
             if not await asyncio.to_thread(prometheus.query, substitute(expr)):
                 empty.append(f"{name}: {expr}")
     assert empty == []

@@ -11,17 +11,11 @@ from metric_names import PROMETHEUS_SERIES, exported_names, referenced_names
 from pricestream.server import Server
 
 from dashboards import generate, overview
+from dashboards.grafana import promql_queries
 
 
 def panels(dashboard: dict) -> list[dict]:
     return [p for p in dashboard["panels"] if p["type"] != "row"]
-
-
-def all_queries(dashboard: dict) -> list[str]:
-    exprs = [t["expr"] for p in panels(dashboard) for t in p["targets"]]
-    exprs += [a["expr"] for a in dashboard["annotations"]["list"] if "expr" in a]
-    exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
-    return exprs
 
 
 def test_committed_json_is_fresh() -> None:
@@ -68,7 +62,7 @@ def test_panels_do_not_overlap() -> None:
 async def test_dashboards_and_rules_name_only_exported_metrics(server: Server) -> None:
     exported = exported_names(server.engine.metrics.exposition().decode()) | PROMETHEUS_SERIES
     for name, build in generate.DASHBOARDS.items():
-        for expr in all_queries(build()):
+        for expr in promql_queries(build()):
             unknown = referenced_names(expr) - exported
             assert not unknown, f"{name}: {expr} uses {unknown}"
     for group in yaml.safe_load(rules_file())["groups"]:

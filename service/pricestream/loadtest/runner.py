@@ -9,7 +9,7 @@ import datetime as dt
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from pricestream.loadtest import report as report_files
 from pricestream.loadtest.aggregate import Aggregate
 from pricestream.loadtest.server_metrics import ServerMetrics
 from pricestream.loadtest.stages import Schedule, Stage
-from pricestream.loadtest.worker import WorkerConfig
+from pricestream.loadtest.worker import WorkerConfig, config_json
 
 
 @dataclass
@@ -70,7 +70,7 @@ class LoadTest:
         )
 
     async def _worker(self, index: int, start_at: float) -> None:
-        config = json.dumps(asdict(self.worker_config(index, start_at)))
+        config = config_json(self.worker_config(index, start_at))
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "pricestream.loadtest.worker", config,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

@@ -313,6 +313,7 @@ def main(argv: list[str]) -> int:
 
 
 def config_json(config: WorkerConfig) -> str:
+    """The argument `main` reads back: the coordinator's one way to hand a worker its config."""
     return json.dumps(asdict(config))
 
 
