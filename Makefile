@@ -46,7 +46,7 @@ proto: venv  ## regenerate the committed gRPC stubs
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=service --pyi_out=service \
 		--grpc_python_out=service $(PROTO)
 
-bench: system-deps venv  ## server on one core vs the load tester; appends docs/benchmarks.md
+bench: system-deps venv  ## server on one core vs the Go load client (needs go); appends docs/benchmarks.md
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 dashboards: venv  ## regenerate the committed Grafana JSON inside the chart

@@ -1,8 +1,9 @@
 """`make bench`: the server pinned to one core against the load tester on the others.
 
 For each case: a fresh redis-server (free loopback port, temporary folder), the feed, and
-`pricestream serve` under `taskset -c 0`; `pricestream loadtest` (and the feed) under
-`taskset -c 1-N`. The table goes to stdout and is appended to docs/benchmarks.md.
+`pricestream serve` under `taskset -c 0`; the receiving side (the Go load client by default,
+`pricestream loadtest` with --client python), the feed and redis-server under `taskset -c 1-N`.
+The table goes to stdout and is appended to docs/benchmarks.md.
 
     python scripts/bench.py                 # the cases of issue 6
     python scripts/bench.py --quick         # shorter holds, for a first look
@@ -26,10 +27,12 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from pricestream.leak_check import samples
+from bench_clients import GoClient, PythonLoadtest, Sampler, server_metrics
+from pricestream.leak_check import violations
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_UPDATES_PER_CORE = 7_000  # the Go system: 14,000 updates/s on ~2 cores
+CLIENT_NAMES = {"go": "Go load client (bench/loadclient)", "python": "`pricestream loadtest`"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class Case:
     tickers_per_session: int
     flush: float
     universe: int
+    floor: bool = False  # the bare grpc.aio server (scripts/bench_floor_server.py)
 
     @property
     def feed_rate(self) -> float:
@@ -50,7 +54,27 @@ CASES = {
     "a500": Case("5,000 streams x 5 tickers, flush 500 ms", 5_000, 5, 0.5, 500),
     "a100": Case("5,000 streams x 5 tickers, flush 100 ms", 5_000, 5, 0.1, 500),
     "b100": Case("10,000 streams x 5 tickers, flush 100 ms", 10_000, 5, 0.1, 500),
+    "floor500": Case(
+        "floor: bare grpc.aio, 5,000 streams x 5 updates, flush 500 ms", 5_000, 5, 0.5, 500, True
+    ),
 }
+DEFAULT_CASES = "a500,floor500,a100,b100"
+
+
+def proc_sampler(pid: int) -> Sampler:
+    """CPU seconds and RSS of a process without /metrics (the floor server), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def sample() -> dict[str, float]:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        rss_pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+        return {
+            "process_cpu_seconds_total": (int(fields[11]) + int(fields[12])) / ticks,
+            "process_resident_memory_bytes": rss_pages * page,
+        }
+
+    return sample
 
 
 def free_port() -> int:
@@ -59,9 +83,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def metrics(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        return samples(response.read().decode())
+def leak_verdict(http_port: int, timeout: float = 60) -> list[str]:
+    """Invariant 1 once every user has left: [] or what is still open, polled until timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        problems = violations(server_metrics(http_port))
+        if not problems or time.monotonic() > deadline:
+            return problems
+        time.sleep(1)
 
 
 def wait_ready(port: int, timeout: float = 20) -> None:
@@ -77,92 +106,53 @@ def wait_ready(port: int, timeout: float = 20) -> None:
     raise RuntimeError("server not ready")
 
 
-def run_case(case: Case, ramp: int, hold: int, workdir: Path, client_cpus: str) -> dict:
+def run_case(
+    case: Case, client: str, ramp: int, hold: int, workdir: Path, client_cpus: str
+) -> dict:
     pricestream = str(ROOT / ".venv/bin/pricestream")
-    redis_port, grpc_port, http_port = free_port(), free_port(), free_port()
-    redis = subprocess.Popen(
-        ["taskset", "-c", client_cpus, "redis-server", "--port", str(redis_port),
-         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PRICESTREAM_")}
-    env.update(
-        PRICESTREAM_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
-        PRICESTREAM_GRPC_HOST="127.0.0.1",
-        PRICESTREAM_GRPC_PORT=str(grpc_port),
-        PRICESTREAM_HTTP_HOST="127.0.0.1",
-        PRICESTREAM_HTTP_PORT=str(http_port),
-        PRICESTREAM_FLUSH_INTERVAL=str(case.flush),
-        PRICESTREAM_LOG_LEVEL="WARNING",
-    )
-    procs: list[subprocess.Popen[bytes]] = [redis]
+    grpc_port, http_port = free_port(), free_port()
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        time.sleep(0.5)
-        server = subprocess.Popen(
-            ["taskset", "-c", "0", pricestream, "serve"], env=env, stderr=subprocess.DEVNULL
-        )
-        procs.append(server)
-        feed = subprocess.Popen(
-            ["taskset", "-c", client_cpus, pricestream, "feed",
-             "--tickers", str(case.universe), "--rate", str(case.feed_rate)],
-            env=env, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        procs.append(feed)
-        wait_ready(http_port)
+        if case.floor:
+            server = _start(
+                procs, "0", sys.executable, str(ROOT / "scripts/bench_floor_server.py"),
+                "--port", str(grpc_port), "--flush", str(case.flush),
+                "--tickers-per-session", str(case.tickers_per_session),
+            )  # fmt: skip
+            sample = proc_sampler(server.pid)
+            wait_serving(grpc_port)
+        else:
+            redis_port = free_port()
+            _start(
+                procs, client_cpus, "redis-server", "--port", str(redis_port),
+                "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir),
+            )  # fmt: skip
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PRICESTREAM_")}
+            env.update(
+                PRICESTREAM_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+                PRICESTREAM_GRPC_HOST="127.0.0.1",
+                PRICESTREAM_GRPC_PORT=str(grpc_port),
+                PRICESTREAM_HTTP_HOST="127.0.0.1",
+                PRICESTREAM_HTTP_PORT=str(http_port),
+                PRICESTREAM_FLUSH_INTERVAL=str(case.flush),
+                PRICESTREAM_LOG_LEVEL="WARNING",
+            )
+            time.sleep(0.5)
+            _start(procs, "0", pricestream, "serve", env=env)
+            _start(
+                procs, client_cpus, pricestream, "feed", "--tickers", str(case.universe),
+                "--rate", str(case.feed_rate), env=env,
+            )  # fmt: skip
+            wait_ready(http_port)
+
+            def sample() -> dict[str, float]:
+                return server_metrics(http_port)
+
         time.sleep(2)
-        idle_rss = metrics(http_port)["process_resident_memory_bytes"]
-        out = workdir / f"report-{case.streams}-{int(case.flush * 1000)}"
-        workers = _cpu_count(client_cpus)
-        command = [
-            "taskset", "-c", client_cpus, pricestream, "loadtest",
-            "--target", f"127.0.0.1:{grpc_port}",
-            "--metrics-url", f"http://127.0.0.1:{http_port}/metrics",
-            "--stages", f"{ramp}s:{case.streams},{hold}s:{case.streams},5s:0",
-            "--keep-users", "--leave-mix", "cancel=1,close_session=1",
-            "--tickers-per-session", str(case.tickers_per_session),
-            "--universe", str(case.universe),
-            "--workers", str(workers), "--channels", "8",
-            "--leak-timeout", "60", "--out", str(out), "--quiet",
-        ]  # fmt: skip
-        # The server's CPU and RSS over the hold stage, read around it.
-        loadtest = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        time.sleep(2 + ramp + 3)
-        before = metrics(http_port)
-        t0 = time.monotonic()
-        time.sleep(max(1, hold - 6))
-        after = metrics(http_port)
-        window = time.monotonic() - t0
-        stdout, stderr = loadtest.communicate(timeout=ramp + hold + 200)
-        report = json.loads((out / "report.json").read_text())
-        hold_stage = report["stages"][1]
-        sent = (
-            after["pricestream_price_updates_sent_total"]
-            - before["pricestream_price_updates_sent_total"]
-        )
-        cpu = after["process_cpu_seconds_total"] - before["process_cpu_seconds_total"]
-        return {
-            "case": case.name,
-            "streams": case.streams,
-            "flush_ms": int(case.flush * 1000),
-            "feed_rate": case.feed_rate,
-            "delivered_per_s": hold_stage["updates_per_second"],
-            "server_sent_per_s": round(sent / window, 1),
-            "p50_ms": hold_stage["delivery_latency_ms"]["p50"],
-            "p99_ms": hold_stage["delivery_latency_ms"]["p99"],
-            "server_cores": round(cpu / window, 3),
-            "cpu_s_per_million": round(cpu / max(sent, 1) * 1e6, 2),
-            "rss_idle_mb": round(idle_rss / 2**20, 1),
-            "rss_peak_mb": round(after["process_resident_memory_bytes"] / 2**20, 1),
-            "rss_kb_per_stream": round(
-                (after["process_resident_memory_bytes"] - idle_rss) / 1024 / case.streams, 2
-            ),
-            "client_cores": round(report["client_cpu_cores"], 2),
-            "slow_consumer_cutoffs": after.get("pricestream_slow_consumer_disconnects_total", 0),
-            "errors": report["total"]["errors"],
-            "leak_verdict": "PASS" if report["leak_verdict"]["passed"] else "FAIL",
-            "loadtest_exit": loadtest.returncode,
-            "loadtest_tail": (stdout + stderr).decode(errors="replace").strip()[-300:],
-        }
+        before_run = sample()
+        runner = GoClient(ROOT) if client == "go" else PythonLoadtest(ROOT, http_port, workdir)
+        measured = runner.run(case, grpc_port, sample, ramp, hold, client_cpus)
+        verdict = "n/a" if case.floor else leak_verdict(http_port)
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -171,29 +161,92 @@ def run_case(case: Case, ramp: int, hold: int, workdir: Path, client_cpus: str) 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+    before, after, window = measured.server_before, measured.server_after, measured.server_window
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    if case.floor:  # no counters of its own: what the client received is what it sent
+        sent_per_s, batches_per_s = measured.delivered_per_s, measured.batches_per_s
+    else:
+        sent_per_s = delta("pricestream_price_updates_sent_total") / window
+        batches_per_s = delta("pricestream_batches_sent_total") / window
+    cores = delta("process_cpu_seconds_total") / window
+    idle_rss = before_run["process_resident_memory_bytes"]
+    loaded_rss = after["process_resident_memory_bytes"]
+    return {
+        "case": case.name,
+        "client": client,
+        "streams": case.streams,
+        "streams_held": measured.streams_held,
+        "flush_ms": int(case.flush * 1000),
+        "feed_rate": 0 if case.floor else case.feed_rate,
+        "delivered_per_s": measured.delivered_per_s,
+        "batches_per_s": measured.batches_per_s,
+        "server_sent_per_s": round(sent_per_s, 1),
+        "p50_ms": measured.p50_ms,
+        "p99_ms": measured.p99_ms,
+        "server_cores": round(cores, 3),
+        "cpu_s_per_million": round(cores / max(sent_per_s, 1) * 1e6, 2),
+        "cpu_us_per_batch": round(cores / max(batches_per_s, 1) * 1e6, 1),
+        "rss_idle_mb": round(idle_rss / 2**20, 1),
+        "rss_peak_mb": round(loaded_rss / 2**20, 1),
+        "rss_kb_per_stream": round((loaded_rss - idle_rss) / 1024 / case.streams, 2),
+        "client_cores": measured.client_cores,
+        "slow_consumer_cutoffs": delta("pricestream_slow_consumer_disconnects_total"),
+        "errors": measured.errors,
+        "leak_verdict": verdict if isinstance(verdict, str) else _verdict_text(verdict),
+    }
 
 
-def _cpu_count(spec: str) -> int:
-    first, _, last = spec.partition("-")
-    return int(last or first) - int(first) + 1
+def _verdict_text(problems: list[str]) -> str:
+    return "PASS" if not problems else "FAIL: " + "; ".join(problems)
+
+
+def _start(
+    procs: list[subprocess.Popen[bytes]], cpus: str, *command: str, env: dict | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a process on the given cores (taskset execs it: the pid is the command's)."""
+    proc = subprocess.Popen(
+        ["taskset", "-c", cpus, *command],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    procs.append(proc)
+    return proc
+
+
+def wait_serving(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on port {port}")
 
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| case | delivered updates/s | server sent updates/s | ratio to seed (7,000/s per core) "
-        "| p50 / p99 ms "
-        "| server cores | CPU s per 1M updates | RSS idle / loaded MB | KB per stream "
+        "| case | client | streams held | delivered updates/s | batches/s "
+        "| server sent updates/s | ratio to seed (7,000/s per core) | p50 / p99 ms "
+        "| server cores | server CPU µs per batch | CPU s per 1M updates "
+        "| RSS idle / loaded MB | KB per stream "
         "| client cores | slow-consumer cut-offs | client errors | leak verdict |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
         errors = ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "0"
         lines.append(
-            f"| {r['case']} | {r['delivered_per_s']:,.0f} | {r['server_sent_per_s']:,.0f} "
+            f"| {r['case']} | {r['client']} | {r['streams_held']:,} "
+            f"| {r['delivered_per_s']:,.0f} | {r['batches_per_s']:,.0f} "
+            f"| {r['server_sent_per_s']:,.0f} "
             f"| {r['delivered_per_s'] / SEED_UPDATES_PER_CORE:.1f}x "
             f"| {r['p50_ms']} / {r['p99_ms']} | {r['server_cores']:.2f} "
-            f"| {r['cpu_s_per_million']} | {r['rss_idle_mb']} / {r['rss_peak_mb']} "
+            f"| {r['cpu_us_per_batch']} | {r['cpu_s_per_million']} "
+            f"| {r['rss_idle_mb']} / {r['rss_peak_mb']} "
             f"| {r['rss_kb_per_stream']} | {r['client_cores']} | {r['slow_consumer_cutoffs']:.0f} "
             f"| {errors} | {r['leak_verdict']} |"
         )
@@ -202,14 +255,22 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="server on one core vs the load tester")
-    parser.add_argument("--cases", default=",".join(CASES), help=f"from {', '.join(CASES)}")
+    parser.add_argument("--cases", default=DEFAULT_CASES, help=f"from {', '.join(CASES)}")
     parser.add_argument("--ramp", type=int, default=25, help="seconds to ramp users up")
     parser.add_argument("--hold", type=int, default=30, help="seconds at the target")
     parser.add_argument("--quick", action="store_true", help="ramp 10 s, hold 15 s")
+    parser.add_argument(
+        "--client",
+        choices=("go", "python"),
+        default="go",
+        help="receiving side: the light Go client (default) or `pricestream loadtest`",
+    )
     parser.add_argument("--no-append", action="store_true", help="do not touch docs/")
     args = parser.parse_args(argv)
-    if shutil.which("taskset") is None or shutil.which("redis-server") is None:
-        print("bench: needs taskset and redis-server (make setup)", file=sys.stderr)
+    needed = ["taskset", "redis-server"] + (["go"] if args.client == "go" else [])
+    missing = [tool for tool in needed if shutil.which(tool) is None]
+    if missing:
+        print(f"bench: needs {', '.join(missing)} (make setup)", file=sys.stderr)
         return 2
     cores = os.cpu_count() or 1
     if cores < 2:
@@ -222,7 +283,7 @@ def main(argv: list[str]) -> int:
         for key in args.cases.split(","):
             case = CASES[key]
             print(f"bench: {case.name} (feed {case.feed_rate:,.0f}/s) ...", file=sys.stderr)
-            row = run_case(case, ramp, hold, Path(tmp), client_cpus)
+            row = run_case(case, args.client, ramp, hold, Path(tmp), client_cpus)
             print(f"bench: {json.dumps(row)}", file=sys.stderr)
             rows.append(row)
     text = table(rows)
@@ -232,8 +293,8 @@ def main(argv: list[str]) -> int:
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         section = (
             f"\n## {now}\n\n`{command}` on {cores} cores (server pinned to core 0 with taskset; "
-            f"load tester, feed and redis-server on cores {client_cpus}); ramp {ramp} s, hold "
-            f"{hold} s; figures are over the hold.\n\n{text}"
+            f"{CLIENT_NAMES[args.client]}, feed and redis-server on cores {client_cpus}); "
+            f"ramp {ramp} s, hold {hold} s; figures are over the hold.\n\n{text}"
         )
         path = ROOT / "docs/benchmarks.md"
         if not path.exists():
@@ -243,7 +304,7 @@ def main(argv: list[str]) -> int:
             )
         with path.open("a") as handle:
             handle.write(section)
-    return 0 if all(r["leak_verdict"] == "PASS" and not r["errors"] for r in rows) else 1
+    return 0 if all(r["leak_verdict"] == "PASS" for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,167 @@
+"""The two receiving sides `make bench` can run against the pinned server.
+
+``GoClient`` (default) is bench/loadclient: one light Go process holding every stream, so on a
+small machine the figures are the server's. ``PythonLoadtest`` is `pricestream loadtest`, the
+full-featured tester, whose Python receivers need about as much CPU as the server they measure.
+Both read the server's /metrics at the start and end of their hold window.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pricestream.feed import ticker_universe
+from pricestream.leak_check import samples
+
+LOADCLIENT_DIR = "bench/loadclient"
+LOADCLIENT_BIN = ".tools/bin/pricestream-loadclient"
+
+
+Sampler = Callable[[], dict[str, float]]  # the server's counters: CPU seconds, RSS, sent
+
+
+def server_metrics(http_port: int) -> dict[str, float]:
+    url = f"http://127.0.0.1:{http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return samples(response.read().decode())
+
+
+@dataclass(frozen=True)
+class Measured:
+    delivered_per_s: float
+    batches_per_s: float
+    p50_ms: float
+    p99_ms: float
+    streams_held: int
+    client_cores: float
+    errors: dict[str, int]
+    server_before: dict[str, float]
+    server_after: dict[str, float]
+    server_window: float
+
+
+class BenchCase(Protocol):
+    streams: int
+    tickers_per_session: int
+    universe: int
+
+
+class GoClient:
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self.binary = root / LOADCLIENT_BIN
+
+    def build(self) -> None:
+        """go build is incremental: quick when nothing changed."""
+        subprocess.run(
+            ["go", "build", "-o", str(self.binary), "."],
+            cwd=self._root / LOADCLIENT_DIR,
+            check=True,
+        )
+
+    def run(
+        self,
+        case: BenchCase,
+        grpc_port: int,
+        sample: Sampler,
+        ramp: int,
+        hold: int,
+        client_cpus: str,
+    ) -> Measured:
+        self.build()
+        command = [
+            "taskset", "-c", client_cpus, str(self.binary),
+            "-target", f"127.0.0.1:{grpc_port}",
+            "-streams", str(case.streams),
+            "-tickers", ",".join(ticker_universe(case.universe)),
+            "-tickers-per-session", str(case.tickers_per_session),
+            "-ramp", f"{ramp}s", "-settle", "5s", "-hold", f"{hold}s",
+        ]  # fmt: skip
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stderr is not None and proc.stdout is not None
+        before: dict[str, float] = {}
+        after: dict[str, float] = {}
+        started = 0.0
+        window = 0.0
+        for line in proc.stderr:
+            if line.startswith("loadclient: hold started"):
+                before, started = sample(), time.monotonic()
+            elif line.startswith("loadclient: hold ended"):
+                after, window = sample(), time.monotonic() - started
+                break
+        stdout, stderr = proc.communicate(timeout=300)
+        if proc.returncode != 0 or not after:
+            raise RuntimeError(f"loadclient failed ({proc.returncode}): {stderr.strip()[-500:]}")
+        report = json.loads(stdout)
+        return Measured(
+            delivered_per_s=round(report["updates_per_second"], 1),
+            batches_per_s=round(report["batches_per_second"], 1),
+            p50_ms=report["delivery_latency_ms"]["p50"],
+            p99_ms=report["delivery_latency_ms"]["p99"],
+            streams_held=min(report["streams_at_hold_start"], report["streams_at_hold_end"]),
+            client_cores=round(report["client_cores"], 2),
+            errors=report["errors"],
+            server_before=before,
+            server_after=after,
+            server_window=window,
+        )
+
+
+class PythonLoadtest:
+    def __init__(self, root: Path, http_port: int, workdir: Path) -> None:
+        self._pricestream = str(root / ".venv/bin/pricestream")
+        self._http_port = http_port
+        self._workdir = workdir
+
+    def run(
+        self,
+        case: BenchCase,
+        grpc_port: int,
+        sample: Sampler,
+        ramp: int,
+        hold: int,
+        client_cpus: str,
+    ) -> Measured:
+        http_port, workdir = self._http_port, self._workdir
+        out = workdir / f"report-{case.streams}-{grpc_port}"
+        first, _, last = client_cpus.partition("-")
+        workers = int(last or first) - int(first) + 1
+        command = [
+            "taskset", "-c", client_cpus, self._pricestream, "loadtest",
+            "--target", f"127.0.0.1:{grpc_port}",
+            "--metrics-url", f"http://127.0.0.1:{http_port}/metrics",
+            "--stages", f"{ramp}s:{case.streams},{hold}s:{case.streams},5s:0",
+            "--keep-users", "--leave-mix", "cancel=1,close_session=1",
+            "--tickers-per-session", str(case.tickers_per_session),
+            "--universe", str(case.universe),
+            "--workers", str(workers), "--channels", "8",
+            "--leak-timeout", "60", "--out", str(out), "--quiet",
+        ]  # fmt: skip
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # The hold stage's start and end, from the stage plan (the tester starts in ~2 s).
+        time.sleep(2 + ramp + 3)
+        before, started = sample(), time.monotonic()
+        time.sleep(max(1, hold - 6))
+        after, window = sample(), time.monotonic() - started
+        proc.communicate(timeout=ramp + hold + 200)
+        report = json.loads((out / "report.json").read_text())
+        hold_stage = report["stages"][1]
+        return Measured(
+            delivered_per_s=hold_stage["updates_per_second"],
+            batches_per_s=hold_stage["batches_per_second"],
+            p50_ms=hold_stage["delivery_latency_ms"]["p50"],
+            p99_ms=hold_stage["delivery_latency_ms"]["p99"],
+            streams_held=case.streams,
+            client_cores=round(report["client_cpu_cores"], 2),
+            errors=report["total"]["errors"],
+            server_before=before,
+            server_after=after,
+            server_window=window,
+        )

@@ -1,0 +1,147 @@
+"""The benchmark's own tools, run for real: the Go load client (bench/loadclient) against a
+real `pricestream serve` and against the bare grpc.aio floor server, and their error paths."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import RedisProcess, fast_env, free_port, require_binary
+from pricestream.feed import ticker_universe
+from pricestream.leak_check import samples, violations
+from processes import ServeProcess, start_feed
+
+ROOT = Path(__file__).resolve().parents[1]
+LOADCLIENT = ROOT / "bench/loadclient"
+
+
+@pytest.fixture(scope="module")
+def loadclient(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    go = require_binary("go")
+    binary = tmp_path_factory.mktemp("loadclient") / "loadclient"
+    subprocess.run([go, "build", "-o", str(binary), "."], cwd=LOADCLIENT, check=True)
+    return binary
+
+
+def run_client(binary: Path, target: str, *args: str) -> dict:
+    result = subprocess.run(
+        [str(binary), "-target", target, *args], capture_output=True, text=True, timeout=90
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "loadclient: hold started" in result.stderr
+    return json.loads(result.stdout)
+
+
+def settled_metrics(http_port: int, timeout: float = 15) -> dict[str, float]:
+    """The server's samples once invariant 1 holds (unsubscribes are asynchronous), or at the
+    timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        url = f"http://127.0.0.1:{http_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            values = samples(response.read().decode())
+        if not violations(values) or time.monotonic() > deadline:
+            return values
+        time.sleep(0.2)
+
+
+def wait_listening(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
+
+
+def test_go_sources_are_formatted_and_vetted() -> None:
+    go = require_binary("go")
+    unformatted = subprocess.run(
+        ["gofmt", "-l", "."], cwd=LOADCLIENT, capture_output=True, text=True, check=True
+    )
+    assert unformatted.stdout == ""
+    subprocess.run([go, "vet", "./..."], cwd=LOADCLIENT, check=True)
+
+
+@pytest.mark.timeout(150)
+def test_loadclient_against_a_real_server_leaves_nothing_behind(
+    loadclient: Path, own_redis: RedisProcess, tmp_path: Path
+) -> None:
+    feed = start_feed(own_redis.url, tickers=40, rate=800)
+    server = ServeProcess(fast_env(own_redis.url), tmp_path / "serve.log")
+    try:
+        report = run_client(
+            loadclient, server.target,
+            "-streams", "60", "-tickers", ",".join(ticker_universe(40)),
+            "-tickers-per-session", "4", "-connections", "4",
+            "-ramp", "1s", "-settle", "1s", "-hold", "3s",
+        )  # fmt: skip
+        assert report["errors"] == {}
+        assert report["streams_at_hold_start"] == report["streams_at_hold_end"] == 60
+        assert report["left_by_close_session"] + report["left_by_cancel"] == 60
+        assert report["left_by_close_session"] == 30
+        # 800 updates/s over 40 tickers, 4 tickers per stream: ~80 per stream per second,
+        # coalesced to at most 4 per flush.
+        assert report["updates_per_second"] > 1000
+        assert report["updates"] >= report["batches"] > 0
+        latency = report["delivery_latency_ms"]
+        assert 0 < latency["p50"] <= latency["p99"] <= latency["max"] < 2000
+        values = settled_metrics(server.http_port)
+        assert violations(values) == []
+        assert values["pricestream_sessions_opened_total"] == 60
+        assert values["pricestream_streams_closed_total"] == 60
+    finally:
+        server.stop()
+        feed.kill()
+        feed.wait()
+
+
+@pytest.mark.timeout(120)
+def test_floor_server_streams_one_batch_per_flush(loadclient: Path) -> None:
+    port = free_port()
+    floor = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts/bench_floor_server.py"),
+         "--port", str(port), "--flush", "0.2", "--tickers-per-session", "3"],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_listening(port)
+        report = run_client(
+            loadclient, f"127.0.0.1:{port}",
+            "-streams", "40", "-tickers", "AAPL,MSFT,GOOG",
+            "-tickers-per-session", "3", "-connections", "2",
+            "-ramp", "1s", "-settle", "1s", "-hold", "4s",
+        )  # fmt: skip
+        assert report["errors"] == {}
+        assert report["updates"] == 3 * report["batches"]
+        # 40 streams x 5 flushes per second x 4 s
+        assert 600 <= report["batches"] <= 840
+    finally:
+        floor.terminate()
+        floor.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "loadclient: -tickers is required"),
+        (["-tickers", "A,B", "-tickers-per-session", "3"], "-tickers-per-session must be 1..2"),
+        (
+            ["-tickers", "A", "-tickers-per-session", "1", "-streams", "0"],
+            "-streams, -connections and -hold must be positive",
+        ),
+    ],
+)
+def test_loadclient_bad_flags_get_one_line_and_exit_2(
+    loadclient: Path, args: list[str], message: str
+) -> None:
+    result = subprocess.run([str(loadclient), *args], capture_output=True, text=True, timeout=10)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
