@@ -242,6 +242,18 @@ def build() -> dict[str, Any]:
         8,
         8,
     )
+    layout.add(
+        timeseries(
+            "Stream backlog (overload)",
+            "percentunit",
+            [Query(f"max by (pod) (pricestream_flush_backlog_ratio{{{SEL}}})", "{{pod}}")],
+            "Share of streams with news still writing the previous flush's batch: the pod "
+            "writes fewer batches than its streams need. Above PRICESTREAM_OVERLOAD_BACKLOG "
+            "new sessions are refused.",
+        ),
+        8,
+        8,
+    )
 
     return {
         "uid": UID,

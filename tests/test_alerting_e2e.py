@@ -56,6 +56,7 @@ SHORT_WINDOWS = {
     "latencyObjectiveSeconds": "1",
     "latencyFor": "15s",
     "overloadLagSeconds": "0.5",
+    "overloadBacklogRatio": "0.5",
     "overloadFor": "15s",
     "slowConsumerRatio": "0.05",
     "slowConsumerFor": "15s",

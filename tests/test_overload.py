@@ -10,33 +10,66 @@ import grpc
 import pytest
 from conftest import fast_settings, ready_server
 from invariants import samples, wait_invariant
+from pricestream.feed import ticker_universe
 from pricestream.flush import FlushClock
 from pricestream.metrics import Metrics
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
+from processes import start_feed
+from test_api import next_batch
+
+
+def new_clock(**limits: float) -> FlushClock:
+    return FlushClock(0.1, 10.0, Metrics(), on_stall=lambda writer: None, **limits)
 
 
 def test_lag_is_a_moving_average_of_lateness() -> None:
-    clock = FlushClock(0.1, 10.0, Metrics(), on_stall=lambda writer: None)
+    clock = new_clock()
     for _ in range(20):
-        clock.observe_lag(0.5)
+        clock.observe(0.5, 0.0)
     assert clock.lag == pytest.approx(0.5, rel=0.02)
-    clock.observe_lag(-1.0)  # early wake-ups count as on time, not as negative lateness
+    clock.observe(-1.0, 0.0)  # early wake-ups count as on time, not as negative lateness
     assert clock.lag == pytest.approx(0.4, rel=0.02)
     assert not clock.overloaded  # no limit configured
 
 
 def test_overload_has_hysteresis() -> None:
-    clock = FlushClock(0.1, 10.0, Metrics(), on_stall=lambda writer: None, overload_lag=0.2)
+    clock = new_clock(overload_lag=0.2)
     while not clock.overloaded:
-        clock.observe_lag(0.5)
+        clock.observe(0.5, 0.0)
     assert clock.lag > 0.2
     while clock.lag > 0.15:  # below the limit, above half of it: still overloaded
-        clock.observe_lag(0.12)
+        clock.observe(0.12, 0.0)
         assert clock.overloaded
     while clock.overloaded:
-        clock.observe_lag(0.0)
+        clock.observe(0.0, 0.0)
     assert clock.lag <= 0.1
+
+
+def test_backlog_overloads_a_punctual_clock_and_both_signs_must_calm_down() -> None:
+    clock = new_clock(overload_lag=0.5, overload_backlog=0.5)
+    while not clock.overloaded:
+        clock.observe(0.01, 0.9)  # on time, but 90% of the writers are still writing
+    assert clock.backlog > 0.5 and clock.lag < 0.25
+    assert clock.overload_reason().endswith(
+        "% of its streams with news are still writing their previous batch"
+    )
+    for _ in range(10):
+        clock.observe(0.45, 0.9)  # then the clock runs late too
+    for _ in range(30):
+        clock.observe(0.45, 0.0)  # backlog gone, lag above half its limit: still overloaded
+    assert clock.backlog < 0.01 and clock.overloaded
+    assert clock.overload_reason() == "its flushes run 450 ms late"
+    while clock.overloaded:
+        clock.observe(0.0, 0.0)
+    assert clock.lag <= 0.25 and clock.backlog <= 0.25
+
+
+def test_backlog_limit_zero_turns_that_sign_off() -> None:
+    clock = new_clock(overload_lag=0.5, overload_backlog=0.0)
+    for _ in range(50):
+        clock.observe(0.0, 1.0)
+    assert clock.backlog == pytest.approx(1.0, rel=0.01) and not clock.overloaded
 
 
 async def block_the_loop(seconds: float, chunk: float) -> None:
@@ -73,3 +106,68 @@ async def test_overloaded_pod_refuses_sessions_and_recovers(redis) -> None:
             for session in (first, second):
                 await stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
         await wait_invariant(server)
+
+
+STALLING_WINDOW = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+
+
+async def open_stalled_streams(stub: PriceStreamServiceStub, count: int, tickers: list[str]):
+    """Streams that read their first batch and then nothing: their writes stop completing."""
+    calls = []
+    for _ in range(count):
+        session = await stub.CreateSession(pb.CreateSessionRequest(tickers=tickers))
+        call = stub.StreamPriceUpdates(pb.StreamPriceUpdatesRequest(session_id=session.session_id))
+        await next_batch(call)
+        calls.append(call)
+    return calls
+
+
+async def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.timeout(90)
+async def test_write_backlog_overloads_a_pod_whose_clock_is_on_time(redis) -> None:
+    """Most streams with news unable to finish their previous write is overload even when the
+    flush clock is punctual; a handful of stalled clients is not."""
+    universe = ticker_universe(50)
+    feed = start_feed(redis.url, tickers=len(universe), rate=5000)
+    settings = fast_settings(
+        redis.url, overload_backlog=0.5, flush_interval=0.05, stall_timeout=60.0
+    )
+    try:
+        async with ready_server(settings) as server:
+            engine = server.engine
+            target = f"127.0.0.1:{server.grpc_port}"
+            async with (
+                grpc.aio.insecure_channel(target) as channel,
+                grpc.aio.insecure_channel(target, options=STALLING_WINDOW) as stalling,
+            ):
+                stub = PriceStreamServiceStub(channel)
+                few = await open_stalled_streams(PriceStreamServiceStub(stalling), 10, universe)
+                await asyncio.sleep(3)
+                assert not engine.overloaded, "10 stalled clients made the pod overloaded"
+                many = await open_stalled_streams(PriceStreamServiceStub(stalling), 60, universe)
+                await wait_for(lambda: engine.overloaded, 20, "70 stalled streams: no overload")
+                assert engine.clock.lag < 0.25 and not engine.ready
+                values = samples(engine.metrics.exposition().decode())
+                assert values["pricestream_flush_backlog_ratio"] > 0.5
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL"]))
+                assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert refused.value.details().endswith(
+                    "of its streams with news are still writing their previous batch); "
+                    "retry on another server"
+                )
+                for call in few + many:
+                    call.cancel()
+                await wait_for(lambda: not engine.overloaded, 20, "did not recover")
+                session = await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL"]))
+                await stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
+            await wait_invariant(server)
+    finally:
+        feed.kill()
+        feed.wait()

@@ -4,6 +4,7 @@ missing pods (promtool test rules with the production windows the chart ships)."
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -159,26 +160,30 @@ def target_absent() -> Scenario:
     )
 
 
-def overloaded() -> Scenario:
-    pod = Pod("pricestream-hot", hold(3000, 30))
-    lag = {"series": f"pricestream_flush_lag_seconds{{{pod.labels()}}}", "values": "0x4 0.8x25"}
-    expected = Expected(
-        "PriceStreamOverloaded",
-        labels(pod.name, "warning"),
-        {
-            "summary": "A pod's CPU is saturated; it refuses new sessions.",
-            "description": f"Pod {pod.name} in namespace {NAMESPACE} runs its flushes 800ms late: "
-            "it refuses new sessions and reports not ready.",
-            "runbook_url": f"{RUNBOOKS}/PriceStreamOverloaded.md",
-        },
-    )
-    return Scenario(
-        "flushes 800 ms late from minute 5: overload fires after its 10m, not before",
-        [pod],
-        check_minutes=[10, 16, 25],
-        firing={16: [expected], 25: [expected]},
-        extra_series=[lag],
-    )
+def overloaded(metric: str, value: str, what: str) -> Callable[[], Scenario]:
+    def scenario() -> Scenario:
+        pod = Pod("pricestream-hot", hold(3000, 30))
+        series = {"series": f"{metric}{{{pod.labels()}}}", "values": f"0x4 {value}x25"}
+        expected = Expected(
+            "PriceStreamOverloaded",
+            labels(pod.name, "warning"),
+            {
+                "summary": "A pod's CPU is saturated; it refuses new sessions.",
+                "description": f"Pod {pod.name} in namespace {NAMESPACE} is past its overload "
+                "limit (flush lag in seconds, or share of streams still writing their previous "
+                f"batch: {float(value):.2f}): it refuses new sessions and reports not ready.",
+                "runbook_url": f"{RUNBOOKS}/PriceStreamOverloaded.md",
+            },
+        )
+        return Scenario(
+            f"{what} from minute 5: overload fires after its 10m, not before",
+            [pod],
+            check_minutes=[10, 16, 25],
+            firing={16: [expected], 25: [expected]},
+            extra_series=[series],
+        )
+
+    return scenario
 
 
 SCENARIOS = {
@@ -194,7 +199,10 @@ SCENARIOS = {
         check_minutes=[30, 41, 45, 61, 70, 100, 120],
     ),
     "target_absent": target_absent,
-    "overloaded": overloaded,
+    "overloaded_by_lag": overloaded("pricestream_flush_lag_seconds", "0.8", "flushes 800 ms late"),
+    "overloaded_by_backlog": overloaded(
+        "pricestream_flush_backlog_ratio", "0.9", "90% of streams behind their flush"
+    ),
 }
 
 

@@ -62,6 +62,7 @@ class Engine:
             self.metrics,
             self._cut_off,
             overload_lag=settings.overload_lag,
+            overload_backlog=settings.overload_backlog,
         )
         self._streams_active = 0
         self._no_streams = asyncio.Event()
@@ -78,6 +79,7 @@ class Engine:
                 redis_up=lambda: self.broker.healthy,
                 ready=lambda: self.ready,
                 loop_lag=lambda: self.clock.lag,
+                flush_backlog=lambda: self.clock.backlog,
             )
         )
 

@@ -62,6 +62,11 @@ class StreamWriter:
         if current is None or current[2] < entry[2]:
             self.offer(ticker, entry)
 
+    @property
+    def behind(self) -> bool:
+        """Still busy with an earlier flush: woken but not yet taken, or its write in flight."""
+        return self._due or self.write_started is not None
+
     def wake(self) -> None:
         self._queued = False
         self._due = True
@@ -105,10 +110,20 @@ class StreamWriter:
 
 log = logging.getLogger("pricestream.flush")
 
-LAG_SMOOTHING = 0.2  # weight of the newest flush in the moving average of lateness
+BACKLOG_MIN_STREAMS = 50  # fewer writers behind than this never count as a backlog
+SMOOTHING = 0.2  # weight of the newest flush in the moving averages of lateness and backlog
 
 
 class FlushClock:
+    """Wakes the writers with news once per interval and judges whether the pod is overloaded.
+
+    Two signs of overload, each a moving average over the flushes: the clock itself running late
+    (`lag`: the event loop has more work than its CPU), and the share of writers with news that
+    are still busy with the previous flush (`backlog`: the pod writes fewer batches per second
+    than its streams need, which happens with a punctual clock when gRPC's writes are the
+    bottleneck). Past either limit the pod is overloaded until both fall below half of theirs.
+    """
+
     def __init__(
         self,
         interval: float,
@@ -116,38 +131,54 @@ class FlushClock:
         metrics: Metrics,
         on_stall: Callable[[StreamWriter], None],
         overload_lag: float = 0.0,
+        overload_backlog: float = 0.0,
     ) -> None:
         self._interval = interval
         self._overload_lag = overload_lag
+        self._overload_backlog = overload_backlog
         self._stall_timeout = stall_timeout
         self._metrics = metrics
         self._on_stall = on_stall
         self._queued: list[StreamWriter] = []
         self._writers: set[StreamWriter] = set()
         self._coalesced = 0
-        self.lag = 0.0  # seconds the flushes run late (moving average): the loop's overload
+        self.lag = 0.0  # seconds the flushes run late (moving average)
+        self.backlog = 0.0  # share of writers with news still busy with the last flush (average)
         self.overloaded = False
 
-    def observe_lag(self, late: float) -> None:
-        """Fold one flush's lateness into `lag`; past `overload_lag` the pod is overloaded until
-        the lag falls below half of it (hysteresis). 0 turns overload off."""
-        self.lag += LAG_SMOOTHING * (max(late, 0.0) - self.lag)
-        if self._overload_lag <= 0:
-            return
-        if self.overloaded and self.lag <= self._overload_lag / 2:
+    def observe(self, late: float, backlog: float) -> None:
+        """Fold one flush's lateness and backlog into the averages and update `overloaded`.
+        A limit of 0 turns that sign off."""
+        self.lag += SMOOTHING * (max(late, 0.0) - self.lag)
+        self.backlog += SMOOTHING * (backlog - self.backlog)
+        lag_limit, backlog_limit = self._overload_lag, self._overload_backlog
+        over = (lag_limit > 0 and self.lag > lag_limit) or (
+            backlog_limit > 0 and self.backlog > backlog_limit
+        )
+        calm = (lag_limit <= 0 or self.lag <= lag_limit / 2) and (
+            backlog_limit <= 0 or self.backlog <= backlog_limit / 2
+        )
+        if self.overloaded and calm:
             self.overloaded = False
             log.info("no longer overloaded", extra={"event": "overloaded", "overloaded": False})
-        elif not self.overloaded and self.lag > self._overload_lag:
+        elif not self.overloaded and over:
             self.overloaded = True
             log.warning(
-                "overloaded: flushes run %.0f ms late; refusing new sessions",
-                self.lag * 1000,
+                "overloaded: %s; refusing new sessions",
+                self.overload_reason(),
                 extra={
                     "event": "overloaded",
                     "overloaded": True,
                     "lag_seconds": round(self.lag, 3),
+                    "backlog_ratio": round(self.backlog, 3),
                 },
             )
+
+    def overload_reason(self) -> str:
+        """Why the pod is overloaded, as a phrase for logs and for refused clients."""
+        if self._overload_lag > 0 and self.lag > self._overload_lag / 2:
+            return f"its flushes run {self.lag * 1000:.0f} ms late"
+        return f"{self.backlog:.0%} of its streams with news are still writing their previous batch"
 
     def register(self, writer: StreamWriter) -> None:
         self._writers.add(writer)
@@ -171,12 +202,15 @@ class FlushClock:
             if delay > 0:
                 await asyncio.sleep(delay)
             late = loop.time() - next_flush
-            self.observe_lag(late)
             if late > self._interval:
                 next_flush = loop.time()  # we fell behind: do not try to catch up in a burst
             queued, self._queued = self._queued, []
+            behind = 0
             for writer in queued:
+                behind += writer.behind
                 writer.wake()
+            # A few stalled clients are the stall timeout's business, not overload.
+            self.observe(late, behind / len(queued) if behind >= BACKLOG_MIN_STREAMS else 0.0)
             if self._coalesced:
                 self._metrics.updates_coalesced.inc(self._coalesced)
                 self._coalesced = 0

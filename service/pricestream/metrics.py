@@ -35,6 +35,7 @@ class LiveGauges:
     redis_up: Callable[[], bool]
     ready: Callable[[], bool]
     loop_lag: Callable[[], float]
+    flush_backlog: Callable[[], float]
 
 
 class _LiveCollector(Collector):
@@ -77,6 +78,12 @@ class _LiveCollector(Collector):
             "pricestream_flush_lag_seconds",
             "How late the flushes run (moving average): the event loop's overload.",
             value=g.loop_lag(),
+        )
+        yield GaugeMetricFamily(
+            "pricestream_flush_backlog_ratio",
+            "Share of streams with news still writing the previous flush's batch (moving "
+            "average): the pod writes fewer batches than its streams need.",
+            value=g.flush_backlog(),
         )
 
 

@@ -127,8 +127,8 @@ class PriceStreamService:
             )
         if engine.overloaded:
             raise resource_exhausted(
-                f"this server is overloaded (its flushes run {engine.clock.lag * 1000:.0f} ms "
-                "late); retry on another server"
+                f"this server is overloaded ({engine.clock.overload_reason()}); "
+                "retry on another server"
             )
         peer = peer_address(context.peer() or "")
         if not engine.create_limiter.allow(peer):

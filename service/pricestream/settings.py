@@ -61,6 +61,13 @@ class Settings(BaseSettings):
         description="Seconds the flush clock may run late before the pod refuses new sessions "
         "and turns not ready (0: never).",
     )
+    overload_backlog: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Share of streams with news that may still be writing the previous flush's "
+        "batch before the pod refuses new sessions and turns not ready (0: never).",
+    )
     stall_timeout: Seconds = Field(
         10.0, description="Seconds a client may leave a batch unread before it is cut off."
     )
