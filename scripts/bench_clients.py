@@ -3,7 +3,8 @@
 ``GoClient`` (default) is bench/loadclient: one light Go process holding every stream, so on a
 small machine the figures are the server's. ``PythonLoadtest`` is `pricestream loadtest`, the
 full-featured tester, whose Python receivers need about as much CPU as the server they measure.
-Both read the server's /metrics at the start and end of their hold window.
+Both sample the server (its /metrics, or /proc for the floor server) at the start and end of
+their hold window.
 """
 
 from __future__ import annotations

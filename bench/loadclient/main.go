@@ -30,6 +30,9 @@ import (
 	"google.golang.org/grpc/status"
 )
 
+// closeAttempts is how often a user tries CloseSession before it cancels its stream instead.
+const closeAttempts = 3
+
 type config struct {
 	target            string
 	streams           int
@@ -209,7 +212,7 @@ func (r *run) closeSession(conn *grpc.ClientConn, id string) bool {
 		code := status.Code(err)
 		retryable := code == codes.Canceled || code == codes.Unavailable ||
 			code == codes.DeadlineExceeded || code == codes.ResourceExhausted
-		if !retryable || attempt == 3 {
+		if !retryable || attempt == closeAttempts {
 			r.fail("close", err)
 			return false
 		}
@@ -270,7 +273,7 @@ func execute(cfg config) (result, error) {
 	go func() { users.Wait(); close(left) }()
 	select {
 	case <-left:
-	case <-time.After(cfg.leaveTimeout + 30*time.Second):
+	case <-time.After(closeAttempts*cfg.leaveTimeout + 30*time.Second):
 		return result{}, errors.New("users did not leave within the leave timeout")
 	}
 	qs := r.latency.quantiles(0.5, 0.95, 0.99)
