@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,11 @@ def test_smoke_run_against_a_real_server(own_redis: RedisProcess, tmp_path: Path
         for name in ("summary.md", "users.png", "throughput.png", "latency.png", "server.png"):
             assert (out / name).stat().st_size > 0
         assert "Leak verdict: PASS" in (out / "summary.md").read_text()
+        usable = min(2, len(os.sched_getaffinity(0)))
+        assert report["client_cores_available"] == usable
+        assert f"of the {usable} it could use" in (out / "summary.md").read_text()
+        busy = report["client_cpu_cores"] >= 0.8 * usable
+        assert ("warning: the load generator averaged" in result.stderr) is busy
         assert "leak verdict PASS" in result.stdout
     finally:
         server.stop()

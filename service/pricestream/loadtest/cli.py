@@ -118,6 +118,9 @@ def options_from(args: argparse.Namespace, argv: list[str] | None = None) -> Loa
     )
 
 
+GENERATOR_BUSY = 0.8  # share of its usable cores past which the generator may be the limit
+
+
 def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from pricestream.loadtest.runner import run_load_test
 
@@ -134,5 +137,13 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     )
     for error in report["worker_errors"]:
         print(error, file=sys.stderr)
+    if report["client_cpu_cores"] >= GENERATOR_BUSY * report["client_cores_available"]:
+        print(
+            f"warning: the load generator averaged {report['client_cpu_cores']:.2f} of the "
+            f"{report['client_cores_available']} cores it could use, so the figures may show its "
+            "limits rather than the server's; give it more cores or --workers, or use the Go "
+            "receiver of `make bench` (bench/loadclient)",
+            file=sys.stderr,
+        )
     print(f"report: {options.out}/ ({', '.join(files)})")
     return 0 if report["passed"] else 1

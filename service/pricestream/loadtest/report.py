@@ -28,8 +28,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"Target {', '.join(run['targets'])}; {run['workers']} worker processes x "
         f"{run['channels_per_worker']} channels; {run['tickers_per_session']} tickers per session "
         f"from {run['universe']}; peak {run['peak_users']:,} users over {run['seconds']:.0f} s.",
-        f"Load generator CPU: {report['client_cpu_cores']:.2f} cores on average "
-        f"(if near the cores it had, the generator was the bottleneck).",
+        f"Load generator CPU: {report['client_cpu_cores']:.2f} cores on average of the "
+        f"{report['client_cores_available']} it could use (if near them, the generator was the "
+        "bottleneck).",
         "",
         "| stage | users | s | sessions ok/attempted | create p50/p99 ms | start p99 ms "
         "| updates/s | batches/s | delivery p50/p95/p99/max ms | errors |",

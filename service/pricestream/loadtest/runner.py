@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -170,6 +171,7 @@ class LoadTest:
             "max_error_rate": o.max_error_rate,
             "client_cpu_seconds": round(cpu, 2),
             "client_cpu_cores": cpu / self.schedule.seconds if self.schedule.seconds else 0.0,
+            "client_cores_available": min(o.workers, len(os.sched_getaffinity(0))),
             "worker_errors": self.worker_errors,
             "leak_verdict": verdict,
             "server_series": metrics.points,
