@@ -25,6 +25,7 @@ class StreamWriter:
     __slots__ = (
         "_clock",
         "_due",
+        "_due_since",
         "_queued",
         "_task",
         "_waiter",
@@ -42,6 +43,7 @@ class StreamWriter:
         self.offered = 0
         self._queued = False
         self._due = False
+        self._due_since = 0.0
         self._waiter: asyncio.Future[None] | None = None
         self._task = asyncio.current_task()
         self.write_started: float | None = None
@@ -62,14 +64,19 @@ class StreamWriter:
         if current is None or current[2] < entry[2]:
             self.offer(ticker, entry)
 
-    @property
-    def behind(self) -> bool:
-        """Still busy with an earlier flush: woken but not yet taken, or its write in flight."""
-        return self._due or self.write_started is not None
+    def behind(self, now: float, grace: float) -> bool:
+        """Busy with an earlier flush for longer than ``grace`` seconds: its write still in
+        flight, or woken and not yet taken (monotonic clock)."""
+        started = self.write_started
+        if started is not None:
+            return now - started > grace
+        return self._due and now - self._due_since > grace
 
-    def wake(self) -> None:
+    def wake(self, now: float) -> None:
         self._queued = False
-        self._due = True
+        if not self._due:
+            self._due = True
+            self._due_since = now
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -111,6 +118,7 @@ class StreamWriter:
 log = logging.getLogger("pricestream.flush")
 
 BACKLOG_MIN_STREAMS = 50  # fewer writers behind than this never count as a backlog
+BACKLOG_GRACE = 0.25  # seconds (at least one flush interval) a writer may be busy and not behind
 SMOOTHING = 0.2  # weight of the newest flush in the moving averages of lateness and backlog
 
 
@@ -119,9 +127,10 @@ class FlushClock:
 
     Two signs of overload, each a moving average over the flushes: the clock itself running late
     (`lag`: the event loop has more work than its CPU), and the share of writers with news that
-    are still busy with the previous flush (`backlog`: the pod writes fewer batches per second
-    than its streams need, which happens with a punctual clock when gRPC's writes are the
-    bottleneck). Past either limit the pod is overloaded until both fall below half of theirs.
+    have been busy with an earlier flush for over an interval, at least 250 ms (`backlog`: the
+    pod writes fewer batches per second than its streams need, which happens with a punctual
+    clock when gRPC's writes are the bottleneck). Past either limit the pod is overloaded until
+    both fall below half of theirs.
     """
 
     def __init__(
@@ -205,10 +214,12 @@ class FlushClock:
             if late > self._interval:
                 next_flush = loop.time()  # we fell behind: do not try to catch up in a burst
             queued, self._queued = self._queued, []
+            now = time.monotonic()
+            grace = max(self._interval, BACKLOG_GRACE)
             behind = 0
             for writer in queued:
-                behind += writer.behind
-                writer.wake()
+                behind += writer.behind(now, grace)
+                writer.wake(now)
             # A few stalled clients are the stall timeout's business, not overload.
             self.observe(late, behind / len(queued) if behind >= BACKLOG_MIN_STREAMS else 0.0)
             if self._coalesced:

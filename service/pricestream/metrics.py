@@ -81,8 +81,8 @@ class _LiveCollector(Collector):
         )
         yield GaugeMetricFamily(
             "pricestream_flush_backlog_ratio",
-            "Share of streams with news still writing the previous flush's batch (moving "
-            "average): the pod writes fewer batches than its streams need.",
+            "Share of streams with news busy with an earlier batch for over a flush interval, "
+            "at least 250 ms (moving average): the pod writes fewer batches than its streams need.",
             value=g.flush_backlog(),
         )
 

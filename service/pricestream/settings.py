@@ -65,8 +65,9 @@ class Settings(BaseSettings):
         0.5,
         ge=0.0,
         le=1.0,
-        description="Share of streams with news that may still be writing the previous flush's "
-        "batch before the pod refuses new sessions and turns not ready (0: never).",
+        description="Share of streams with news that may be busy with an earlier batch for over "
+        "a flush interval (at least 250 ms) before the pod refuses new sessions and turns not "
+        "ready (0: never).",
     )
     stall_timeout: Seconds = Field(
         10.0, description="Seconds a client may leave a batch unread before it is cut off."
