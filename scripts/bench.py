@@ -29,6 +29,7 @@ from pathlib import Path
 
 from bench_clients import GoClient, PythonLoadtest, Sampler, server_metrics
 from pricestream.leak_check import violations
+from prometheus_client.process_collector import ProcessCollector
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_UPDATES_PER_CORE = 7_000  # the Go system: 14,000 updates/s on ~2 cores
@@ -66,17 +67,12 @@ DEFAULT_CASES = "a500,floor500,a100,b100,m10k"
 
 
 def proc_sampler(pid: int) -> Sampler:
-    """CPU seconds and RSS of a process without /metrics (the floor server), from /proc."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    page = os.sysconf("SC_PAGE_SIZE")
+    """CPU seconds and RSS of a process without /metrics (the floor server), read from /proc by
+    prometheus_client's own process collector."""
+    collector = ProcessCollector(pid=lambda: pid, registry=None)
 
     def sample() -> dict[str, float]:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        rss_pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
-        return {
-            "process_cpu_seconds_total": (int(fields[11]) + int(fields[12])) / ticks,
-            "process_resident_memory_bytes": rss_pages * page,
-        }
+        return {s.name: s.value for family in collector.collect() for s in family.samples}
 
     return sample
 

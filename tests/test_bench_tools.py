@@ -3,18 +3,18 @@ real `pricestream serve` and against the bare grpc.aio floor server, and their e
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from conftest import RedisProcess, fast_env, free_port, require_binary
+from invariants import wait_invariant
 from pricestream.feed import ticker_universe
-from pricestream.leak_check import samples, violations
 from processes import ServeProcess, start_feed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,19 +36,6 @@ def run_client(binary: Path, target: str, *args: str) -> dict:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "loadclient: hold started" in result.stderr
     return json.loads(result.stdout)
-
-
-def settled_metrics(http_port: int, timeout: float = 15) -> dict[str, float]:
-    """The server's samples once invariant 1 holds (unsubscribes are asynchronous), or at the
-    timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        url = f"http://127.0.0.1:{http_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            values = samples(response.read().decode())
-        if not violations(values) or time.monotonic() > deadline:
-            return values
-        time.sleep(0.2)
 
 
 def wait_listening(port: int, timeout: float = 20) -> None:
@@ -93,8 +80,7 @@ def test_loadclient_against_a_real_server_leaves_nothing_behind(
         assert report["updates"] >= report["batches"] > 0
         latency = report["delivery_latency_ms"]
         assert 0 < latency["p50"] <= latency["p99"] <= latency["max"] < 2000
-        values = settled_metrics(server.http_port)
-        assert violations(values) == []
+        values = asyncio.run(wait_invariant(server.http_port, timeout=15))
         assert values["pricestream_sessions_opened_total"] == 60
         assert values["pricestream_streams_closed_total"] == 60
     finally:

@@ -124,7 +124,8 @@ class Engine:
 
     @property
     def overloaded(self) -> bool:
-        """The event loop runs too late to serve more: refuse new sessions, turn not ready."""
+        """Past an overload limit of the flush clock (lag or write backlog): refuse new sessions,
+        turn not ready."""
         return self.clock.overloaded
 
     async def __aenter__(self) -> Engine:
