@@ -145,6 +145,7 @@ class Engine:
         for session in self.registry.streaming():
             log.warning("stream of session %s still registered at shutdown", session.session_id)
         self.hub.close()
+        await self.store.aclose()
         await self.broker.aclose()
         if self.backends.redis is not None:
             await self.backends.redis.aclose()
@@ -207,13 +208,16 @@ class Engine:
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("could not refresh %d stream leases: %s", len(streaming), exc)
             return
-        for session_id in lost:
+        for session_id, why in lost.items():
+            if why == "closed":
+                self.on_closed(session_id)  # the Pub/Sub notice may not have arrived yet
+                continue
             session = self.registry.get(session_id)
             if session is not None and session.writer is not None:
                 session.writer.stop(
                     "session_lost",
                     grpc.StatusCode.NOT_FOUND,
-                    "session was closed or taken over by another stream",
+                    "session was taken over by another stream",
                 )
 
     def _check_redis_outage(self, now: float) -> None:

@@ -6,7 +6,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from pricestream.sessions import SessionBusy, SessionInfo, SessionNotFound, new_session_id
+from pricestream.sessions import (
+    LeaseLoss,
+    SessionBusy,
+    SessionInfo,
+    SessionNotFound,
+    new_session_id,
+)
 
 
 @dataclass
@@ -56,13 +62,17 @@ class MemorySessionStore:
         record.expires = now + self._lease_ttl + self._grace
         return record.tickers
 
-    async def refresh(self, claims: Mapping[str, tuple[str, tuple[str, ...]]]) -> list[str]:
-        lost = []
+    async def refresh(
+        self, claims: Mapping[str, tuple[str, tuple[str, ...]]]
+    ) -> dict[str, LeaseLoss]:
+        lost: dict[str, LeaseLoss] = {}
         for session_id, (owner, _tickers) in claims.items():
             try:
                 await self.claim(session_id, owner)
-            except (SessionNotFound, SessionBusy):
-                lost.append(session_id)
+            except SessionNotFound:
+                lost[session_id] = "closed"
+            except SessionBusy:
+                lost[session_id] = "taken"
         return lost
 
     async def release(self, session_id: str, owner: str) -> None:
@@ -82,3 +92,6 @@ class MemorySessionStore:
         now = time.monotonic()
         for session_id in [k for k, r in self._records.items() if r.expires <= now]:
             del self._records[session_id]
+
+    async def aclose(self) -> None:
+        """Nothing runs in the background."""

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
 
 from pricestream.codec import SESSION_CLOSED_CHANNEL
-from pricestream.sessions import SessionBusy, SessionInfo, SessionNotFound, new_session_id
+from pricestream.sessions import (
+    LeaseLoss,
+    SessionBusy,
+    SessionInfo,
+    SessionNotFound,
+    new_session_id,
+)
+from pricestream.tasks import cancel_and_wait
+
+_CREATE = """
+redis.call('HSET', KEYS[1], 'tickers', ARGV[1], 'created', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
 
 _CLAIM = """
 if redis.call('EXISTS', KEYS[3]) == 1 then return {0} end
@@ -22,15 +39,17 @@ return {1, tickers}
 """
 
 # Extends every lease we hold. A session Redis lost (restart without persistence) is written
-# again from what the stream knows; a closed (tombstoned) or taken one is reported lost.
+# again from what the stream knows; a closed (tombstoned) one is reported as i, a taken one as -i.
 _REFRESH = """
 local lost = {}
 for i = 1, #KEYS / 3 do
   local session, lease, tombstone = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
   local owner, tickers = ARGV[2*i+1], ARGV[2*i+2]
   local holder = redis.call('GET', lease)
-  if redis.call('EXISTS', tombstone) == 1 or (holder and holder ~= owner) then
+  if redis.call('EXISTS', tombstone) == 1 then
     table.insert(lost, i)
+  elseif holder and holder ~= owner then
+    table.insert(lost, -i)
   else
     redis.call('SET', lease, owner, 'PX', ARGV[1])
     if redis.call('EXISTS', session) == 0 then redis.call('HSET', session, 'tickers', tickers) end
@@ -57,6 +76,61 @@ return existed
 """
 
 REFRESH_CHUNK = 1000
+BATCH_LIMIT = 500  # script calls per pipeline
+
+
+class ScriptBatcher:
+    """Runs the script calls made during one event-loop turn in pipelines of up to
+    ``BATCH_LIMIT``: one round trip and one pooled connection for many calls, so thousands of
+    streams starting or ending at once neither queue for the connection pool nor time out in
+    bulk. Each caller gets its own result or error."""
+
+    def __init__(self, client: Redis) -> None:
+        self._client = client
+        self._pending: list[tuple[AsyncScript, list[str], list[str | int], asyncio.Future[Any]]]
+        self._pending = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def call(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Awaitable[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._start)
+        self._pending.append((script, keys, args, future))
+        return future
+
+    def _start(self) -> None:
+        batch, self._pending = self._pending, []
+        for start in range(0, len(batch), BATCH_LIMIT):
+            task = asyncio.create_task(self._run(batch[start : start + BATCH_LIMIT]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(
+        self, batch: list[tuple[AsyncScript, list[str], list[str | int], asyncio.Future[Any]]]
+    ) -> None:
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for script, keys, args, _ in batch:
+                    await script(keys=keys, args=args, client=pipe)
+                results = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else RedisError(exc))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (*_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue  # its caller gave up waiting
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def aclose(self) -> None:
+        await cancel_and_wait(list(self._tasks))
 
 
 def _keys(session_id: str) -> list[str]:
@@ -80,6 +154,8 @@ class RedisSessionStore:
         self._lease_ms = _ms(lease_ttl)
         self._leased_session_ms = _ms(lease_ttl + resume_grace)
         self._grace_ms = _ms(resume_grace)
+        self._batcher = ScriptBatcher(client)
+        self._create = client.register_script(_CREATE)
         self._claim = client.register_script(_CLAIM)
         self._refresh = client.register_script(_REFRESH)
         self._release = client.register_script(_RELEASE)
@@ -87,16 +163,16 @@ class RedisSessionStore:
 
     async def create(self, tickers: Sequence[str]) -> SessionInfo:
         session_id = new_session_id()
-        key = _keys(session_id)[0]
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping={"tickers": ",".join(tickers), "created": time.time()})
-            pipe.pexpire(key, _ms(self._session_ttl))
-            await pipe.execute()
+        await self._batcher.call(
+            self._create,
+            _keys(session_id)[:1],
+            [",".join(tickers), str(time.time()), _ms(self._session_ttl)],
+        )
         return SessionInfo(session_id, tuple(tickers), time.time() + self._session_ttl)
 
     async def claim(self, session_id: str, owner: str) -> tuple[str, ...]:
-        reply = await self._claim(
-            keys=_keys(session_id), args=[owner, self._lease_ms, self._leased_session_ms]
+        reply = await self._batcher.call(
+            self._claim, _keys(session_id), [owner, self._lease_ms, self._leased_session_ms]
         )
         if reply[0] == 0:
             raise SessionNotFound(session_id)
@@ -104,9 +180,11 @@ class RedisSessionStore:
             raise SessionBusy(session_id)
         return tuple(reply[1].decode().split(","))
 
-    async def refresh(self, claims: Mapping[str, tuple[str, tuple[str, ...]]]) -> list[str]:
+    async def refresh(
+        self, claims: Mapping[str, tuple[str, tuple[str, ...]]]
+    ) -> dict[str, LeaseLoss]:
         items = list(claims.items())
-        lost: list[str] = []
+        lost: dict[str, LeaseLoss] = {}
         for start in range(0, len(items), REFRESH_CHUNK):
             chunk = items[start : start + REFRESH_CHUNK]
             keys: list[str] = []
@@ -115,11 +193,15 @@ class RedisSessionStore:
                 keys.extend(_keys(session_id))
                 args.extend([owner, ",".join(tickers)])
             indexes = await self._refresh(keys=keys, args=args)
-            lost.extend(chunk[int(i) - 1][0] for i in indexes)
+            for index in map(int, indexes):
+                lost[chunk[abs(index) - 1][0]] = "closed" if index > 0 else "taken"
         return lost
 
     async def release(self, session_id: str, owner: str) -> None:
-        await self._release(keys=_keys(session_id)[:2], args=[owner, self._grace_ms])
+        await self._batcher.call(self._release, _keys(session_id)[:2], [owner, self._grace_ms])
+
+    async def aclose(self) -> None:
+        await self._batcher.aclose()
 
     async def close(self, session_id: str) -> bool:
         existed = await self._close(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from pricestream.validation import SESSION_ID_LENGTH
 
@@ -22,6 +22,10 @@ class SessionInfo:
     session_id: str
     tickers: tuple[str, ...]
     expires_at: float  # unix seconds; when the session expires if nobody streams it
+
+
+# Why a stream lost its session: closed (CloseSession on any pod) or taken by another stream.
+LeaseLoss = Literal["closed", "taken"]
 
 
 class SessionNotFound(Exception):
@@ -45,7 +49,9 @@ class SessionStore(Protocol):
         """Take the session's lease; its tickers, or SessionNotFound / SessionBusy."""
         ...
 
-    async def refresh(self, claims: Mapping[str, tuple[str, tuple[str, ...]]]) -> list[str]:
+    async def refresh(
+        self, claims: Mapping[str, tuple[str, tuple[str, ...]]]
+    ) -> dict[str, LeaseLoss]:
         """Extend leases {session_id: (owner, tickers)}; the ids that were closed or taken."""
         ...
 
@@ -55,4 +61,8 @@ class SessionStore(Protocol):
 
     async def close(self, session_id: str) -> bool:
         """Delete the session and end its stream anywhere; False if it did not exist."""
+        ...
+
+    async def aclose(self) -> None:
+        """Finish or cancel work still in flight (shutdown)."""
         ...
