@@ -10,13 +10,14 @@ ends with UNAUTHENTICATED. Health and reflection stay open so probes keep workin
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from pricestream.settings import Settings, SettingsError
+from pricestream.transport.calls import ServerCall
 
 PROTECTED_PREFIX = "/pricestream.v1.PriceStreamService/"
 MESSAGE = "missing or invalid bearer token"
@@ -33,7 +34,7 @@ def load_tokens(settings: Settings) -> list[bytes]:
     return [token.encode() for token in tokens]
 
 
-def _presented_token(metadata: tuple[tuple[str, Any], ...] | None) -> bytes:
+def _presented_token(metadata: Sequence[tuple[str, Any]] | None) -> bytes:
     for key, value in metadata or ():
         if key == "authorization":
             text = value.decode() if isinstance(value, bytes) else value
@@ -51,29 +52,15 @@ def _matches(presented: bytes, tokens: list[bytes]) -> bool:
     return found and bool(presented)
 
 
-async def _reject(request: Any, context: grpc.aio.ServicerContext) -> None:
-    """Behaviour of a refused call, unary or server-streaming alike."""
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, MESSAGE)
+class BearerAuth:
+    """A call gate of the transport: PriceStream calls need one of the configured tokens."""
 
-
-class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: list[bytes]) -> None:
         self._tokens = tokens
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith(PROTECTED_PREFIX):
-            return handler
-        if _matches(_presented_token(details.invocation_metadata), self._tokens):
-            return handler
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(
-                _reject, request_deserializer=handler.request_deserializer
-            )
-        return grpc.unary_unary_rpc_method_handler(
-            _reject, request_deserializer=handler.request_deserializer
-        )
+    def __call__(self, call: ServerCall) -> tuple[grpc.StatusCode, str] | None:
+        if not call.path.startswith(PROTECTED_PREFIX):
+            return None
+        if _matches(_presented_token(call.invocation_metadata()), self._tokens):
+            return None
+        return grpc.StatusCode.UNAUTHENTICATED, MESSAGE

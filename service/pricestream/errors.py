@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import grpc
 
 
@@ -37,8 +39,12 @@ def unavailable(message: str) -> RequestError:
 _CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
 
-def call_status(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
-    """The status code set on a call so far (grpc reports an enum or its int), or None."""
+class _HasCode(Protocol):
+    def code(self) -> grpc.StatusCode | int | None: ...
+
+
+def call_status(context: _HasCode) -> grpc.StatusCode | None:
+    """The status code set on a call so far (an enum, or its int), or None."""
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code

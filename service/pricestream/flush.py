@@ -2,8 +2,12 @@
 
 A ``StreamWriter`` keeps only the latest entry per ticker, so its memory is bounded by its
 ticker count whatever the tick rate. The ``FlushClock`` is the only timer: once per flush
-interval it wakes exactly the writers that received something, and once per second it cuts
-off writers whose client has left a batch unread for longer than the stall timeout.
+interval it hands the batch of every writer that received something to that writer's
+``BatchSink`` (the transport's side of the stream) in one synchronous pass, so the transport
+can write the batches of all streams of a connection at once; once per second it cuts off
+writers that have not kept up with their client's window for longer than the stall timeout.
+A writer whose previous batch is still waiting sends nothing and keeps coalescing until its
+sink says the window opened again.
 """
 
 from __future__ import annotations
@@ -12,44 +16,69 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import grpc
 
 from pricestream.hub import Entry
 from pricestream.metrics import Metrics
 
+MESSAGE_PREFIX_BYTES = 5  # gRPC's length prefix, counted against the send limit
+
+
+class BatchSink(Protocol):
+    """Where a stream's encoded ``PriceUpdateBatch`` messages go (one stream of the
+    transport). ``send`` never blocks: a batch the client's window cannot take now waits in
+    the sink, ``blocked_since`` tells since when (monotonic, None while nothing waits), and
+    the ``on_writable`` callback runs once the waiting batch is out."""
+
+    @property
+    def blocked_since(self) -> float | None: ...
+
+    def send(self, payload: bytes) -> None: ...
+
+    def on_writable(self, callback: Callable[[], None]) -> None: ...
+
 
 class StreamWriter:
-    """The per-stream state between the hub (``offer``) and the gRPC call (``next_batch``)."""
+    """The per-stream state between the hub (``offer``) and the stream's sink (``flush``)."""
 
     __slots__ = (
         "_clock",
-        "_due",
-        "_due_since",
+        "_ended",
+        "_max_bytes",
         "_queued",
-        "_task",
-        "_waiter",
+        "_sent_at",
+        "_sink",
+        "batches_sent",
+        "behind_since",
         "end_code",
         "end_message",
         "end_reason",
         "offered",
         "pending",
-        "write_started",
+        "updates_sent",
     )
 
-    def __init__(self, clock: FlushClock) -> None:
+    def __init__(self, clock: FlushClock, sink: BatchSink, max_bytes: int) -> None:
         self._clock = clock
+        self._sink = sink
+        self._max_bytes = max_bytes
         self.pending: dict[str, Entry] = {}
         self.offered = 0
         self._queued = False
-        self._due = False
-        self._due_since = 0.0
-        self._waiter: asyncio.Future[None] | None = None
-        self._task = asyncio.current_task()
-        self.write_started: float | None = None
+        self._ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.end_reason: str | None = None
         self.end_code = grpc.StatusCode.OK
         self.end_message = ""
+        self.batches_sent = 0
+        self.updates_sent = 0
+        self._sent_at = 0.0
+        # Since when (monotonic) this stream has not kept up: its batches wait for the client's
+        # window for longer than the clock's grace. Cleared only once one goes out in time, so
+        # a client that lets a trickle through while not reading is still cut off.
+        self.behind_since: float | None = None
+        sink.on_writable(self._writable)
 
     def offer(self, ticker: str, entry: Entry) -> None:
         self.pending[ticker] = entry
@@ -65,41 +94,52 @@ class StreamWriter:
             self.offer(ticker, entry)
 
     def behind(self, now: float, grace: float) -> bool:
-        """Busy with an earlier flush for longer than ``grace`` seconds: its write still in
-        flight, or woken and not yet taken (monotonic clock)."""
-        started = self.write_started
-        if started is not None:
-            return now - started > grace
-        return self._due and now - self._due_since > grace
+        """It has not kept up for longer than ``grace`` seconds."""
+        since = self.behind_since
+        return since is not None and now - since > grace
 
-    def wake(self, now: float) -> None:
+    def flush(self, now_ns: int) -> None:
+        """Hand the pending entries to the sink as one batch, unless the sink is still busy
+        with the previous one (then they keep coalescing until it is writable again)."""
         self._queued = False
-        if not self._due:
-            self._due = True
-            self._due_since = now
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def wait_due(self) -> None:
-        """Return at the next flush that has news for this stream, or when it must stop."""
-        while not self._due and self.end_reason is None:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        self._due = False
-
-    def take(self) -> tuple[bytes, list[int]]:
-        """The pending entries as one encoded ``PriceUpdateBatch`` and their publish times."""
+        if self.end_reason is not None or not self.pending or self._sink.blocked_since:
+            return
         entries = self.pending.values()
         payload = b"".join([entry[0] for entry in entries])
+        if len(payload) + MESSAGE_PREFIX_BYTES > self._max_bytes:
+            self.stop(
+                "send_error",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"a batch of {len(payload)} bytes is over the send limit of "
+                f"{self._max_bytes} bytes",
+            )
+            return
         published = [entry[1] for entry in entries]
-        self._clock.count_coalesced(self.offered - len(published))
+        self._clock.count_sent(self.offered, published, now_ns)
         self.offered = 0
         self.pending = {}
-        return payload, published
+        self.batches_sent += 1
+        self.updates_sent += len(published)
+        self._sink.send(payload)
+        now = time.monotonic()
+        self._sent_at = now
+        if self._sink.blocked_since is None:
+            self.behind_since = None
+        elif self.behind_since is None:
+            self.behind_since = now
+
+    def _writable(self) -> None:
+        """The sink let its waiting batch out: caught up if that took no longer than the
+        clock's grace; then send what coalesced meanwhile at the next flush."""
+        if time.monotonic() - self._sent_at <= self._clock.grace:
+            self.behind_since = None
+        if self.pending and not self._queued and self.end_reason is None:
+            self._queued = True
+            self._clock.queue(self)
+
+    async def ended(self) -> None:
+        """Return once the stream has been stopped (``stop``)."""
+        await self._ended
 
     def stop(self, reason: str, code: grpc.StatusCode, message: str) -> None:
         """End the stream from outside (close, shutdown, stall, lost lease); first reason wins."""
@@ -108,11 +148,9 @@ class StreamWriter:
         self.end_reason = reason
         self.end_code = code
         self.end_message = message
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-        elif self.write_started is not None and reason == "slow_consumer" and self._task:
-            self._task.cancel()  # the client is not reading: abandon the pending write
+        self.pending = {}
+        if not self._ended.done():
+            self._ended.set_result(None)
 
 
 log = logging.getLogger("pricestream.flush")
@@ -151,6 +189,9 @@ class FlushClock:
         self._queued: list[StreamWriter] = []
         self._writers: set[StreamWriter] = set()
         self._coalesced = 0
+        self._updates_sent = 0
+        self._batches_sent = 0
+        self._observe_latency = metrics.delivery_latency.observe_batch
         self.lag = 0.0  # seconds the flushes run late (moving average)
         self.backlog = 0.0  # share of writers with news still busy with the last flush (average)
         self.overloaded = False
@@ -189,6 +230,11 @@ class FlushClock:
             return f"its flushes run {self.lag * 1000:.0f} ms late"
         return f"{self.backlog:.0%} of its streams with news are still writing their previous batch"
 
+    @property
+    def grace(self) -> float:
+        """Seconds a batch may wait for its client before the stream counts as behind."""
+        return max(self._interval, BACKLOG_GRACE)
+
     def register(self, writer: StreamWriter) -> None:
         self._writers.add(writer)
 
@@ -198,8 +244,12 @@ class FlushClock:
     def queue(self, writer: StreamWriter) -> None:
         self._queued.append(writer)
 
-    def count_coalesced(self, count: int) -> None:
-        self._coalesced += count
+    def count_sent(self, offered: int, published: list[int], now_ns: int) -> None:
+        """Account one batch handed to a sink: latency per update, counts per flush."""
+        self._coalesced += offered - len(published)
+        self._updates_sent += len(published)
+        self._batches_sent += 1
+        self._observe_latency(now_ns, published)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -215,23 +265,33 @@ class FlushClock:
                 next_flush = loop.time()  # we fell behind: do not try to catch up in a burst
             queued, self._queued = self._queued, []
             now = time.monotonic()
-            grace = max(self._interval, BACKLOG_GRACE)
+            now_ns = time.time_ns()
+            grace = self.grace
             behind = 0
             for writer in queued:
                 behind += writer.behind(now, grace)
-                writer.wake(now)
+                writer.flush(now_ns)
             # A few stalled clients are the stall timeout's business, not overload.
             self.observe(late, behind / len(queued) if behind >= BACKLOG_MIN_STREAMS else 0.0)
-            if self._coalesced:
-                self._metrics.updates_coalesced.inc(self._coalesced)
-                self._coalesced = 0
+            self.fold_counts()
             if next_flush >= next_stall_check:
                 next_stall_check = next_flush + 1.0
                 self._cut_off_stalled()
 
+    def fold_counts(self) -> None:
+        """Add what was sent since the last call to the Prometheus counters."""
+        metrics = self._metrics
+        if self._coalesced:
+            metrics.updates_coalesced.inc(self._coalesced)
+            self._coalesced = 0
+        if self._batches_sent:
+            metrics.batches_sent.inc(self._batches_sent)
+            metrics.updates_sent.inc(self._updates_sent)
+            self._batches_sent = self._updates_sent = 0
+
     def _cut_off_stalled(self) -> None:
         deadline = time.monotonic() - self._stall_timeout
         for writer in list(self._writers):
-            started = writer.write_started
-            if started is not None and started < deadline and writer.end_reason is None:
+            since = writer.behind_since
+            if since is not None and since < deadline and writer.end_reason is None:
                 self._on_stall(writer)

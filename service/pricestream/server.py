@@ -10,16 +10,18 @@ import signal
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
-from pricestream.auth import BearerAuthInterceptor, load_tokens
+from pricestream.auth import BearerAuth, load_tokens
 from pricestream.engine import Engine
-from pricestream.grpc_metrics import GrpcMetrics, MetricsInterceptor
+from pricestream.grpc_metrics import GrpcMetrics
 from pricestream.http_api import HttpServer
+from pricestream.reflection import add_reflection
 from pricestream.service import SERVICE_NAME, PriceStreamService
 from pricestream.settings import Settings
 from pricestream.tasks import cancel_and_wait
-from pricestream.tls import server_credentials
+from pricestream.tls import server_ssl_context
+from pricestream.transport.limits import Limits
+from pricestream.transport.server import Gate, GrpcServer
 
 log = logging.getLogger("pricestream.server")
 
@@ -27,21 +29,17 @@ MAX_REQUEST_BYTES = 64 * 1024
 SHUTDOWN_MESSAGE = "server is shutting down; resume the session on another server"
 
 
-def grpc_options(settings: Settings) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-        ("grpc.max_send_message_length", settings.max_send_message_bytes),
+def transport_limits(settings: Settings) -> Limits:
+    return Limits(
+        max_request_bytes=MAX_REQUEST_BYTES,
+        max_send_message_bytes=settings.max_send_message_bytes,
         # One client connection may carry many streams (a gateway, a load tester).
-        ("grpc.max_concurrent_streams", settings.max_sessions),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        # Long-lived channels move after a scale-up: GOAWAY after the age, hard close after
-        # the grace; clients resume their session on whichever pod they reach.
-        ("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)),
-        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace * 1000)),
-    ]
+        max_concurrent_streams=settings.max_sessions,
+        # Long-lived channels move after a scale-up: GOAWAY after the age, streams ended
+        # after the grace; clients resume their session on whichever pod they reach.
+        max_connection_age=settings.max_connection_age,
+        max_connection_age_grace=settings.max_connection_age_grace,
+    )
 
 
 class Server:
@@ -53,11 +51,10 @@ class Server:
         self.health = HealthServicer()
         self.grpc_port = settings.grpc_port
         self.grpc_metrics = GrpcMetrics(self.engine.metrics.registry)
-        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.grpc_metrics)]
         tokens = load_tokens(settings)
-        if tokens:
-            interceptors.append(BearerAuthInterceptor(tokens))
-        self._grpc = grpc.aio.server(options=grpc_options(settings), interceptors=interceptors)
+        gates: list[Gate] = [BearerAuth(tokens)] if tokens else []
+        self._ssl = server_ssl_context(settings) if settings.tls else None
+        self._grpc = GrpcServer(transport_limits(settings), self.grpc_metrics, gates)
         self._http = HttpServer(self.engine, settings.http_host, settings.http_port)
         self._health_task: asyncio.Task[None] | None = None
         self._drained = False
@@ -78,27 +75,18 @@ class Server:
                 (PriceStreamService(self.engine).generic_handler(),)
             )
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-            reflection.enable_server_reflection(
-                (
-                    SERVICE_NAME,
-                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                    reflection.SERVICE_NAME,
-                ),
+            add_reflection(
                 self._grpc,
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
             )
-            address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
-            if self.settings.tls:
-                self.grpc_port = self._grpc.add_secure_port(
-                    address, server_credentials(self.settings)
-                )
-            else:
-                self.grpc_port = self._grpc.add_insecure_port(address)
-            await self._grpc.start()
+            self.grpc_port = await self._grpc.start(
+                self.settings.grpc_host, self.settings.grpc_port, self._ssl
+            )
             await self._http.__aenter__()
             await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
             self._health_task = asyncio.create_task(self._track_readiness(), name="readiness")
         except BaseException:
-            await self._grpc.stop(0)
+            await self._grpc.stop(0, SHUTDOWN_MESSAGE)
             await self.engine.__aexit__(None, None, None)
             raise
         log.info(
@@ -153,7 +141,7 @@ class Server:
     async def __aexit__(self, *exc_info: object) -> None:
         try:
             await self.drain()
-            await self._grpc.stop(grace=1.0)
+            await self._grpc.stop(1.0, SHUTDOWN_MESSAGE)
         finally:
             if self._health_task is not None:
                 await cancel_and_wait([self._health_task])
@@ -171,8 +159,7 @@ class Server:
 async def run_until_signalled(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT, then drain and stop.
 
-    The server is built here, inside the running loop: grpc.aio binds to the loop current at
-    construction.
+    The server is built here, inside the running loop it serves on.
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

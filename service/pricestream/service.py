@@ -10,7 +10,6 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError, Message
-from grpc.aio import ServicerContext
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
@@ -26,6 +25,7 @@ from pricestream.errors import (
 from pricestream.rate_limit import peer_address
 from pricestream.stream import StreamLifecycle, finish_status
 from pricestream.tracing import caller_context
+from pricestream.transport.calls import ServerCall
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.validation import check_session_id, normalise_tickers
 
@@ -39,12 +39,12 @@ M = TypeVar("M", bound=Message)
 def _answers_errors(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
     """Turn RequestError and backend failures into one status code and one sentence.
 
-    The decorated method takes the call's ``ServicerContext`` as its last argument.
+    The decorated method takes the call's ``ServerCall`` as its last argument.
     """
 
     @functools.wraps(method)
     async def wrapper(*args: Any) -> R:
-        context: ServicerContext = args[-1]
+        context: ServerCall = args[-1]
         try:
             return await method(*args)
         except RequestError as exc:
@@ -81,7 +81,7 @@ def _traced(method: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[...
 
     def decorate(handler: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
         @functools.wraps(handler)
-        async def wrapper(self: PriceStreamService, request: Any, context: ServicerContext) -> R:
+        async def wrapper(self: PriceStreamService, request: Any, context: ServerCall) -> R:
             with self._span(method, context):
                 return await handler(self, request, context)
 
@@ -95,7 +95,7 @@ class PriceStreamService:
         self._engine = engine
 
     @contextlib.contextmanager
-    def _span(self, method: str, context: ServicerContext) -> Iterator[trace.Span]:
+    def _span(self, method: str, context: ServerCall) -> Iterator[trace.Span]:
         """A server span for one call, continuing the caller's trace from its metadata."""
         with self._engine.tracing.tracer.start_as_current_span(
             f"{SERVICE_NAME}/{method}",
@@ -115,7 +115,7 @@ class PriceStreamService:
     @_traced("CreateSession")
     @_answers_errors
     async def create_session(
-        self, request: pb.CreateSessionRequest, context: ServicerContext
+        self, request: pb.CreateSessionRequest, context: ServerCall
     ) -> pb.Session:
         self._refuse_if_draining()
         request = _require(request, pb.CreateSessionRequest)
@@ -145,7 +145,7 @@ class PriceStreamService:
     @_traced("CloseSession")
     @_answers_errors
     async def close_session(
-        self, request: pb.CloseSessionRequest, context: ServicerContext
+        self, request: pb.CloseSessionRequest, context: ServerCall
     ) -> empty_pb2.Empty:
         session_id = check_session_id(_require(request, pb.CloseSessionRequest).session_id)
         existed = await self._engine.store.close(session_id)
@@ -157,7 +157,7 @@ class PriceStreamService:
         return empty_pb2.Empty()
 
     async def stream_price_updates(
-        self, request: pb.StreamPriceUpdatesRequest, context: ServicerContext
+        self, request: pb.StreamPriceUpdatesRequest, context: ServerCall
     ) -> None:
         engine = self._engine
         lifecycle = StreamLifecycle(engine, context)
@@ -182,7 +182,7 @@ class PriceStreamService:
         self,
         lifecycle: StreamLifecycle,
         request: pb.StreamPriceUpdatesRequest,
-        context: ServicerContext,
+        context: ServerCall,
     ) -> None:
         self._refuse_if_draining()
         request = _require(request, pb.StreamPriceUpdatesRequest)

@@ -12,15 +12,16 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Callable, Sequence
 from types import TracebackType
+from typing import Protocol
 
 import grpc
-from grpc.aio import ServicerContext
 from redis.exceptions import RedisError
 
 from pricestream.engine import Engine
 from pricestream.errors import failed_precondition, not_found, resource_exhausted, unavailable
-from pricestream.flush import StreamWriter
+from pricestream.flush import BatchSink, StreamWriter
 from pricestream.hub import Topic, entry_from_payload
 from pricestream.sessions import SessionBusy, SessionNotFound
 
@@ -28,10 +29,28 @@ log = logging.getLogger("pricestream.stream")
 
 RECONNECT_HINT = ("pricestream-reconnect", "resume-session")
 _CLIENT_GONE_REASONS = frozenset({"send_error", "client_gone"})
+# Streams the server ends so that the client resumes its session elsewhere.
+RESUMABLE_REASONS = frozenset({"shutdown", "redis_unavailable", "max_connection_age"})
+
+
+class StreamContext(Protocol):
+    """What a stream needs of its call: the transport's side of it."""
+
+    def time_remaining(self) -> float | None: ...
+
+    def batch_sink(self) -> BatchSink: ...
+
+    def on_terminate(self, callback: Callable[[grpc.StatusCode, str, str], None]) -> None: ...
+
+    def set_code(self, code: grpc.StatusCode) -> None: ...
+
+    def set_details(self, details: str) -> None: ...
+
+    def set_trailing_metadata(self, metadata: Sequence[tuple[str, str]]) -> None: ...
 
 
 class StreamLifecycle:
-    def __init__(self, engine: Engine, context: ServicerContext) -> None:
+    def __init__(self, engine: Engine, context: StreamContext) -> None:
         self._engine = engine
         self.session_id = ""
         self._context = context
@@ -40,8 +59,6 @@ class StreamLifecycle:
         self.writer: StreamWriter | None = None
         self.tickers: tuple[str, ...] = ()
         self.reason = "rejected"  # until the stream is registered
-        self.batches_sent = 0
-        self.updates_sent = 0
 
     async def __aenter__(self) -> StreamLifecycle:
         engine = self._engine
@@ -60,7 +77,12 @@ class StreamLifecycle:
         except (RedisError, OSError, TimeoutError) as exc:
             raise unavailable(f"session store unreachable: {exc}") from None
         # From here on nothing awaits until the stream is fully registered.
-        writer = StreamWriter(engine.clock)
+        writer = StreamWriter(
+            engine.clock, self._context.batch_sink(), engine.settings.max_send_message_bytes
+        )
+        # The server ending the call (shutdown, connection age) stops the stream like the
+        # engine does, so it ends with its status and resume hint.
+        self._context.on_terminate(lambda code, message, reason: writer.stop(reason, code, message))
         engine.registry.start_streaming(self.session_id, self.tickers, self._owner, writer)
         engine.clock.register(writer)
         self._topics = engine.hub.add(writer, self.tickers)
@@ -97,11 +119,7 @@ class StreamLifecycle:
     def _classify(self, writer: StreamWriter, exc: BaseException | None) -> tuple[str, bool]:
         """Why the stream ended, and whether its exception is handled here."""
         if writer.end_reason is not None:
-            if isinstance(exc, asyncio.CancelledError):
-                task = asyncio.current_task()
-                if task is not None:
-                    task.uncancel()  # our own cancel of a stalled write: we answer it
-            return writer.end_reason, exc is None or isinstance(exc, asyncio.CancelledError)
+            return writer.end_reason, exc is None
         if isinstance(exc, asyncio.CancelledError):
             remaining = self._context.time_remaining()
             deadline_passed = remaining is not None and remaining <= 0
@@ -139,25 +157,21 @@ class StreamLifecycle:
             )
 
     async def pump(self) -> None:
-        """Send the last known prices at once, then one batch per flush with news."""
+        """Send the last known prices at once, then leave the batches to the flush clock
+        until the stream is stopped (or the call cancelled)."""
         writer = self.writer
         assert writer is not None
         await self._seed_last_prices(writer)
-        metrics = self._engine.metrics
-        observe_batch = metrics.delivery_latency.observe_batch
-        write = self._context.write
-        while writer.end_reason is None:
-            if writer.pending:
-                payload, published = writer.take()
-                writer.write_started = time.monotonic()
-                await write(payload)
-                writer.write_started = None
-                observe_batch(time.time_ns(), published)
-                metrics.updates_sent.inc(len(published))
-                metrics.batches_sent.inc()
-                self.batches_sent += 1
-                self.updates_sent += len(published)
-            await writer.wait_due()
+        writer.flush(time.time_ns())
+        await writer.ended()
+
+    @property
+    def batches_sent(self) -> int:
+        return self.writer.batches_sent if self.writer is not None else 0
+
+    @property
+    def updates_sent(self) -> int:
+        return self.writer.updates_sent if self.writer is not None else 0
 
     async def _seed_last_prices(self, writer: StreamWriter) -> None:
         missing = []
@@ -181,7 +195,7 @@ class StreamLifecycle:
                 writer.seed(ticker, entry)
 
 
-def finish_status(lifecycle: StreamLifecycle, context: ServicerContext) -> None:
+def finish_status(lifecycle: StreamLifecycle, context: StreamContext) -> None:
     """Put the stream's end status on the call when the server ended it."""
     writer = lifecycle.writer
     if writer is None or writer.end_reason is None:
@@ -189,5 +203,5 @@ def finish_status(lifecycle: StreamLifecycle, context: ServicerContext) -> None:
     if writer.end_code != grpc.StatusCode.OK:
         context.set_code(writer.end_code)
         context.set_details(writer.end_message)
-    if writer.end_reason in ("shutdown", "redis_unavailable"):
+    if writer.end_reason in RESUMABLE_REASONS:
         context.set_trailing_metadata((RECONNECT_HINT,))

@@ -1,0 +1,443 @@
+"""One client connection: h2's protocol state, the calls on it, and one write per turn.
+
+Every byte this connection sends goes through ``write`` into one list, h2's own output
+(headers, SETTINGS and PING acknowledgements, WINDOW_UPDATE, RST_STREAM, GOAWAY) in the order
+h2 produced it, and the DATA frames of ``ResponseStream`` beside it. The list is handed to the
+socket once per event-loop turn, so the batches of every stream of a connection that a flush
+makes due leave in a single write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from typing import TYPE_CHECKING
+
+import grpc
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    PingAckReceived,
+    PingReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes, Settings
+from pricestream.transport.calls import ServerCall
+from pricestream.transport.flow import ResponseStream
+from pricestream.transport.framing import parse_timeout
+from pricestream.transport.limits import Budget, Limits, PingPolicy
+
+if TYPE_CHECKING:
+    from pricestream.transport.server import GrpcServer
+
+log = logging.getLogger("pricestream.transport")
+
+_CONFIG = H2Configuration(
+    client_side=False,
+    header_encoding=None,  # headers stay bytes: no decoding of every header of every call
+    validate_outbound_headers=False,  # ours are built well-formed
+    normalize_outbound_headers=False,
+)
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_HTTP1_METHODS = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ")
+_HTTP1_ANSWER = (
+    b"HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: text/plain\r\n"
+    b"Connection: close\r\nContent-Length: 50\r\n\r\n"
+    b"this port serves gRPC over HTTP/2 (h2 or h2c) only\n"
+)
+_KEEPALIVE_PING = b"keepaliv"
+
+
+class _ServerH2(H2Connection):
+    """h2's connection with an O(1) count of open inbound streams.
+
+    h2 counts them by walking every stream whenever a new one opens (quadratic with thousands
+    of streams on one connection); here closed streams are removed as they close
+    (``Connection.forget``), so the dict holds exactly the open ones.
+    """
+
+    @property
+    def open_inbound_streams(self) -> int:
+        return len(self.streams)
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, server: GrpcServer) -> None:
+        self._server = server
+        self._limits: Limits = server.limits
+        self.h2 = _ServerH2(_CONFIG)
+        self.h2.local_settings = Settings(
+            client=False,
+            initial_values={
+                SettingCodes.MAX_CONCURRENT_STREAMS: self._limits.max_concurrent_streams,
+                SettingCodes.MAX_HEADER_LIST_SIZE: self._limits.max_header_list_size,
+                SettingCodes.INITIAL_WINDOW_SIZE: self._limits.initial_window_size,
+                SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        self.h2.decoder.max_header_list_size = self._limits.max_header_list_size
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._out: list[bytes | memoryview] = []
+        self._flush_scheduled = False
+        self.paused = False  # the socket's buffer is over its high-water mark
+        self._waiting: dict[ResponseStream, None] = {}  # blocked streams, in arrival order
+        self.calls: dict[int, ServerCall] = {}
+        self.peer = ""
+        self._started = False  # first bytes seen
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._keepalive_timer: asyncio.TimerHandle | None = None
+        self._age_timer: asyncio.TimerHandle | None = None
+        self._last_received = time.monotonic()
+        self._ping_sent_at: float | None = None
+        self._pings = PingPolicy(self._limits.min_ping_interval, self._limits.max_ping_strikes)
+        self._early_resets = Budget(
+            self._limits.early_resets_burst, self._limits.early_resets_per_second
+        )
+        self._settings_frames = Budget(
+            self._limits.settings_burst, self._limits.settings_per_second
+        )
+        self.goaway_sent = False
+        self.closed = False
+
+    # --- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        transport.set_write_buffer_limits(
+            high=self._limits.write_buffer_high, low=self._limits.write_buffer_low
+        )
+        peername = transport.get_extra_info("peername")
+        self.peer = _peer_string(peername)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.selected_alpn_protocol() != "h2":
+            log.debug("TLS client %s did not negotiate h2 (ALPN); closing", self.peer)
+            transport.abort()
+            return
+        self._server.connection_opened(self)
+        self.h2.initiate_connection()
+        self.h2_output()
+        loop = self._loop
+        self._handshake_timer = loop.call_later(
+            self._limits.handshake_timeout, self._handshake_timed_out
+        )
+        self._keepalive_timer = loop.call_later(self._limits.keepalive_time, self._keepalive)
+        age = self._limits.max_connection_age * random.uniform(0.9, 1.1)  # no thundering herd
+        self._age_timer = loop.call_later(age, self._max_age_reached)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self._last_received = time.monotonic()
+        if not self._started:
+            self._started = True
+            if data.startswith(_HTTP1_METHODS):
+                self._answer_http1()
+                return
+        try:
+            events = self.h2.receive_data(data)
+        except ProtocolError as exc:
+            # h2 has queued a GOAWAY with the error code; send it and hang up.
+            log.debug("HTTP/2 protocol error from %s: %s", self.peer, exc)
+            self.h2_output()
+            self.close()
+            return
+        for event in events:
+            self._handle(event)
+            if self.closed:
+                return
+        self.h2_output()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        if self._transport is not None:
+            self._transport.pause_reading()  # floods of PINGs or SETTINGS wait with the rest
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self._transport is not None and not self.closed:
+            self._transport.resume_reading()
+        self._drain_waiting()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        for timer in (self._handshake_timer, self._keepalive_timer, self._age_timer):
+            if timer is not None:
+                timer.cancel()
+        self._out.clear()
+        self._waiting.clear()
+        calls, self.calls = list(self.calls.values()), {}
+        for call in calls:
+            call.peer_gone()
+        self._server.connection_closed(self)
+
+    # --- output -------------------------------------------------------------------------
+
+    def write(self, *chunks: bytes | memoryview) -> None:
+        self._out.extend(chunks)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def h2_output(self, stream_id: int = 0) -> None:
+        """Take what h2 has queued to send; forget ``stream_id`` if it is now closed."""
+        data = self.h2.data_to_send()
+        if data:
+            self.write(data)
+        if stream_id:
+            self.forget(stream_id)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if out and self._transport is not None and not self.closed:
+            self._pings.data_sent()
+            self._transport.write(b"".join(out))
+
+    def forget(self, stream_id: int) -> None:
+        """Drop h2's state of a stream once it is closed both ways (see ``_ServerH2``)."""
+        stream = self.h2.streams.get(stream_id)
+        if stream is not None and stream.closed:
+            del self.h2.streams[stream_id]
+            self.h2._closed_streams[stream_id] = stream.closed_by
+
+    # --- flow control -------------------------------------------------------------------
+
+    def wait_for_window(self, stream: ResponseStream) -> None:
+        self._waiting[stream] = None
+
+    def stop_waiting(self, stream: ResponseStream) -> None:
+        self._waiting.pop(stream, None)
+
+    def _drain_waiting(self) -> None:
+        for stream in list(self._waiting):
+            if self.paused or self.h2.outbound_flow_control_window <= 0:
+                return
+            if stream.blocked_since is None:
+                self._waiting.pop(stream, None)
+                continue
+            stream.drain()
+            if stream.blocked_since is None:
+                self._waiting.pop(stream, None)
+
+    # --- events -------------------------------------------------------------------------
+
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, DataReceived):
+            self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            call = self.calls.get(event.stream_id)
+            if call is not None:
+                call.receive(event.data)
+        elif isinstance(event, WindowUpdated):
+            if event.stream_id == 0:
+                self._drain_waiting()
+            else:
+                call = self.calls.get(event.stream_id)
+                if call is not None and call.stream.blocked_since is not None:
+                    call.stream.drain()
+        elif isinstance(event, RequestReceived):
+            self._on_request(event)
+        elif isinstance(event, StreamEnded):
+            call = self.calls.get(event.stream_id)
+            if call is not None:
+                call.end_of_requests()
+            self.forget(event.stream_id)
+        elif isinstance(event, StreamReset):
+            self._on_reset(event)
+        elif isinstance(event, PingReceived):
+            if not self._pings.allow():
+                self.go_away(ErrorCodes.ENHANCE_YOUR_CALM, b"too_many_pings")
+        elif isinstance(event, PingAckReceived):
+            if event.ping_data == _KEEPALIVE_PING:
+                self._ping_sent_at = None
+        elif isinstance(event, RemoteSettingsChanged):
+            self._on_settings(event)
+        elif isinstance(event, ConnectionTerminated):
+            self.goaway_sent = True  # the client is leaving: no new calls, close when idle
+            if not self.calls:
+                self.close()
+
+    def _on_settings(self, event: RemoteSettingsChanged) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        if not self._settings_frames.take():
+            self.go_away(ErrorCodes.ENHANCE_YOUR_CALM, b"too many SETTINGS frames")
+            return
+        if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+            for call in list(self.calls.values()):
+                if call.stream.blocked_since is not None:
+                    call.stream.drain()
+
+    def _on_reset(self, event: StreamReset) -> None:
+        call = self.calls.pop(event.stream_id, None)
+        self.forget(event.stream_id)
+        if call is None:
+            return
+        answered = call.stream.headers_sent
+        call.peer_gone()
+        if not answered and not self._early_resets.take():
+            # Rapid reset (CVE-2023-44487): streams opened and cancelled before any answer.
+            self.go_away(ErrorCodes.ENHANCE_YOUR_CALM, b"too many streams reset early")
+
+    def _on_request(self, event: RequestReceived) -> None:
+        stream_id = event.stream_id
+        h2_stream = self.h2.streams.get(stream_id)
+        if h2_stream is None:
+            return
+        stream = ResponseStream(self, h2_stream)
+        if self.goaway_sent:
+            stream.reset(ErrorCodes.REFUSED_STREAM)
+            return
+        if len(self.calls) >= self._limits.max_concurrent_streams:
+            # Calls of reset streams count until they end: a client cannot pile up handlers.
+            stream.reset(ErrorCodes.REFUSED_STREAM)
+            return
+        pseudo: dict[bytes, bytes] = {}
+        for key, value in event.headers:
+            if key.startswith(b":") or key in (b"content-type", b"grpc-timeout"):
+                pseudo[key] = value
+        method = pseudo.get(b":method", b"")
+        content_type = pseudo.get(b"content-type", b"")
+        if method != b"POST" or not content_type.startswith(b"application/grpc"):
+            self._answer_plain(stream, method)
+            return
+        path = pseudo.get(b":path", b"").decode("ascii", "replace")
+        timeout: float | None = None
+        raw_timeout = pseudo.get(b"grpc-timeout")
+        if raw_timeout is not None:
+            timeout = parse_timeout(raw_timeout)
+            if timeout is None:
+                stream.finish(grpc.StatusCode.INTERNAL, "malformed grpc-timeout header")
+                return
+        call = ServerCall(self._server, self, stream, path, event.headers, timeout)
+        self.calls[stream_id] = call
+        self._server.call_started()
+        call.start()
+
+    def call_finished(self, call: ServerCall) -> None:
+        """Every call that ``_on_request`` counted ends here exactly once."""
+        self._server.call_ended()
+        if self.calls.get(call.stream.stream_id) is call:
+            del self.calls[call.stream.stream_id]
+        if self.goaway_sent and not self.calls:
+            self.close()
+
+    # --- answers to what is not gRPC ------------------------------------------------------
+
+    def _answer_plain(self, stream: ResponseStream, method: bytes) -> None:
+        if method == b"POST":
+            status = b"415"
+            text = b"this server speaks gRPC: content-type must be application/grpc\n"
+        else:
+            status = b"405"
+            text = b"this server speaks gRPC: use POST with application/grpc\n"
+        stream.answer_plain(status, text)
+
+    def _answer_http1(self) -> None:
+        assert self._transport is not None
+        self._transport.write(_HTTP1_ANSWER)
+        self.close()
+
+    # --- ending -------------------------------------------------------------------------
+
+    def go_away(self, error_code: ErrorCodes, reason: bytes = b"") -> None:
+        """Stop taking new calls; an error code also ends the connection at once."""
+        if self.closed:
+            return
+        if not self.goaway_sent or error_code != ErrorCodes.NO_ERROR:
+            self.goaway_sent = True
+            with contextlib.suppress(ProtocolError):
+                self.h2.close_connection(error_code=error_code, additional_data=reason or None)
+            self.h2_output()
+        if error_code != ErrorCodes.NO_ERROR:
+            log.info(
+                "closing connection from %s: %s",
+                self.peer,
+                reason.decode(errors="replace") or error_code.name,
+                extra={"event": "connection_refused", "reason": error_code.name},
+            )
+            self.close()
+        elif not self.calls:
+            self.close()
+
+    def terminate_calls(self, code: grpc.StatusCode, message: str, reason: str) -> None:
+        """End every call on this connection now with ``code`` (age grace over, shutdown)."""
+        for call in list(self.calls.values()):
+            call.terminate(code, message, reason)
+
+    def close(self) -> None:
+        """Send what is queued, then close the socket."""
+        if self.closed:
+            return
+        self.closed = True
+        transport = self._transport
+        if transport is None:
+            return
+        out, self._out = self._out, []
+        if out:
+            transport.write(b"".join(out))
+        transport.close()
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        log.debug("client %s did not complete the HTTP/2 handshake; closing", self.peer)
+        self.close()
+
+    def _keepalive(self) -> None:
+        limits = self._limits
+        now = time.monotonic()
+        if self._ping_sent_at is not None and now - self._ping_sent_at > limits.keepalive_timeout:
+            log.info(
+                "client %s did not answer a keepalive ping within %gs; closing",
+                self.peer,
+                limits.keepalive_timeout,
+                extra={"event": "connection_dead"},
+            )
+            self.close()
+            return
+        if self._ping_sent_at is None and now - self._last_received >= limits.keepalive_time:
+            self._ping_sent_at = now
+            self.h2.ping(_KEEPALIVE_PING)
+            self.h2_output()
+        self._keepalive_timer = self._loop.call_later(
+            min(limits.keepalive_time, limits.keepalive_timeout), self._keepalive
+        )
+
+    def _max_age_reached(self) -> None:
+        self._age_timer = None
+        if self.closed:
+            return
+        grace = self._limits.max_connection_age_grace
+        self.go_away(ErrorCodes.NO_ERROR)
+        self._age_timer = self._loop.call_later(grace, self._age_grace_over)
+
+    def _age_grace_over(self) -> None:
+        self._age_timer = None
+        self.terminate_calls(
+            grpc.StatusCode.UNAVAILABLE,
+            "connection reached its maximum age; resume the session on another server",
+            "max_connection_age",
+        )
+
+
+def _peer_string(peername: object) -> str:
+    """gRPC's spelling of a peer address: ``ipv4:1.2.3.4:5`` or ``ipv6:[::1]:5``."""
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        host, port = peername[0], peername[1]
+        if ":" in str(host):
+            return f"ipv6:[{host}]:{port}"
+        return f"ipv4:{host}:{port}"
+    return "unknown"

@@ -1,0 +1,241 @@
+"""The server's side of one HTTP/2 stream: response headers, messages under flow control,
+trailers or a reset.
+
+A message goes out at once when both windows (the stream's and the connection's) have room
+for it; otherwise it waits whole in the stream's queue, and the stream is *blocked* from that
+moment (``blocked_since``) until the peer's WINDOW_UPDATE lets the queue out. A message larger
+than a window could ever hold whole is let out piece by piece. ``h2`` keeps the windows: the
+DATA frames written here by hand are charged to h2's own window counters, so its accounting
+of WINDOW_UPDATE and SETTINGS stays exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import grpc
+from h2.errors import ErrorCodes
+from h2.exceptions import ProtocolError
+from h2.stream import H2Stream
+from pricestream.transport.framing import (
+    MESSAGE_PREFIX,
+    PREFIX_BYTES,
+    RESPONSE_HEADERS,
+    data_frames,
+    encode_metadata,
+    single_frame_message_header,
+    status_headers,
+)
+
+if TYPE_CHECKING:
+    from pricestream.transport.connection import Connection
+
+_WHOLE_MESSAGE_CAP = 65535  # the initial connection window: larger messages go in pieces
+
+
+class ResponseStream:
+    __slots__ = (
+        "_conn",
+        "_h2s",
+        "_initial_metadata",
+        "_offset",
+        "_on_writable",
+        "_pending_end",
+        "_piecewise",
+        "_queue",
+        "blocked_since",
+        "closed",
+        "headers_sent",
+        "messages_sent",
+        "stream_id",
+    )
+
+    def __init__(self, conn: Connection, h2_stream: H2Stream) -> None:
+        self._conn = conn
+        self._h2s = h2_stream
+        self.stream_id = h2_stream.stream_id
+        self._queue: deque[memoryview] = deque()
+        self._offset = 0  # bytes of the first queued message already sent
+        self._pending_end: Callable[[], None] | None = None  # trailers behind queued messages
+        self._on_writable: Callable[[], None] | None = None
+        self._initial_metadata: list[tuple[bytes, bytes]] = []
+        self._piecewise = False  # plain answers go out as the window allows, not whole
+        self.blocked_since: float | None = None  # monotonic; None while nothing waits
+        self.headers_sent = False
+        self.closed = False
+        self.messages_sent = 0
+
+    # --- the BatchSink side (pricestream.flush) ---------------------------------------------
+
+    def on_writable(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` each time the queue has drained after the stream was blocked."""
+        self._on_writable = callback
+
+    def send(self, payload: bytes) -> None:
+        """Queue one message (the serialized bytes); written now if the windows allow."""
+        if self.closed:
+            return
+        size = len(payload) + PREFIX_BYTES
+        conn = self._conn
+        h2 = conn.h2
+        h2s = self._h2s
+        if (
+            not self._queue
+            and not conn.paused
+            and size <= h2s.outbound_flow_control_window
+            and size <= h2.outbound_flow_control_window
+            and size <= h2.max_outbound_frame_size
+        ):
+            if not self.headers_sent:
+                self._send_headers()
+            h2s.outbound_flow_control_window -= size
+            h2.outbound_flow_control_window -= size
+            conn.write(single_frame_message_header(len(payload), self.stream_id), payload)
+            self.messages_sent += 1
+            return
+        self._queue.append(memoryview(MESSAGE_PREFIX.pack(0, len(payload)) + payload))
+        self.drain()
+
+    # --- the transport side -----------------------------------------------------------------
+
+    def set_initial_metadata(self, metadata: Sequence[tuple[str, str | bytes]]) -> None:
+        self._initial_metadata = encode_metadata(metadata)
+
+    def send_headers(self) -> None:
+        """Send the response headers now (otherwise they go with the first message)."""
+        if not self.headers_sent and not self.closed:
+            self._send_headers()
+
+    def drain(self) -> None:
+        """Write as much of the queue as the windows allow; called again on WINDOW_UPDATE."""
+        if self.closed:
+            return
+        conn = self._conn
+        h2 = conn.h2
+        h2s = self._h2s
+        if not self.headers_sent:
+            self._send_headers()
+        queue = self._queue
+        whole_cap = min(h2.remote_settings.initial_window_size, _WHOLE_MESSAGE_CAP)
+        while queue and not conn.paused:
+            message = queue[0]
+            remaining = len(message) - self._offset
+            window = min(h2s.outbound_flow_control_window, h2.outbound_flow_control_window)
+            if window <= 0 or (
+                self._offset == 0 and window < remaining <= whole_cap and not self._piecewise
+            ):
+                break  # wait until it fits whole
+            n = min(remaining, window)
+            chunk = message[self._offset : self._offset + n]
+            conn.write(*data_frames(chunk, self.stream_id, h2.max_outbound_frame_size))
+            h2s.outbound_flow_control_window -= n
+            h2.outbound_flow_control_window -= n
+            self._offset += n
+            if self._offset == len(message):
+                queue.popleft()
+                self._offset = 0
+                self.messages_sent += 1
+        if queue:
+            if self.blocked_since is None:
+                self.blocked_since = time.monotonic()
+                conn.wait_for_window(self)
+            return
+        was_blocked = self.blocked_since is not None
+        self.blocked_since = None
+        if self._pending_end is not None:
+            self._pending_end()
+        elif was_blocked and self._on_writable is not None:
+            self._on_writable()
+
+    def finish(
+        self,
+        code: grpc.StatusCode,
+        message: str = "",
+        metadata: Sequence[tuple[str, str | bytes]] = (),
+        *,
+        discard_unsent: bool = False,
+    ) -> None:
+        """End the call with its status. Trailers wait behind queued messages, unless
+        ``discard_unsent``: then queued messages are dropped, and if one is half sent the
+        stream is reset instead (a client cannot be given half a message and a status)."""
+        if self.closed:
+            return
+        if self._queue:
+            if not discard_unsent:
+                self._pending_end = lambda: self._send_trailers(code, message, metadata)
+                return
+            if self._offset:
+                calm = code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                self.reset(ErrorCodes.ENHANCE_YOUR_CALM if calm else ErrorCodes.CANCEL)
+                return
+            self._queue.clear()
+        self._send_trailers(code, message, metadata)
+
+    def answer_plain(self, status: bytes, text: bytes) -> None:
+        """A plain HTTP answer to a request that is not gRPC, body under flow control."""
+        self.headers_sent = True
+        headers = [(b":status", status), (b"content-type", b"text/plain; charset=utf-8")]
+        self._conn.h2.send_headers(self.stream_id, headers)
+        self._conn.h2_output()
+        self._queue.append(memoryview(text))
+        self._piecewise = True
+        self._pending_end = self._end_plain
+        self.drain()
+
+    def _end_plain(self) -> None:
+        self._close()
+        try:
+            self._conn.h2.end_stream(self.stream_id)
+            if not self._h2s.closed:
+                self._conn.h2.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
+        except ProtocolError:
+            pass
+        self._conn.h2_output(self.stream_id)
+
+    def reset(self, error_code: ErrorCodes) -> None:
+        if self.closed:
+            return
+        self._close()
+        with contextlib.suppress(ProtocolError):  # already closed by the peer
+            self._conn.h2.reset_stream(self.stream_id, error_code)
+        self._conn.h2_output(self.stream_id)
+
+    def peer_closed(self) -> None:
+        """The peer reset the stream or the connection is gone: nothing more is sent."""
+        if not self.closed:
+            self._close()
+
+    def _close(self) -> None:
+        self.closed = True
+        self._queue.clear()
+        self._pending_end = None
+        self._on_writable = None
+        if self.blocked_since is not None:
+            self.blocked_since = None
+            self._conn.stop_waiting(self)
+
+    def _send_headers(self) -> None:
+        self.headers_sent = True
+        self._conn.h2.send_headers(self.stream_id, [*RESPONSE_HEADERS, *self._initial_metadata])
+        self._conn.h2_output()
+
+    def _send_trailers(
+        self, code: grpc.StatusCode, message: str, metadata: Sequence[tuple[str, str | bytes]]
+    ) -> None:
+        headers = [] if self.headers_sent else [*RESPONSE_HEADERS, *self._initial_metadata]
+        headers += status_headers(code, message)
+        headers += encode_metadata(metadata)
+        conn = self._conn
+        self._close()
+        try:
+            conn.h2.send_headers(self.stream_id, headers, end_stream=True)
+            if not self._h2s.closed:
+                # The client has not finished sending: tell it to stop (gRPC does the same).
+                conn.h2.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
+        except ProtocolError:
+            pass  # the peer reset it meanwhile
+        conn.h2_output(self.stream_id)
