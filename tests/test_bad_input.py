@@ -121,6 +121,65 @@ async def test_session_limit_gives_resource_exhausted(redis) -> None:
             assert "maximum of 2 sessions" in raised.value.details()
 
 
+async def test_session_limit_holds_under_concurrent_creates(redis) -> None:
+    """500 CreateSession calls at once against a limit of 10: exactly 10 get a session.
+
+    Redis holds writes for 300 ms (CLIENT PAUSE, as a busy Redis would), so the calls are all
+    waiting for their write at once: the window in which the limit used to be overrun. The
+    server allows max_sessions concurrent streams per connection (more are refused at the
+    HTTP/2 level), so the calls go over 100 connections, 5 each, all open before the first.
+    """
+    async with ready_server(fast_settings(redis.url, max_sessions=10)) as server:
+        target = f"127.0.0.1:{server.grpc_port}"
+        own_connection = [("grpc.use_local_subchannel_pool", 1)]
+        channels = [grpc.aio.insecure_channel(target, own_connection) for _ in range(100)]
+        try:
+            await asyncio.gather(*(channel.channel_ready() for channel in channels))
+            stubs = [PriceStreamServiceStub(channel) for channel in channels]
+            request = pb.CreateSessionRequest(tickers=["AAPL"])
+            admin = redis.client()
+            admin.execute_command("CLIENT", "PAUSE", 300, "WRITE")
+            admin.close()
+            results = await asyncio.gather(
+                *(stub.CreateSession(request) for stub in stubs for _ in range(5)),
+                return_exceptions=True,
+            )
+            accepted = [r for r in results if isinstance(r, pb.Session)]
+            refused = {
+                (r.code(), r.details()) for r in results if isinstance(r, grpc.aio.AioRpcError)
+            }
+            assert len(accepted) == 10, f"{len(accepted)} sessions accepted"
+            assert refused == {
+                (grpc.StatusCode.RESOURCE_EXHAUSTED, "this server holds its maximum of 10 sessions")
+            }
+            assert len(results) - len(accepted) == 490
+            values = samples(server.engine.metrics.exposition().decode())
+            assert values["pricestream_sessions_active"] == 10
+            for session in accepted:
+                await stubs[0].CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
+        finally:
+            await asyncio.gather(*(channel.close() for channel in channels))
+        await wait_invariant(server, timeout=5)
+
+
+async def test_failed_create_gives_its_slot_back(own_redis) -> None:
+    """A CreateSession that fails on Redis does not keep a slot of the session limit."""
+    async with ready_server(fast_settings(own_redis.url, max_sessions=2)) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = PriceStreamServiceStub(channel)
+            request = pb.CreateSessionRequest(tickers=["AAPL"])
+            own_redis.kill()
+            for _ in range(3):
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await stub.CreateSession(request)
+                assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            own_redis.start()
+            sessions = [await stub.CreateSession(request) for _ in range(2)]
+            for session in sessions:
+                await stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
+        await wait_invariant(server, timeout=10)
+
+
 async def test_oversized_request_is_refused(stub: PriceStreamServiceStub, server: Server) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stub.CreateSession(pb.CreateSessionRequest(tickers=["A" * 100_000]))
