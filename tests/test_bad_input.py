@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -206,6 +207,49 @@ async def test_bad_pubsub_payloads_are_dropped_and_counted(
     assert values["pricestream_price_updates_dropped_total"] == 2
     text = server.engine.metrics.exposition().decode()
     assert 'reason="malformed"' in text and 'reason="wrong_ticker"' in text
+    call.cancel()
+    await market.aclose()
+    await wait_invariant(server, timeout=5)
+
+
+def padded_update(ticker: str, size: int) -> bytes:
+    """A valid PriceUpdate of ``size`` bytes or more: a real update plus an unknown field 15,
+    which protobuf parsers keep (a newer producer's field would look the same)."""
+    update = pb.PriceUpdate(ticker=ticker, price=1.0, published_at_unix_nanos=time.time_ns())
+    head = update.SerializeToString()
+    filler = b"x" * size
+    length = len(filler)
+    varint = bytearray()
+    while length > 0x7F:
+        varint.append((length & 0x7F) | 0x80)
+        length >>= 7
+    varint.append(length)
+    payload = head + b"\x7a" + bytes(varint) + filler
+    assert pb.PriceUpdate.FromString(payload).ticker == ticker
+    return payload
+
+
+async def test_oversized_pubsub_payload_is_dropped_and_counted(
+    stub: PriceStreamServiceStub, server: Server, redis
+) -> None:
+    """A 1 MB (valid) update is neither delivered nor used as the first price; a normal one is."""
+    market = Market(redis.url, ["AAPL"])
+    huge = padded_update("AAPL", 1024 * 1024)
+    client = redis.client()
+    client.set("price:last:AAPL", huge)
+    session = await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL"]))
+    call = stub.StreamPriceUpdates(pb.StreamPriceUpdatesRequest(session_id=session.session_id))
+    await asyncio.sleep(0.3)  # subscribed
+    assert client.publish("price:AAPL", huge) == 1
+    client.close()
+    await asyncio.sleep(0.3)  # several flush intervals: it would have gone out on its own
+    await market.tick("AAPL")
+    batch = await next_batch(call)
+    assert [u.ticker for u in batch.updates] == ["AAPL"]
+    assert batch.ByteSize() < 100, "the 1 MB update was delivered"
+    text = server.engine.metrics.exposition().decode()
+    assert 'pricestream_price_updates_dropped_total{reason="oversized"} 1.0' in text
+    assert samples(text)["pricestream_price_updates_received_total"] == 1
     call.cancel()
     await market.aclose()
     await wait_invariant(server, timeout=5)

@@ -53,6 +53,11 @@ class Settings(BaseSettings):
         ge=64,
         description="Largest message sent; a larger batch ends the stream.",
     )
+    max_update_bytes: int = Field(
+        1024,
+        ge=64,
+        description="Largest Pub/Sub price payload accepted; larger ones are dropped unread.",
+    )
     max_sessions: int = Field(20_000, ge=1, description="Sessions one pod holds at most.")
     session_create_rate: float = Field(
         0.0, ge=0.0, description="CreateSession calls per second per client IP (0: no limit)."
