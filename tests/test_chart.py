@@ -146,6 +146,26 @@ def test_deployment_probes_drain_and_security() -> None:
     assert {p["name"]: p.get("appProtocol") for p in service["spec"]["ports"]}["grpc"] == "grpc"
 
 
+def test_no_pod_gets_service_link_variables() -> None:
+    """The chart's Services (pricestream, pricestream-redis) would otherwise inject
+    PRICESTREAM_PORT, PRICESTREAM_REDIS_SERVICE_HOST… into every pod of the namespace."""
+    specs = {}
+    for obj in render():
+        if obj["kind"] == "Deployment":
+            specs[obj["metadata"]["name"]] = obj["spec"]["template"]["spec"]
+        elif obj["kind"] == "Pod":
+            specs[obj["metadata"]["name"]] = obj["spec"]
+    assert set(specs) == {
+        "pricestream",
+        "pricestream-feed",
+        "pricestream-redis",
+        "pricestream-test-grpc-health",
+    }
+    assert {name: spec.get("enableServiceLinks") for name, spec in specs.items()} == {
+        name: False for name in specs
+    }
+
+
 def test_readiness_over_http_when_asked() -> None:
     container = server_deployment(render(*values("tracing-headless-values.yaml")))["spec"][
         "template"

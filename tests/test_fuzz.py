@@ -84,9 +84,10 @@ async def test_raw_bytes_through_a_generic_call(server: Server) -> None:
 @settings(max_examples=300, deadline=None)
 @given(payload=st.binary(max_size=512), ticker=st.sampled_from(["AAPL", "BRK.B", "T0001"]))
 def test_fuzz_pubsub_payloads_never_raise(payload: bytes, ticker: str) -> None:
-    entry = entry_from_payload(ticker, payload)
+    entry = entry_from_payload(ticker, payload, max_bytes=256)
     if isinstance(entry, str):
-        assert entry in ("malformed", "wrong_ticker")
+        assert entry in ("malformed", "wrong_ticker", "oversized")
+        assert (entry == "oversized") == (len(payload) > 256)
     else:
         assert entry[0] == batch_frame(payload)
         parsed = pb.PriceUpdateBatch.FromString(entry[0])  # the frame is a valid batch alone

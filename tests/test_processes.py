@@ -187,6 +187,30 @@ def test_bad_settings_fail_with_one_line(args: list[str], env: dict[str, str], p
     assert phrase in lines[0]
 
 
+@pytest.mark.parametrize("command", ["serve", "feed"])
+def test_unknown_setting_stops_the_start_but_service_links_do_not(command: str) -> None:
+    env = {
+        **env_without_pricestream(),
+        "PRICESTREAM_REDIS_URL": "redis://127.0.0.1:1/0",
+        "PRICESTREAM_GRPC_HOST": "127.0.0.1",
+        "PRICESTREAM_GRPC_PORT": "0",
+        "PRICESTREAM_HTTP_HOST": "127.0.0.1",
+        "PRICESTREAM_HTTP_PORT": "0",
+        "PRICESTREAM_SERVICE_HOST": "10.96.14.2",  # a Service "pricestream" in the namespace
+        "PRICESTREAM_PORT": "tcp://10.96.14.2:50051",
+        "PRICESTREAM_PORT_50051_TCP_ADDR": "10.96.14.2",
+        "PRICESTREAM_REDIS_PORT": "tcp://10.96.200.17:6379",  # and one "pricestream-redis"
+        "PRICESTREAM_METRICS_PORT": "9000",
+    }
+    result = subprocess.run(
+        pricestream_command(command), env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines() == [
+        "pricestream: unknown setting PRICESTREAM_METRICS_PORT; did you mean PRICESTREAM_HTTP_PORT?"
+    ]
+
+
 async def test_feed_publishes_per_ingestion_contract(redis) -> None:
     result = await asyncio.to_thread(
         subprocess.run,

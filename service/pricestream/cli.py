@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -15,7 +16,7 @@ from redis.asyncio import Redis
 from pricestream.feed import WELL_KNOWN, run_feed, ticker_universe
 from pricestream.logs import configure_logging
 from pricestream.redis_broker import RedisPricePublisher
-from pricestream.settings import Settings, SettingsError, load_settings
+from pricestream.settings import Settings, SettingsError, check_environment, load_settings
 
 log = logging.getLogger("pricestream.cli")
 
@@ -36,6 +37,7 @@ def _add_setting_flags(parser: argparse.ArgumentParser, only: Sequence[str] | No
 
 
 def _settings_from(args: argparse.Namespace, **fixed: Any) -> Settings:
+    check_environment(os.environ)
     overrides = {name: getattr(args, name, None) for name in Settings.model_fields}
     overrides.update({k: v for k, v in fixed.items() if overrides.get(k) is None})
     return load_settings(**overrides)

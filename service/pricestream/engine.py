@@ -55,7 +55,13 @@ class Engine:
         self.backends = self._make_backends(in_memory)
         self.broker = self.backends.broker
         self.store = self.backends.store
-        self.hub = Hub(self.broker, self.metrics, settings.linger, self.tracing.tracer)
+        self.hub = Hub(
+            self.broker,
+            self.metrics,
+            settings.linger,
+            self.tracing.tracer,
+            max_update_bytes=settings.max_update_bytes,
+        )
         self.clock = FlushClock(
             settings.flush_interval,
             settings.stall_timeout,

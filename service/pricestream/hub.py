@@ -39,8 +39,14 @@ class Topic:
         self.linger: asyncio.TimerHandle | None = None
 
 
-def entry_from_payload(ticker: str, payload: bytes) -> Entry | str:
-    """Validate a payload for ``ticker``; an ``Entry``, or the reason it must be dropped."""
+def entry_from_payload(ticker: str, payload: bytes, *, max_bytes: int) -> Entry | str:
+    """Validate a payload for ``ticker``; an ``Entry``, or the reason it must be dropped.
+
+    A payload over ``max_bytes`` is refused before it is parsed: a serialized PriceUpdate is
+    under 100 bytes, and whatever is accepted is copied to every subscriber.
+    """
+    if len(payload) > max_bytes:
+        return "oversized"
     update = decode_update(payload)
     if update is None:
         return "malformed"
@@ -51,9 +57,16 @@ def entry_from_payload(ticker: str, payload: bytes) -> Entry | str:
 
 class Hub:
     def __init__(
-        self, broker: Broker, metrics: Metrics, linger: float, tracer: trace.Tracer
+        self,
+        broker: Broker,
+        metrics: Metrics,
+        linger: float,
+        tracer: trace.Tracer,
+        *,
+        max_update_bytes: int,
     ) -> None:
         self._broker = broker
+        self._max_update_bytes = max_update_bytes
         self._tracer = tracer
         self._metrics = metrics
         self._linger = linger
@@ -112,7 +125,7 @@ class Hub:
             if handler is not None:
                 handler(payload)
             return  # a late message for a ticker just released
-        entry = entry_from_payload(topic.ticker, payload)
+        entry = entry_from_payload(topic.ticker, payload, max_bytes=self._max_update_bytes)
         if isinstance(entry, str):
             self._metrics.updates_dropped.labels(entry).inc()
             log.debug("dropped %s payload on %s", entry, topic.channel)

@@ -142,7 +142,7 @@ class Metrics:
         )
         self.updates_dropped = Counter(
             "pricestream_price_updates_dropped",
-            "Pub/Sub payloads dropped as invalid, by reason.",
+            "Pub/Sub payloads dropped as invalid or oversized, by reason.",
             ["reason"],
             registry=r,
         )

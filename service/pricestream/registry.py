@@ -2,6 +2,11 @@
 
 A session enters when it is created here (pending) or when a stream of it starts here
 (streaming); it leaves exactly once, through ``end``, with one of ``CLOSE_REASONS``.
+
+A CreateSession holds a slot (``reserve``) from before its Redis write until the session is
+registered (``add_pending``) or the write failed (``unreserve``), so concurrent creates cannot
+pass ``max_sessions`` between the check and the registration. Held slots count towards
+``full`` but not towards ``len`` (the `pricestream_sessions_active` gauge).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class SessionRegistry:
         self._metrics = metrics
         self._max_sessions = max_sessions
         self._sessions: dict[str, LocalSession] = {}
+        self._reserved = 0  # slots held by CreateSession calls waiting for Redis
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -52,9 +58,23 @@ class SessionRegistry:
 
     @property
     def full(self) -> bool:
-        return len(self._sessions) >= self._max_sessions
+        return len(self._sessions) + self._reserved >= self._max_sessions
+
+    def reserve(self) -> bool:
+        """Hold a slot for a session about to be created; False when none is left."""
+        if self.full:
+            return False
+        self._reserved += 1
+        return True
+
+    def unreserve(self) -> None:
+        """Give back a slot of ``reserve`` whose session was not created."""
+        assert self._reserved > 0, "unreserve without reserve"
+        self._reserved -= 1
 
     def add_pending(self, session_id: str, tickers: tuple[str, ...], ttl: float) -> None:
+        """Register a created session in the slot its ``reserve`` held."""
+        self.unreserve()
         self._open(LocalSession(session_id, tickers, time.monotonic() + ttl))
 
     def start_streaming(

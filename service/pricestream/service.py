@@ -121,22 +121,28 @@ class PriceStreamService:
         request = _require(request, pb.CreateSessionRequest)
         engine = self._engine
         tickers = normalise_tickers(list(request.tickers), engine.settings.max_tickers_per_session)
-        if engine.registry.full:
+        # The slot is held from here, before any await, so calls waiting for their Redis write
+        # cannot together overfill the pod; every refusal or failure below gives it back.
+        if not engine.registry.reserve():
             raise resource_exhausted(
                 f"this server holds its maximum of {engine.settings.max_sessions} sessions"
             )
-        if engine.overloaded:
-            raise resource_exhausted(
-                f"this server is overloaded ({engine.clock.overload_reason()}); "
-                "retry on another server"
-            )
-        peer = peer_address(context.peer() or "")
-        if not engine.create_limiter.allow(peer):
-            raise resource_exhausted(
-                f"too many sessions created from {peer}: at most "
-                f"{engine.settings.session_create_rate:g} per second; retry later"
-            )
-        info = await engine.store.create(tickers)
+        try:
+            if engine.overloaded:
+                raise resource_exhausted(
+                    f"this server is overloaded ({engine.clock.overload_reason()}); "
+                    "retry on another server"
+                )
+            peer = peer_address(context.peer() or "")
+            if not engine.create_limiter.allow(peer):
+                raise resource_exhausted(
+                    f"too many sessions created from {peer}: at most "
+                    f"{engine.settings.session_create_rate:g} per second; retry later"
+                )
+            info = await engine.store.create(tickers)
+        except BaseException:
+            engine.registry.unreserve()
+            raise
         engine.registry.add_pending(info.session_id, info.tickers, engine.settings.session_ttl)
         expires_at = timestamp_pb2.Timestamp()
         expires_at.FromNanoseconds(int(info.expires_at * 1e9))

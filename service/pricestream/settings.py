@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
+import re
 import socket
+from collections.abc import Mapping
 from typing import Annotated
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+ENV_PREFIX = "PRICESTREAM_"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 KNOWN_FAULTS = frozenset({"skip_cleanup_on_send_error"})
 
@@ -17,7 +22,7 @@ Seconds = Annotated[float, Field(gt=0)]
 class Settings(BaseSettings):
     """Every tunable of ``pricestream serve``; env var: ``PRICESTREAM_`` + the upper-case name."""
 
-    model_config = SettingsConfigDict(env_prefix="PRICESTREAM_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
 
     redis_url: str = Field(DEFAULT_REDIS_URL, description="Redis URL (redis:// or rediss://).")
     grpc_host: str = Field("[::]", description="Address the gRPC server binds.")
@@ -47,6 +52,11 @@ class Settings(BaseSettings):
         4 * 1024 * 1024,
         ge=64,
         description="Largest message sent; a larger batch ends the stream.",
+    )
+    max_update_bytes: int = Field(
+        1024,
+        ge=64,
+        description="Largest Pub/Sub price payload accepted; larger ones are dropped unread.",
     )
     max_sessions: int = Field(20_000, ge=1, description="Sessions one pod holds at most.")
     session_create_rate: float = Field(
@@ -171,3 +181,94 @@ def load_settings(**overrides: object) -> Settings:
         raise SettingsError(
             f"invalid setting {name} (env PRICESTREAM_{name.upper()}): {message}"
         ) from None
+
+
+# Kubernetes service links: for a Service "pricestream" (or "pricestream-redis", ...) in the
+# namespace, every pod gets these variables (name: service name upper-cased, "-" as "_").
+# A name counts as a link only if its value has the shape Kubernetes gives it too.
+_SERVICE = r"PRICESTREAM(?:_[A-Z0-9_]+)?"
+_PORT_LINK = rf"{_SERVICE}_PORT_(?P<port>[0-9]{{1,5}})_(?P<proto>TCP|UDP|SCTP)"
+_LINK_URL = re.compile(r"(?P<proto>tcp|udp|sctp)://(?P<host>[0-9.]+|\[[0-9a-fA-F:.]+\]):[0-9]{1,5}")
+_LINK_NAMES = {
+    "host": re.compile(rf"{_SERVICE}_SERVICE_HOST"),  # 10.96.0.12
+    "port": re.compile(rf"{_SERVICE}_SERVICE_PORT(?:_[A-Z0-9_]+)?"),  # 50051
+    "url": re.compile(rf"{_SERVICE}_PORT|{_PORT_LINK}"),  # tcp://10.96.0.12:50051
+    "proto": re.compile(rf"{_PORT_LINK}_PROTO"),  # tcp
+    "port_of": re.compile(rf"{_PORT_LINK}_PORT"),  # 50051
+    "addr": re.compile(rf"{_PORT_LINK}_ADDR"),  # 10.96.0.12
+}
+# Words an operator may reach for that our settings name differently.
+_SYNONYMS = {"METRICS": "HTTP", "HEALTH": "HTTP"}
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _is_port(value: str) -> bool:
+    return value.isdigit() and 0 < int(value) <= 65535
+
+
+def is_service_link(name: str, value: str) -> bool:
+    """Whether ``name=value`` is a variable Kubernetes injects for a Service (service links)."""
+    for shape, pattern in _LINK_NAMES.items():
+        match = pattern.fullmatch(name)
+        if match is None:
+            continue
+        if shape in ("host", "addr") and _is_ip(value):
+            return True
+        if shape == "port" and _is_port(value):
+            return True
+        if shape == "port_of" and value == match["port"]:
+            return True
+        if shape == "proto" and value == match["proto"].lower():
+            return True
+        if shape == "url":
+            url = _LINK_URL.fullmatch(value)
+            if url is not None and _is_ip(url["host"]):
+                return True
+    return False
+
+
+def setting_names() -> list[str]:
+    """The environment variable of every setting."""
+    return [ENV_PREFIX + name.upper() for name in Settings.model_fields]
+
+
+def unknown_settings(environ: Mapping[str, str]) -> list[str]:
+    """``PRICESTREAM_*`` variables that name no setting and are no Kubernetes service link."""
+    known = set(setting_names())
+    return sorted(
+        name
+        for name, value in environ.items()
+        if name.upper().startswith(ENV_PREFIX)
+        and name.upper() not in known
+        and not is_service_link(name, value)
+    )
+
+
+def closest_setting(name: str) -> str | None:
+    """The setting an unknown variable most likely meant, if one is close."""
+    words = name.upper().removeprefix(ENV_PREFIX).split("_")
+    wanted = "_".join(_SYNONYMS.get(word, word) for word in words)
+    known = {n.removeprefix(ENV_PREFIX): n for n in setting_names()}
+    match = difflib.get_close_matches(wanted, known, n=1, cutoff=0.6)
+    return known[match[0]] if match else None
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Raise SettingsError (one line) if a ``PRICESTREAM_*`` variable names no setting."""
+    unknown = unknown_settings(environ)
+    if not unknown:
+        return
+    first = unknown[0]
+    closest = closest_setting(first)
+    message = f"unknown setting {first}"
+    message += f"; did you mean {closest}?" if closest else "; see `pricestream serve --help`"
+    if len(unknown) > 1:
+        message += f" (and {len(unknown) - 1} more unknown: {', '.join(unknown[1:])})"
+    raise SettingsError(message)

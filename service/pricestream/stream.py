@@ -187,10 +187,11 @@ class StreamLifecycle:
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("could not read last prices: %s", exc)
             return
+        max_bytes = self._engine.settings.max_update_bytes  # a stored price obeys it too
         for ticker, payload in zip(missing, payloads, strict=True):
             if payload is None:
                 continue
-            entry = entry_from_payload(ticker, payload)
+            entry = entry_from_payload(ticker, payload, max_bytes=max_bytes)
             if not isinstance(entry, str):
                 writer.seed(ticker, entry)
 

@@ -1,0 +1,100 @@
+"""Unknown `PRICESTREAM_*` variables stop the start; Kubernetes service links do not."""
+
+from __future__ import annotations
+
+import pytest
+from pricestream.settings import SettingsError, check_environment, unknown_settings
+
+
+def service_links(service: str, ip: str, ports: dict[str, int]) -> dict[str, str]:
+    """The variables the kubelet injects for a Service (pkg/kubelet/envvars), TCP ports."""
+    prefix = service.upper().replace("-", "_")
+    host = f"[{ip}]" if ":" in ip else ip
+    (first_port, *_) = ports.values()
+    env = {
+        f"{prefix}_SERVICE_HOST": ip,
+        f"{prefix}_SERVICE_PORT": str(first_port),
+        f"{prefix}_PORT": f"tcp://{host}:{first_port}",
+    }
+    for name, port in ports.items():
+        env[f"{prefix}_SERVICE_PORT_{name.upper().replace('-', '_')}"] = str(port)
+        link = f"{prefix}_PORT_{port}_TCP"
+        env[link] = f"tcp://{host}:{port}"
+        env[f"{link}_PROTO"] = "tcp"
+        env[f"{link}_PORT"] = str(port)
+        env[f"{link}_ADDR"] = ip
+    return env
+
+
+CHART_SERVICES = {
+    **service_links("pricestream", "10.96.14.2", {"grpc": 50051, "metrics": 9464}),
+    **service_links("pricestream-redis", "10.96.200.17", {"redis": 6379}),
+    **service_links("pricestream-canary", "fd00:10:96::a", {"grpc-web": 8080}),
+}
+
+
+def refusal(environ: dict[str, str]) -> str:
+    with pytest.raises(SettingsError) as raised:
+        check_environment(environ)
+    return str(raised.value)
+
+
+def test_unknown_variable_names_the_closest_setting() -> None:
+    environ = {"PRICESTREAM_METRICS_PORT": "9000", "PRICESTREAM_REDIS_URL": "redis://r:6379/0"}
+    assert refusal(environ) == (
+        "unknown setting PRICESTREAM_METRICS_PORT; did you mean PRICESTREAM_HTTP_PORT?"
+    )
+    assert refusal({"PRICESTREAM_FLUSH_INTERVALL": "0.5"}).endswith(
+        "did you mean PRICESTREAM_FLUSH_INTERVAL?"
+    )
+
+
+def test_unknown_variable_without_a_close_setting_points_to_the_list() -> None:
+    assert refusal({"PRICESTREAM_BANANA": "1"}) == (
+        "unknown setting PRICESTREAM_BANANA; see `pricestream serve --help`"
+    )
+
+
+def test_several_unknown_variables_make_one_line() -> None:
+    message = refusal({"PRICESTREAM_ZZZ": "1", "PRICESTREAM_MAXSESSIONS": "5"})
+    assert "\n" not in message
+    assert message == (
+        "unknown setting PRICESTREAM_MAXSESSIONS; did you mean PRICESTREAM_MAX_SESSIONS? "
+        "(and 1 more unknown: PRICESTREAM_ZZZ)"
+    )
+
+
+def test_settings_other_variables_and_service_links_pass() -> None:
+    environ = {
+        **CHART_SERVICES,
+        "PRICESTREAM_HTTP_PORT": "9464",
+        "PRICESTREAM_POD_NAME": "pricestream-7d9f-abc",
+        "PATH": "/usr/bin",
+        "REDIS_PORT": "garbage",
+    }
+    assert unknown_settings(environ) == []
+    check_environment(environ)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PRICESTREAM_REDIS_PORT", "6379"),  # a link carries a URL; a bare port is a typo
+        ("PRICESTREAM_SERVICE_HOST", "pricestream.prod.svc"),  # links carry the cluster IP
+        ("PRICESTREAM_SERVICE_PORT_GRPC", "grpc"),
+        ("PRICESTREAM_PORT_50051_TCP_PORT", "9464"),  # not the port its name says
+        ("PRICESTREAM_PORT_50051_TCP_PROTO", "udp"),
+        ("PRICESTREAM_PORT", "http://10.96.14.2:50051"),
+        ("PRICESTREAM_PORT_50051_TCP", "tcp://example.com:50051"),
+        ("PRICESTREAM_PORT_50051_TCP_ADDR", "10.96.14"),
+        ("PRICESTREAM_METRICS_SERVICE_HOSTNAME", "10.96.14.2"),
+    ],
+)
+def test_link_names_with_other_values_are_unknown(name: str, value: str) -> None:
+    assert unknown_settings({name: value}) == [name]
+
+
+def test_link_value_under_a_setting_name_is_left_to_validation() -> None:
+    """A Service named pricestream-grpc would inject PRICESTREAM_GRPC_PORT=tcp://…: that is a
+    real setting, so its value fails validation (the chart turns service links off)."""
+    assert unknown_settings({"PRICESTREAM_GRPC_PORT": "tcp://10.96.0.9:50051"}) == []
