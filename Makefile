@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 TOOLS := $(CURDIR)/.tools
 HELM_VERSION := v3.22.0
 HELM := $(TOOLS)/bin/helm
+# v2.2.1 has no go.mod: `go install` resolves its dependencies to their latest versions.
+H2SPEC_VERSION := v2.2.1+incompatible
+H2SPEC := $(TOOLS)/bin/h2spec
 PROTO := proto/pricestream/v1/pricestream.proto
 CHART := deploy/helm/pricestream
 APP_VERSION := $(shell sed -n 's/^appVersion: "\(.*\)"/\1/p' $(CHART)/Chart.yaml)
@@ -14,7 +17,7 @@ KIND_CLUSTER ?= pricestream
 KPS_RELEASE ?= kps
 NAMESPACE ?= pricestream
 
-.PHONY: demo test setup system-deps venv helm proto dashboards schema lint bench clean \
+.PHONY: demo test setup system-deps venv helm h2spec proto dashboards schema lint bench clean \
 	kind-up image kind-load deploy grafana kind-down
 
 demo: venv  ## server + feed + live table, Redis if reachable else in memory
@@ -23,7 +26,7 @@ demo: venv  ## server + feed + live table, Redis if reachable else in memory
 test: setup lint  ## the whole suite against real redis-server, Prometheus, Alertmanager
 	$(PY) -m pytest -q
 
-setup: system-deps venv helm
+setup: system-deps venv helm h2spec
 
 system-deps:  ## apt-get what is missing (needs root); quick when present
 	@scripts/ensure-system-deps.sh
@@ -41,6 +44,12 @@ helm: $(HELM)
 $(HELM):
 	mkdir -p $(TOOLS)/bin
 	GOBIN=$(TOOLS)/bin go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+
+h2spec: $(H2SPEC)  ## the HTTP/2 conformance suite, for tests/test_h2spec.py
+
+$(H2SPEC):
+	mkdir -p $(TOOLS)/bin
+	GOBIN=$(TOOLS)/bin go install github.com/summerwind/h2spec/cmd/h2spec@$(H2SPEC_VERSION)
 
 proto: venv  ## regenerate the committed gRPC stubs
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=service --pyi_out=service \
