@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 TOOLS := $(CURDIR)/.tools
 HELM_VERSION := v3.22.0
 HELM := $(TOOLS)/bin/helm
+CENTRIFUGO_VERSION := v6.9.1
+CENTRIFUGO := $(TOOLS)/bin/centrifugo
 PROTO := proto/pricestream/v1/pricestream.proto
 CHART := deploy/helm/pricestream
 APP_VERSION := $(shell sed -n 's/^appVersion: "\(.*\)"/\1/p' $(CHART)/Chart.yaml)
@@ -14,7 +16,7 @@ KIND_CLUSTER ?= pricestream
 KPS_RELEASE ?= kps
 NAMESPACE ?= pricestream
 
-.PHONY: demo test setup system-deps venv helm proto dashboards schema lint bench clean \
+.PHONY: demo test setup system-deps venv helm centrifugo proto dashboards schema lint bench clean \
 	kind-up image kind-load deploy grafana kind-down
 
 demo: venv  ## server + feed + live table, Redis if reachable else in memory
@@ -23,7 +25,7 @@ demo: venv  ## server + feed + live table, Redis if reachable else in memory
 test: setup lint  ## the whole suite against real redis-server, Prometheus, Alertmanager
 	$(PY) -m pytest -q
 
-setup: system-deps venv helm
+setup: system-deps venv helm centrifugo
 
 system-deps:  ## apt-get what is missing (needs root); quick when present
 	@scripts/ensure-system-deps.sh
@@ -42,11 +44,22 @@ $(HELM):
 	mkdir -p $(TOOLS)/bin
 	GOBIN=$(TOOLS)/bin go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 
+# Idempotent: go install runs only when the binary is missing or is another version (the binary's
+# own version string reads 0.0.0 under go install; `go version -m` has the module's).
+centrifugo:  ## Centrifugo $(CENTRIFUGO_VERSION) into $(TOOLS)/bin, for side-by-side benchmarks
+	@if go version -m $(CENTRIFUGO) 2>/dev/null | grep -Eq 'mod[[:space:]]+github.com/centrifugal/centrifugo/v6[[:space:]]+$(CENTRIFUGO_VERSION)[[:space:]]'; then \
+		echo "centrifugo $(CENTRIFUGO_VERSION) is built"; \
+	else \
+		mkdir -p $(TOOLS)/bin && \
+		echo "building centrifugo $(CENTRIFUGO_VERSION) (a few minutes)" && \
+		GOBIN=$(TOOLS)/bin nice -n 10 go install github.com/centrifugal/centrifugo/v6@$(CENTRIFUGO_VERSION); \
+	fi
+
 proto: venv  ## regenerate the committed gRPC stubs
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=service --pyi_out=service \
 		--grpc_python_out=service $(PROTO)
 
-bench: system-deps venv  ## server on one core vs the Go load client (needs go); appends docs/benchmarks.md
+bench: system-deps venv centrifugo  ## server on one core vs the Go load client, Centrifugo side by side (needs go); appends docs/benchmarks.md
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 dashboards: venv  ## regenerate the committed Grafana JSON inside the chart
