@@ -9,6 +9,8 @@ HELM := $(TOOLS)/bin/helm
 # v2.2.1 has no go.mod: `go install` resolves its dependencies to their latest versions.
 H2SPEC_VERSION := v2.2.1+incompatible
 H2SPEC := $(TOOLS)/bin/h2spec
+CENTRIFUGO_VERSION := v6.9.1
+CENTRIFUGO := $(TOOLS)/bin/centrifugo
 PROTO := proto/pricestream/v1/pricestream.proto
 CHART := deploy/helm/pricestream
 APP_VERSION := $(shell sed -n 's/^appVersion: "\(.*\)"/\1/p' $(CHART)/Chart.yaml)
@@ -17,7 +19,7 @@ KIND_CLUSTER ?= pricestream
 KPS_RELEASE ?= kps
 NAMESPACE ?= pricestream
 
-.PHONY: demo test setup system-deps venv helm h2spec proto dashboards schema lint bench clean \
+.PHONY: demo test setup system-deps venv helm h2spec centrifugo proto dashboards schema lint bench clean \
 	kind-up image kind-load deploy grafana kind-down
 
 demo: venv  ## server + feed + live table, Redis if reachable else in memory
@@ -26,7 +28,7 @@ demo: venv  ## server + feed + live table, Redis if reachable else in memory
 test: setup lint  ## the whole suite against real redis-server, Prometheus, Alertmanager
 	$(PY) -m pytest -q
 
-setup: system-deps venv helm h2spec
+setup: system-deps venv helm h2spec centrifugo
 
 system-deps:  ## apt-get what is missing (needs root); quick when present
 	@scripts/ensure-system-deps.sh
@@ -51,11 +53,22 @@ $(H2SPEC):
 	mkdir -p $(TOOLS)/bin
 	GOBIN=$(TOOLS)/bin go install github.com/summerwind/h2spec/cmd/h2spec@$(H2SPEC_VERSION)
 
+# Idempotent: go install runs only when the binary is missing or is another version (the binary's
+# own version string reads 0.0.0 under go install; `go version -m` has the module's).
+centrifugo:  ## Centrifugo $(CENTRIFUGO_VERSION) into $(TOOLS)/bin, for side-by-side benchmarks
+	@if go version -m $(CENTRIFUGO) 2>/dev/null | grep -Eq 'mod[[:space:]]+github.com/centrifugal/centrifugo/v6[[:space:]]+$(CENTRIFUGO_VERSION)[[:space:]]'; then \
+		echo "centrifugo $(CENTRIFUGO_VERSION) is built"; \
+	else \
+		mkdir -p $(TOOLS)/bin && \
+		echo "building centrifugo $(CENTRIFUGO_VERSION) (a few minutes)" && \
+		GOBIN=$(TOOLS)/bin nice -n 10 go install github.com/centrifugal/centrifugo/v6@$(CENTRIFUGO_VERSION); \
+	fi
+
 proto: venv  ## regenerate the committed gRPC stubs
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=service --pyi_out=service \
 		--grpc_python_out=service $(PROTO)
 
-bench: system-deps venv  ## server on one core vs the Go load client (needs go); appends docs/benchmarks.md
+bench: system-deps venv centrifugo  ## server on one core vs the Go load client, Centrifugo side by side (needs go); appends docs/benchmarks.md
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 dashboards: venv  ## regenerate the committed Grafana JSON inside the chart

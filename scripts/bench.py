@@ -1,18 +1,24 @@
 """`make bench`: the server pinned to one core against the load tester on the others.
 
-For each case: a fresh redis-server (free loopback port, temporary folder), the feed, and
-`pricestream serve` under `taskset -c 0`; the receiving side (the Go load client by default,
-`pricestream loadtest` with --client python), the feed and redis-server under `taskset -c 1-N`.
-The table goes to stdout and is appended to docs/benchmarks.md.
+For each case: a fresh redis-server (free loopback port, temporary folder), the feed
+(scripts/bench_feed.py), and the server under `taskset -c 0`: `pricestream serve`, the bare
+grpc.aio floor, or Centrifugo v6.9.1 (built by `make centrifugo`) with its uni-directional gRPC
+transport and Redis engine, fed the same ticks in its own broker's wire format; the receiving
+side (the Go load client by default, `pricestream loadtest` with --client python), the feed and
+redis-server under `taskset -c 1-N`. The table goes to stdout and is appended to
+docs/benchmarks.md; each row's CPU per delivered update is compared with the Centrifugo row of
+the same workload in the same run.
 
-    python scripts/bench.py                 # the cases of issue 6
-    python scripts/bench.py --quick         # shorter holds, for a first look
-    python scripts/bench.py --cases a500    # one case
+    python scripts/bench.py                     # the cases of issues 6 and 12
+    python scripts/bench.py --quick             # shorter holds, for a first look
+    python scripts/bench.py --cases a500,c500   # ours and Centrifugo on one workload
+    python scripts/bench.py --cases hot100,chot --streams 100 --ramp 3 --hold 5   # a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -27,6 +33,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import bench_centrifugo
 from bench_clients import GoClient, PythonLoadtest, Sampler, server_metrics
 from pricestream.leak_check import violations
 from prometheus_client.process_collector import ProcessCollector
@@ -45,11 +52,21 @@ class Case:
     universe: int
     floor: bool = False  # the bare grpc.aio server (scripts/bench_floor_server.py)
     quiet_feed: bool = False  # one update per ticker every 10 s: memory, not throughput
+    ticker_hz: float | None = None  # updates per ticker per second, when not set by the flush
+    centrifugo: bool = False  # Centrifugo (bench_centrifugo.py) instead of pricestream
 
     @property
     def feed_rate(self) -> float:
-        """Round-robin feed: every ticker changes twice per flush window (or once in 10 s)."""
+        """Round-robin feed: every ticker changes twice per flush window (or once in 10 s),
+        or ticker_hz times a second."""
+        if self.ticker_hz is not None:
+            return self.universe * self.ticker_hz
         return self.universe / 10 if self.quiet_feed else 2 * self.universe / self.flush
+
+    @property
+    def workload(self) -> tuple[int, int, int, float]:
+        """What the server is given: rows with the same workload are compared."""
+        return (self.streams, self.tickers_per_session, self.universe, self.feed_rate)
 
 
 CASES = {
@@ -63,7 +80,31 @@ CASES = {
         "memory: 10,000 streams x 5 tickers, quiet feed", 10_000, 5, 0.5, 500, quiet_feed=True
     ),
 }
-DEFAULT_CASES = "a500,floor500,a100,b100,m10k"
+CENTRIFUGO = f"Centrifugo {bench_centrifugo.CENTRIFUGO_VERSION} uni gRPC"
+CASES |= {
+    # a500's workload (500 tickers at 4 Hz): Centrifugo sends every tick, one Push each.
+    "c500": Case(
+        f"{CENTRIFUGO}: 5,000 streams x 5 tickers (a500's feed)", 5_000, 5, 0, 500,
+        ticker_hz=4, centrifugo=True,
+    ),
+    # a100's workload (500 tickers at 20 Hz): 500,000 Pushes/s for Centrifugo, which does not
+    # coalesce, beyond one core and beyond the receiver's core. Not a default case.
+    "c100": Case(
+        f"{CENTRIFUGO}: 5,000 streams x 5 tickers (a100's feed)", 5_000, 5, 0, 500,
+        ticker_hz=20, centrifugo=True,
+    ),
+    # Hot tickers: every stream watches the same 5 tickers, each ticking at 20 Hz. pricestream
+    # coalesces to one update per ticker per flush; Centrifugo delivers every tick.
+    "hot100": Case(
+        "hot: 500 streams x the same 5 tickers at 20 Hz, flush 100 ms", 500, 5, 0.1, 5,
+        ticker_hz=20,
+    ),
+    "chot": Case(
+        f"{CENTRIFUGO}: hot, 500 streams x the same 5 tickers at 20 Hz", 500, 5, 0, 5,
+        ticker_hz=20, centrifugo=True,
+    ),
+}  # fmt: skip
+DEFAULT_CASES = "a500,c500,floor500,a100,b100,m10k,hot100,chot"
 
 
 def proc_sampler(pid: int) -> Sampler:
@@ -93,11 +134,11 @@ def leak_verdict(http_port: int, timeout: float = 60) -> list[str]:
         time.sleep(1)
 
 
-def wait_ready(port: int, timeout: float = 20) -> None:
+def wait_ready(port: int, timeout: float = 20, path: str = "/readyz") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -109,7 +150,6 @@ def wait_ready(port: int, timeout: float = 20) -> None:
 def run_case(
     case: Case, client: str, ramp: int, hold: int, workdir: Path, client_cpus: str
 ) -> dict:
-    pricestream = str(ROOT / ".venv/bin/pricestream")
     grpc_port, http_port = free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -127,32 +167,50 @@ def run_case(
                 procs, client_cpus, "redis-server", "--port", str(redis_port),
                 "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir),
             )  # fmt: skip
-            env = {k: v for k, v in os.environ.items() if not k.startswith("PRICESTREAM_")}
-            env.update(
-                PRICESTREAM_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
-                PRICESTREAM_GRPC_HOST="127.0.0.1",
-                PRICESTREAM_GRPC_PORT=str(grpc_port),
-                PRICESTREAM_HTTP_HOST="127.0.0.1",
-                PRICESTREAM_HTTP_PORT=str(http_port),
-                PRICESTREAM_FLUSH_INTERVAL=str(case.flush),
-                PRICESTREAM_LOG_LEVEL="WARNING",
-            )
             time.sleep(0.5)
-            _start(procs, "0", pricestream, "serve", env=env)
-            _start(
-                procs, client_cpus, pricestream, "feed", "--tickers", str(case.universe),
-                "--rate", str(case.feed_rate), env=env,
-            )  # fmt: skip
-            wait_ready(http_port)
+            if case.centrifugo:
+                prefix = f"bench{redis_port}"
+                config = bench_centrifugo.write_config(
+                    workdir / f"centrifugo-{grpc_port}.json",
+                    redis_port=redis_port, grpc_port=grpc_port, http_port=http_port,
+                    prefix=prefix,
+                )  # fmt: skip
+                binary = ROOT / bench_centrifugo.CENTRIFUGO_BIN
+                server = _start(procs, "0", *bench_centrifugo.command(binary, config))
+                sample = proc_sampler(server.pid)
+                feed_format = [
+                    "--format", "centrifugo", "--prefix", prefix,
+                    "--channel-prefix", bench_centrifugo.CHANNEL_PREFIX,
+                ]  # fmt: skip
+            else:
+                env = {k: v for k, v in os.environ.items() if not k.startswith("PRICESTREAM_")}
+                env.update(
+                    PRICESTREAM_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+                    PRICESTREAM_GRPC_HOST="127.0.0.1",
+                    PRICESTREAM_GRPC_PORT=str(grpc_port),
+                    PRICESTREAM_HTTP_HOST="127.0.0.1",
+                    PRICESTREAM_HTTP_PORT=str(http_port),
+                    PRICESTREAM_FLUSH_INTERVAL=str(case.flush),
+                    PRICESTREAM_LOG_LEVEL="WARNING",
+                )
+                _start(procs, "0", sys.executable, "-m", "pricestream", "serve", env=env)
 
-            def sample() -> dict[str, float]:
-                return server_metrics(http_port)
+                def sample() -> dict[str, float]:
+                    return server_metrics(http_port)
+
+                feed_format = ["--format", "pricestream"]
+            _start(
+                procs, client_cpus, sys.executable, str(ROOT / "scripts/bench_feed.py"),
+                "--redis-url", f"redis://127.0.0.1:{redis_port}/0",
+                "--tickers", str(case.universe), "--rate", str(case.feed_rate), *feed_format,
+            )  # fmt: skip
+            wait_ready(http_port, path="/health" if case.centrifugo else "/readyz")
 
         time.sleep(2)
         before_run = sample()
         runner = GoClient(ROOT) if client == "go" else PythonLoadtest(ROOT, http_port, workdir)
         measured = runner.run(case, grpc_port, sample, ramp, hold, client_cpus)
-        verdict = "n/a" if case.floor else leak_verdict(http_port)
+        verdict = "n/a" if case.floor or case.centrifugo else leak_verdict(http_port)
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -166,7 +224,7 @@ def run_case(
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
-    if case.floor:  # no counters of its own: what the client received is what it sent
+    if case.floor or case.centrifugo:  # no counters we read: what was received was sent
         sent_per_s, batches_per_s = measured.delivered_per_s, measured.batches_per_s
     else:
         sent_per_s = delta("pricestream_price_updates_sent_total") / window
@@ -174,13 +232,17 @@ def run_case(
     cores = delta("process_cpu_seconds_total") / window
     idle_rss = before_run["process_resident_memory_bytes"]
     loaded_rss = after["process_resident_memory_bytes"]
+    server = "centrifugo" if case.centrifugo else "floor" if case.floor else "pricestream"
     return {
         "case": case.name,
+        "server": server,
+        "workload": list(case.workload),
         "client": client,
         "streams": case.streams,
         "streams_held": measured.streams_held,
         "flush_ms": int(case.flush * 1000),
         "feed_rate": 0 if case.floor else case.feed_rate,
+        "cpu_us_per_update": round(cores / max(measured.delivered_per_s, 1) * 1e6, 2),
         "delivered_per_s": measured.delivered_per_s,
         "batches_per_s": measured.batches_per_s,
         "server_sent_per_s": round(sent_per_s, 1),
@@ -229,14 +291,24 @@ def wait_serving(port: int, timeout: float = 20) -> None:
     raise RuntimeError(f"nothing listens on port {port}")
 
 
+def centrifugo_ratio(row: dict, rows: list[dict]) -> str:
+    """The row's CPU per delivered update over Centrifugo's on the same workload in this run."""
+    for other in rows:
+        if other["server"] == "centrifugo" and other["workload"] == row["workload"]:
+            reference = other["cpu_us_per_update"]
+            return f"{row['cpu_us_per_update'] / reference:.2f}x" if reference else "n/a"
+    return "n/a"
+
+
 def table(rows: list[dict]) -> str:
     head = (
         "| case | client | streams held | delivered updates/s | batches/s "
         "| server sent updates/s | ratio to seed (7,000/s per core) | p50 / p99 ms "
-        "| server cores | server CPU µs per batch | CPU s per 1M updates "
+        "| server cores | server CPU µs per batch | CPU µs per delivered update "
+        "| ratio to Centrifugo (same workload) | CPU s per 1M updates "
         "| RSS idle / loaded MB | KB per stream "
         "| client cores | slow-consumer cut-offs | client errors | leak verdict |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -247,7 +319,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['server_sent_per_s']:,.0f} "
             f"| {r['delivered_per_s'] / SEED_UPDATES_PER_CORE:.1f}x "
             f"| {r['p50_ms']} / {r['p99_ms']} | {r['server_cores']:.2f} "
-            f"| {r['cpu_us_per_batch']} | {r['cpu_s_per_million']} "
+            f"| {r['cpu_us_per_batch']} | {r['cpu_us_per_update']} "
+            f"| {centrifugo_ratio(r, rows)} | {r['cpu_s_per_million']} "
             f"| {r['rss_idle_mb']} / {r['rss_peak_mb']} "
             f"| {r['rss_kb_per_stream']} | {r['client_cores']} | {r['slow_consumer_cutoffs']:.0f} "
             f"| {errors} | {r['leak_verdict']} |"
@@ -267,13 +340,33 @@ def main(argv: list[str]) -> int:
         default="go",
         help="receiving side: the light Go client (default) or `pricestream loadtest`",
     )
+    parser.add_argument(
+        "--streams", type=int, default=None, help="every case with this many streams (smoke runs)"
+    )
     parser.add_argument("--no-append", action="store_true", help="do not touch docs/")
     args = parser.parse_args(argv)
+    unknown = [key for key in args.cases.split(",") if key not in CASES]
+    if unknown:
+        parser.error(f"unknown case {', '.join(unknown)}; from {', '.join(CASES)}")
+    cases = [CASES[key] for key in args.cases.split(",")]
+    if args.streams is not None:
+        if args.streams < 1:
+            parser.error("--streams must be positive")
+        smoke = f" [{args.streams:,} streams]"
+        cases = [dataclasses.replace(c, name=c.name + smoke, streams=args.streams) for c in cases]
     needed = ["taskset", "redis-server"] + (["go"] if args.client == "go" else [])
     missing = [tool for tool in needed if shutil.which(tool) is None]
     if missing:
         print(f"bench: needs {', '.join(missing)} (make setup)", file=sys.stderr)
         return 2
+    if any(c.centrifugo for c in cases):
+        if args.client != "go":
+            print("bench: the Centrifugo cases need --client go", file=sys.stderr)
+            return 2
+        if not (ROOT / bench_centrifugo.CENTRIFUGO_BIN).exists():
+            binary = bench_centrifugo.CENTRIFUGO_BIN
+            print(f"bench: needs {binary} (make centrifugo)", file=sys.stderr)
+            return 2
     cores = os.cpu_count() or 1
     if cores < 2:
         print("bench: needs at least 2 cores (server on one, load on the others)", file=sys.stderr)
@@ -282,8 +375,7 @@ def main(argv: list[str]) -> int:
     client_cpus = f"1-{cores - 1}" if cores > 2 else "1"
     rows = []
     with tempfile.TemporaryDirectory(prefix="pricestream-bench-") as tmp:
-        for key in args.cases.split(","):
-            case = CASES[key]
+        for case in cases:
             print(f"bench: {case.name} (feed {case.feed_rate:,.0f}/s) ...", file=sys.stderr)
             row = run_case(case, args.client, ramp, hold, Path(tmp), client_cpus)
             print(f"bench: {json.dumps(row)}", file=sys.stderr)
@@ -294,7 +386,8 @@ def main(argv: list[str]) -> int:
         command = "make bench" + (f" BENCH_ARGS={shlex.quote(' '.join(argv))}" if argv else "")
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         section = (
-            f"\n## {now}\n\n`{command}` on {cores} cores (server pinned to core 0 with taskset; "
+            f"\n## {now}\n\n`{command}` on {cores} cores (server, ours or Centrifugo, pinned to "
+            "core 0 with taskset; "
             f"{CLIENT_NAMES[args.client]}, feed and redis-server on cores {client_cpus}); "
             f"ramp {ramp} s, hold {hold} s; figures are over the hold.\n\n{text}"
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from bench_centrifugo import CHANNEL_PREFIX as CENTRIFUGO_CHANNEL_PREFIX
 from pricestream.feed import ticker_universe
 from pricestream.leak_check import samples
 
@@ -52,6 +54,7 @@ class BenchCase(Protocol):
     streams: int
     tickers_per_session: int
     universe: int
+    centrifugo: bool
 
 
 class GoClient:
@@ -85,6 +88,8 @@ class GoClient:
             "-tickers-per-session", str(case.tickers_per_session),
             "-ramp", f"{ramp}s", "-settle", "5s", "-hold", f"{hold}s",
         ]  # fmt: skip
+        if case.centrifugo:  # Centrifugo's uni-directional gRPC stream, one channel per ticker
+            command += ["-protocol", "centrifugo", "-channel-prefix", CENTRIFUGO_CHANNEL_PREFIX]
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stderr is not None and proc.stdout is not None
         before: dict[str, float] = {}
@@ -117,7 +122,7 @@ class GoClient:
 
 class PythonLoadtest:
     def __init__(self, root: Path, http_port: int, workdir: Path) -> None:
-        self._pricestream = str(root / ".venv/bin/pricestream")
+        self._pricestream = [sys.executable, "-m", "pricestream"]
         self._http_port = http_port
         self._workdir = workdir
 
@@ -135,7 +140,7 @@ class PythonLoadtest:
         first, _, last = client_cpus.partition("-")
         workers = int(last or first) - int(first) + 1
         command = [
-            "taskset", "-c", client_cpus, self._pricestream, "loadtest",
+            "taskset", "-c", client_cpus, *self._pricestream, "loadtest",
             "--target", f"127.0.0.1:{grpc_port}",
             "--metrics-url", f"http://127.0.0.1:{http_port}/metrics",
             "--stages", f"{ramp}s:{case.streams},{hold}s:{case.streams},5s:0",

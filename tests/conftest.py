@@ -21,9 +21,10 @@ from redis import Redis
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
-def require_binary(name: str) -> str:
-    """Path of a tool the test needs: missing fails in CI, skips elsewhere."""
-    path = shutil.which(name)
+def require_binary(name: str, search: Path | None = None) -> str:
+    """Path of a tool the test needs (on PATH, or in the folder ``search``): missing fails in
+    CI, skips elsewhere."""
+    path = shutil.which(name, path=None if search is None else str(search))
     if path is None:
         message = f"{name} is not installed (make setup installs it)"
         if IN_CI:

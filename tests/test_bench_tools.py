@@ -1,5 +1,6 @@
 """The benchmark's own tools, run for real: the Go load client (bench/loadclient) against a
-real `pricestream serve` and against the bare grpc.aio floor server, and their error paths."""
+real `pricestream serve`, against the bare grpc.aio floor server and against Centrifugo fed
+through Redis in its own broker's format (scripts/bench_feed.py), and their error paths."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ from conftest import RedisProcess, fast_env, free_port, require_binary
 from invariants import wait_invariant
 from pricestream.feed import ticker_universe
 from processes import ServeProcess, start_feed
+
+from scripts import bench_centrifugo
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADCLIENT = ROOT / "bench/loadclient"
@@ -114,10 +118,79 @@ def test_floor_server_streams_one_batch_per_flush(loadclient: Path) -> None:
         floor.wait(timeout=10)
 
 
+def wait_http_ok(url: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} not answering 200 after {timeout} s")
+
+
+@pytest.mark.timeout(60)
+def test_loadclient_receives_centrifugo_publications_fed_through_redis(
+    loadclient: Path, own_redis: RedisProcess, tmp_path: Path
+) -> None:
+    """Centrifugo (make centrifugo) on its Redis engine, fed by bench_feed.py in its broker's
+    wire format; 20 uni-directional gRPC streams get every tick of their channels."""
+    binary = require_binary("centrifugo", ROOT / Path(bench_centrifugo.CENTRIFUGO_BIN).parent)
+    grpc_port, http_port = free_port(), free_port()
+    config = bench_centrifugo.write_config(
+        tmp_path / "centrifugo.json",
+        redis_port=own_redis.port, grpc_port=grpc_port, http_port=http_port,
+        prefix="pstest", log_level="info",
+    )  # fmt: skip
+    log = (tmp_path / "centrifugo.log").open("wb")
+    centrifugo = subprocess.Popen(
+        bench_centrifugo.command(Path(binary), config), stdout=log, stderr=subprocess.STDOUT
+    )
+    feed = None
+    try:
+        wait_http_ok(f"http://127.0.0.1:{http_port}/health")
+        tickers = ticker_universe(10)
+        feed = subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts/bench_feed.py"), "--format", "centrifugo",
+             "--redis-url", own_redis.url, "--prefix", "pstest",
+             "--channel-prefix", bench_centrifugo.CHANNEL_PREFIX,
+             "--tickers", "10", "--rate", "200"],
+            stderr=(tmp_path / "feed.log").open("wb"),
+        )  # fmt: skip
+        report = run_client(
+            loadclient, f"127.0.0.1:{grpc_port}", "-protocol", "centrifugo",
+            "-channel-prefix", bench_centrifugo.CHANNEL_PREFIX,
+            "-streams", "20", "-tickers", ",".join(tickers),
+            "-tickers-per-session", "3", "-connections", "2",
+            "-ramp", "1s", "-settle", "1s", "-hold", "3s",
+        )  # fmt: skip
+        log.flush()
+        assert report["errors"] == {}, (tmp_path / "centrifugo.log").read_text()[-2000:]
+        assert report["streams_at_hold_start"] == report["streams_at_hold_end"] == 20
+        assert report["left_by_cancel"] == 20 and report["left_by_close_session"] == 0
+        # 10 tickers at 20 Hz each, 3 channels per stream: ~60 publications per stream per
+        # second, one Push each (Centrifugo does not coalesce).
+        assert report["updates"] == report["batches"]
+        assert 20 * 60 * 0.6 < report["updates_per_second"] < 20 * 60 * 1.2
+        latency = report["delivery_latency_ms"]
+        assert 0 < latency["p50"] <= latency["p99"] <= latency["max"] < 2000
+        assert feed.poll() is None, "the feed stopped"
+    finally:
+        if feed is not None:
+            feed.terminate()
+            feed.wait(timeout=10)
+        centrifugo.terminate()
+        centrifugo.wait(timeout=15)
+        log.close()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         ([], "loadclient: -tickers is required"),
+        (["-protocol", "mqtt", "-tickers", "A"], "-protocol must be pricestream or centrifugo"),
         (["-tickers", "A,B", "-tickers-per-session", "3"], "-tickers-per-session must be 1..2"),
         (
             ["-tickers", "A", "-tickers-per-session", "1", "-streams", "0"],

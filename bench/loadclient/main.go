@@ -3,7 +3,9 @@
 // server's limits and not the load generator's. It ramps users up (CreateSession, then the
 // stream), measures delivered updates and their end-to-end latency (the feed's publish
 // timestamp to receipt) over a hold window, then lets every user leave (half by CloseSession,
-// half by cancelling the stream) and prints one JSON object on stdout.
+// half by cancelling the stream) and prints one JSON object on stdout. With -protocol
+// centrifugo it holds Centrifugo's uni-directional gRPC streams instead (centrifugo.go), with
+// the same measurements and the same JSON.
 //
 // `pricestream loadtest` is the full-featured load tester (stages, leave mixes, slow
 // readers, reports); this client does the one thing the benchmark needs, cheaply.
@@ -34,6 +36,8 @@ import (
 const closeAttempts = 3
 
 type config struct {
+	protocol          string // "pricestream" or "centrifugo" (centrifugo.go)
+	channelPrefix     string // centrifugo: channel = prefix + ticker
 	target            string
 	streams           int
 	connections       int
@@ -255,7 +259,12 @@ func execute(cfg config) (result, error) {
 		users.Add(1)
 		go func(index int) {
 			defer users.Done()
-			r.user(index, holdStart, leave, rand.New(rand.NewPCG(uint64(index), 7)))
+			rng := rand.New(rand.NewPCG(uint64(index), 7))
+			if cfg.protocol == "centrifugo" {
+				r.centrifugoUser(index, holdStart, leave, rng)
+			} else {
+				r.user(index, holdStart, leave, rng)
+			}
 		}(i)
 	}
 	time.Sleep(time.Until(holdStart))
@@ -301,6 +310,10 @@ func execute(cfg config) (result, error) {
 func main() {
 	var cfg config
 	var tickers string
+	flag.StringVar(&cfg.protocol, "protocol", "pricestream",
+		"pricestream (CreateSession + StreamPriceUpdates) or centrifugo (uni-directional gRPC Consume)")
+	flag.StringVar(&cfg.channelPrefix, "channel-prefix", "prices:",
+		"centrifugo: each ticker's channel is this prefix + the ticker")
 	flag.StringVar(&cfg.target, "target", "127.0.0.1:50051", "server host:port")
 	flag.IntVar(&cfg.streams, "streams", 100, "virtual users, one stream each")
 	flag.IntVar(&cfg.connections, "connections", 16, "gRPC connections the users share")
@@ -315,6 +328,9 @@ func main() {
 		cfg.tickers = strings.Split(tickers, ",")
 	}
 	switch {
+	case cfg.protocol != "pricestream" && cfg.protocol != "centrifugo":
+		fmt.Fprintln(os.Stderr, "loadclient: -protocol must be pricestream or centrifugo")
+		os.Exit(2)
 	case len(cfg.tickers) == 0:
 		fmt.Fprintln(os.Stderr, "loadclient: -tickers is required (the feed's universe)")
 		os.Exit(2)
