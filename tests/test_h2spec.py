@@ -34,20 +34,6 @@ class ConformanceFailure(AssertionError):
     """h2spec ran to the end and its results differ from EXPECTED_FAILURES."""
 
 
-# TODO(transport): remove this mark, and its use below, when the h2 transport serves the gRPC
-# port. Today's grpc.aio server (grpc-core) fails about 89 of the 145 cases, mostly because it
-# answers h2spec's plain HTTP requests (GET /, no content-type application/grpc) with RST_STREAM
-# INTERNAL_ERROR where h2spec waits for a response HEADERS frame. Those failures are grpc-core's,
-# and are deliberately NOT listed in EXPECTED_FAILURES. The mark only covers the conformance
-# verdict (raises=ConformanceFailure): a missing binary in CI, a broken run or an unreadable report
-# still fail the test.
-GRPC_CORE_FAILS_H2SPEC = pytest.mark.xfail(
-    strict=False,
-    raises=ConformanceFailure,
-    reason="today's grpc.aio server (grpc-core) fails ~89 h2spec cases; remove when the h2 "
-    "transport lands",
-)
-
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_H2SPEC = ROOT / ".tools/bin/h2spec"
 CASE_TIMEOUT_S = 5  # h2spec -o: how long a case waits for the server's answer
@@ -202,7 +188,6 @@ def server_certificate(tmp_path_factory: pytest.TempPathFactory) -> dict[str, st
     return {"tls_cert_file": str(path / "server.crt"), "tls_key_file": str(path / "server.key")}
 
 
-@GRPC_CORE_FAILS_H2SPEC
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("transport", ["plaintext", "tls"])
 async def test_h2spec_conformance(

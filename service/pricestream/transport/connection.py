@@ -93,7 +93,7 @@ class Connection(asyncio.Protocol):
         self._out: list[bytes | memoryview] = []
         self._flush_scheduled = False
         self.paused = False  # the socket's buffer is over its high-water mark
-        self._waiting: dict[ResponseStream, None] = {}  # blocked streams, in arrival order
+        self._waiting: dict[int, ResponseStream] = {}  # blocked streams by id, in arrival order
         self.calls: dict[int, ServerCall] = {}
         self.peer = ""
         self._started = False  # first bytes seen
@@ -155,7 +155,12 @@ class Connection(asyncio.Protocol):
             self.close()
             return
         for event in events:
-            self._handle(event)
+            try:
+                self._handle(event)
+            except ProtocolError as exc:
+                # h2 has already applied every frame of this read: a stream an event names may
+                # be closed (reset, or a stream error) by a later frame. That stream is done.
+                log.debug("event %s on a stream closed meanwhile: %s", type(event).__name__, exc)
             if self.closed:
                 return
         self.h2_output()
@@ -216,21 +221,19 @@ class Connection(asyncio.Protocol):
     # --- flow control -------------------------------------------------------------------
 
     def wait_for_window(self, stream: ResponseStream) -> None:
-        self._waiting[stream] = None
+        self._waiting[stream.stream_id] = stream
 
     def stop_waiting(self, stream: ResponseStream) -> None:
-        self._waiting.pop(stream, None)
+        self._waiting.pop(stream.stream_id, None)
 
     def _drain_waiting(self) -> None:
-        for stream in list(self._waiting):
+        for stream_id, stream in list(self._waiting.items()):
             if self.paused or self.h2.outbound_flow_control_window <= 0:
                 return
+            if stream.blocked_since is not None:
+                stream.drain()
             if stream.blocked_since is None:
-                self._waiting.pop(stream, None)
-                continue
-            stream.drain()
-            if stream.blocked_since is None:
-                self._waiting.pop(stream, None)
+                self._waiting.pop(stream_id, None)
 
     # --- events -------------------------------------------------------------------------
 
@@ -244,9 +247,11 @@ class Connection(asyncio.Protocol):
             if event.stream_id == 0:
                 self._drain_waiting()
             else:
-                call = self.calls.get(event.stream_id)
-                if call is not None and call.stream.blocked_since is not None:
-                    call.stream.drain()
+                stream = self._waiting.get(event.stream_id)
+                if stream is not None:
+                    stream.drain()
+                    if stream.blocked_since is None:
+                        self._waiting.pop(event.stream_id, None)
         elif isinstance(event, RequestReceived):
             self._on_request(event)
         elif isinstance(event, StreamEnded):
@@ -277,9 +282,7 @@ class Connection(asyncio.Protocol):
             self.go_away(ErrorCodes.ENHANCE_YOUR_CALM, b"too many SETTINGS frames")
             return
         if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-            for call in list(self.calls.values()):
-                if call.stream.blocked_since is not None:
-                    call.stream.drain()
+            self._drain_waiting()
 
     def _on_reset(self, event: StreamReset) -> None:
         call = self.calls.pop(event.stream_id, None)
@@ -295,7 +298,8 @@ class Connection(asyncio.Protocol):
     def _on_request(self, event: RequestReceived) -> None:
         stream_id = event.stream_id
         h2_stream = self.h2.streams.get(stream_id)
-        if h2_stream is None:
+        if h2_stream is None or h2_stream.closed:
+            self.forget(stream_id)
             return
         stream = ResponseStream(self, h2_stream)
         if self.goaway_sent:
