@@ -12,7 +12,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from chart import CHART, find, helm, render, rules_file
+from chart import CHART, find, helm, owned, render, render_against, rules_file
+from fake_apiserver import FakeApiServer
 from metric_names import exported_names
 from pricestream.server import Server
 
@@ -165,6 +166,35 @@ async def test_hpa_scales_on_metrics_the_service_exports(server: Server) -> None
     assert pods_metrics == ["pricestream_sessions_active"]
     exported = exported_names(server.engine.metrics.exposition().decode())
     assert set(pods_metrics) <= exported
+
+
+AUTOSCALING = ["--set", "autoscaling.enabled=true"]
+
+
+def rendered_against(api: FakeApiServer, tmp_path: Path, *args: str) -> list[dict[str, Any]]:
+    with api.running():
+        result = render_against(api, tmp_path, *args)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def test_turning_autoscaling_on_keeps_the_live_replica_count(tmp_path: Path) -> None:
+    """An upgrade that drops spec.replicas makes the API server reset a live Deployment to 1:
+    with the HPA on, the chart renders the live count (lookup), omits it on a fresh install."""
+    assert "replicas" not in server_deployment(render(*AUTOSCALING))["spec"]
+    offline = render(*AUTOSCALING, "--set", "autoscaling.replicasWithoutLookup=4")
+    assert server_deployment(offline)["spec"]["replicas"] == 4
+    assert server_deployment(render("--set", "replicaCount=3"))["spec"]["replicas"] == 3
+
+    live = owned("Deployment", "apps/v1", "pricestream", spec={"replicas": 5})
+    api = FakeApiServer([live])
+    objects = rendered_against(
+        api, tmp_path, *AUTOSCALING, "--set", "autoscaling.replicasWithoutLookup=4"
+    )
+    assert server_deployment(objects)["spec"]["replicas"] == 5, "the live count wins"
+    assert "/apis/apps/v1/namespaces/prod/deployments/pricestream" in api.requests
+    fresh = rendered_against(FakeApiServer([]), tmp_path, *AUTOSCALING)
+    assert "replicas" not in server_deployment(fresh)["spec"]
 
 
 def test_prometheus_rule_is_the_rules_file_and_dashboards_are_the_generated_json() -> None:

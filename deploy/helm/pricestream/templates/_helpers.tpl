@@ -59,6 +59,28 @@ The same text is what `promtool test rules` and the end-to-end test load.
 {{- $rules }}
 {{- end }}
 
+{{/*
+spec.replicas of the server Deployment. Without the HPA: replicaCount. With it, the HPA owns the
+count, but dropping the field from a live Deployment makes the API server reset it to 1 (killing
+serving pods before the HPA acts), so: the live Deployment's count when `lookup` finds it (every
+upgrade then re-applies what the HPA set); else autoscaling.replicasWithoutLookup when set (for
+`helm template`, `--dry-run` and GitOps renderers, where lookup sees no cluster); else nothing (a
+fresh install starts at 1 and the HPA raises it to minReplicas).
+*/}}
+{{- define "pricestream.replicas" -}}
+{{- if not .Values.autoscaling.enabled }}
+{{- .Values.replicaCount }}
+{{- else }}
+{{- $live := lookup "apps/v1" "Deployment" .Release.Namespace (include "pricestream.fullname" .) }}
+{{- $liveReplicas := dig "spec" "replicas" nil $live }}
+{{- if not (kindIs "invalid" $liveReplicas) }}
+{{- int64 $liveReplicas }}
+{{- else if .Values.autoscaling.replicasWithoutLookup }}
+{{- .Values.autoscaling.replicasWithoutLookup }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{- define "pricestream.image" -}}
 {{- $tag := .Values.image.tag | default .Chart.AppVersion }}
 {{- if eq $tag "latest" }}{{ fail "image.tag must name a version, not latest" }}{{ end }}
