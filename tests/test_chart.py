@@ -197,6 +197,76 @@ def test_turning_autoscaling_on_keeps_the_live_replica_count(tmp_path: Path) -> 
     assert "replicas" not in server_deployment(fresh)["spec"]
 
 
+PERSISTENCE = ["--set", "redis.persistence.enabled=true"]
+
+
+def storage_class(name: str, default: bool = False) -> dict[str, Any]:
+    annotations = {"storageclass.kubernetes.io/is-default-class": "true"} if default else {}
+    return {
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {"name": name, "annotations": annotations},
+        "provisioner": "example.com/disk",
+    }
+
+
+def test_redis_claim_survives_uninstall_and_takes_a_storage_class() -> None:
+    (claim,) = find(render(*PERSISTENCE), "PersistentVolumeClaim")
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert "storageClassName" not in claim["spec"], "empty: the cluster default"
+    named = render(*PERSISTENCE, "--set", "redis.persistence.storageClassName=fast-ssd")
+    (claim,) = find(named, "PersistentVolumeClaim")
+    assert claim["spec"]["storageClassName"] == "fast-ssd"
+
+
+@pytest.mark.parametrize(
+    ("classes", "args", "message"),
+    [
+        (
+            [storage_class("slow")],
+            [],
+            "redis.persistence.enabled needs a StorageClass and this cluster has no default one:"
+            " set redis.persistence.storageClassName (it has: slow)",
+        ),
+        (
+            [storage_class("slow", default=True)],
+            ["--set", "redis.persistence.storageClassName=fast"],
+            'redis.persistence.storageClassName "fast" names no StorageClass of this cluster'
+            " (it has: slow), so the claim would stay Pending",
+        ),
+        ([storage_class("slow", default=True)], [], None),
+        ([storage_class("fast")], ["--set", "redis.persistence.storageClassName=fast"], None),
+        ([], ["--set", "redis.persistence.checkStorageClass=false"], None),
+    ],
+    ids=["no-default", "unknown-name", "default", "named", "check-off"],
+)
+def test_redis_persistence_fails_clearly_without_a_usable_storage_class(
+    tmp_path: Path, classes: list[dict[str, Any]], args: list[str], message: str | None
+) -> None:
+    api = FakeApiServer(classes)
+    with api.running():
+        result = render_against(api, tmp_path, *PERSISTENCE, *args)
+    if message is None:
+        assert result.returncode == 0, result.stderr
+        assert find([d for d in yaml.safe_load_all(result.stdout) if d], "PersistentVolumeClaim")
+    else:
+        assert result.returncode != 0
+        assert message in result.stderr
+
+
+def test_a_kept_claim_keeps_its_storage_class(tmp_path: Path) -> None:
+    claim = owned(
+        "PersistentVolumeClaim", "v1", "pricestream-redis", spec={"storageClassName": "slow"}
+    )
+    api = FakeApiServer([claim, storage_class("fast", default=True)])
+    with api.running():
+        result = render_against(
+            api, tmp_path, *PERSISTENCE, "--set", "redis.persistence.storageClassName=fast"
+        )
+    assert result.returncode != 0
+    assert 'the existing claim prod/pricestream-redis uses "slow"' in result.stderr
+
+
 def test_prometheus_rule_is_the_rules_file_and_dashboards_are_the_generated_json() -> None:
     objects = render()
     (rule,) = find(objects, "PrometheusRule")
@@ -261,6 +331,13 @@ def test_network_policy_admits_monitoring_and_redis_only() -> None:
         (["--set", "readinessProbeMode=tcp"], "/readinessProbeMode"),
         (["--set", "terminationGracePeriodSeconds=5"], "must exceed preStopSleepSeconds"),
         (["--set", "redis.enabled=false"], "set redis.external.existingSecret"),
+        (
+            [
+                *["--set", "redis.enabled=false,redis.external.url=redis://r:6379/0"],
+                *["--set", "redis.persistence.enabled=true"],
+            ],
+            "redis.persistence.enabled applies to the in-chart Redis only",
+        ),
     ],
 )
 def test_bad_values_are_rejected_with_a_reason(args: list[str], message: str) -> None:

@@ -81,6 +81,44 @@ fresh install starts at 1 and the HPA raises it to minReplicas).
 {{- end }}
 {{- end }}
 
+{{/*
+Value combinations of redis.persistence that cannot work fail the render with one sentence. The
+StorageClass checks need a cluster (`lookup`; under `helm template` they are skipped) and the
+right to list StorageClasses (cluster-scoped): redis.persistence.checkStorageClass turns them off.
+*/}}
+{{- define "pricestream.redisPersistenceChecks" -}}
+{{- $p := .Values.redis.persistence }}
+{{- if and $p.enabled (not .Values.redis.enabled) }}
+{{- fail "redis.persistence.enabled applies to the in-chart Redis only: set redis.enabled=true or turn redis.persistence off (an external Redis keeps its own data)" }}
+{{- end }}
+{{- if and $p.enabled .Values.redis.enabled }}
+{{- $claim := lookup "v1" "PersistentVolumeClaim" .Release.Namespace (include "pricestream.redisName" .) }}
+{{- $claimClass := dig "spec" "storageClassName" "" $claim }}
+{{- if and $claim $p.storageClassName (ne $claimClass $p.storageClassName) }}
+{{- fail (printf "redis.persistence.storageClassName is %q but the existing claim %s/%s uses %q, and a claim's class cannot change: keep %q or delete the claim" $p.storageClassName .Release.Namespace (include "pricestream.redisName" .) $claimClass $claimClass) }}
+{{- end }}
+{{- if and $p.checkStorageClass (not $claim) }}
+{{- $classes := lookup "storage.k8s.io/v1" "StorageClass" "" "" }}
+{{- if $classes }}{{/* a list answers only when a cluster does */}}
+{{- $names := list }}
+{{- $defaults := list }}
+{{- range $classes.items }}
+{{- $names = append $names .metadata.name }}
+{{- $annotations := .metadata.annotations | default dict }}
+{{- if or (eq (get $annotations "storageclass.kubernetes.io/is-default-class") "true") (eq (get $annotations "storageclass.beta.kubernetes.io/is-default-class") "true") }}
+{{- $defaults = append $defaults .metadata.name }}
+{{- end }}
+{{- end }}
+{{- if and $p.storageClassName (not (has $p.storageClassName $names)) }}
+{{- fail (printf "redis.persistence.storageClassName %q names no StorageClass of this cluster (it has: %s), so the claim would stay Pending" $p.storageClassName (join ", " $names | default "none")) }}
+{{- else if and (not $p.storageClassName) (not $defaults) }}
+{{- fail (printf "redis.persistence.enabled needs a StorageClass and this cluster has no default one: set redis.persistence.storageClassName (it has: %s)" (join ", " $names | default "none")) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{- define "pricestream.image" -}}
 {{- $tag := .Values.image.tag | default .Chart.AppVersion }}
 {{- if eq $tag "latest" }}{{ fail "image.tag must name a version, not latest" }}{{ end }}
