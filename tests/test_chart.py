@@ -309,6 +309,63 @@ def test_secrets_only_by_reference() -> None:
     assert not [d for d in find(objects, "Deployment") if "redis" in d["metadata"]["name"]]
 
 
+def secret(name: str, *keys: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": "prod"},
+        "data": dict.fromkeys(keys, "eA=="),
+    }
+
+
+EXISTING_SECRETS = [
+    secret("pricestream-redis", "redis-url"),
+    secret("pricestream-auth", "tokens"),
+    secret("pricestream-tls", "tls.crt", "tls.key", "ca.crt"),
+]
+
+
+@pytest.mark.parametrize(
+    ("drop", "replace", "message"),
+    [
+        (None, None, None),
+        (
+            "pricestream-auth",
+            None,
+            'Secret "pricestream-auth", named by auth.existingSecret, does not exist in '
+            'namespace "prod": create it before installing',
+        ),
+        (
+            "pricestream-redis",
+            None,
+            'Secret "pricestream-redis", named by redis.external.existingSecret, does not exist',
+        ),
+        (
+            "pricestream-tls",
+            secret("pricestream-tls", "tls.crt", "tls.key"),
+            'Secret "pricestream-tls" in namespace "prod", named by tls.existingSecret, has no key'
+            ' "ca.crt"',
+        ),
+    ],
+    ids=["all-present", "auth-missing", "redis-missing", "tls-key-missing"],
+)
+def test_install_fails_naming_a_missing_secret(
+    tmp_path: Path, drop: str | None, replace: dict[str, Any] | None, message: str | None
+) -> None:
+    """Pods waiting for a missing Secret sit in ContainerCreating until `--wait` times out."""
+    objects = [s for s in EXISTING_SECRETS if s["metadata"]["name"] != drop]
+    api = FakeApiServer(objects + ([replace] if replace else []))
+    with api.running():
+        result = render_against(api, tmp_path, *values("external-redis-values.yaml"))
+    if message is None:
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode != 0
+        assert message in result.stderr
+    # offline (`helm template`, no cluster) the same values render: see
+    # test_secrets_only_by_reference
+
+
 def test_network_policy_admits_monitoring_and_redis_only() -> None:
     (server_policy, redis_policy, feed_policy) = find(render(), "NetworkPolicy")
     metrics_rule = server_policy["spec"]["ingress"][1]

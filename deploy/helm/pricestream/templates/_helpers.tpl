@@ -119,6 +119,45 @@ right to list StorageClasses (cluster-scoped): redis.persistence.checkStorageCla
 {{- end }}
 {{- end }}
 
+{{/*
+Every Secret named by values must exist, with the keys the pods read, or the pods sit in
+ContainerCreating until `--wait` times out. At install/upgrade `lookup` reads each one and the
+render fails with one sentence naming it. Under `helm template` (no cluster) lookup returns
+nothing for a Secret and for the list of Secrets alike, and the render goes on; against a
+cluster the list (read only when the Secret is not found) is never empty, so "not found" is told
+from "no cluster" with the permission Helm's own release storage needs.
+*/}}
+{{- define "pricestream.requireSecret" -}}
+{{- $ns := .root.Release.Namespace }}
+{{- $secret := lookup "v1" "Secret" $ns .name }}
+{{- if $secret }}
+{{- $data := merge (dict) ($secret.data | default dict) ($secret.stringData | default dict) }}
+{{- range .keys }}
+{{- if not (hasKey $data .) }}
+{{- fail (printf "Secret %q in namespace %q, named by %s, has no key %q" $.name $ns $.value .) }}
+{{- end }}
+{{- end }}
+{{- else if lookup "v1" "Secret" $ns "" }}
+{{- fail (printf "Secret %q, named by %s, does not exist in namespace %q: create it before installing" .name .value $ns) }}
+{{- end }}
+{{- end }}
+
+{{- define "pricestream.secretChecks" -}}
+{{- with .Values.auth.existingSecret }}
+{{- include "pricestream.requireSecret" (dict "root" $ "name" . "value" "auth.existingSecret" "keys" (list $.Values.auth.secretKey)) }}
+{{- end }}
+{{- with .Values.tls.existingSecret }}
+{{- $keys := list "tls.crt" "tls.key" }}
+{{- if $.Values.tls.requireClientCertificate }}{{ $keys = append $keys "ca.crt" }}{{ end }}
+{{- include "pricestream.requireSecret" (dict "root" $ "name" . "value" "tls.existingSecret" "keys" $keys) }}
+{{- end }}
+{{- if not .Values.redis.enabled }}
+{{- with .Values.redis.external.existingSecret }}
+{{- include "pricestream.requireSecret" (dict "root" $ "name" . "value" "redis.external.existingSecret" "keys" (list $.Values.redis.external.existingSecretKey)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{- define "pricestream.image" -}}
 {{- $tag := .Values.image.tag | default .Chart.AppVersion }}
 {{- if eq $tag "latest" }}{{ fail "image.tag must name a version, not latest" }}{{ end }}
