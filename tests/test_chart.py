@@ -4,6 +4,7 @@ versions and the prometheus-operator CRDs, and assertions on what the objects sa
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from chart import CHART, find, helm, owned, render, render_against, rules_file
 from fake_apiserver import FakeApiServer
 from metric_names import exported_names
 from pricestream.server import Server
+from processes import pricestream_command
 
 from dashboards import generate
 
@@ -456,6 +458,82 @@ def test_kind_workflow_is_visible_with_make_n() -> None:
         assert step in result.stdout, step
 
 
+def hook(obj: dict[str, Any]) -> str | None:
+    return obj["metadata"].get("annotations", {}).get("helm.sh/hook")
+
+
+def test_a_failed_helm_test_pod_does_not_outlive_uninstall() -> None:
+    """A passed test Pod goes at once; a failed one stays for debugging until the next
+    `helm test` or `helm uninstall`, whose pre-delete sweeper (a Pod of the same name) makes Helm
+    delete it (before-hook-creation) and then deletes itself, whatever its outcome."""
+    pods = find(render(), "Pod")
+    (test,) = [p for p in pods if hook(p) == "test"]
+    (sweeper,) = [p for p in pods if hook(p) == "pre-delete"]
+    policy = test["metadata"]["annotations"]["helm.sh/hook-delete-policy"].split(",")
+    assert set(policy) == {"before-hook-creation", "hook-succeeded"}
+    assert (sweeper["kind"], sweeper["metadata"]["name"]) == (
+        test["kind"],
+        test["metadata"]["name"],
+    )
+    policy = sweeper["metadata"]["annotations"]["helm.sh/hook-delete-policy"].split(",")
+    assert set(policy) == {"before-hook-creation", "hook-succeeded", "hook-failed"}
+    (container,) = sweeper["spec"]["containers"]
+    assert container["image"] == test["spec"]["containers"][0]["image"]
+    # the image's entrypoint with these args exits 0 at once
+    result = subprocess.run(pricestream_command(*container["args"]), capture_output=True)
+    assert result.returncode == 0, result.stderr
+    assert sweeper["spec"]["activeDeadlineSeconds"] <= 120
+
+
+def test_image_healthcheck_follows_the_grpc_port(tmp_path: Path) -> None:
+    """The HEALTHCHECK runs in a shell: run it with a stand-in `pricestream` printing its args."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    (line,) = [x for x in text.splitlines() if x.startswith("HEALTHCHECK")]
+    command = line.split(" CMD ", 1)[1].strip()
+    assert not command.startswith("["), "exec form cannot read PRICESTREAM_GRPC_PORT"
+    fake = tmp_path / "pricestream"
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    for port, expected in [("50123", "127.0.0.1:50123"), (None, "127.0.0.1:50051")]:
+        env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+        if port:
+            env["PRICESTREAM_GRPC_PORT"] = port
+        result = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True)
+        assert result.stdout.split()[:3] == ["health", "--target", expected], result.stdout
+
+
+def cpu_millis(quantity: str) -> float:
+    return float(quantity[:-1]) if quantity.endswith("m") else float(quantity) * 1000
+
+
+KIND_NODE_CPU = 2000
+# what a kind node's own pods request: etcd 100m, kube-apiserver 250m, controller-manager 200m,
+# scheduler 100m, two CoreDNS 100m each, kindnet 100m
+KIND_SYSTEM_CPU = 950
+
+
+def test_kind_values_fit_two_releases_on_a_two_cpu_node() -> None:
+    objects = render(*values("kind-values.yaml"))
+    (hpa,) = find(objects, "HorizontalPodAutoscaler")
+    total = 0.0
+    for deployment in find(objects, "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        if deployment is server_deployment(objects):
+            # at the HPA's maximum, plus the surge pods of a rolling update (maxSurge 25%)
+            replicas = hpa["spec"]["maxReplicas"]
+            replicas += math.ceil(replicas * 0.25)
+        else:
+            replicas = deployment["spec"]["replicas"]
+        total += replicas * sum(
+            cpu_millis(c["resources"]["requests"]["cpu"]) for c in pod["containers"]
+        )
+    for pod in find(objects, "Pod"):  # the helm test Pod and the uninstall sweeper
+        total += sum(
+            cpu_millis(c["resources"]["requests"]["cpu"]) for c in pod["spec"]["containers"]
+        )
+    assert 2 * total + KIND_SYSTEM_CPU <= KIND_NODE_CPU, f"{total}m per release"
+
+
 def test_tls_mounts_the_secret_and_probes_over_http() -> None:
     objects = render(*values("external-redis-values.yaml"))
     pod = server_deployment(objects)["spec"]["template"]["spec"]
@@ -465,5 +543,5 @@ def test_tls_mounts_the_secret_and_probes_over_http() -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     (config,) = [c for c in find(objects, "ConfigMap") if "PRICESTREAM_TLS_CERT_FILE" in c["data"]]
     assert config["data"]["PRICESTREAM_TLS_CLIENT_CA_FILE"] == "/etc/pricestream/tls/ca.crt"
-    (test_pod,) = find(objects, "Pod")
+    (test_pod,) = [p for p in find(objects, "Pod") if hook(p) == "test"]
     assert "--tls-ca" in test_pod["spec"]["containers"][0]["args"]
