@@ -27,8 +27,9 @@ COPY --from=build /opt/pricestream /opt/pricestream
 USER 10001:10001
 EXPOSE 50051 9464
 # Healthy when the gRPC health service answers SERVING for the process (Kubernetes uses its own
-# native gRPC probes; this serves `docker run` users).
+# native gRPC probes; this serves `docker run` users). Shell form, so the port follows
+# PRICESTREAM_GRPC_PORT as the server does.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["pricestream", "health", "--target", "127.0.0.1:50051", "--service", ""]
+    CMD pricestream health --target "127.0.0.1:${PRICESTREAM_GRPC_PORT:-50051}" --service ""
 ENTRYPOINT ["pricestream"]
 CMD ["serve"]

@@ -1,7 +1,7 @@
 """Small builders for Grafana dashboard JSON (schema 39+): panels, queries and variables.
 
 Plain data structures: the dashboard model is JSON, and these helpers only fill in the parts
-every panel repeats (datasource variable, grid position, unit, legend).
+every panel repeats (datasource variable, grid position, unit, legend, thresholds).
 """
 
 from __future__ import annotations
@@ -12,6 +12,13 @@ from typing import Any
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 FULL_WIDTH = 24
+# Threshold steps of a stat panel: (from value, colour), the first from None (the base colour).
+Steps = list[tuple[float | None, str]]
+
+
+def per_second(thing: str) -> str:
+    """A Grafana custom unit that reads "1.2 K updates/s" (`cps` would read "c/s")."""
+    return f"count:{thing}/s"
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ class Layout:
         self.panels.append(panel)
 
     def row(self, title: str) -> None:
+        """Start a row; the panels added after it, up to the next row, sit under it."""
         if self.x:
             self.y, self.x, self.row_height = self.y + self.row_height, 0, 0
         self.add({"type": "row", "title": title, "collapsed": False, "panels": []}, FULL_WIDTH, 1)
@@ -63,28 +71,38 @@ def _targets(queries: list[Query]) -> list[dict[str, Any]]:
 
 
 def timeseries(
-    title: str, unit: str, queries: list[Query], description: str, *, stack: bool = False
+    title: str,
+    unit: str,
+    queries: list[Query],
+    description: str,
+    *,
+    stack: bool = False,
+    signed: bool = False,
+    max_value: float | None = None,
 ) -> dict[str, Any]:
+    """A time series panel. Its y axis starts at 0 unless `signed` (a series that can go below
+    zero, e.g. a difference of counters: `min: 0` would hide exactly the values that matter)."""
+    defaults: dict[str, Any] = {
+        "unit": unit,
+        "custom": {
+            "drawStyle": "line",
+            "lineWidth": 1,
+            "fillOpacity": 0 if signed else 10,
+            "showPoints": "never",
+            "stacking": {"mode": "normal" if stack else "none", "group": "A"},
+        },
+    }
+    if not signed:
+        defaults["min"] = 0
+    if max_value is not None:
+        defaults["max"] = max_value
     return {
         "type": "timeseries",
         "title": title,
         "description": description,
         "datasource": DATASOURCE,
         "targets": _targets(queries),
-        "fieldConfig": {
-            "defaults": {
-                "unit": unit,
-                "min": 0,
-                "custom": {
-                    "drawStyle": "line",
-                    "lineWidth": 1,
-                    "fillOpacity": 10,
-                    "showPoints": "never",
-                    "stacking": {"mode": "normal" if stack else "none", "group": "A"},
-                },
-            },
-            "overrides": [],
-        },
+        "fieldConfig": {"defaults": defaults, "overrides": []},
         "options": {
             "legend": {"displayMode": "table", "placement": "bottom", "calcs": ["lastNotNull"]},
             "tooltip": {"mode": "multi", "sort": "desc"},
@@ -92,14 +110,28 @@ def timeseries(
     }
 
 
-def stat(title: str, unit: str, query: Query, description: str) -> dict[str, Any]:
+def stat(title: str, unit: str, query: Query, description: str, steps: Steps) -> dict[str, Any]:
+    """A stat panel coloured by `steps`: without them Grafana paints everything red from 80."""
+    if not steps or steps[0][0] is not None:
+        raise ValueError(f"{title}: threshold steps start with the base colour (None, colour)")
     return {
         "type": "stat",
         "title": title,
         "description": description,
         "datasource": DATASOURCE,
         "targets": _targets([query]),
-        "fieldConfig": {"defaults": {"unit": unit, "decimals": 0}, "overrides": []},
+        "fieldConfig": {
+            "defaults": {
+                "unit": unit,
+                "decimals": 0,
+                "color": {"mode": "thresholds"},
+                "thresholds": {
+                    "mode": "absolute",
+                    "steps": [{"value": value, "color": color} for value, color in steps],
+                },
+            },
+            "overrides": [],
+        },
         "options": {
             "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
             "colorMode": "value",

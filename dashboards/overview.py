@@ -1,4 +1,5 @@
-"""The pricestream overview dashboard: lifecycle (leaks), prices, latency, errors, Redis."""
+"""The pricestream overview dashboard: lifecycle (leaks), prices, latency, errors, Redis,
+saturation."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from typing import Any
 from dashboards.grafana import (
     Layout,
     Query,
+    Steps,
     alerts_annotation,
     datasource_variable,
+    per_second,
     query_variable,
     stat,
     timeseries,
@@ -18,6 +21,25 @@ UID = "pricestream-overview"
 SEL = 'namespace="$namespace", pod=~"$pod"'
 RATE = "$__rate_interval"
 FIRING_ALERTS = 'ALERTS{alertstate="firing", alertname=~"PriceStream.*", namespace="$namespace"}'
+LIFECYCLE = "pricestream_(sessions|streams|pubsub_subscriptions|redis_pubsub_connections)"
+
+# Each row and the metrics its panels may query (full-match regular expressions): a panel whose
+# queries name a metric outside its row's topic sits under the wrong row (tests check it).
+NOW = "Now"
+LIFECYCLE_ROW = "Lifecycle: opened must equal closed once clients are gone"
+PRICES = "Prices"
+ERRORS = "Errors and Redis"
+SATURATION = "Saturation: flush lag, backlog, CPU, memory"
+ROW_TOPICS = {
+    NOW: rf"{LIFECYCLE}_active|pricestream_ready|ALERTS",
+    LIFECYCLE_ROW: rf"{LIFECYCLE}_(active|opened_total|closed_total)",
+    PRICES: r"pricestream_(price_updates_[a-z]+_total|batches_sent_total"
+    r"|delivery_latency_seconds_bucket)",
+    ERRORS: r"grpc_server_handled_total|pricestream_slow_consumer_disconnects_total"
+    r"|pricestream_redis_(up|reconnects_total)",
+    SATURATION: r"pricestream_flush_(lag_seconds|backlog_ratio)|process_[a-z_]+",
+}
+GREEN: Steps = [(None, "green")]
 
 
 def per_pod_and_total(metric: str) -> list[Query]:
@@ -28,18 +50,23 @@ def per_pod_and_total(metric: str) -> list[Query]:
 
 
 def rate(metric: str, by: str = "pod", extra: str = "") -> str:
+    """Per-second rate summed by `by` (empty: over the selected pods)."""
     selector = f"{SEL}, {extra}" if extra else SEL
-    return f"sum by ({by}) (rate({metric}{{{selector}}}[{RATE}]))"
+    grouping = f" by ({by})" if by else ""
+    return f"sum{grouping} (rate({metric}{{{selector}}}[{RATE}]))"
 
 
 def drift(resource: str) -> Query:
+    """opened - closed - active of one resource over the selected pods: 0 when they agree,
+    negative when more closed than opened (itself a bug signal)."""
+
     def total(name: str) -> str:
-        return f"sum by (pod) ({name}{{{SEL}}})"
+        return f"sum({name}{{{SEL}}})"
 
     opened = total(f"pricestream_{resource}_opened_total")
     closed = total(f"pricestream_{resource}_closed_total")
     active = total(f"pricestream_{resource}_active")
-    return Query(f"{opened} - {closed} - {active}", f"{{{{pod}}}} {resource}")
+    return Query(f"{opened} - {closed} - {active}", resource.replace("_", " "))
 
 
 def latency_quantile(q: float) -> Query:
@@ -50,27 +77,45 @@ def latency_quantile(q: float) -> Query:
 def build() -> dict[str, Any]:
     layout = Layout()
 
-    layout.row("Now")
-    for title, metric, description in [
-        ("Sessions", "pricestream_sessions_active", "Sessions held by the selected pods."),
-        ("Streams", "pricestream_streams_active", "StreamPriceUpdates calls in progress."),
+    layout.row(NOW)
+    for title, metric, description, steps in [
+        ("Sessions", "pricestream_sessions_active", "Sessions held by the selected pods.", GREEN),
+        ("Streams", "pricestream_streams_active", "StreamPriceUpdates calls in progress.", GREEN),
         (
             "Pub/Sub subscriptions",
             "pricestream_pubsub_subscriptions_active",
             "Ticker channels subscribed; must be 0 when there are no streams.",
+            GREEN,
         ),
         (
             "Redis Pub/Sub connections",
             "pricestream_redis_pubsub_connections_active",
-            "Open Pub/Sub connections to Redis.",
+            "Open Pub/Sub connections to Redis; 0 means no pod can deliver prices.",
+            [(None, "red"), (1, "green")],
         ),
-        ("Ready pods", "pricestream_ready", "Pods accepting new streams."),
+        (
+            "Ready pods",
+            "pricestream_ready",
+            "Pods accepting new streams.",
+            [(None, "red"), (1, "green")],
+        ),
     ]:
-        layout.add(stat(title, "short", Query(f"sum({metric}{{{SEL}}})"), description), 4, 4)
+        query = Query(f"sum({metric}{{{SEL}}})")
+        layout.add(stat(title, "short", query, description, steps), 4, 4)
     firing = f"count({FIRING_ALERTS}) or vector(0)"
-    layout.add(stat("Firing alerts", "short", Query(firing), "PriceStream alerts firing."), 4, 4)
+    layout.add(
+        stat(
+            "Firing alerts",
+            "short",
+            Query(firing),
+            "PriceStream alerts firing.",
+            [(None, "green"), (1, "red")],
+        ),
+        4,
+        4,
+    )
 
-    layout.row("Lifecycle: opened must equal closed once clients are gone")
+    layout.row(LIFECYCLE_ROW)
     for title, metric in [
         ("Active sessions", "pricestream_sessions_active"),
         ("Active streams", "pricestream_streams_active"),
@@ -82,14 +127,13 @@ def build() -> dict[str, Any]:
     layout.add(
         timeseries(
             "Sessions opened vs closed",
-            "ops",
+            per_second("sessions"),
             [
-                Query(rate("pricestream_sessions_opened_total"), "{{pod}} opened"),
-                Query(
-                    rate("pricestream_sessions_closed_total", "pod, reason"), "{{pod}} {{reason}}"
-                ),
+                Query(rate("pricestream_sessions_opened_total", ""), "opened"),
+                Query(rate("pricestream_sessions_closed_total", "reason"), "closed {{reason}}"),
             ],
-            "Sessions entering and leaving each pod's registry per second, closes by reason.",
+            "Sessions entering and leaving the selected pods' registries per second, closes by "
+            "reason.",
         ),
         8,
         8,
@@ -97,12 +141,12 @@ def build() -> dict[str, Any]:
     layout.add(
         timeseries(
             "Subscriptions opened vs closed",
-            "ops",
+            per_second("subscriptions"),
             [
-                Query(rate("pricestream_pubsub_subscriptions_opened_total"), "{{pod}} opened"),
-                Query(rate("pricestream_pubsub_subscriptions_closed_total"), "{{pod}} closed"),
+                Query(rate("pricestream_pubsub_subscriptions_opened_total", ""), "opened"),
+                Query(rate("pricestream_pubsub_subscriptions_closed_total", ""), "closed"),
             ],
-            "SUBSCRIBE and UNSUBSCRIBE of ticker channels per second.",
+            "SUBSCRIBE and UNSUBSCRIBE of ticker channels per second on the selected pods.",
         ),
         8,
         8,
@@ -117,28 +161,32 @@ def build() -> dict[str, Any]:
                 drift("pubsub_subscriptions"),
                 drift("redis_pubsub_connections"),
                 Query(
-                    f"sum by (pod) (pricestream_sessions_active{{{SEL}}})"
-                    f" - sum by (pod) (pricestream_streams_active{{{SEL}}})",
-                    "{{pod}} sessions without stream",
+                    f"sum(pricestream_sessions_active{{{SEL}}})"
+                    f" - sum(pricestream_streams_active{{{SEL}}})",
+                    "sessions without stream",
                 ),
             ],
-            "Zero when counters and live gauges agree; sessions without a stream stay near 0.",
+            "Zero when counters and live gauges agree (below zero: more closed than opened); "
+            "sessions without a stream stay near 0. Summed over the selected pods: pick one "
+            "pod to see its own.",
+            signed=True,
         ),
         8,
         8,
     )
 
-    layout.row("Prices")
+    layout.row(PRICES)
     layout.add(
         timeseries(
             "Price updates in / out",
-            "cps",
+            per_second("updates"),
             [
-                Query(rate("pricestream_price_updates_received_total"), "{{pod}} received"),
-                Query(rate("pricestream_price_updates_sent_total"), "{{pod}} sent"),
-                Query(rate("pricestream_batches_sent_total"), "{{pod}} batches"),
+                Query(rate("pricestream_price_updates_received_total", ""), "received"),
+                Query(rate("pricestream_price_updates_sent_total", ""), "sent"),
+                Query(rate("pricestream_batches_sent_total", ""), "batches"),
             ],
-            "Updates received from Redis, updates and batches handed to streams, per second.",
+            "Updates received from Redis, updates and batches handed to streams, per second, "
+            "over the selected pods.",
         ),
         8,
         8,
@@ -151,6 +199,7 @@ def build() -> dict[str, Any]:
             "percentunit",
             [Query(f"{coalesced} / ({coalesced} + {sent})", "{{pod}}")],
             "Share of updates replaced by a newer price of the same ticker before a flush.",
+            max_value=1,
         ),
         8,
         8,
@@ -166,11 +215,11 @@ def build() -> dict[str, Any]:
         8,
     )
 
-    layout.row("Errors and Redis")
+    layout.row(ERRORS)
     layout.add(
         timeseries(
             "gRPC calls by code",
-            "reqps",
+            per_second("calls"),
             [
                 Query(
                     rate(
@@ -183,35 +232,47 @@ def build() -> dict[str, Any]:
             ],
             "Calls ended per second by method and status code.",
         ),
-        8,
+        6,
         8,
     )
     layout.add(
         timeseries(
             "Slow-consumer disconnects",
-            "ops",
+            per_second("disconnects"),
             [Query(rate("pricestream_slow_consumer_disconnects_total"), "{{pod}}")],
             "Streams cut off because their client stopped reading.",
         ),
-        8,
+        6,
         8,
     )
     layout.add(
         timeseries(
-            "Redis up / reconnects",
-            "short",
-            [
-                Query(f"max by (pod) (pricestream_redis_up{{{SEL}}})", "{{pod}} up"),
-                Query(
-                    f"sum by (pod) (increase(pricestream_redis_reconnects_total{{{SEL}}}[{RATE}]))",
-                    "{{pod}} reconnects",
-                ),
-            ],
-            "1 while Pub/Sub delivers (liveness probe included); reconnects in the interval.",
+            "Redis up",
+            "none",
+            [Query(f"max by (pod) (pricestream_redis_up{{{SEL}}})", "{{pod}}")],
+            "1 while Pub/Sub delivers (liveness probe included), 0 while it does not.",
+            max_value=1,
         ),
-        8,
+        6,
         8,
     )
+    layout.add(
+        timeseries(
+            "Redis reconnects",
+            "short",
+            [
+                Query(
+                    f"sum by (pod) (increase(pricestream_redis_reconnects_total{{{SEL}}}[{RATE}]))",
+                    "{{pod}}",
+                )
+            ],
+            "Pub/Sub reconnects of each pod in the interval.",
+        ),
+        6,
+        8,
+    )
+
+    layout.row(SATURATION)
     layout.add(
         timeseries(
             "Flush lag (overload)",
@@ -219,27 +280,7 @@ def build() -> dict[str, Any]:
             [Query(f"max by (pod) (pricestream_flush_lag_seconds{{{SEL}}})", "{{pod}}")],
             "How late the flushes run; above PRICESTREAM_OVERLOAD_LAG new sessions are refused.",
         ),
-        8,
-        8,
-    )
-    layout.add(
-        timeseries(
-            "CPU per pod",
-            "percentunit",
-            [Query(rate("process_cpu_seconds_total"), "{{pod}}")],
-            "CPU seconds per second (1 = one full core).",
-        ),
-        8,
-        8,
-    )
-    layout.add(
-        timeseries(
-            "Memory per pod (RSS)",
-            "bytes",
-            [Query(f"sum by (pod) (process_resident_memory_bytes{{{SEL}}})", "{{pod}}")],
-            "Resident memory of each server process.",
-        ),
-        8,
+        6,
         8,
     )
     layout.add(
@@ -250,8 +291,29 @@ def build() -> dict[str, Any]:
             "Share of streams with news still writing the previous flush's batch: the pod "
             "writes fewer batches than its streams need. Above PRICESTREAM_OVERLOAD_BACKLOG "
             "new sessions are refused.",
+            max_value=1,
         ),
+        6,
         8,
+    )
+    layout.add(
+        timeseries(
+            "CPU per pod",
+            "percentunit",
+            [Query(rate("process_cpu_seconds_total"), "{{pod}}")],
+            "CPU seconds per second (100% = one full core).",
+        ),
+        6,
+        8,
+    )
+    layout.add(
+        timeseries(
+            "Memory per pod (RSS)",
+            "bytes",
+            [Query(f"sum by (pod) (process_resident_memory_bytes{{{SEL}}})", "{{pod}}")],
+            "Resident memory of each server process.",
+        ),
+        6,
         8,
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import IN_CI
+from fake_apiserver import FakeApiServer
 
 ROOT = Path(__file__).resolve().parents[1]
 HELM = ROOT / ".tools/bin/helm"
@@ -56,3 +58,41 @@ def rules_file(params: dict[str, str] | None = None, selector: str | None = None
         args += ["--set-string", f"monitoring.rules.selector={escape(selector)}"]
     (rule,) = render(*args, **kw)
     return yaml.safe_dump(rule["spec"], sort_keys=False)
+
+
+def render_against(
+    api: FakeApiServer, workdir: Path, *args: str, release: str = "pricestream", ns: str = "prod"
+) -> subprocess.CompletedProcess[str]:
+    """`helm template --dry-run=server` against the stand-in API server: `lookup` answers from
+    its objects (OpenAPI validation off: the stand-in serves no schemas)."""
+    kubeconfig = api.kubeconfig(workdir)
+    command = [helm(), "template", release, str(CHART), "--namespace", ns, *args]
+    command += ["--dry-run=server", "--validate", "--disable-openapi-validation"]
+    command += ["--kubeconfig", str(kubeconfig)]
+    env = {"HOME": str(workdir), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+
+
+def owned(
+    kind: str,
+    api_version: str,
+    name: str,
+    release: str = "pricestream",
+    ns: str = "prod",
+    **fields: Any,
+) -> dict[str, Any]:
+    """A live object as this release's earlier install left it (Helm's ownership metadata)."""
+    return {
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": {"app.kubernetes.io/managed-by": "Helm"},
+            "annotations": {
+                "meta.helm.sh/release-name": release,
+                "meta.helm.sh/release-namespace": ns,
+            },
+        },
+        **fields,
+    }

@@ -4,6 +4,7 @@ versions and the prometheus-operator CRDs, and assertions on what the objects sa
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,11 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from chart import CHART, find, helm, render, rules_file
+from chart import CHART, find, helm, owned, render, render_against, rules_file
+from fake_apiserver import FakeApiServer
 from metric_names import exported_names
 from pricestream.server import Server
+from processes import pricestream_command
 
 from dashboards import generate
 
@@ -187,6 +190,105 @@ async def test_hpa_scales_on_metrics_the_service_exports(server: Server) -> None
     assert set(pods_metrics) <= exported
 
 
+AUTOSCALING = ["--set", "autoscaling.enabled=true"]
+
+
+def rendered_against(api: FakeApiServer, tmp_path: Path, *args: str) -> list[dict[str, Any]]:
+    with api.running():
+        result = render_against(api, tmp_path, *args)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def test_turning_autoscaling_on_keeps_the_live_replica_count(tmp_path: Path) -> None:
+    """An upgrade that drops spec.replicas makes the API server reset a live Deployment to 1:
+    with the HPA on, the chart renders the live count (lookup), omits it on a fresh install."""
+    assert "replicas" not in server_deployment(render(*AUTOSCALING))["spec"]
+    offline = render(*AUTOSCALING, "--set", "autoscaling.replicasWithoutLookup=4")
+    assert server_deployment(offline)["spec"]["replicas"] == 4
+    assert server_deployment(render("--set", "replicaCount=3"))["spec"]["replicas"] == 3
+
+    live = owned("Deployment", "apps/v1", "pricestream", spec={"replicas": 5})
+    api = FakeApiServer([live])
+    objects = rendered_against(
+        api, tmp_path, *AUTOSCALING, "--set", "autoscaling.replicasWithoutLookup=4"
+    )
+    assert server_deployment(objects)["spec"]["replicas"] == 5, "the live count wins"
+    assert "/apis/apps/v1/namespaces/prod/deployments/pricestream" in api.requests
+    fresh = rendered_against(FakeApiServer([]), tmp_path, *AUTOSCALING)
+    assert "replicas" not in server_deployment(fresh)["spec"]
+
+
+PERSISTENCE = ["--set", "redis.persistence.enabled=true"]
+
+
+def storage_class(name: str, default: bool = False) -> dict[str, Any]:
+    annotations = {"storageclass.kubernetes.io/is-default-class": "true"} if default else {}
+    return {
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {"name": name, "annotations": annotations},
+        "provisioner": "example.com/disk",
+    }
+
+
+def test_redis_claim_survives_uninstall_and_takes_a_storage_class() -> None:
+    (claim,) = find(render(*PERSISTENCE), "PersistentVolumeClaim")
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert "storageClassName" not in claim["spec"], "empty: the cluster default"
+    named = render(*PERSISTENCE, "--set", "redis.persistence.storageClassName=fast-ssd")
+    (claim,) = find(named, "PersistentVolumeClaim")
+    assert claim["spec"]["storageClassName"] == "fast-ssd"
+
+
+@pytest.mark.parametrize(
+    ("classes", "args", "message"),
+    [
+        (
+            [storage_class("slow")],
+            [],
+            "redis.persistence.enabled needs a StorageClass and this cluster has no default one:"
+            " set redis.persistence.storageClassName (it has: slow)",
+        ),
+        (
+            [storage_class("slow", default=True)],
+            ["--set", "redis.persistence.storageClassName=fast"],
+            'redis.persistence.storageClassName "fast" names no StorageClass of this cluster'
+            " (it has: slow), so the claim would stay Pending",
+        ),
+        ([storage_class("slow", default=True)], [], None),
+        ([storage_class("fast")], ["--set", "redis.persistence.storageClassName=fast"], None),
+        ([], ["--set", "redis.persistence.checkStorageClass=false"], None),
+    ],
+    ids=["no-default", "unknown-name", "default", "named", "check-off"],
+)
+def test_redis_persistence_fails_clearly_without_a_usable_storage_class(
+    tmp_path: Path, classes: list[dict[str, Any]], args: list[str], message: str | None
+) -> None:
+    api = FakeApiServer(classes)
+    with api.running():
+        result = render_against(api, tmp_path, *PERSISTENCE, *args)
+    if message is None:
+        assert result.returncode == 0, result.stderr
+        assert find([d for d in yaml.safe_load_all(result.stdout) if d], "PersistentVolumeClaim")
+    else:
+        assert result.returncode != 0
+        assert message in result.stderr
+
+
+def test_a_kept_claim_keeps_its_storage_class(tmp_path: Path) -> None:
+    claim = owned(
+        "PersistentVolumeClaim", "v1", "pricestream-redis", spec={"storageClassName": "slow"}
+    )
+    api = FakeApiServer([claim, storage_class("fast", default=True)])
+    with api.running():
+        result = render_against(
+            api, tmp_path, *PERSISTENCE, "--set", "redis.persistence.storageClassName=fast"
+        )
+    assert result.returncode != 0
+    assert 'the existing claim prod/pricestream-redis uses "slow"' in result.stderr
+
+
 def test_prometheus_rule_is_the_rules_file_and_dashboards_are_the_generated_json() -> None:
     objects = render()
     (rule,) = find(objects, "PrometheusRule")
@@ -229,6 +331,63 @@ def test_secrets_only_by_reference() -> None:
     assert not [d for d in find(objects, "Deployment") if "redis" in d["metadata"]["name"]]
 
 
+def secret(name: str, *keys: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": "prod"},
+        "data": dict.fromkeys(keys, "eA=="),
+    }
+
+
+EXISTING_SECRETS = [
+    secret("pricestream-redis", "redis-url"),
+    secret("pricestream-auth", "tokens"),
+    secret("pricestream-tls", "tls.crt", "tls.key", "ca.crt"),
+]
+
+
+@pytest.mark.parametrize(
+    ("drop", "replace", "message"),
+    [
+        (None, None, None),
+        (
+            "pricestream-auth",
+            None,
+            'Secret "pricestream-auth", named by auth.existingSecret, does not exist in '
+            'namespace "prod": create it before installing',
+        ),
+        (
+            "pricestream-redis",
+            None,
+            'Secret "pricestream-redis", named by redis.external.existingSecret, does not exist',
+        ),
+        (
+            "pricestream-tls",
+            secret("pricestream-tls", "tls.crt", "tls.key"),
+            'Secret "pricestream-tls" in namespace "prod", named by tls.existingSecret, has no key'
+            ' "ca.crt"',
+        ),
+    ],
+    ids=["all-present", "auth-missing", "redis-missing", "tls-key-missing"],
+)
+def test_install_fails_naming_a_missing_secret(
+    tmp_path: Path, drop: str | None, replace: dict[str, Any] | None, message: str | None
+) -> None:
+    """Pods waiting for a missing Secret sit in ContainerCreating until `--wait` times out."""
+    objects = [s for s in EXISTING_SECRETS if s["metadata"]["name"] != drop]
+    api = FakeApiServer(objects + ([replace] if replace else []))
+    with api.running():
+        result = render_against(api, tmp_path, *values("external-redis-values.yaml"))
+    if message is None:
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode != 0
+        assert message in result.stderr
+    # offline (`helm template`, no cluster) the same values render: see
+    # test_secrets_only_by_reference
+
+
 def test_network_policy_admits_monitoring_and_redis_only() -> None:
     (server_policy, redis_policy, feed_policy) = find(render(), "NetworkPolicy")
     metrics_rule = server_policy["spec"]["ingress"][1]
@@ -251,6 +410,13 @@ def test_network_policy_admits_monitoring_and_redis_only() -> None:
         (["--set", "readinessProbeMode=tcp"], "/readinessProbeMode"),
         (["--set", "terminationGracePeriodSeconds=5"], "must exceed preStopSleepSeconds"),
         (["--set", "redis.enabled=false"], "set redis.external.existingSecret"),
+        (
+            [
+                *["--set", "redis.enabled=false,redis.external.url=redis://r:6379/0"],
+                *["--set", "redis.persistence.enabled=true"],
+            ],
+            "redis.persistence.enabled applies to the in-chart Redis only",
+        ),
     ],
 )
 def test_bad_values_are_rejected_with_a_reason(args: list[str], message: str) -> None:
@@ -312,6 +478,82 @@ def test_kind_workflow_is_visible_with_make_n() -> None:
         assert step in result.stdout, step
 
 
+def hook(obj: dict[str, Any]) -> str | None:
+    return obj["metadata"].get("annotations", {}).get("helm.sh/hook")
+
+
+def test_a_failed_helm_test_pod_does_not_outlive_uninstall() -> None:
+    """A passed test Pod goes at once; a failed one stays for debugging until the next
+    `helm test` or `helm uninstall`, whose pre-delete sweeper (a Pod of the same name) makes Helm
+    delete it (before-hook-creation) and then deletes itself, whatever its outcome."""
+    pods = find(render(), "Pod")
+    (test,) = [p for p in pods if hook(p) == "test"]
+    (sweeper,) = [p for p in pods if hook(p) == "pre-delete"]
+    policy = test["metadata"]["annotations"]["helm.sh/hook-delete-policy"].split(",")
+    assert set(policy) == {"before-hook-creation", "hook-succeeded"}
+    assert (sweeper["kind"], sweeper["metadata"]["name"]) == (
+        test["kind"],
+        test["metadata"]["name"],
+    )
+    policy = sweeper["metadata"]["annotations"]["helm.sh/hook-delete-policy"].split(",")
+    assert set(policy) == {"before-hook-creation", "hook-succeeded", "hook-failed"}
+    (container,) = sweeper["spec"]["containers"]
+    assert container["image"] == test["spec"]["containers"][0]["image"]
+    # the image's entrypoint with these args exits 0 at once
+    result = subprocess.run(pricestream_command(*container["args"]), capture_output=True)
+    assert result.returncode == 0, result.stderr
+    assert sweeper["spec"]["activeDeadlineSeconds"] <= 120
+
+
+def test_image_healthcheck_follows_the_grpc_port(tmp_path: Path) -> None:
+    """The HEALTHCHECK runs in a shell: run it with a stand-in `pricestream` printing its args."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    (line,) = [x for x in text.splitlines() if x.startswith("HEALTHCHECK")]
+    command = line.split(" CMD ", 1)[1].strip()
+    assert not command.startswith("["), "exec form cannot read PRICESTREAM_GRPC_PORT"
+    fake = tmp_path / "pricestream"
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    for port, expected in [("50123", "127.0.0.1:50123"), (None, "127.0.0.1:50051")]:
+        env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+        if port:
+            env["PRICESTREAM_GRPC_PORT"] = port
+        result = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True)
+        assert result.stdout.split()[:3] == ["health", "--target", expected], result.stdout
+
+
+def cpu_millis(quantity: str) -> float:
+    return float(quantity[:-1]) if quantity.endswith("m") else float(quantity) * 1000
+
+
+KIND_NODE_CPU = 2000
+# what a kind node's own pods request: etcd 100m, kube-apiserver 250m, controller-manager 200m,
+# scheduler 100m, two CoreDNS 100m each, kindnet 100m
+KIND_SYSTEM_CPU = 950
+
+
+def test_kind_values_fit_two_releases_on_a_two_cpu_node() -> None:
+    objects = render(*values("kind-values.yaml"))
+    (hpa,) = find(objects, "HorizontalPodAutoscaler")
+    total = 0.0
+    for deployment in find(objects, "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        if deployment is server_deployment(objects):
+            # at the HPA's maximum, plus the surge pods of a rolling update (maxSurge 25%)
+            replicas = hpa["spec"]["maxReplicas"]
+            replicas += math.ceil(replicas * 0.25)
+        else:
+            replicas = deployment["spec"]["replicas"]
+        total += replicas * sum(
+            cpu_millis(c["resources"]["requests"]["cpu"]) for c in pod["containers"]
+        )
+    for pod in find(objects, "Pod"):  # the helm test Pod and the uninstall sweeper
+        total += sum(
+            cpu_millis(c["resources"]["requests"]["cpu"]) for c in pod["spec"]["containers"]
+        )
+    assert 2 * total + KIND_SYSTEM_CPU <= KIND_NODE_CPU, f"{total}m per release"
+
+
 def test_tls_mounts_the_secret_and_probes_over_http() -> None:
     objects = render(*values("external-redis-values.yaml"))
     pod = server_deployment(objects)["spec"]["template"]["spec"]
@@ -321,5 +563,5 @@ def test_tls_mounts_the_secret_and_probes_over_http() -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     (config,) = [c for c in find(objects, "ConfigMap") if "PRICESTREAM_TLS_CERT_FILE" in c["data"]]
     assert config["data"]["PRICESTREAM_TLS_CLIENT_CA_FILE"] == "/etc/pricestream/tls/ca.crt"
-    (test_pod,) = find(objects, "Pod")
+    (test_pod,) = [p for p in find(objects, "Pod") if hook(p) == "test"]
     assert "--tls-ca" in test_pod["spec"]["containers"][0]["args"]

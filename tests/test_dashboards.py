@@ -1,9 +1,14 @@
 """Dashboards as code: committed JSON is fresh, every panel has a unit and queries, and every
-query of the dashboards and the rules names only metrics a real pod exports."""
+query of the dashboards and the rules names only metrics a real pod exports. Each class of defect
+seen rendering the overview with live data has its own general check: stat panels without
+thresholds, `min: 0` on series that can go negative, legends listing many series per pod,
+a 0/1 level and counts on one axis, units that do not say what is counted, panels under a row
+of another topic."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import yaml
 from chart import rules_file
@@ -16,6 +21,14 @@ from dashboards.grafana import promql_queries
 
 def panels(dashboard: dict) -> list[dict]:
     return [p for p in dashboard["panels"] if p["type"] != "row"]
+
+
+def of_type(kind: str) -> list[dict]:
+    return [p for p in panels(overview.build()) if p["type"] == kind]
+
+
+def exprs(panel: dict) -> list[str]:
+    return [t["expr"] for t in panel["targets"]]
 
 
 def test_committed_json_is_fresh() -> None:
@@ -69,3 +82,122 @@ async def test_dashboards_and_rules_name_only_exported_metrics(server: Server) -
         for rule in group["rules"]:
             unknown = referenced_names(rule["expr"]) - exported
             assert not unknown, f"{rule.get('alert') or rule['record']} uses {unknown}"
+
+
+def colour_at(panel: dict, value: float) -> str:
+    """The colour Grafana gives `value` on a stat panel with absolute thresholds."""
+    steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    return [s["color"] for s in steps if s["value"] is None or value >= s["value"]][-1]
+
+
+def test_every_stat_has_its_own_thresholds() -> None:
+    stats = {p["title"]: p for p in of_type("stat")}
+    assert len(stats) >= 6
+    for title, panel in stats.items():
+        defaults = panel["fieldConfig"]["defaults"]
+        # without thresholds Grafana paints a stat red from 80
+        assert defaults["color"] == {"mode": "thresholds"}, title
+        thresholds = defaults["thresholds"]
+        assert thresholds["mode"] == "absolute", title
+        steps = thresholds["steps"]
+        assert steps[0]["value"] is None, f"{title}: the first step is the base colour"
+        values = [s["value"] for s in steps[1:]]
+        assert values == sorted(values), title
+        assert steps != [{"value": None, "color": "green"}, {"value": 80, "color": "red"}], title
+    assert colour_at(stats["Pub/Sub subscriptions"], 96) != "red"
+    assert colour_at(stats["Firing alerts"], 0) == "green"
+    assert colour_at(stats["Firing alerts"], 1) == "red"
+    assert colour_at(stats["Ready pods"], 0) == "red"
+    assert colour_at(stats["Ready pods"], 2) == "green"
+    assert colour_at(stats["Redis Pub/Sub connections"], 0) == "red"
+
+
+def can_be_negative(expr: str) -> bool:
+    """Whether a PromQL expression can yield negative values: a subtraction or a unary minus
+    (outside label matchers, strings and range selectors), or a function that yields
+    differences or slopes."""
+    code = re.sub(r'"[^"]*"', '""', expr)
+    code = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", code)
+    return "-" in code or bool(re.search(r"\b(deriv|delta|idelta|predict_linear)\(", code))
+
+
+def test_negative_series_are_recognised() -> None:
+    assert can_be_negative('sum(a_total{pod=~"x"}) - sum(b{pod=~"x"})')
+    assert can_be_negative("deriv(a[5m])")
+    assert can_be_negative("-a")
+    assert not can_be_negative('sum(rate(a_total{pod=~"a-b"}[$__rate_interval]))')
+    assert not can_be_negative("histogram_quantile(0.99, sum by (le) (rate(a_bucket[5m])))")
+
+
+def test_no_min_zero_on_series_that_can_be_negative() -> None:
+    signed = []
+    for panel in of_type("timeseries"):
+        defaults = panel["fieldConfig"]["defaults"]
+        if any(can_be_negative(e) for e in exprs(panel)):
+            signed.append(panel["title"])
+            assert defaults.get("min", -1) < 0, f"{panel['title']}: min hides negative values"
+    assert "Net drift (opened - closed - active)" in signed
+
+
+def split_by_pod(target: dict) -> bool:
+    groupings = re.findall(r"\bby \(([^)]*)\)", target["expr"])
+    return "{{pod}}" in target["legendFormat"] or any(
+        "pod" in [label.strip() for label in g.split(",")] for g in groupings
+    )
+
+
+def test_legends_list_each_pod_at_most_once() -> None:
+    """A panel with several per-pod queries lists queries x pods rows in a short panel."""
+    for panel in of_type("timeseries"):
+        per_pod = [t["refId"] for t in panel["targets"] if split_by_pod(t)]
+        assert len(per_pod) <= 1, f"{panel['title']}: per-pod queries {per_pod}"
+        assert panel["options"]["legend"]["displayMode"] == "table", panel["title"]
+
+
+def test_a_panel_does_not_mix_rates_and_levels() -> None:
+    """A 0/1 gauge and event counts on one axis flatten one of them: one kind per panel."""
+    for panel in of_type("timeseries"):
+        kinds = {bool(re.search(r"\b(rate|increase)\(", e)) for e in exprs(panel)}
+        assert len(kinds) == 1, panel["title"]
+
+
+PLAIN_UNITS = {"short", "none", "s", "bytes", "percentunit"}
+
+
+def test_units_say_what_is_counted() -> None:
+    """Built-in units whose rendering is unambiguous, or `count:<things>[/s]` ("1.2 K updates/s");
+    `cps` renders "c/s" and `ops` "ops/s", which say nothing about the thing counted."""
+    for panel in panels(overview.build()):
+        unit = panel["fieldConfig"]["defaults"]["unit"]
+        custom = re.fullmatch(r"count:[a-z]+(/s)?", unit)
+        assert unit in PLAIN_UNITS or custom, f"{panel['title']}: unit {unit}"
+        if custom and all(re.search(r"\brate\(", e) for e in exprs(panel)):
+            assert unit.endswith("/s"), f"{panel['title']}: a rate is per second"
+
+
+def rows_of_panels(dashboard: dict) -> list[tuple[str | None, dict]]:
+    """Each panel with the title of the row above it (None before the first row)."""
+    row, out = None, []
+    for panel in sorted(dashboard["panels"], key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"])):
+        if panel["type"] == "row":
+            row = panel["title"]
+        else:
+            out.append((row, panel))
+    return out
+
+
+def test_every_panel_sits_under_the_row_of_its_topic() -> None:
+    dashboard = overview.build()
+    titles = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
+    assert titles == list(overview.ROW_TOPICS), "every row declares its topic, in order"
+    placed = rows_of_panels(dashboard)
+    for row, panel in placed:
+        assert row is not None, f"{panel['title']} sits above every row"
+        topic = re.compile(overview.ROW_TOPICS[row])
+        for expr in exprs(panel):
+            for name in referenced_names(expr):
+                assert topic.fullmatch(name), f"{panel['title']} ({name}) sits under {row!r}"
+    rows = {panel["title"]: row for row, panel in placed}
+    for title in ["Flush lag (overload)", "CPU per pod", "Memory per pod (RSS)"]:
+        assert rows[title] != "Errors and Redis"
+    assert rows["Stream backlog (overload)"] != "Errors and Redis"

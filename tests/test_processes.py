@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import re
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import fast_env
+from conftest import RedisProcess, fast_env
 from invariants import samples, scrape, wait_invariant
 from pricestream.stream import RECONNECT_HINT
 from pricestream.v1 import pricestream_pb2 as pb
@@ -228,6 +229,42 @@ async def test_feed_publishes_per_ingestion_contract(redis) -> None:
         assert update.price > 0
         assert abs(update.published_at_unix_nanos / 1e9 - time.time()) < 10
     client.close()
+
+
+def test_feed_started_before_redis_retries_until_it_connects(tmp_path: Path) -> None:
+    """A fresh install starts the feed while Redis is pending: it retries with the server's
+    backoff (exponential, jittered), one log line per attempt, instead of exiting."""
+    redis = RedisProcess(tmp_path)  # its port is chosen; the server starts later
+    log_path = tmp_path / "feed.log"
+    env = fast_env(redis.url, reconnect_max_backoff=0.4, redis_timeout=0.5)
+    with log_path.open("wb") as log:
+        feed = subprocess.Popen(
+            pricestream_command("feed", "--tickers", "5", "--rate", "100"), env=env, stderr=log
+        )
+    try:
+        time.sleep(2.5)
+        assert feed.poll() is None, "the feed exited while Redis was unreachable"
+        redis.start()
+        client = redis.client()
+        deadline = time.monotonic() + 10
+        while client.get("price:last:AAPL") is None:
+            assert time.monotonic() < deadline, "no price published after Redis started"
+            assert feed.poll() is None
+            time.sleep(0.1)
+        client.close()
+        records = [json.loads(line) for line in log_path.read_text().splitlines()]
+        failed = [r for r in records if r.get("event") == "feed_redis_unreachable"]
+        assert len(failed) >= 4, failed
+        assert [r["attempt"] for r in failed] == list(range(1, len(failed) + 1))
+        delays = [float(re.search(r"retrying in ([0-9.]+)s", r["msg"])[1]) for r in failed]
+        assert delays[0] <= 0.1 and max(delays) <= 0.4, delays
+        assert delays[-1] >= 0.2, f"no exponential growth: {delays}"
+        (reached,) = [r for r in records if r.get("event") == "feed_redis_reachable"]
+        assert reached["attempt"] == len(failed) + 1
+    finally:
+        feed.terminate()
+        feed.wait(timeout=10)
+        redis.stop()
 
 
 async def test_watch_shows_prices_and_exits_cleanly_on_ctrl_c(serve, feed) -> None:

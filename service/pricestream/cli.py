@@ -13,7 +13,7 @@ from typing import Any
 import uvloop
 from redis.asyncio import Redis
 
-from pricestream.feed import WELL_KNOWN, run_feed, ticker_universe
+from pricestream.feed import WELL_KNOWN, run_feed, ticker_universe, wait_for_redis
 from pricestream.logs import configure_logging
 from pricestream.redis_broker import RedisPricePublisher
 from pricestream.settings import Settings, SettingsError, check_environment, load_settings
@@ -119,6 +119,7 @@ async def _feed_main(args: argparse.Namespace, settings: Settings) -> int:
     tickers = ticker_universe(args.tickers)
     log.info("feed: %d tickers at %g updates/s", len(tickers), args.rate)
     try:
+        await wait_for_redis(client, settings.reconnect_max_backoff)
         published = await run_feed(RedisPricePublisher(client), tickers, args.rate, args.duration)
     finally:
         await client.aclose()

@@ -15,6 +15,9 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
+from redis.exceptions import RedisError
+
+from pricestream.redis_broker import backoff_delay
 from pricestream.v1.pricestream_pb2 import PriceUpdate
 
 log = logging.getLogger("pricestream.feed")
@@ -28,6 +31,39 @@ TICK_SECONDS = 0.01
 
 class PricePublisher(Protocol):
     async def publish_prices(self, prices: Sequence[tuple[str, bytes]]) -> None: ...
+
+
+class Pingable(Protocol):
+    async def ping(self) -> object: ...
+
+
+async def wait_for_redis(client: Pingable, max_backoff: float) -> int:
+    """Ping until Redis answers, with the server's reconnect backoff (exponential, jittered) and
+    one log line per failed attempt: a feed started before its Redis (a fresh install, Redis
+    still pending) waits instead of exiting. Returns the attempts it took."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            await client.ping()
+        except (RedisError, OSError) as exc:
+            delay = backoff_delay(attempt, max_backoff)
+            log.warning(
+                "feed: Redis not reachable (%s); attempt %d, retrying in %.2fs",
+                exc or type(exc).__name__,
+                attempt,
+                delay,
+                extra={"event": "feed_redis_unreachable", "attempt": attempt},
+            )
+            await asyncio.sleep(delay)
+        else:
+            if attempt > 1:
+                log.info(
+                    "feed: Redis reachable after %d attempts",
+                    attempt,
+                    extra={"event": "feed_redis_reachable", "attempt": attempt},
+                )
+            return attempt
 
 
 def ticker_universe(count: int) -> list[str]:

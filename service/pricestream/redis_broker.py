@@ -33,6 +33,13 @@ SUBSCRIBE_CHUNK = 512
 _MESSAGE = b"message"
 
 
+def backoff_delay(failures: int, max_backoff: float) -> float:
+    """Seconds to wait after the `failures`-th failure in a row: exponential from 0.1 s up to
+    `max_backoff`, with jitter (uniform in the upper half) so clients do not retry in step."""
+    ceiling = min(max_backoff, 0.1 * 2 ** (failures - 1))
+    return random.uniform(ceiling / 2, ceiling)
+
+
 class ProbeFailed(Exception):
     """The liveness probe did not come back: the connection no longer delivers."""
 
@@ -106,8 +113,7 @@ class PubSubConnection:
                 failures = 0
 
     def _backoff(self, failures: int) -> float:
-        ceiling = min(self._settings.reconnect_max_backoff, 0.1 * 2 ** (failures - 1))
-        return random.uniform(ceiling / 2, ceiling)
+        return backoff_delay(failures, self._settings.reconnect_max_backoff)
 
     async def _connect_and_serve(self) -> None:
         conn: AbstractConnection = self._pool.make_connection()

@@ -59,6 +59,105 @@ The same text is what `promtool test rules` and the end-to-end test load.
 {{- $rules }}
 {{- end }}
 
+{{/*
+spec.replicas of the server Deployment. Without the HPA: replicaCount. With it, the HPA owns the
+count, but dropping the field from a live Deployment makes the API server reset it to 1 (killing
+serving pods before the HPA acts), so: the live Deployment's count when `lookup` finds it (every
+upgrade then re-applies what the HPA set); else autoscaling.replicasWithoutLookup when set (for
+`helm template`, `--dry-run` and GitOps renderers, where lookup sees no cluster); else nothing (a
+fresh install starts at 1 and the HPA raises it to minReplicas).
+*/}}
+{{- define "pricestream.replicas" -}}
+{{- if not .Values.autoscaling.enabled }}
+{{- .Values.replicaCount }}
+{{- else }}
+{{- $live := lookup "apps/v1" "Deployment" .Release.Namespace (include "pricestream.fullname" .) }}
+{{- $liveReplicas := dig "spec" "replicas" nil $live }}
+{{- if not (kindIs "invalid" $liveReplicas) }}
+{{- int64 $liveReplicas }}
+{{- else if .Values.autoscaling.replicasWithoutLookup }}
+{{- .Values.autoscaling.replicasWithoutLookup }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Value combinations of redis.persistence that cannot work fail the render with one sentence. The
+StorageClass checks need a cluster (`lookup`; under `helm template` they are skipped) and the
+right to list StorageClasses (cluster-scoped): redis.persistence.checkStorageClass turns them off.
+*/}}
+{{- define "pricestream.redisPersistenceChecks" -}}
+{{- $p := .Values.redis.persistence }}
+{{- if and $p.enabled (not .Values.redis.enabled) }}
+{{- fail "redis.persistence.enabled applies to the in-chart Redis only: set redis.enabled=true or turn redis.persistence off (an external Redis keeps its own data)" }}
+{{- end }}
+{{- if and $p.enabled .Values.redis.enabled }}
+{{- $claim := lookup "v1" "PersistentVolumeClaim" .Release.Namespace (include "pricestream.redisName" .) }}
+{{- $claimClass := dig "spec" "storageClassName" "" $claim }}
+{{- if and $claim $p.storageClassName (ne $claimClass $p.storageClassName) }}
+{{- fail (printf "redis.persistence.storageClassName is %q but the existing claim %s/%s uses %q, and a claim's class cannot change: keep %q or delete the claim" $p.storageClassName .Release.Namespace (include "pricestream.redisName" .) $claimClass $claimClass) }}
+{{- end }}
+{{- if and $p.checkStorageClass (not $claim) }}
+{{- $classes := lookup "storage.k8s.io/v1" "StorageClass" "" "" }}
+{{- if $classes }}{{/* a list answers only when a cluster does */}}
+{{- $names := list }}
+{{- $defaults := list }}
+{{- range $classes.items }}
+{{- $names = append $names .metadata.name }}
+{{- $annotations := .metadata.annotations | default dict }}
+{{- if or (eq (get $annotations "storageclass.kubernetes.io/is-default-class") "true") (eq (get $annotations "storageclass.beta.kubernetes.io/is-default-class") "true") }}
+{{- $defaults = append $defaults .metadata.name }}
+{{- end }}
+{{- end }}
+{{- if and $p.storageClassName (not (has $p.storageClassName $names)) }}
+{{- fail (printf "redis.persistence.storageClassName %q names no StorageClass of this cluster (it has: %s), so the claim would stay Pending" $p.storageClassName (join ", " $names | default "none")) }}
+{{- else if and (not $p.storageClassName) (not $defaults) }}
+{{- fail (printf "redis.persistence.enabled needs a StorageClass and this cluster has no default one: set redis.persistence.storageClassName (it has: %s)" (join ", " $names | default "none")) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Every Secret named by values must exist, with the keys the pods read, or the pods sit in
+ContainerCreating until `--wait` times out. At install/upgrade `lookup` reads each one and the
+render fails with one sentence naming it. Under `helm template` (no cluster) lookup returns
+nothing for a Secret and for the list of Secrets alike, and the render goes on; against a
+cluster the list (read only when the Secret is not found) is never empty, so "not found" is told
+from "no cluster" with the permission Helm's own release storage needs.
+*/}}
+{{- define "pricestream.requireSecret" -}}
+{{- $ns := .root.Release.Namespace }}
+{{- $secret := lookup "v1" "Secret" $ns .name }}
+{{- if $secret }}
+{{- $data := merge (dict) ($secret.data | default dict) ($secret.stringData | default dict) }}
+{{- range .keys }}
+{{- if not (hasKey $data .) }}
+{{- fail (printf "Secret %q in namespace %q, named by %s, has no key %q" $.name $ns $.value .) }}
+{{- end }}
+{{- end }}
+{{- else if lookup "v1" "Secret" $ns "" }}
+{{- fail (printf "Secret %q, named by %s, does not exist in namespace %q: create it before installing" .name .value $ns) }}
+{{- end }}
+{{- end }}
+
+{{- define "pricestream.secretChecks" -}}
+{{- with .Values.auth.existingSecret }}
+{{- include "pricestream.requireSecret" (dict "root" $ "name" . "value" "auth.existingSecret" "keys" (list $.Values.auth.secretKey)) }}
+{{- end }}
+{{- with .Values.tls.existingSecret }}
+{{- $keys := list "tls.crt" "tls.key" }}
+{{- if $.Values.tls.requireClientCertificate }}{{ $keys = append $keys "ca.crt" }}{{ end }}
+{{- include "pricestream.requireSecret" (dict "root" $ "name" . "value" "tls.existingSecret" "keys" $keys) }}
+{{- end }}
+{{- if not .Values.redis.enabled }}
+{{- with .Values.redis.external.existingSecret }}
+{{- include "pricestream.requireSecret" (dict "root" $ "name" . "value" "redis.external.existingSecret" "keys" (list $.Values.redis.external.existingSecretKey)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{- define "pricestream.image" -}}
 {{- $tag := .Values.image.tag | default .Chart.AppVersion }}
 {{- if eq $tag "latest" }}{{ fail "image.tag must name a version, not latest" }}{{ end }}
