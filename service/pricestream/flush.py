@@ -93,19 +93,25 @@ class StreamWriter:
         if current is None or current[2] < entry[2]:
             self.offer(ticker, entry)
 
-    def behind(self, now: float, grace: float) -> bool:
-        """It has not kept up for longer than ``grace`` seconds."""
-        since = self.behind_since
-        return since is not None and now - since > grace
-
-    def flush(self, now_ns: int) -> None:
+    def flush(self, now: float, published: list[int]) -> int:
         """Hand the pending entries to the sink as one batch, unless the sink is still busy
-        with the previous one (then they keep coalescing until it is writable again)."""
+        with the previous one (then they keep coalescing until it is writable again).
+
+        Appends the batch's publish times to ``published``; returns how many offers the batch
+        took (0 when nothing was sent), so the clock can count coalesced updates per flush.
+        This is the hot path: one call per stream with news per flush.
+        """
         self._queued = False
-        if self.end_reason is not None or not self.pending or self._sink.blocked_since:
-            return
-        entries = self.pending.values()
-        payload = b"".join([entry[0] for entry in entries])
+        pending = self.pending
+        if not pending or self.end_reason is not None or self._sink.blocked_since is not None:
+            return 0
+        if len(pending) == 1:  # the common case at a short flush interval
+            for entry in pending.values():
+                payload = entry[0]
+                published_at = [entry[1]]
+        else:
+            payload = b"".join([entry[0] for entry in pending.values()])
+            published_at = [entry[1] for entry in pending.values()]
         if len(payload) + MESSAGE_PREFIX_BYTES > self._max_bytes:
             self.stop(
                 "send_error",
@@ -113,20 +119,21 @@ class StreamWriter:
                 f"a batch of {len(payload)} bytes is over the send limit of "
                 f"{self._max_bytes} bytes",
             )
-            return
-        published = [entry[1] for entry in entries]
-        self._clock.count_sent(self.offered, published, now_ns)
+            return 0
+        published += published_at
+        offered = self.offered
         self.offered = 0
         self.pending = {}
         self.batches_sent += 1
-        self.updates_sent += len(published)
-        self._sink.send(payload)
-        now = time.monotonic()
+        self.updates_sent += len(pending)
+        sink = self._sink
+        sink.send(payload)
         self._sent_at = now
-        if self._sink.blocked_since is None:
+        if sink.blocked_since is None:
             self.behind_since = None
         elif self.behind_since is None:
             self.behind_since = now
+        return offered
 
     def _writable(self) -> None:
         """The sink let its waiting batch out: caught up if that took no longer than the
@@ -230,11 +237,6 @@ class FlushClock:
             return f"its flushes run {self.lag * 1000:.0f} ms late"
         return f"{self.backlog:.0%} of its streams with news are still writing their previous batch"
 
-    @property
-    def grace(self) -> float:
-        """Seconds a batch may wait for its client before the stream counts as behind."""
-        return max(self._interval, BACKLOG_GRACE)
-
     def register(self, writer: StreamWriter) -> None:
         self._writers.add(writer)
 
@@ -244,12 +246,26 @@ class FlushClock:
     def queue(self, writer: StreamWriter) -> None:
         self._queued.append(writer)
 
-    def count_sent(self, offered: int, published: list[int], now_ns: int) -> None:
-        """Account one batch handed to a sink: latency per update, counts per flush."""
+    def flush_now(self, writer: StreamWriter) -> None:
+        """Send one writer's pending batch at once (a stream's first batch), counted as the
+        flushes count theirs."""
+        published: list[int] = []
+        offered = writer.flush(time.monotonic(), published)
+        if offered:
+            self._batches_sent += 1
+        self._account(offered, published, time.time_ns())
+
+    def _account(self, offered: int, published: list[int], now_ns: int) -> None:
+        if not offered:
+            return
         self._coalesced += offered - len(published)
         self._updates_sent += len(published)
-        self._batches_sent += 1
         self._observe_latency(now_ns, published)
+
+    @property
+    def grace(self) -> float:
+        """Seconds a batch may wait for its client before the stream counts as behind."""
+        return max(self._interval, BACKLOG_GRACE)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -265,12 +281,21 @@ class FlushClock:
                 next_flush = loop.time()  # we fell behind: do not try to catch up in a burst
             queued, self._queued = self._queued, []
             now = time.monotonic()
-            now_ns = time.time_ns()
             grace = self.grace
             behind = 0
+            offered = 0
+            batches = 0
+            published: list[int] = []
             for writer in queued:
-                behind += writer.behind(now, grace)
-                writer.flush(now_ns)
+                since = writer.behind_since
+                if since is not None and now - since > grace:
+                    behind += 1
+                took = writer.flush(now, published)
+                if took:
+                    offered += took
+                    batches += 1
+            self._batches_sent += batches
+            self._account(offered, published, time.time_ns())
             # A few stalled clients are the stall timeout's business, not overload.
             self.observe(late, behind / len(queued) if behind >= BACKLOG_MIN_STREAMS else 0.0)
             self.fold_counts()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Protocol
@@ -162,7 +161,7 @@ class StreamLifecycle:
         writer = self.writer
         assert writer is not None
         await self._seed_last_prices(writer)
-        writer.flush(time.time_ns())
+        self._engine.clock.flush_now(writer)
         await writer.ended()
 
     @property

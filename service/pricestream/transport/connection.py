@@ -90,8 +90,9 @@ class Connection(asyncio.Protocol):
         self.h2.decoder.max_header_list_size = self._limits.max_header_list_size
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
-        self._out: list[bytes | memoryview] = []
-        self._flush_scheduled = False
+        # What goes to the socket at the end of this turn; a flush is scheduled whenever it
+        # gets its first chunk (so: scheduled exactly while it is not empty).
+        self.out: list[bytes | memoryview] = []
         self.paused = False  # the socket's buffer is over its high-water mark
         self._waiting: dict[int, ResponseStream] = {}  # blocked streams by id, in arrival order
         self.calls: dict[int, ServerCall] = {}
@@ -181,7 +182,7 @@ class Connection(asyncio.Protocol):
         for timer in (self._handshake_timer, self._keepalive_timer, self._age_timer):
             if timer is not None:
                 timer.cancel()
-        self._out.clear()
+        self.out.clear()
         self._waiting.clear()
         calls, self.calls = list(self.calls.values()), {}
         for call in calls:
@@ -191,10 +192,12 @@ class Connection(asyncio.Protocol):
     # --- output -------------------------------------------------------------------------
 
     def write(self, *chunks: bytes | memoryview) -> None:
-        self._out.extend(chunks)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        if not self.out:
+            self.schedule_flush()
+        self.out.extend(chunks)
+
+    def schedule_flush(self) -> None:
+        self._loop.call_soon(self._flush)
 
     def h2_output(self, stream_id: int = 0) -> None:
         """Take what h2 has queued to send; forget ``stream_id`` if it is now closed."""
@@ -205,8 +208,7 @@ class Connection(asyncio.Protocol):
             self.forget(stream_id)
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
-        out, self._out = self._out, []
+        out, self.out = self.out, []
         if out and self._transport is not None and not self.closed:
             self._pings.data_sent()
             self._transport.write(b"".join(out))
@@ -390,7 +392,7 @@ class Connection(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return
-        out, self._out = self._out, []
+        out, self.out = self.out, []
         if out:
             transport.write(b"".join(out))
         transport.close()

@@ -29,12 +29,10 @@ def data_frame_header(length: int, stream_id: int) -> bytes:
     return _DATA_HEADER.pack(length >> 16, length & 0xFFFF, 0, 0, stream_id)
 
 
-def single_frame_message_header(payload_length: int, stream_id: int) -> bytes:
-    """Frame header + message prefix of a message sent whole in one DATA frame."""
-    length = payload_length + PREFIX_BYTES
-    return _DATA_HEADER_AND_PREFIX.pack(
-        length >> 16, length & 0xFFFF, 0, 0, stream_id, 0, payload_length
-    )
+def single_frame_header_struct() -> struct.Struct:
+    """Frame header + message prefix of a message sent whole in one DATA frame: pack it with
+    (frame length >> 16, frame length & 0xFFFF, 0, 0, stream id, 0, message length)."""
+    return _DATA_HEADER_AND_PREFIX
 
 
 def data_frames(data: memoryview, stream_id: int, max_frame: int) -> list[bytes | memoryview]:
