@@ -156,13 +156,15 @@ def test_no_pod_gets_service_link_variables() -> None:
     for obj in render():
         if obj["kind"] == "Deployment":
             specs[obj["metadata"]["name"]] = obj["spec"]["template"]["spec"]
-        elif obj["kind"] == "Pod":
-            specs[obj["metadata"]["name"]] = obj["spec"]
+        elif obj["kind"] == "Pod":  # the helm test Pod and its uninstall sweeper
+            component = obj["metadata"]["labels"]["app.kubernetes.io/component"]
+            specs[f"{obj['metadata']['name']}/{component}"] = obj["spec"]
     assert set(specs) == {
         "pricestream",
         "pricestream-feed",
         "pricestream-redis",
-        "pricestream-test-grpc-health",
+        "pricestream-test-grpc-health/helm-test",
+        "pricestream-test-grpc-health/helm-test-sweeper",
     }
     assert {name: spec.get("enableServiceLinks") for name, spec in specs.items()} == {
         name: False for name in specs
