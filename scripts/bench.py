@@ -103,8 +103,24 @@ CASES |= {
         f"{CENTRIFUGO}: hot, 500 streams x the same 5 tickers at 20 Hz", 500, 5, 0, 5,
         ticker_hz=20, centrifugo=True,
     ),
+    # Issue 12's workload: 2 Hz per ticker, 5 tickers per stream (50,000 updates/s at 5,000
+    # streams), the same feed for both servers.
+    "d100": Case("5,000 streams x 5 tickers at 2 Hz, flush 100 ms", 5_000, 5, 0.1, 500,
+                 ticker_hz=2),
+    "cd": Case(f"{CENTRIFUGO}: 5,000 streams x 5 tickers at 2 Hz", 5_000, 5, 0, 500,
+               ticker_hz=2, centrifugo=True),
+    "d10k": Case("10,000 streams x 5 tickers at 2 Hz, flush 100 ms", 10_000, 5, 0.1, 500,
+                 ticker_hz=2),
+    "cd10k": Case(f"{CENTRIFUGO}: 10,000 streams x 5 tickers at 2 Hz", 10_000, 5, 0, 500,
+                  ticker_hz=2, centrifugo=True),
+    # Past one core's capacity on purpose: admission control must answer the surplus with
+    # RESOURCE_EXHAUSTED (never CANCELLED from below).
+    "s100": Case("saturation: 25,000 streams x 5 tickers at 2 Hz, flush 100 ms", 25_000, 5,
+                 0.1, 500, ticker_hz=2),
+    "m50k": Case("memory: 50,000 streams x 5 tickers, flush 500 ms, quiet feed", 50_000, 5,
+                 0.5, 500, quiet_feed=True),
 }  # fmt: skip
-DEFAULT_CASES = "a500,c500,floor500,a100,b100,m10k,hot100,chot"
+DEFAULT_CASES = "d100,cd,d10k,cd10k,a500,c500,floor500,hot100,chot,s100,m50k"
 
 
 def proc_sampler(pid: int) -> Sampler:
