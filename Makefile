@@ -11,6 +11,11 @@ H2SPEC_VERSION := v2.2.1+incompatible
 H2SPEC := $(TOOLS)/bin/h2spec
 CENTRIFUGO_VERSION := v6.9.1
 CENTRIFUGO := $(TOOLS)/bin/centrifugo
+GRPCURL_VERSION := v1.9.4
+GRPCURL := $(TOOLS)/bin/grpcurl
+# The grpc-go conformance client of tests/test_grpc_clients.py (its own module, tests/grpcgo).
+GRPCGO := $(TOOLS)/bin/grpcgo
+GRPCGO_SOURCES := $(wildcard tests/grpcgo/*.go) tests/grpcgo/go.mod tests/grpcgo/go.sum
 PROTO := proto/pricestream/v1/pricestream.proto
 CHART := deploy/helm/pricestream
 APP_VERSION := $(shell sed -n 's/^appVersion: "\(.*\)"/\1/p' $(CHART)/Chart.yaml)
@@ -19,7 +24,7 @@ KIND_CLUSTER ?= pricestream
 KPS_RELEASE ?= kps
 NAMESPACE ?= pricestream
 
-.PHONY: demo test setup system-deps venv helm h2spec centrifugo proto dashboards schema lint bench clean \
+.PHONY: demo test setup system-deps venv helm h2spec centrifugo grpcurl grpcgo proto dashboards schema lint bench clean \
 	kind-up image kind-load deploy grafana kind-down
 
 demo: venv  ## server + feed + live table, Redis if reachable else in memory
@@ -28,7 +33,7 @@ demo: venv  ## server + feed + live table, Redis if reachable else in memory
 test: setup lint  ## the whole suite against real redis-server, Prometheus, Alertmanager
 	$(PY) -m pytest -q
 
-setup: system-deps venv helm h2spec centrifugo
+setup: system-deps venv helm h2spec centrifugo grpcurl grpcgo
 
 system-deps:  ## apt-get what is missing (needs root); quick when present
 	@scripts/ensure-system-deps.sh
@@ -63,6 +68,18 @@ centrifugo:  ## Centrifugo $(CENTRIFUGO_VERSION) into $(TOOLS)/bin, for side-by-
 		echo "building centrifugo $(CENTRIFUGO_VERSION) (a few minutes)" && \
 		GOBIN=$(TOOLS)/bin nice -n 10 go install github.com/centrifugal/centrifugo/v6@$(CENTRIFUGO_VERSION); \
 	fi
+
+grpcurl: $(GRPCURL)  ## grpcurl through reflection, for tests/test_grpc_clients.py
+
+$(GRPCURL):
+	mkdir -p $(TOOLS)/bin
+	GOBIN=$(TOOLS)/bin nice -n 10 go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
+
+grpcgo: $(GRPCGO)  ## the grpc-go client checks of tests/test_grpc_clients.py (rebuilt when its source changes)
+
+$(GRPCGO): $(GRPCGO_SOURCES)
+	mkdir -p $(TOOLS)/bin
+	cd tests/grpcgo && nice -n 10 go build -o $(GRPCGO) .
 
 proto: venv  ## regenerate the committed gRPC stubs
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=service --pyi_out=service \

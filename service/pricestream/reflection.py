@@ -4,11 +4,17 @@ grpcio-reflection ships only the v1alpha protocol. v1 is the same protocol under
 ``grpc.reflection.v1`` (tools such as grpcurl ask for it first): its descriptor is the v1alpha
 one renamed, added to the default pool so that v1 names resolve too, and its calls are served
 by the same servicer with the same (wire-identical) messages.
+
+The file descriptors it serves carry every field's ``json_name``, as protoc hands them to its
+plugins and as grpc-go servers serve them: Python's generated descriptors leave it out, and
+clients such as grpcurl 1.9 then print ``session_id`` where the proto3 JSON mapping (and our
+README) says ``sessionId``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -45,13 +51,50 @@ def _add_v1_descriptor() -> None:
     pool.Add(proto)
 
 
+def _json_name(name: str) -> str:
+    """protoc's ToJsonName: drop each underscore and upper-case the letter after it."""
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def _fill_json_names(messages: Any) -> None:
+    for message in messages:
+        for field in message.field:
+            if not field.HasField("json_name"):
+                field.json_name = _json_name(field.name)
+        _fill_json_names(message.nested_type)
+
+
+@functools.lru_cache(maxsize=256)
+def _with_json_names(serialized: bytes) -> bytes:
+    """A serialized FileDescriptorProto with ``json_name`` set on every message field."""
+    proto = descriptor_pb2.FileDescriptorProto.FromString(serialized)
+    _fill_json_names(proto.message_type)
+    return proto.SerializeToString()
+
+
+def _serve_json_names(info: Any) -> Any:
+    """Wrap ServerReflectionInfo so that the file descriptors it answers carry json_name."""
+
+    async def serve(requests: Any, context: Any) -> AsyncIterator[Any]:
+        async for response in info(requests, context):
+            if response.WhichOneof("message_response") == "file_descriptor_response":
+                files = response.file_descriptor_response.file_descriptor_proto
+                filled = [_with_json_names(data) for data in files]
+                del files[:]
+                files.extend(filled)
+            yield response
+
+    return serve
+
+
 def add_reflection(server: Any, service_names: Sequence[str]) -> None:
     """Serve reflection (v1 and v1alpha) for ``service_names`` and for itself on ``server``
     (anything with grpc.Server's ``add_registered_method_handlers``)."""
     _add_v1_descriptor()
     servicer = reflection_aio.ReflectionServicer((*service_names, V1, V1ALPHA))
     handler = grpc.stream_stream_rpc_method_handler(
-        servicer.ServerReflectionInfo,
+        _serve_json_names(servicer.ServerReflectionInfo),
         request_deserializer=v1alpha.ServerReflectionRequest.FromString,
         response_serializer=v1alpha.ServerReflectionResponse.SerializeToString,
     )
