@@ -23,6 +23,7 @@ from pricestream.memory_broker import MemoryBroker
 from pricestream.memory_sessions import MemorySessionStore
 from pricestream.metrics import LiveGauges, Metrics
 from pricestream.rate_limit import PeerRateLimiter
+from pricestream.redis_batch import CommandBatcher
 from pricestream.redis_broker import RedisBroker
 from pricestream.redis_client import make_client, make_pool, redacted
 from pricestream.redis_sessions import RedisSessionStore
@@ -41,6 +42,7 @@ class Backends:
     store: SessionStore
     redis: Redis | None = None
     pool: ConnectionPool | None = None
+    batcher: CommandBatcher | None = None
 
 
 class Engine:
@@ -98,11 +100,13 @@ class Engine:
             )
         pool = make_pool(s)
         client = make_client(pool)
+        batcher = CommandBatcher(client)
         return Backends(
-            RedisBroker(pool, client, s, self.metrics),
-            RedisSessionStore(client, s.session_ttl, s.lease_ttl, s.resume_grace),
+            RedisBroker(pool, client, s, self.metrics, batcher),
+            RedisSessionStore(client, batcher, s.session_ttl, s.lease_ttl, s.resume_grace),
             client,
             pool,
+            batcher,
         )
 
     @property
@@ -152,6 +156,8 @@ class Engine:
             log.warning("stream of session %s still registered at shutdown", session.session_id)
         self.hub.close()
         await self.store.aclose()
+        if self.backends.batcher is not None:
+            await self.backends.batcher.aclose()
         await self.broker.aclose()
         if self.backends.redis is not None:
             await self.backends.redis.aclose()

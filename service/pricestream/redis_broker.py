@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from pricestream.broker import MessageHandler
 from pricestream.codec import PROBE_CHANNEL_PREFIX, last_price_key, price_channel
 from pricestream.metrics import Metrics
+from pricestream.redis_batch import CommandBatcher
 from pricestream.settings import Settings
 from pricestream.tasks import cancel_and_wait, run_until_first_failure
 
@@ -197,8 +198,16 @@ def _drop(channel: bytes, payload: bytes) -> None:
 
 
 class RedisBroker:
-    def __init__(self, pool: ConnectionPool, commands: Redis, settings: Settings, metrics: Metrics):
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        commands: Redis,
+        settings: Settings,
+        metrics: Metrics,
+        batcher: CommandBatcher,
+    ):
         self._commands = commands
+        self._batcher = batcher
         self._handler_ref: list[MessageHandler] = [_drop]
         self._connections = [
             PubSubConnection(i, pool, commands, settings, metrics, self._handler_ref)
@@ -245,7 +254,7 @@ class RedisBroker:
     async def last_prices(self, tickers: Sequence[str]) -> list[bytes | None]:
         if not tickers:
             return []
-        return await self._commands.mget([last_price_key(t) for t in tickers])
+        return await self._batcher.mget([last_price_key(t) for t in tickers])
 
     async def publish(self, channel: str, payload: bytes) -> None:
         await self._commands.publish(channel, payload)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
 
 from pricestream.codec import SESSION_CLOSED_CHANNEL
+from pricestream.redis_batch import CommandBatcher
 from pricestream.sessions import (
     LeaseLoss,
     SessionBusy,
@@ -19,7 +16,6 @@ from pricestream.sessions import (
     SessionNotFound,
     new_session_id,
 )
-from pricestream.tasks import cancel_and_wait
 
 _CREATE = """
 redis.call('HSET', KEYS[1], 'tickers', ARGV[1], 'created', ARGV[2])
@@ -76,61 +72,6 @@ return existed
 """
 
 REFRESH_CHUNK = 1000
-BATCH_LIMIT = 500  # script calls per pipeline
-
-
-class ScriptBatcher:
-    """Runs the script calls made during one event-loop turn in pipelines of up to
-    ``BATCH_LIMIT``: one round trip and one pooled connection for many calls, so thousands of
-    streams starting or ending at once neither queue for the connection pool nor time out in
-    bulk. Each caller gets its own result or error."""
-
-    def __init__(self, client: Redis) -> None:
-        self._client = client
-        self._pending: list[tuple[AsyncScript, list[str], list[str | int], asyncio.Future[Any]]]
-        self._pending = []
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def call(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Awaitable[Any]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._start)
-        self._pending.append((script, keys, args, future))
-        return future
-
-    def _start(self) -> None:
-        batch, self._pending = self._pending, []
-        for start in range(0, len(batch), BATCH_LIMIT):
-            task = asyncio.create_task(self._run(batch[start : start + BATCH_LIMIT]))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _run(
-        self, batch: list[tuple[AsyncScript, list[str], list[str | int], asyncio.Future[Any]]]
-    ) -> None:
-        try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for script, keys, args, _ in batch:
-                    await script(keys=keys, args=args, client=pipe)
-                results = await pipe.execute(raise_on_error=False)
-        except BaseException as exc:
-            for *_, future in batch:
-                if not future.done():
-                    future.set_exception(exc if isinstance(exc, Exception) else RedisError(exc))
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for (*_, future), result in zip(batch, results, strict=True):
-            if future.done():
-                continue  # its caller gave up waiting
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-
-    async def aclose(self) -> None:
-        await cancel_and_wait(list(self._tasks))
 
 
 def _keys(session_id: str) -> list[str]:
@@ -147,14 +88,19 @@ def _ms(seconds: float) -> int:
 
 class RedisSessionStore:
     def __init__(
-        self, client: Redis, session_ttl: float, lease_ttl: float, resume_grace: float
+        self,
+        client: Redis,
+        batcher: CommandBatcher,
+        session_ttl: float,
+        lease_ttl: float,
+        resume_grace: float,
     ) -> None:
         self._client = client
         self._session_ttl = session_ttl
         self._lease_ms = _ms(lease_ttl)
         self._leased_session_ms = _ms(lease_ttl + resume_grace)
         self._grace_ms = _ms(resume_grace)
-        self._batcher = ScriptBatcher(client)
+        self._batcher = batcher
         self._create = client.register_script(_CREATE)
         self._claim = client.register_script(_CLAIM)
         self._refresh = client.register_script(_REFRESH)
@@ -163,7 +109,7 @@ class RedisSessionStore:
 
     async def create(self, tickers: Sequence[str]) -> SessionInfo:
         session_id = new_session_id()
-        await self._batcher.call(
+        await self._batcher.script(
             self._create,
             _keys(session_id)[:1],
             [",".join(tickers), str(time.time()), _ms(self._session_ttl)],
@@ -171,7 +117,7 @@ class RedisSessionStore:
         return SessionInfo(session_id, tuple(tickers), time.time() + self._session_ttl)
 
     async def claim(self, session_id: str, owner: str) -> tuple[str, ...]:
-        reply = await self._batcher.call(
+        reply = await self._batcher.script(
             self._claim, _keys(session_id), [owner, self._lease_ms, self._leased_session_ms]
         )
         if reply[0] == 0:
@@ -198,13 +144,13 @@ class RedisSessionStore:
         return lost
 
     async def release(self, session_id: str, owner: str) -> None:
-        await self._batcher.call(self._release, _keys(session_id)[:2], [owner, self._grace_ms])
+        await self._batcher.script(self._release, _keys(session_id)[:2], [owner, self._grace_ms])
 
     async def aclose(self) -> None:
-        await self._batcher.aclose()
+        """The batcher is the engine's; nothing of its own runs in the background."""
 
     async def close(self, session_id: str) -> bool:
-        existed = await self._close(
-            keys=_keys(session_id), args=[self._grace_ms, session_id, SESSION_CLOSED_CHANNEL]
+        existed = await self._batcher.script(
+            self._close, _keys(session_id), [self._grace_ms, session_id, SESSION_CLOSED_CHANNEL]
         )
         return bool(existed)
