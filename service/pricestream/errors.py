@@ -51,3 +51,10 @@ def call_status(context: _HasCode) -> grpc.StatusCode | None:
     if isinstance(code, int):
         return _CODES_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
     return None
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception as one phrase for a log line; its type when its text is empty
+    (a TimeoutError has none)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -19,7 +19,13 @@ import grpc
 from redis.exceptions import RedisError
 
 from pricestream.engine import Engine
-from pricestream.errors import failed_precondition, not_found, resource_exhausted, unavailable
+from pricestream.errors import (
+    describe_error,
+    failed_precondition,
+    not_found,
+    resource_exhausted,
+    unavailable,
+)
 from pricestream.flush import BatchSink, StreamWriter
 from pricestream.hub import Topic, entry_from_payload
 from pricestream.sessions import SessionBusy, SessionNotFound
@@ -143,16 +149,15 @@ class StreamLifecycle:
     async def _release_lease(self) -> None:
         if self.reason == "closed":
             return  # the session is gone already
+        # No timer of its own: the release rides in the next pipeline, bounded by the Redis
+        # client's timeouts; a per-caller timer fired in bulk when thousands end at once.
         try:
-            await asyncio.wait_for(
-                self._engine.store.release(self.session_id, self._owner),
-                self._engine.settings.redis_timeout,
-            )
+            await self._engine.store.release(self.session_id, self._owner)
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning(
                 "could not release lease of session %s (it expires by itself): %s",
                 self.session_id,
-                exc,
+                describe_error(exc),
             )
 
     async def pump(self) -> None:
