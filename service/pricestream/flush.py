@@ -57,6 +57,7 @@ class StreamWriter:
         "end_reason",
         "offered",
         "pending",
+        "started",
         "updates_sent",
     )
 
@@ -78,6 +79,9 @@ class StreamWriter:
         # window for longer than the clock's grace. Cleared only once one goes out in time, so
         # a client that lets a trickle through while not reading is still cut off.
         self.behind_since: float | None = None
+        # False until the stream's first batch (every last known price) is complete: until
+        # then Pub/Sub news only coalesces, so the first batch carries all tickers at once.
+        self.started = False
         sink.on_writable(self._writable)
 
     def offer(self, ticker: str, entry: Entry) -> None:
@@ -103,7 +107,12 @@ class StreamWriter:
         """
         self._queued = False
         pending = self.pending
-        if not pending or self.end_reason is not None or self._sink.blocked_since is not None:
+        if (
+            not pending
+            or not self.started
+            or self.end_reason is not None
+            or self._sink.blocked_since is not None
+        ):
             return 0
         if len(pending) == 1:  # the common case at a short flush interval
             for entry in pending.values():
@@ -247,8 +256,9 @@ class FlushClock:
         self._queued.append(writer)
 
     def flush_now(self, writer: StreamWriter) -> None:
-        """Send one writer's pending batch at once (a stream's first batch), counted as the
-        flushes count theirs."""
+        """Start a writer: send its pending batch at once (a stream's first batch), counted
+        as the flushes count theirs."""
+        writer.started = True
         published: list[int] = []
         offered = writer.flush(time.monotonic(), published)
         if offered:

@@ -72,6 +72,7 @@ class ServerCall:
         self._discard_unsent = False
         self._writable: asyncio.Future[None] | None = None
         self._started_at = 0.0
+        self._opened_at = time.monotonic()
         self.messages_received = 0
         self.finished = False
 
@@ -147,6 +148,10 @@ class ServerCall:
         else:
             self._code = grpc.StatusCode.CANCELLED
             self._finish()
+
+    def age(self) -> float:
+        """Seconds since the request arrived."""
+        return time.monotonic() - self._opened_at
 
     def terminate(self, code: grpc.StatusCode, message: str, reason: str) -> None:
         """End the call from the server's side (connection age, shutdown)."""

@@ -291,10 +291,12 @@ class Connection(asyncio.Protocol):
         self.forget(event.stream_id)
         if call is None:
             return
-        answered = call.stream.headers_sent
+        early = not call.stream.headers_sent and call.age() < self._limits.early_reset_age
         call.peer_gone()
-        if not answered and not self._early_resets.take():
-            # Rapid reset (CVE-2023-44487): streams opened and cancelled before any answer.
+        if early and not self._early_resets.take():
+            # Rapid reset (CVE-2023-44487): streams opened and cancelled at once, unanswered.
+            # A client cancelling calls the server was slow to answer (its deadlines under
+            # overload) is not one: those resets come late.
             self.go_away(ErrorCodes.ENHANCE_YOUR_CALM, b"too many streams reset early")
 
     def _on_request(self, event: RequestReceived) -> None:

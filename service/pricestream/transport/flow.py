@@ -99,6 +99,8 @@ class ResponseStream:
         ):
             if not self.headers_sent:
                 self._send_headers()
+                if self.closed:
+                    return
             h2s.outbound_flow_control_window -= size
             h2.outbound_flow_control_window -= size
             out = conn.out
@@ -132,6 +134,8 @@ class ResponseStream:
         h2s = self._h2s
         if not self.headers_sent:
             self._send_headers()
+            if self.closed:
+                return
         queue = self._queue
         whole_cap = min(h2.remote_settings.initial_window_size, _WHOLE_MESSAGE_CAP)
         while queue and not conn.paused:
@@ -192,7 +196,11 @@ class ResponseStream:
         """A plain HTTP answer to a request that is not gRPC, body under flow control."""
         self.headers_sent = True
         headers = [(b":status", status), (b"content-type", b"text/plain; charset=utf-8")]
-        self._conn.h2.send_headers(self.stream_id, headers)
+        try:
+            self._conn.h2.send_headers(self.stream_id, headers)
+        except ProtocolError:
+            self._close()
+            return
         self._conn.h2_output()
         self._queue.append(memoryview(text))
         self._piecewise = True
@@ -201,12 +209,10 @@ class ResponseStream:
 
     def _end_plain(self) -> None:
         self._close()
-        try:
+        # No RST_STREAM NO_ERROR after it (unlike a gRPC call's end): a plain HTTP client
+        # may still be sending, and its stream errors must stay its own (h2spec 6.9.1/3).
+        with contextlib.suppress(ProtocolError):
             self._conn.h2.end_stream(self.stream_id)
-            if not self._h2s.closed:
-                self._conn.h2.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
-        except ProtocolError:
-            pass
         self._conn.h2_output(self.stream_id)
 
     def reset(self, error_code: ErrorCodes) -> None:
@@ -233,7 +239,11 @@ class ResponseStream:
 
     def _send_headers(self) -> None:
         self.headers_sent = True
-        self._conn.h2.send_headers(self.stream_id, [*RESPONSE_HEADERS, *self._initial_metadata])
+        try:
+            self._conn.h2.send_headers(self.stream_id, [*RESPONSE_HEADERS, *self._initial_metadata])
+        except ProtocolError:
+            self._close()  # the peer reset the stream, or the connection is closing
+            return
         self._conn.h2_output()
 
     def _send_trailers(
