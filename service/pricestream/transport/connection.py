@@ -14,7 +14,7 @@ import contextlib
 import logging
 import random
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from h2.config import H2Configuration
@@ -61,12 +61,19 @@ _KEEPALIVE_PING = b"keepaliv"
 
 
 class _ServerH2(H2Connection):
-    """h2's connection with an O(1) count of open inbound streams.
+    """h2's connection with an O(1) count of open inbound streams, and a note of the HEADERS
+    it sends (for the ping-abuse rule).
 
     h2 counts them by walking every stream whenever a new one opens (quadratic with thousands
     of streams on one connection); here closed streams are removed as they close
     (``Connection.forget``), so the dict holds exactly the open ones.
     """
+
+    headers_sent = False  # HEADERS queued since the connection last flushed
+
+    def send_headers(self, *args: Any, **kwargs: Any) -> None:
+        super().send_headers(*args, **kwargs)
+        self.headers_sent = True
 
     @property
     def open_inbound_streams(self) -> int:
@@ -92,6 +99,7 @@ class Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._out: list[bytes | memoryview] = []
         self._flush_scheduled = False
+        self._data_queued = False  # DATA frames in _out (for the ping-abuse rule)
         self.paused = False  # the socket's buffer is over its high-water mark
         self._waiting: dict[ResponseStream, None] = {}  # blocked streams, in arrival order
         self.calls: dict[int, ServerCall] = {}
@@ -186,24 +194,34 @@ class Connection(asyncio.Protocol):
     # --- output -------------------------------------------------------------------------
 
     def write(self, *chunks: bytes | memoryview) -> None:
-        self._out.extend(chunks)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        """Queue DATA frames (``ResponseStream``'s)."""
+        self._data_queued = True
+        self._queue(chunks)
 
     def h2_output(self, stream_id: int = 0) -> None:
         """Take what h2 has queued to send; forget ``stream_id`` if it is now closed."""
         data = self.h2.data_to_send()
         if data:
-            self.write(data)
+            self._queue((data,))
         if stream_id:
             self.forget(stream_id)
+
+    def _queue(self, chunks: tuple[bytes | memoryview, ...]) -> None:
+        self._out.extend(chunks)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         out, self._out = self._out, []
         if out and self._transport is not None and not self.closed:
-            self._pings.data_sent()
+            # Only DATA or HEADERS excuse the client's next ping, as in gRPC: counting our own
+            # PING ACKs would let a client that pings in lockstep ping forever.
+            if self._data_queued or self.h2.headers_sent:
+                self._pings.data_sent()
+            self._data_queued = False
+            self.h2.headers_sent = False
             self._transport.write(b"".join(out))
 
     def forget(self, stream_id: int) -> None:
