@@ -166,7 +166,20 @@ class Connection(asyncio.Protocol):
             self._handle(event)
             if self.closed:
                 return
+        if self._frame_too_long():
+            self.go_away(ErrorCodes.FRAME_SIZE_ERROR, b"frame larger than SETTINGS_MAX_FRAME_SIZE")
+            return
         self.h2_output()
+
+    def _frame_too_long(self) -> bool:
+        """Whether the frame h2 waits to complete announces more than our MAX_FRAME_SIZE.
+
+        h2 checks a frame's length only once the whole frame is in, so a header announcing
+        16 MiB would have it buffer 16 MiB of the peer's bytes first. After ``receive_data``
+        its buffer starts at a frame boundary: the first 3 bytes are the next frame's length.
+        """
+        pending = self.h2.incoming_buffer._data  # h2 has no public view of it
+        return len(pending) >= 9 and int.from_bytes(pending[:3]) > self.h2.max_inbound_frame_size
 
     def pause_writing(self) -> None:
         self.paused = True
