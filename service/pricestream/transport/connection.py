@@ -66,7 +66,10 @@ class _ServerH2(H2Connection):
 
     h2 counts them by walking every stream whenever a new one opens (quadratic with thousands
     of streams on one connection); here closed streams are removed as they close
-    (``Connection.forget``), so the dict holds exactly the open ones.
+    (``Connection.forget``), so the dict holds the open ones, and those closed by frames of
+    the read h2 is parsing (a client's RST_STREAM), not forgotten until its events are
+    handled. Only at the limit are those told apart, so a client that resets and opens
+    streams in one read is not taken for one over the limit.
     """
 
     headers_sent = False  # HEADERS queued since the connection last flushed
@@ -77,7 +80,10 @@ class _ServerH2(H2Connection):
 
     @property
     def open_inbound_streams(self) -> int:
-        return len(self.streams)
+        count = len(self.streams)
+        if count >= self.local_settings.max_concurrent_streams:
+            count = sum(1 for stream in self.streams.values() if not stream.closed)
+        return count
 
 
 class Connection(asyncio.Protocol):
@@ -313,7 +319,9 @@ class Connection(asyncio.Protocol):
                     call.stream.drain()
 
     def _on_reset(self, event: StreamReset) -> None:
-        call = self.calls.pop(event.stream_id, None)
+        # The call stays in ``calls`` until its handler has ended (``call_finished``): a reset
+        # frees no slot of max_concurrent_streams while the handler still runs.
+        call = self.calls.get(event.stream_id)
         self.forget(event.stream_id)
         if call is None:
             return
