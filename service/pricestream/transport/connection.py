@@ -336,6 +336,13 @@ class Connection(asyncio.Protocol):
         h2_stream = self.h2.streams.get(stream_id)
         if h2_stream is None:
             return
+        if h2_stream.closed:
+            # Reset by the client in the read that opened it (HEADERS and RST_STREAM in one
+            # packet): nothing to answer (h2 would refuse to send on it), no handler to start,
+            # but an early reset all the same.
+            if not self._early_resets.take():
+                self.go_away(ErrorCodes.ENHANCE_YOUR_CALM, b"too many streams reset early")
+            return
         stream = ResponseStream(self, h2_stream)
         if self.goaway_sent:
             stream.reset(ErrorCodes.REFUSED_STREAM)
