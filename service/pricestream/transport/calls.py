@@ -274,6 +274,21 @@ class ServerCall:
 
     def _run(self, request: bytes | None) -> None:
         self._task = self._loop.create_task(self._serve(request), name=f"call {self.path}")
+        self._task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        """A task cancelled before its first step never enters ``_serve`` (nor its
+        ``finally``): a rapid reset brings HEADERS, the request and RST_STREAM in one read.
+        Such a call ends here, counted like one cancelled inside its handler."""
+        if self.finished:
+            return
+        if self._ended_by == "deadline":
+            self._code, self._details = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+        elif self._ended_by == "peer":
+            self._code = grpc.StatusCode.CANCELLED
+        elif self._ended_by is None:
+            self._code, self._details = grpc.StatusCode.UNAVAILABLE, "the server stopped"
+        self._finish()
 
     async def _serve(self, request: bytes | None) -> None:
         assert self.method is not None

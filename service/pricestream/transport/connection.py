@@ -14,7 +14,7 @@ import contextlib
 import logging
 import random
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from h2.config import H2Configuration
@@ -61,16 +61,29 @@ _KEEPALIVE_PING = b"keepaliv"
 
 
 class _ServerH2(H2Connection):
-    """h2's connection with an O(1) count of open inbound streams.
+    """h2's connection with an O(1) count of open inbound streams, and a note of the HEADERS
+    it sends (for the ping-abuse rule).
 
     h2 counts them by walking every stream whenever a new one opens (quadratic with thousands
     of streams on one connection); here closed streams are removed as they close
-    (``Connection.forget``), so the dict holds exactly the open ones.
+    (``Connection.forget``), so the dict holds the open ones, and those closed by frames of
+    the read h2 is parsing (a client's RST_STREAM), not forgotten until its events are
+    handled. Only at the limit are those told apart, so a client that resets and opens
+    streams in one read is not taken for one over the limit.
     """
+
+    headers_sent = False  # HEADERS queued since the connection last flushed
+
+    def send_headers(self, *args: Any, **kwargs: Any) -> None:
+        super().send_headers(*args, **kwargs)
+        self.headers_sent = True
 
     @property
     def open_inbound_streams(self) -> int:
-        return len(self.streams)
+        count = len(self.streams)
+        if count >= self.local_settings.max_concurrent_streams:
+            count = sum(1 for stream in self.streams.values() if not stream.closed)
+        return count
 
 
 class Connection(asyncio.Protocol):
@@ -93,6 +106,7 @@ class Connection(asyncio.Protocol):
         # What goes to the socket at the end of this turn; a flush is scheduled whenever it
         # gets its first chunk (so: scheduled exactly while it is not empty).
         self.out: list[bytes | memoryview] = []
+        self.data_queued = False  # DATA frames in out (for the ping-abuse rule)
         self.paused = False  # the socket's buffer is over its high-water mark
         self._waiting: dict[int, ResponseStream] = {}  # blocked streams by id, in arrival order
         self.calls: dict[int, ServerCall] = {}
@@ -164,7 +178,20 @@ class Connection(asyncio.Protocol):
                 log.debug("event %s on a stream closed meanwhile: %s", type(event).__name__, exc)
             if self.closed:
                 return
+        if self._frame_too_long():
+            self.go_away(ErrorCodes.FRAME_SIZE_ERROR, b"frame larger than SETTINGS_MAX_FRAME_SIZE")
+            return
         self.h2_output()
+
+    def _frame_too_long(self) -> bool:
+        """Whether the frame h2 waits to complete announces more than our MAX_FRAME_SIZE.
+
+        h2 checks a frame's length only once the whole frame is in, so a header announcing
+        16 MiB would have it buffer 16 MiB of the peer's bytes first. After ``receive_data``
+        its buffer starts at a frame boundary: the first 3 bytes are the next frame's length.
+        """
+        pending = self.h2.incoming_buffer._data  # h2 has no public view of it
+        return len(pending) >= 9 and int.from_bytes(pending[:3]) > self.h2.max_inbound_frame_size
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -192,9 +219,9 @@ class Connection(asyncio.Protocol):
     # --- output -------------------------------------------------------------------------
 
     def write(self, *chunks: bytes | memoryview) -> None:
-        if not self.out:
-            self.schedule_flush()
-        self.out.extend(chunks)
+        """Queue DATA frames (``ResponseStream``'s)."""
+        self.data_queued = True
+        self._queue(chunks)
 
     def schedule_flush(self) -> None:
         self._loop.call_soon(self._flush)
@@ -203,14 +230,24 @@ class Connection(asyncio.Protocol):
         """Take what h2 has queued to send; forget ``stream_id`` if it is now closed."""
         data = self.h2.data_to_send()
         if data:
-            self.write(data)
+            self._queue((data,))
         if stream_id:
             self.forget(stream_id)
+
+    def _queue(self, chunks: tuple[bytes | memoryview, ...]) -> None:
+        if not self.out:
+            self.schedule_flush()
+        self.out.extend(chunks)
 
     def _flush(self) -> None:
         out, self.out = self.out, []
         if out and self._transport is not None and not self.closed:
-            self._pings.data_sent()
+            # Only DATA or HEADERS excuse the client's next ping, as in gRPC: counting our own
+            # PING ACKs would let a client that pings in lockstep ping forever.
+            if self.data_queued or self.h2.headers_sent:
+                self._pings.data_sent()
+            self.data_queued = False
+            self.h2.headers_sent = False
             self._transport.write(b"".join(out))
 
     def forget(self, stream_id: int) -> None:
@@ -287,7 +324,9 @@ class Connection(asyncio.Protocol):
             self._drain_waiting()
 
     def _on_reset(self, event: StreamReset) -> None:
-        call = self.calls.pop(event.stream_id, None)
+        # The call stays in ``calls`` until its handler has ended (``call_finished``): a reset
+        # frees no slot of max_concurrent_streams while the handler still runs.
+        call = self.calls.get(event.stream_id)
         self.forget(event.stream_id)
         if call is None:
             return
@@ -302,8 +341,15 @@ class Connection(asyncio.Protocol):
     def _on_request(self, event: RequestReceived) -> None:
         stream_id = event.stream_id
         h2_stream = self.h2.streams.get(stream_id)
-        if h2_stream is None or h2_stream.closed:
+        if h2_stream is None:
+            return
+        if h2_stream.closed:
             self.forget(stream_id)
+            # Reset by the client in the read that opened it (HEADERS and RST_STREAM in one
+            # packet): nothing to answer (h2 would refuse to send on it), no handler to start,
+            # but an early reset all the same.
+            if not self._early_resets.take():
+                self.go_away(ErrorCodes.ENHANCE_YOUR_CALM, b"too many streams reset early")
             return
         stream = ResponseStream(self, h2_stream)
         if self.goaway_sent:

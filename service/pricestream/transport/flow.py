@@ -106,6 +106,7 @@ class ResponseStream:
             out = conn.out
             if not out:
                 conn.schedule_flush()
+            conn.data_queued = True
             out.append(
                 _PACK_HEADER(size >> 16, size & 0xFFFF, 0, 0, self.stream_id, 0, len(payload))
             )
