@@ -117,6 +117,9 @@ CASES |= {
     # RESOURCE_EXHAUSTED (never CANCELLED from below).
     "s100": Case("saturation: 25,000 streams x 5 tickers at 2 Hz, flush 100 ms", 25_000, 5,
                  0.1, 500, ticker_hz=2),
+    # Issue 15's quiet-feed tail: 10,000 streams, 0.05 Hz per ticker, flush 100 ms.
+    "q10k": Case("quiet: 10,000 streams x 5 tickers at 0.05 Hz, flush 100 ms", 10_000, 5, 0.1,
+                 500, ticker_hz=0.05),
     "m50k": Case("memory: 50,000 streams x 5 tickers, flush 500 ms, quiet feed", 50_000, 5,
                  0.5, 500, quiet_feed=True),
 }  # fmt: skip
@@ -208,6 +211,8 @@ def run_case(
                     PRICESTREAM_HTTP_PORT=str(http_port),
                     PRICESTREAM_FLUSH_INTERVAL=str(case.flush),
                     PRICESTREAM_LOG_LEVEL="WARNING",
+                    # The pod's session limit is not what a case measures (CPU and memory are).
+                    PRICESTREAM_MAX_SESSIONS=str(max(20_000, case.streams)),
                 )
                 _start(procs, "0", sys.executable, "-m", "pricestream", "serve", env=env)
 

@@ -31,9 +31,17 @@ Sampler = Callable[[], dict[str, float]]  # the server's counters: CPU seconds, 
 
 
 def server_metrics(http_port: int) -> dict[str, float]:
+    """The server's /metrics; a pod busy ramping tens of thousands of streams may answer late,
+    so this waits up to 30 s (three tries) before the case fails."""
     url = f"http://127.0.0.1:{http_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return samples(response.read().decode())
+    for attempt in range(3):
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return samples(response.read().decode())
+        except TimeoutError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
