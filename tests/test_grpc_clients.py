@@ -19,7 +19,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from invariants import wait_invariant
 from pricestream.server import Server
 from test_api import Market
-from test_tls import issue, openssl
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / ".tools" / "bin"
@@ -74,17 +73,6 @@ async def prices(redis) -> AsyncIterator[None]:
     stop.set()
     await asyncio.wait_for(task, 10)
     await market.aclose()
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate."""
-    path = tmp_path_factory.mktemp("pki")
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
-            "ca.crt", "-days", "1", "-subj", "/CN=pricestream-test-ca", cwd=path)  # fmt: skip
-    issue("server", path, path, "subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    issue("client", path, path, "extendedKeyUsage=clientAuth\n")
-    return path
 
 
 async def run(*command: str, timeout: float = 60) -> tuple[int, str, str]:

@@ -175,17 +175,9 @@ def summary(results: list[CaseResult]) -> str:
     return ", ".join(f"{count} {outcome}" for outcome, count in counts.items())
 
 
-@pytest.fixture(scope="module")
-def server_certificate(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A self-signed certificate for 127.0.0.1 (h2spec -k does not verify it)."""
-    path = tmp_path_factory.mktemp("h2spec-tls")
-    subprocess.run(
-        [require_binary("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes",
-         "-keyout", "server.key", "-out", "server.crt", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        cwd=path, check=True, capture_output=True,
-    )  # fmt: skip
-    return {"tls_cert_file": str(path / "server.crt"), "tls_key_file": str(path / "server.key")}
+@pytest.fixture
+def server_certificate(pki: Path) -> dict[str, str]:
+    return {"tls_cert_file": str(pki / "server.crt"), "tls_key_file": str(pki / "server.key")}
 
 
 @pytest.mark.timeout(600)
