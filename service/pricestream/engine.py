@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from dataclasses import dataclass
 
 import grpc
@@ -25,7 +26,7 @@ from pricestream.metrics import LiveGauges, Metrics
 from pricestream.rate_limit import PeerRateLimiter
 from pricestream.redis_broker import RedisBroker
 from pricestream.redis_client import make_client, make_pool, redacted
-from pricestream.redis_sessions import RedisSessionStore
+from pricestream.redis_sessions import POD_ALIVE_INTERVAL, RedisSessionStore
 from pricestream.registry import SessionRegistry
 from pricestream.sessions import SessionStore
 from pricestream.settings import Settings
@@ -46,6 +47,8 @@ class Backends:
 class Engine:
     def __init__(self, settings: Settings, *, in_memory: bool = False) -> None:
         self.settings = settings
+        # This process among the pod's restarts: the liveness key and every lease name it.
+        self.pod_instance = f"{settings.pod_name}:{secrets.token_hex(4)}"
         self.metrics = Metrics()
         self.tracing = Tracing(settings.pod_name)
         self.registry = SessionRegistry(self.metrics, settings.max_sessions)
@@ -100,7 +103,9 @@ class Engine:
         client = make_client(pool)
         return Backends(
             RedisBroker(pool, client, s, self.metrics),
-            RedisSessionStore(client, s.session_ttl, s.lease_ttl, s.resume_grace),
+            RedisSessionStore(
+                client, s.session_ttl, s.lease_ttl, s.resume_grace, self.pod_instance
+            ),
             client,
             pool,
         )
@@ -142,6 +147,7 @@ class Engine:
         self._tasks = [
             asyncio.create_task(self.clock.run(), name="flush-clock"),
             asyncio.create_task(self._maintain(), name="session-maintenance"),
+            asyncio.create_task(self._keep_alive(), name="pod-liveness"),
         ]
         return self
 
@@ -150,6 +156,8 @@ class Engine:
         self._tasks = []
         for session in self.registry.streaming():
             log.warning("stream of session %s still registered at shutdown", session.session_id)
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(self.store.forget_pod(), self.settings.redis_timeout)
         self.hub.close()
         await self.store.aclose()
         await self.broker.aclose()
@@ -200,6 +208,22 @@ class Engine:
                 continue
             next_refresh = loop.time() + self.settings.lease_ttl / 3
             await self._refresh_leases()
+
+    async def _keep_alive(self) -> None:
+        """Refresh this pod instance's liveness key, which keeps its leases its own."""
+        failing = False
+        while True:
+            try:
+                await asyncio.wait_for(self.store.keep_alive(), self.settings.redis_timeout)
+            except (RedisError, OSError, TimeoutError) as exc:
+                if not failing:  # once per outage, not every half second
+                    log.warning(
+                        "could not refresh this pod's liveness key: %s", exc or type(exc).__name__
+                    )
+                failing = True
+            else:
+                failing = False
+            await asyncio.sleep(POD_ALIVE_INTERVAL)
 
     async def _refresh_leases(self) -> None:
         streaming = {

@@ -54,7 +54,7 @@ class StreamLifecycle:
         self._engine = engine
         self.session_id = ""
         self._context = context
-        self._owner = f"{engine.settings.pod_name}/{secrets.token_hex(6)}"
+        self._owner = f"{engine.pod_instance}/{secrets.token_hex(6)}"
         self._topics: list[Topic] = []
         self.writer: StreamWriter | None = None
         self.tickers: tuple[str, ...] = ()
