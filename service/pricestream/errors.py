@@ -7,6 +7,13 @@ from typing import Protocol
 import grpc
 
 
+def describe(exc: BaseException) -> str:
+    """An exception for a log line or a status message: its text, or its type when the text
+    is empty (a timeout's is)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class RequestError(Exception):
     """A request cannot be served; ``code`` and ``message`` go to the client as they are."""
 

@@ -20,7 +20,13 @@ import grpc
 from redis.exceptions import RedisError
 
 from pricestream.engine import Engine
-from pricestream.errors import failed_precondition, not_found, resource_exhausted, unavailable
+from pricestream.errors import (
+    describe,
+    failed_precondition,
+    not_found,
+    resource_exhausted,
+    unavailable,
+)
 from pricestream.flush import BatchSink, StreamWriter
 from pricestream.hub import Topic, entry_from_payload
 from pricestream.sessions import SessionBusy, SessionNotFound
@@ -75,7 +81,7 @@ class StreamLifecycle:
                 f"session {self.session_id} is already streaming; one stream per session"
             ) from None
         except (RedisError, OSError, TimeoutError) as exc:
-            raise unavailable(f"session store unreachable: {exc}") from None
+            raise unavailable(f"session store unreachable: {describe(exc)}") from None
         # From here on nothing awaits until the stream is fully registered.
         writer = StreamWriter(
             engine.clock, self._context.batch_sink(), engine.settings.max_send_message_bytes
@@ -153,7 +159,7 @@ class StreamLifecycle:
             log.warning(
                 "could not release lease of session %s (it expires by itself): %s",
                 self.session_id,
-                exc,
+                describe(exc),
             )
 
     async def pump(self) -> None:
@@ -185,7 +191,7 @@ class StreamLifecycle:
         try:
             payloads = await self._engine.broker.last_prices(missing)
         except (RedisError, OSError, TimeoutError) as exc:
-            log.warning("could not read last prices: %s", exc)
+            log.warning("could not read last prices: %s", describe(exc))
             return
         max_bytes = self._engine.settings.max_update_bytes  # a stored price obeys it too
         for ticker, payload in zip(missing, payloads, strict=True):
