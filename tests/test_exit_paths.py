@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -243,3 +244,52 @@ async def test_injected_fault_leaks_and_invariant_check_catches_it(redis) -> Non
         values = samples(srv.engine.metrics.exposition().decode())
         assert values["pricestream_streams_active"] == 0  # counted at the RPC boundary
         assert values["pricestream_pubsub_subscriptions_active"] == 3  # the orphans
+
+
+async def test_lease_release_that_times_out_says_what_failed(redis, caplog) -> None:
+    """A release that does not finish in time is logged with what failed, not an empty text."""
+    async with running_feed(redis.url), pod(redis.url, redis_timeout=0.2) as server:
+
+        async def never(session_id: str, owner: str) -> None:
+            await asyncio.Event().wait()
+
+        server.engine.store.release = never
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            _, call = await open_stream(PriceStreamServiceStub(channel))
+            call.cancel()
+        await wait_invariant(server)
+    warnings = [r.getMessage() for r in caplog.records if "could not release" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].endswith("(it expires by itself): TimeoutError"), warnings
+
+
+async def test_lease_refresh_goes_in_small_slices_spread_over_the_period(redis) -> None:
+    """Every open stream's lease is refreshed once per round, in slices of at most 200,
+    spread over the time given instead of all at once."""
+    from types import SimpleNamespace
+
+    from pricestream.engine import LEASE_REFRESH_SLICE
+
+    async with pod(redis.url) as server:
+        engine = server.engine
+        background = [t for t in engine._tasks if t.get_name() == "lease-refresh"]
+        await cancel_and_wait(background)  # this test drives one round itself
+        writer = SimpleNamespace(end_reason=None)
+        fakes = [
+            SimpleNamespace(session_id=f"s{i}", owner=f"o{i}", tickers=("AAPL",), writer=writer)
+            for i in range(1_000)
+        ]
+        engine.registry.streaming = lambda: fakes
+        calls: list[tuple[float, int]] = []
+
+        async def record(claims):
+            calls.append((time.monotonic(), len(claims)))
+            return {}
+
+        engine.store.refresh = record
+        started = time.monotonic()
+        await engine._refresh_leases(spread=0.4)
+        del engine.registry.streaming  # the real registry again, for shutdown
+    assert [n for _, n in calls] == [LEASE_REFRESH_SLICE] * 5
+    offsets = [at - started for at, _ in calls]
+    assert offsets[0] < 0.05 and 0.3 <= offsets[-1] <= 0.6, offsets

@@ -354,3 +354,66 @@ async def test_drain_1000_streams_and_resume_on_another_replica(serve, feed) -> 
     await wait_invariant(pod_b.http_port, timeout=20)
     for channel in [*channels_a, channel_b]:
         await channel.close()
+
+
+async def test_resume_after_kill_9_is_quick_on_another_pod(serve, redis) -> None:
+    """Streams on pod A, A killed with SIGKILL: its leases (10 s TTL, as in production) are
+    taken over on pod B as soon as A's liveness key has expired, not after the lease TTL."""
+    from test_api import Market
+
+    count, lease_ttl = 100, 10.0
+    pod_a = serve(pod_name="pod-a", lease_ttl=lease_ttl)
+    pod_b = serve(pod_name="pod-b", lease_ttl=lease_ttl)
+    tickers = ["AAPL", "MSFT", "GOOG"]
+    market = Market(redis.url, tickers)
+    await market.tick(*tickers)  # every stream's first batch comes at once
+    async with (
+        grpc.aio.insecure_channel(pod_a.target) as channel_a,
+        grpc.aio.insecure_channel(pod_b.target) as channel_b,
+    ):
+        stub_a, stub_b = PriceStreamServiceStub(channel_a), PriceStreamServiceStub(channel_b)
+        sessions = [
+            (await stub_a.CreateSession(pb.CreateSessionRequest(tickers=tickers))).session_id
+            for _ in range(count)
+        ]
+        on_a = [
+            stub_a.StreamPriceUpdates(pb.StreamPriceUpdatesRequest(session_id=s)) for s in sessions
+        ]
+        for call in on_a:
+            await next_batch(call, timeout=10)
+
+        pod_a.proc.kill()  # SIGKILL: no drain, no lease released
+        pod_a.proc.wait()
+        killed_at = time.monotonic()
+        codes: collections.Counter[str] = collections.Counter()
+
+        async def resume(session_id: str):
+            """What a client does: retry the same session on FAILED_PRECONDITION / UNAVAILABLE."""
+            while True:
+                call = stub_b.StreamPriceUpdates(
+                    pb.StreamPriceUpdatesRequest(session_id=session_id)
+                )
+                try:
+                    await next_batch(call, timeout=5)
+                    return time.monotonic() - killed_at, call
+                except grpc.aio.AioRpcError as exc:
+                    codes[exc.code().name] += 1
+                    assert exc.code() in (
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        grpc.StatusCode.UNAVAILABLE,
+                    ), exc
+                    await asyncio.sleep(0.1)
+
+        resumed = await asyncio.wait_for(asyncio.gather(*(resume(s) for s in sessions)), 30)
+        took = max(t for t, _ in resumed)
+        print(
+            f"{count} sessions resumed on pod B within {took:.2f}s of kill -9 of pod A "
+            f"(lease TTL {lease_ttl:g}s; retries {dict(codes)})"
+        )
+        assert took <= 3.0 + 1.0, f"resume took {took:.2f}s after the kill"
+        for call in on_a:
+            call.cancel()
+        for _, call in resumed:
+            call.cancel()
+    await market.aclose()
+    await wait_invariant(pod_b.http_port, timeout=15)

@@ -1,5 +1,6 @@
 """Redis failures against real processes: restarts, absence at start, killed Pub/Sub
-connections, a Redis that accepts TCP but never answers."""
+connections, a Redis that accepts TCP but never answers, a Pub/Sub socket that works one way
+(a TCP proxy stalls one direction)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+import aiohttp
 import grpc
 import pytest
 from conftest import RedisProcess, fast_settings, free_port, ready_server
@@ -15,6 +17,7 @@ from invariants import samples, wait_invariant
 from pricestream.server import Server
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
+from tcp_proxy import stalling_proxy
 from test_api import Market, next_batch
 
 TICKERS = ["AAPL", "MSFT", "GOOG"]
@@ -165,3 +168,112 @@ async def test_silent_redis_hangs_nothing() -> None:
                 assert time.monotonic() - call_started < 3  # bounded by the Redis timeout
             assert not server.engine.ready
         assert time.monotonic() - started < 10  # and shutdown did not hang either
+
+
+async def http_status(session: aiohttp.ClientSession, port: int) -> tuple[int, float]:
+    """/readyz's status code and pricestream_redis_up, both over HTTP."""
+    async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
+        ready = response.status
+    async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+        redis_up = samples(await response.text())["pricestream_redis_up"]
+    return ready, redis_up
+
+
+async def wait_http(session, port: int, wanted: tuple[int, float], timeout: float) -> float:
+    started = time.monotonic()
+    while (seen := await http_status(session, port)) != wanted:
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"/readyz and redis_up {seen}, not {wanted} within {timeout}s")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
+async def fresh_update(call, ticker: str, after_ns: int, timeout: float) -> pb.PriceUpdate:
+    """The first update of ``ticker`` published after ``after_ns`` on the stream."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = await next_batch(call, timeout=max(0.1, deadline - time.monotonic()))
+        for update in batch.updates:
+            if update.ticker == ticker and update.published_at_unix_nanos > after_ns:
+                return update
+    raise AssertionError(f"no fresh {ticker} price within {timeout}s")
+
+
+@pytest.mark.parametrize("direction", ["upstream", "downstream"])
+async def test_one_way_pubsub_stall_turns_unready_and_recovers(
+    own_redis: RedisProcess, direction: str
+) -> None:
+    """A TCP proxy between the server and Redis stalls one direction of the Pub/Sub sockets
+    (upstream: the pod's SUBSCRIBEs and PINGs wait, Redis's messages still arrive; downstream:
+    a black hole for what Redis sends). Readiness and redis_up turn false within probe interval
+    + timeout, the connections are replaced, and after the stall new tickers get subscribed
+    and every stream gets fresh prices."""
+    interval, probe_timeout = 1.0, 0.5
+    async with (
+        stalling_proxy(own_redis.port) as proxy,
+        ready_server(
+            fast_settings(proxy.url, probe_interval=interval, probe_timeout=probe_timeout)
+        ) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+        aiohttp.ClientSession() as http,
+    ):
+        stub = PriceStreamServiceStub(channel)
+        market = Market(own_redis.url, ["AAPL", "NEWT"])  # straight to Redis, not the proxy
+        await market.tick("AAPL", "NEWT")
+
+        async def feed() -> None:
+            while True:
+                await market.tick("AAPL")
+                await asyncio.sleep(0.05)
+
+        feeder = asyncio.create_task(feed())
+        try:
+            old = await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL"]))
+            old_call = stub.StreamPriceUpdates(
+                pb.StreamPriceUpdatesRequest(session_id=old.session_id)
+            )
+            await fresh_update(old_call, "AAPL", time.time_ns(), 3)
+            assert await http_status(http, server.http_port) == (200, 1.0)
+            opened = server.engine.metrics.connections_opened._value.get()
+
+            proxy.stall(direction)
+            took = await wait_http(
+                http, server.http_port, (503, 0.0), interval + probe_timeout + 1.5
+            )
+            print(f"{direction} stall: /readyz 503 and redis_up 0 after {took:.2f}s")
+            # The stalled sockets were given up and new ones opened (they stall too, so the
+            # pod stays unready for as long as the stall lasts).
+            await wait_until(
+                lambda: server.engine.metrics.connections_opened._value.get() > opened,
+                5,
+                "a replacement Pub/Sub connection",
+            )
+            await asyncio.sleep(interval + probe_timeout)
+            assert await http_status(http, server.http_port) == (503, 0.0)
+
+            # A session for a ticker nobody held yet: only its stored price until the stall ends.
+            new = await stub.CreateSession(pb.CreateSessionRequest(tickers=["NEWT"]))
+            new_call = stub.StreamPriceUpdates(
+                pb.StreamPriceUpdatesRequest(session_id=new.session_id)
+            )
+            seeded = await next_batch(new_call)
+            assert [u.ticker for u in seeded.updates] == ["NEWT"]
+
+            proxy.resume(direction)
+            resumed_ns = time.time_ns()
+            await wait_http(http, server.http_port, (200, 1.0), 10)
+            await wait_until(lambda: numsub(own_redis, "price:NEWT") == 1, 5, "NEWT subscribed")
+            await market.tick("NEWT")
+            await fresh_update(new_call, "NEWT", resumed_ns, 3)
+            await fresh_update(old_call, "AAPL", resumed_ns, 3)
+            # The given-up sockets are gone from Redis too: just the two live ones subscribed.
+            await wait_until(lambda: pubsub_clients(own_redis) == 2, 10, "2 Pub/Sub clients")
+            assert server.engine.metrics.redis_reconnects._value.get() >= 1
+            old_call.cancel()
+            new_call.cancel()
+        finally:
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feeder
+            await market.aclose()
+        await wait_invariant(server, timeout=10)

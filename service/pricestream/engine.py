@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import secrets
 from dataclasses import dataclass
 
 import grpc
@@ -17,6 +19,7 @@ from redis.exceptions import RedisError
 
 from pricestream.broker import Broker
 from pricestream.codec import SESSION_CLOSED_CHANNEL
+from pricestream.errors import describe
 from pricestream.flush import FlushClock, StreamWriter
 from pricestream.hub import Hub
 from pricestream.memory_broker import MemoryBroker
@@ -26,14 +29,16 @@ from pricestream.rate_limit import PeerRateLimiter
 from pricestream.redis_batch import CommandBatcher
 from pricestream.redis_broker import RedisBroker
 from pricestream.redis_client import make_client, make_pool, redacted
-from pricestream.redis_sessions import RedisSessionStore
+from pricestream.redis_sessions import POD_ALIVE_INTERVAL, RedisSessionStore
 from pricestream.registry import SessionRegistry
-from pricestream.sessions import SessionStore
+from pricestream.sessions import LeaseLoss, SessionStore
 from pricestream.settings import Settings
 from pricestream.tasks import cancel_and_wait
 from pricestream.tracing import Tracing
 
 log = logging.getLogger("pricestream.engine")
+
+LEASE_REFRESH_SLICE = 200  # leases per refresh call: ~2 ms of Redis time each
 
 
 @dataclass
@@ -48,6 +53,8 @@ class Backends:
 class Engine:
     def __init__(self, settings: Settings, *, in_memory: bool = False) -> None:
         self.settings = settings
+        # This process among the pod's restarts: the liveness key and every lease name it.
+        self.pod_instance = f"{settings.pod_name}:{secrets.token_hex(4)}"
         self.metrics = Metrics()
         self.tracing = Tracing(settings.pod_name)
         self.registry = SessionRegistry(self.metrics, settings.max_sessions)
@@ -103,7 +110,9 @@ class Engine:
         batcher = CommandBatcher(client)
         return Backends(
             RedisBroker(pool, client, s, self.metrics, batcher),
-            RedisSessionStore(client, batcher, s.session_ttl, s.lease_ttl, s.resume_grace),
+            RedisSessionStore(
+                client, batcher, s.session_ttl, s.lease_ttl, s.resume_grace, self.pod_instance
+            ),
             client,
             pool,
             batcher,
@@ -146,6 +155,8 @@ class Engine:
         self._tasks = [
             asyncio.create_task(self.clock.run(), name="flush-clock"),
             asyncio.create_task(self._maintain(), name="session-maintenance"),
+            asyncio.create_task(self._refresh_leases_forever(), name="lease-refresh"),
+            asyncio.create_task(self._keep_alive(), name="pod-liveness"),
         ]
         return self
 
@@ -154,6 +165,8 @@ class Engine:
         self._tasks = []
         for session in self.registry.streaming():
             log.warning("stream of session %s still registered at shutdown", session.session_id)
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(self.store.forget_pod(), self.settings.redis_timeout)
         self.hub.close()
         await self.store.aclose()
         if self.backends.batcher is not None:
@@ -193,33 +206,66 @@ class Engine:
         )
 
     async def _maintain(self) -> None:
-        """Expire pending sessions, refresh leases, end streams whose session is gone."""
+        """Expire pending sessions, prune rate limits, watch for a Redis outage."""
         loop = asyncio.get_running_loop()
         period = min(1.0, self.settings.lease_ttl / 3)
-        next_refresh = 0.0
         while True:
             await asyncio.sleep(period)
             self.registry.expire_pending()
             self.create_limiter.prune()
             self._check_redis_outage(loop.time())
-            if loop.time() < next_refresh:
-                continue
-            next_refresh = loop.time() + self.settings.lease_ttl / 3
-            await self._refresh_leases()
 
-    async def _refresh_leases(self) -> None:
-        streaming = {
-            s.session_id: (s.owner, s.tickers)
+    async def _refresh_leases_forever(self) -> None:
+        """Refresh every lease once per ``lease_ttl / 3``, spread over the first half of that
+        period in slices of ``LEASE_REFRESH_SLICE`` (so each lease is refreshed at most 1.5
+        periods apart, half its TTL)."""
+        loop = asyncio.get_running_loop()
+        period = self.settings.lease_ttl / 3
+        while True:
+            started = loop.time()
+            await self._refresh_leases(spread=period / 2)
+            await asyncio.sleep(max(0.0, started + period - loop.time()))
+
+    async def _refresh_leases(self, spread: float = 0.0) -> None:
+        """One round over the streams open now. Refreshing 10,000 leases in one burst (chunks
+        of 1,000 in one Lua script each) blocked Redis ~10 ms per script, every Pub/Sub
+        delivery of every pod with it, and this loop for tens of milliseconds while it encoded
+        them; in slices of 200 spread over ``spread`` seconds neither notices."""
+        loop = asyncio.get_running_loop()
+        sessions = [
+            s
             for s in self.registry.streaming()
             if s.writer is not None and s.writer.end_reason is None
-        }
-        if not streaming:
+        ]
+        if not sessions:
             return
-        try:
-            lost = await self.store.refresh(streaming)
-        except (RedisError, OSError, TimeoutError) as exc:
-            log.warning("could not refresh %d stream leases: %s", len(streaming), exc)
-            return
+        slices = math.ceil(len(sessions) / LEASE_REFRESH_SLICE)
+        started, failed, error = loop.time(), 0, None
+        for index in range(slices):
+            if index:
+                await asyncio.sleep(max(0.0, started + index * spread / slices - loop.time()))
+            part = {
+                s.session_id: (s.owner, s.tickers)
+                for s in sessions[index * LEASE_REFRESH_SLICE : (index + 1) * LEASE_REFRESH_SLICE]
+                if s.writer is not None and s.writer.end_reason is None
+            }
+            if not part:
+                continue
+            try:
+                lost = await self.store.refresh(part)
+            except (RedisError, OSError, TimeoutError) as exc:
+                failed, error = failed + len(part), exc
+                continue
+            self._end_lost(lost)
+        if error is not None:
+            log.warning(
+                "could not refresh %d of %d stream leases: %s",
+                failed,
+                len(sessions),
+                describe(error),
+            )
+
+    def _end_lost(self, lost: dict[str, LeaseLoss]) -> None:
         for session_id, why in lost.items():
             if why == "closed":
                 self.on_closed(session_id)  # the Pub/Sub notice may not have arrived yet
@@ -231,6 +277,20 @@ class Engine:
                     grpc.StatusCode.NOT_FOUND,
                     "session was taken over by another stream",
                 )
+
+    async def _keep_alive(self) -> None:
+        """Refresh this pod instance's liveness key, which keeps its leases its own."""
+        failing = False
+        while True:
+            try:
+                await asyncio.wait_for(self.store.keep_alive(), self.settings.redis_timeout)
+            except (RedisError, OSError, TimeoutError) as exc:
+                if not failing:  # once per outage, not every half second
+                    log.warning("could not refresh this pod's liveness key: %s", describe(exc))
+                failing = True
+            else:
+                failing = False
+            await asyncio.sleep(POD_ALIVE_INTERVAL)
 
     def _check_redis_outage(self, now: float) -> None:
         if self.broker.healthy:

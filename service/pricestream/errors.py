@@ -7,6 +7,13 @@ from typing import Protocol
 import grpc
 
 
+def describe(exc: BaseException) -> str:
+    """An exception for a log line or a status message: its text, or its type when the text
+    is empty (a timeout's is)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class RequestError(Exception):
     """A request cannot be served; ``code`` and ``message`` go to the client as they are."""
 
@@ -51,10 +58,3 @@ def call_status(context: _HasCode) -> grpc.StatusCode | None:
     if isinstance(code, int):
         return _CODES_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
     return None
-
-
-def describe_error(exc: BaseException) -> str:
-    """An exception as one phrase for a log line; its type when its text is empty
-    (a TimeoutError has none)."""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -93,5 +93,11 @@ class MemorySessionStore:
         for session_id in [k for k, r in self._records.items() if r.expires <= now]:
             del self._records[session_id]
 
+    async def keep_alive(self) -> None:
+        """One process: its owner is always alive."""
+
+    async def forget_pod(self) -> None:
+        """One process: nobody else takes its leases."""
+
     async def aclose(self) -> None:
         """Nothing runs in the background."""

@@ -1,11 +1,20 @@
 """Redis Pub/Sub over a small fixed pool of connections, each with its own reader.
 
 Channels are hashed onto connections. Each connection keeps a desired set and a subscribed
-set; a sync task sends SUBSCRIBE/UNSUBSCRIBE for the difference in chunks of 512. After any
-failure the connection is closed (always, in one ``finally``), and a new one is opened with
-exponential backoff and jitter; it starts with an empty subscribed set, so everything still
-desired is subscribed again. An idle connection is probed: a message published to its own
-service channel must come back within ``probe_timeout``, or the connection is replaced.
+set; a sync task sends SUBSCRIBE/UNSUBSCRIBE for the difference in chunks of 512 and waits for
+Redis to confirm every channel within ``probe_timeout``. After any failure the connection is
+closed (always, in one ``finally``), and a new one is opened with exponential backoff and
+jitter; it starts with an empty subscribed set, so everything still desired is subscribed
+again. The connection itself is probed: when nothing has been confirmed on it for
+``probe_interval``, a PING is sent on it (in subscribed mode Redis answers ``['pong', '']`` on
+the same socket) and must be answered within ``probe_timeout``, or the connection is replaced.
+That tests both directions of the socket: incoming messages alone prove only Redis→pod, so a
+socket whose pod→Redis direction stalled would otherwise look healthy. A connection turns
+unhealthy within ``probe_interval + probe_timeout`` of its last confirmed reply.
+
+Replies to our commands (subscribe, unsubscribe, pong) arrive in the order the commands were
+sent, between messages; each command registers how many replies it expects in a FIFO before
+it is written (under a lock, so two writers cannot reorder), and the reader settles them.
 """
 
 from __future__ import annotations
@@ -15,6 +24,8 @@ import logging
 import math
 import random
 import zlib
+from asyncio import Future
+from collections import deque
 from collections.abc import Iterable, Sequence
 
 from redis.asyncio import ConnectionPool, Redis
@@ -32,6 +43,7 @@ log = logging.getLogger("pricestream.redis")
 
 SUBSCRIBE_CHUNK = 512
 _MESSAGE = b"message"
+_CONFIRMATIONS = frozenset({b"subscribe", b"unsubscribe", b"pong"})
 
 
 def backoff_delay(failures: int, max_backoff: float) -> float:
@@ -42,7 +54,7 @@ def backoff_delay(failures: int, max_backoff: float) -> float:
 
 
 class ProbeFailed(Exception):
-    """The liveness probe did not come back: the connection no longer delivers."""
+    """A probe or a (un)subscribe was not answered in time: the connection is not working."""
 
 
 def _chunks(items: Iterable[bytes], size: int) -> Iterable[list[bytes]]:
@@ -63,14 +75,12 @@ class PubSubConnection:
         self,
         index: int,
         pool: ConnectionPool,
-        commands: Redis,
         settings: Settings,
         metrics: Metrics,
         handler_ref: list[MessageHandler],
     ) -> None:
         self.index = index
         self._pool = pool
-        self._commands = commands
         self._settings = settings
         self._metrics = metrics
         self._handler_ref = handler_ref
@@ -78,7 +88,10 @@ class PubSubConnection:
         self.desired: set[bytes] = {self.probe_channel}
         self._subscribed: set[bytes] = set()
         self._changed = asyncio.Event()
-        self._last_seen = 0.0
+        # Replies still owed by Redis, oldest first: [replies left, settled when all arrived].
+        self._owed: deque[tuple[list[int], asyncio.Future[None]]] = deque()
+        self._send_lock = asyncio.Lock()
+        self._last_confirmed = 0.0
         self.connected = False
         self.live = False
         self._ever_connected = False
@@ -133,31 +146,68 @@ class PubSubConnection:
             self._ever_connected = True
             self.connected = True
             self._subscribed = set()
+            self._owed.clear()
             self._changed.set()
-            self._last_seen = asyncio.get_running_loop().time()
+            self._last_confirmed = asyncio.get_running_loop().time()
             await run_until_first_failure(
-                self._read(conn), self._sync(conn), self._watch_liveness()
+                self._read(conn), self._sync(conn), self._watch_liveness(conn)
             )
         finally:
             self.connected = False
             self.live = False
             self._subscribed = set()
+            for _, owed in self._owed:
+                owed.cancel()
+            self._owed.clear()
             if opened:
                 self._metrics.connections_closed.inc()
             await conn.disconnect(nowait=True)
 
     async def _read(self, conn: AbstractConnection) -> None:
-        loop = asyncio.get_running_loop()
         probe = self.probe_channel
         while True:
             reply = await conn.read_response(timeout=math.inf, disconnect_on_error=False)
-            self._last_seen = loop.time()
+            if not isinstance(reply, list):
+                if reply == b"PONG":  # a PING answered before the first SUBSCRIBE took effect
+                    self._confirmed()
+                continue
             kind = reply[0]
             if kind == _MESSAGE:
                 if reply[1] != probe:
                     self._handler_ref[0](reply[1], reply[2])
-            elif kind == b"subscribe" and reply[1] == probe:
-                self.live = True
+            elif kind in _CONFIRMATIONS:
+                self._confirmed()
+                if kind == b"subscribe" and reply[1] == probe:
+                    self.live = True
+
+    def _confirmed(self) -> None:
+        """One reply to our commands arrived: it settles the oldest command still owed."""
+        self._last_confirmed = asyncio.get_running_loop().time()
+        if not self._owed:
+            return
+        left, done = self._owed[0]
+        left[0] -= 1
+        if left[0] <= 0:
+            self._owed.popleft()
+            if not done.done():
+                done.set_result(None)
+
+    async def _send(self, conn: AbstractConnection, replies: int, *args: bytes | str) -> Future:
+        """Write one command that Redis answers with ``replies`` replies; settled when they
+        have all arrived."""
+        async with self._send_lock:
+            done: Future = asyncio.get_running_loop().create_future()
+            self._owed.append(([replies], done))
+            await conn.send_command(*args, check_health=False)
+        return done
+
+    async def _answered(self, owed: list[Future], what: str) -> None:
+        timeout = self._settings.probe_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*owed)
+        except TimeoutError:
+            raise ProbeFailed(f"{what} not answered within {timeout:g}s") from None
 
     async def _sync(self, conn: AbstractConnection) -> None:
         while True:
@@ -165,32 +215,35 @@ class PubSubConnection:
             self._changed.clear()
             if not conn.is_connected:
                 raise ConnectionError("Pub/Sub connection closed")
+            owed: list[Future] = []
             add = self.desired - self._subscribed
             for chunk in _chunks(sorted(add), SUBSCRIBE_CHUNK):
-                await conn.send_command("SUBSCRIBE", *chunk, check_health=False)
+                owed.append(await self._send(conn, len(chunk), "SUBSCRIBE", *chunk))
             self._subscribed |= add
             remove = self._subscribed - self.desired
             for chunk in _chunks(sorted(remove), SUBSCRIBE_CHUNK):
-                await conn.send_command("UNSUBSCRIBE", *chunk, check_health=False)
+                owed.append(await self._send(conn, len(chunk), "UNSUBSCRIBE", *chunk))
             self._subscribed -= remove
+            if owed:
+                await self._answered(owed, "SUBSCRIBE/UNSUBSCRIBE")
 
-    async def _watch_liveness(self) -> None:
+    async def _watch_liveness(self, conn: AbstractConnection) -> None:
         loop = asyncio.get_running_loop()
         interval = self._settings.probe_interval
         while True:
-            idle = loop.time() - self._last_seen
-            if idle < interval:
-                await asyncio.sleep(interval - idle)
+            quiet = loop.time() - self._last_confirmed
+            if quiet < interval:
+                await asyncio.sleep(interval - quiet)
                 continue
-            sent_at = loop.time()
-            await self._commands.publish(self.probe_channel, b"probe")
-            deadline = sent_at + self._settings.probe_timeout
-            while self._last_seen < sent_at:
-                if loop.time() >= deadline:
-                    raise ProbeFailed(
-                        f"liveness probe not delivered within {self._settings.probe_timeout}s"
-                    )
-                await asyncio.sleep(min(0.05, self._settings.probe_timeout / 10))
+            timeout = self._settings.probe_timeout
+            try:
+                async with asyncio.timeout(timeout):  # the write too: it may be what is stuck
+                    pong = await self._send(conn, 1, "PING")
+                    await pong
+            except TimeoutError:
+                raise ProbeFailed(
+                    f"PING on the Pub/Sub connection not answered within {timeout:g}s"
+                ) from None
 
 
 def _drop(channel: bytes, payload: bytes) -> None:
@@ -210,7 +263,7 @@ class RedisBroker:
         self._batcher = batcher
         self._handler_ref: list[MessageHandler] = [_drop]
         self._connections = [
-            PubSubConnection(i, pool, commands, settings, metrics, self._handler_ref)
+            PubSubConnection(i, pool, settings, metrics, self._handler_ref)
             for i in range(settings.pubsub_connections)
         ]
         self._tasks: list[asyncio.Task[None]] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 
@@ -17,22 +18,46 @@ from pricestream.sessions import (
     new_session_id,
 )
 
+log = logging.getLogger("pricestream.sessions")
+
 _CREATE = """
 redis.call('HSET', KEYS[1], 'tickers', ARGV[1], 'created', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
+# A lease's value is its owner, "{pod_name}:{instance}/{stream}". A lease held by another
+# stream is busy while that stream's pod instance is alive (its liveness key exists); once the
+# key is gone (the pod crashed, or has not refreshed it for POD_ALIVE_TTL) the lease is taken
+# over at once instead of after the rest of its TTL. A holder without an instance (written by
+# an older version) is never taken early. The pod key is computed here, not passed in KEYS:
+# fine on a standalone or Sentinel Redis, not on a cluster.
 _CLAIM = """
 if redis.call('EXISTS', KEYS[3]) == 1 then return {0} end
 local tickers = redis.call('HGET', KEYS[1], 'tickers')
 if not tickers then return {0} end
 local holder = redis.call('GET', KEYS[2])
-if holder and holder ~= ARGV[1] then return {-1} end
+local taken_over = 0
+if holder and holder ~= ARGV[1] then
+  local pod = string.match(holder, '^([^/]+:[^/]+)/[^/]*$')
+  if not pod or redis.call('EXISTS', ARGV[4] .. pod) == 1 then return {-1} end
+  taken_over = 1
+end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return {1, tickers}
+return {1, tickers, taken_over}
 """
+
+POD_KEY_PREFIX = "pricestream:pod:"
+# A pod instance refreshes its liveness key every POD_ALIVE_INTERVAL; it lives POD_ALIVE_TTL.
+# After a crash, other pods take its leases once the key has expired: at most POD_ALIVE_TTL
+# (2.5 s) after the kill, plus the client's retry interval, within the 3 s target. A live pod
+# keeps its leases through four missed refreshes (2 s of a stalled loop or failing Redis
+# writes); past that, another pod's claim may take a lease, and the old stream ends with
+# session_lost (NOT_FOUND) at its next lease refresh, so two streams of one session overlap
+# for at most lease_ttl / 3.
+POD_ALIVE_INTERVAL = 0.5
+POD_ALIVE_TTL = 2.5
 
 # Extends every lease we hold. A session Redis lost (restart without persistence) is written
 # again from what the stream knows; a closed (tombstoned) one is reported as i, a taken one as -i.
@@ -71,7 +96,7 @@ end
 return existed
 """
 
-REFRESH_CHUNK = 1000
+REFRESH_CHUNK = 200  # sessions per refresh script: ~2 ms of Redis time (1,000 took ~10 ms)
 
 
 def _keys(session_id: str) -> list[str]:
@@ -94,8 +119,10 @@ class RedisSessionStore:
         session_ttl: float,
         lease_ttl: float,
         resume_grace: float,
+        pod_instance: str,
     ) -> None:
         self._client = client
+        self._pod_key = POD_KEY_PREFIX + pod_instance
         self._session_ttl = session_ttl
         self._lease_ms = _ms(lease_ttl)
         self._leased_session_ms = _ms(lease_ttl + resume_grace)
@@ -118,13 +145,27 @@ class RedisSessionStore:
 
     async def claim(self, session_id: str, owner: str) -> tuple[str, ...]:
         reply = await self._batcher.script(
-            self._claim, _keys(session_id), [owner, self._lease_ms, self._leased_session_ms]
+            self._claim,
+            _keys(session_id),
+            [owner, self._lease_ms, self._leased_session_ms, POD_KEY_PREFIX],
         )
         if reply[0] == 0:
             raise SessionNotFound(session_id)
         if reply[0] == -1:
             raise SessionBusy(session_id)
+        if reply[2] == 1:
+            log.info(
+                "took over session %s from a pod that is no longer alive",
+                session_id,
+                extra={"event": "lease_taken_over", "session_id": session_id},
+            )
         return tuple(reply[1].decode().split(","))
+
+    async def keep_alive(self) -> None:
+        await self._client.set(self._pod_key, b"1", px=_ms(POD_ALIVE_TTL))
+
+    async def forget_pod(self) -> None:
+        await self._client.delete(self._pod_key)
 
     async def refresh(
         self, claims: Mapping[str, tuple[str, tuple[str, ...]]]

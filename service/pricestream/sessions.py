@@ -4,7 +4,8 @@ A session is created with a TTL (``session_ttl``) and expires if never streamed.
 claims it with a lease that only its owner refreshes; while leased, the session lives for
 ``lease_ttl + resume_grace``. When a stream ends without ``CloseSession`` the lease is
 dropped and the session stays resumable for ``resume_grace``, on any pod. ``close`` deletes
-it and leaves a tombstone for ``resume_grace`` so a refresh never resurrects it.
+it and leaves a tombstone for ``resume_grace`` so a refresh never resurrects it. A lease whose
+owner's pod is no longer alive (crashed: no liveness key) may be claimed at once.
 """
 
 from __future__ import annotations
@@ -61,6 +62,15 @@ class SessionStore(Protocol):
 
     async def close(self, session_id: str) -> bool:
         """Delete the session and end its stream anywhere; False if it did not exist."""
+        ...
+
+    async def keep_alive(self) -> None:
+        """Say this pod instance is alive (called every ``POD_ALIVE_INTERVAL``): while it is,
+        its leases are busy for other pods; once it stops, they are taken over quickly."""
+        ...
+
+    async def forget_pod(self) -> None:
+        """This pod instance is leaving: its leases need not wait for the liveness key."""
         ...
 
     async def aclose(self) -> None:

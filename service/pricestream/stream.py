@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from pricestream.engine import Engine
 from pricestream.errors import (
-    describe_error,
+    describe,
     failed_precondition,
     not_found,
     resource_exhausted,
@@ -59,7 +59,7 @@ class StreamLifecycle:
         self._engine = engine
         self.session_id = ""
         self._context = context
-        self._owner = f"{engine.settings.pod_name}/{secrets.token_hex(6)}"
+        self._owner = f"{engine.pod_instance}/{secrets.token_hex(6)}"
         self._topics: list[Topic] = []
         self.writer: StreamWriter | None = None
         self.tickers: tuple[str, ...] = ()
@@ -80,7 +80,7 @@ class StreamLifecycle:
                 f"session {self.session_id} is already streaming; one stream per session"
             ) from None
         except (RedisError, OSError, TimeoutError) as exc:
-            raise unavailable(f"session store unreachable: {exc}") from None
+            raise unavailable(f"session store unreachable: {describe(exc)}") from None
         # From here on nothing awaits until the stream is fully registered.
         writer = StreamWriter(
             engine.clock, self._context.batch_sink(), engine.settings.max_send_message_bytes
@@ -157,7 +157,7 @@ class StreamLifecycle:
             log.warning(
                 "could not release lease of session %s (it expires by itself): %s",
                 self.session_id,
-                describe_error(exc),
+                describe(exc),
             )
 
     async def pump(self) -> None:
@@ -189,7 +189,7 @@ class StreamLifecycle:
         try:
             payloads = await self._engine.broker.last_prices(missing)
         except (RedisError, OSError, TimeoutError) as exc:
-            log.warning("could not read last prices: %s", exc)
+            log.warning("could not read last prices: %s", describe(exc))
             return
         max_bytes = self._engine.settings.max_update_bytes  # a stored price obeys it too
         for ticker, payload in zip(missing, payloads, strict=True):
