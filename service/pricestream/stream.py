@@ -149,10 +149,14 @@ class StreamLifecycle:
     async def _release_lease(self) -> None:
         if self.reason == "closed":
             return  # the session is gone already
-        # No timer of its own: the release rides in the next pipeline, bounded by the Redis
-        # client's timeouts; a per-caller timer fired in bulk when thousands end at once.
+        # The release rides in the next pipeline. Its timer is the lease's own TTL: past that
+        # the lease has expired anyway, and a shorter one (the Redis timeout) fired in bulk
+        # when thousands of streams ended at once on a busy loop.
         try:
-            await self._engine.store.release(self.session_id, self._owner)
+            await asyncio.wait_for(
+                self._engine.store.release(self.session_id, self._owner),
+                self._engine.settings.lease_ttl,
+            )
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning(
                 "could not release lease of session %s (it expires by itself): %s",
