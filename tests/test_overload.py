@@ -112,10 +112,14 @@ STALLING_WINDOW = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe"
 
 
 async def open_stalled_streams(stub: PriceStreamServiceStub, count: int, tickers: list[str]):
-    """Streams that read their first batch and then nothing: their writes stop completing."""
+    """Streams that read their first batch and then nothing: their writes stop completing.
+    Sessions are created first: once enough streams are stalled the pod is overloaded and
+    refuses new sessions (which is what the test is after), so they must exist by then."""
+    sessions = [
+        await stub.CreateSession(pb.CreateSessionRequest(tickers=tickers)) for _ in range(count)
+    ]
     calls = []
-    for _ in range(count):
-        session = await stub.CreateSession(pb.CreateSessionRequest(tickers=tickers))
+    for session in sessions:
         call = stub.StreamPriceUpdates(pb.StreamPriceUpdatesRequest(session_id=session.session_id))
         await next_batch(call)
         calls.append(call)
