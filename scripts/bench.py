@@ -123,7 +123,7 @@ CASES |= {
     "m50k": Case("memory: 50,000 streams x 5 tickers, flush 500 ms, quiet feed", 50_000, 5,
                  0.5, 500, quiet_feed=True),
 }  # fmt: skip
-DEFAULT_CASES = "d100,cd,d10k,cd10k,a500,c500,floor500,hot100,chot,s100,m50k"
+DEFAULT_CASES = "d100,cd,d10k,cd10k,a500,c500,floor500,hot100,chot,s100,q10k,m50k"
 
 
 def proc_sampler(pid: int) -> Sampler:
