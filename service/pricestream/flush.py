@@ -177,14 +177,15 @@ SMOOTHING = 0.2  # weight of the newest flush in the moving averages of lateness
 
 
 class FlushClock:
-    """Wakes the writers with news once per interval and judges whether the pod is overloaded.
+    """Flushes the writers with news once per interval and judges whether the pod is
+    overloaded.
 
     Two signs of overload, each a moving average over the flushes: the clock itself running late
     (`lag`: the event loop has more work than its CPU), and the share of writers with news that
-    have been busy with an earlier flush for over an interval, at least 250 ms (`backlog`: the
-    pod writes fewer batches per second than its streams need, which happens with a punctual
-    clock when gRPC's writes are the bottleneck). Past either limit the pod is overloaded until
-    both fall below half of theirs.
+    have not kept up with their clients for over an interval, at least 250 ms (`backlog`: the
+    pod's batches cannot leave as fast as its streams need, with a punctual clock: clients or
+    the network slower than the flow, or the pod's socket buffers full). Past either limit the
+    pod is overloaded until both fall below half of theirs.
     """
 
     def __init__(
