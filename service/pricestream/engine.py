@@ -168,7 +168,6 @@ class Engine:
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             await asyncio.wait_for(self.store.forget_pod(), self.settings.redis_timeout)
         self.hub.close()
-        await self.store.aclose()
         if self.backends.batcher is not None:
             await self.backends.batcher.aclose()
         await self.broker.aclose()

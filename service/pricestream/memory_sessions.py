@@ -98,6 +98,3 @@ class MemorySessionStore:
 
     async def forget_pod(self) -> None:
         """One process: nobody else takes its leases."""
-
-    async def aclose(self) -> None:
-        """Nothing runs in the background."""

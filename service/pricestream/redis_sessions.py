@@ -187,9 +187,6 @@ class RedisSessionStore:
     async def release(self, session_id: str, owner: str) -> None:
         await self._batcher.script(self._release, _keys(session_id)[:2], [owner, self._grace_ms])
 
-    async def aclose(self) -> None:
-        """The batcher is the engine's; nothing of its own runs in the background."""
-
     async def close(self, session_id: str) -> bool:
         existed = await self._batcher.script(
             self._close, _keys(session_id), [self._grace_ms, session_id, SESSION_CLOSED_CHANNEL]

@@ -72,7 +72,3 @@ class SessionStore(Protocol):
     async def forget_pod(self) -> None:
         """This pod instance is leaving: its leases need not wait for the liveness key."""
         ...
-
-    async def aclose(self) -> None:
-        """Finish or cancel work still in flight (shutdown)."""
-        ...

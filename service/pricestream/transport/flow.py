@@ -25,16 +25,16 @@ from pricestream.transport.framing import (
     MESSAGE_PREFIX,
     PREFIX_BYTES,
     RESPONSE_HEADERS,
+    SINGLE_FRAME_HEADER,
     data_frames,
     encode_metadata,
-    single_frame_header_struct,
     status_headers,
 )
 
 if TYPE_CHECKING:
     from pricestream.transport.connection import Connection
 
-_PACK_HEADER = single_frame_header_struct().pack
+_PACK_HEADER = SINGLE_FRAME_HEADER.pack
 _WHOLE_MESSAGE_CAP = 65535  # the initial connection window: larger messages go in pieces
 
 

@@ -12,27 +12,22 @@ from __future__ import annotations
 import base64
 import struct
 from collections.abc import Iterable, Sequence
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 import grpc
 
 PREFIX_BYTES = 5
 MESSAGE_PREFIX = struct.Struct(">BI")  # compressed flag, message length
 _DATA_HEADER = struct.Struct(">BHBBI")  # length (24 bits as 8 + 16), type, flags, stream id
-# A DATA frame header followed by the message prefix: one pack when a message fits one frame.
-_DATA_HEADER_AND_PREFIX = struct.Struct(">BHBBIBI")
+# A DATA frame header followed by the message prefix, for a message sent whole in one frame:
+# pack (frame length >> 16, frame length & 0xFFFF, 0, 0, stream id, 0, message length).
+SINGLE_FRAME_HEADER = struct.Struct(">BHBBIBI")
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 
 
 def data_frame_header(length: int, stream_id: int) -> bytes:
     return _DATA_HEADER.pack(length >> 16, length & 0xFFFF, 0, 0, stream_id)
-
-
-def single_frame_header_struct() -> struct.Struct:
-    """Frame header + message prefix of a message sent whole in one DATA frame: pack it with
-    (frame length >> 16, frame length & 0xFFFF, 0, 0, stream id, 0, message length)."""
-    return _DATA_HEADER_AND_PREFIX
 
 
 def data_frames(data: memoryview, stream_id: int, max_frame: int) -> list[bytes | memoryview]:
@@ -147,7 +142,3 @@ def status_headers(code: grpc.StatusCode, message: str) -> list[tuple[bytes, byt
         encoded = quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
         out.append((b"grpc-message", encoded.encode("ascii")))
     return out
-
-
-def decode_grpc_message(value: bytes) -> str:
-    return unquote(value.decode("ascii", "replace"))
