@@ -502,6 +502,23 @@ async def test_pings_after_data_are_no_strikes(server: Server, redis) -> None:
 # --- zero-window slow readers -------------------------------------------------------------------
 
 
+async def tick_until_ended(
+    client: H2Client,
+    ids: list[int],
+    market: Market,
+    tickers: list[str],
+    started: float,
+    within: float,
+) -> float:
+    """Publish prices and read until every stream in ``ids`` has ended or ``within`` seconds
+    since ``started`` have passed; the seconds it took."""
+    while time.monotonic() - started < within and not all(client.streams[i].finished for i in ids):
+        await market.tick(*tickers)
+        with contextlib.suppress(TimeoutError):
+            await client.read_events(0.05)
+    return time.monotonic() - started
+
+
 async def test_zero_stream_window_reader_is_ended_after_the_stall_timeout(
     server: Server, redis
 ) -> None:
@@ -523,13 +540,7 @@ async def test_zero_stream_window_reader_is_ended_after_the_stall_timeout(
                 for s in sessions
             ]
             # The request DATA went out on the client's own window (65,535 by default).
-            while time.monotonic() - started < stall + 3 and not all(
-                client.streams[i].finished for i in ids
-            ):
-                await market.tick(*tickers)
-                with contextlib.suppress(TimeoutError):
-                    await client.read_events(0.05)
-            took = time.monotonic() - started
+            took = await tick_until_ended(client, ids, market, tickers, started, stall + 3)
             for i in ids:
                 result = client.streams[i]
                 assert result.finished, f"stream {i} was never ended"
@@ -560,13 +571,7 @@ async def test_connection_window_never_reopened_ends_every_stream(server: Server
                 await client.send_grpc_request(STREAM, pb.StreamPriceUpdatesRequest(session_id=s))
                 for s in sessions
             ]
-            while time.monotonic() - started < stall + 5 and not all(
-                client.streams[i].finished for i in ids
-            ):
-                await market.tick(*tickers)
-                with contextlib.suppress(TimeoutError):
-                    await client.read_events(0.05)
-            took = time.monotonic() - started
+            took = await tick_until_ended(client, ids, market, tickers, started, stall + 5)
             received = sum(len(client.streams[i].data) for i in ids)
             assert received <= 65_535  # the connection window, never more
             assert received > 60_000  # and it was used up
