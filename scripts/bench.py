@@ -35,7 +35,7 @@ from pathlib import Path
 
 import bench_centrifugo
 from bench_clients import GoClient, PythonLoadtest, Sampler, server_metrics
-from pricestream.leak_check import violations
+from pricestream.tools.leak_check import violations
 from prometheus_client.process_collector import ProcessCollector
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Protocol
 
 from bench_centrifugo import CHANNEL_PREFIX as CENTRIFUGO_CHANNEL_PREFIX
-from pricestream.feed import ticker_universe
-from pricestream.leak_check import samples
+from pricestream.tools.feed import ticker_universe
+from pricestream.tools.leak_check import samples
 
 LOADCLIENT_DIR = "bench/loadclient"
 LOADCLIENT_BIN = ".tools/bin/pricestream-loadclient"

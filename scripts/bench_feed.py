@@ -1,4 +1,4 @@
-"""The bench's feed: the product's random walk (pricestream.feed.run_feed), published in the
+"""The bench's feed: the product's random walk (pricestream.tools.feed.run_feed), published in the
 wire format of the server under test, so that every server only receives from Redis.
 
     --format pricestream   the ingestion contract: SET price:last:{T} + PUBLISH price:{T}, a
@@ -20,8 +20,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from pricestream.feed import run_feed, ticker_universe
-from pricestream.redis_broker import RedisPricePublisher
+from pricestream.redis.broker import RedisPricePublisher
+from pricestream.tools.feed import run_feed, ticker_universe
 from redis.asyncio import Redis
 
 # protocol.Publication (github.com/centrifugal/protocol, client.proto): bytes data = 4;

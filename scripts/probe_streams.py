@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import RedisProcess, fast_env
 from invariants import samples, scrape
-from pricestream.feed import ticker_universe
+from pricestream.tools.feed import ticker_universe
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from processes import ServeProcess, pricestream_command

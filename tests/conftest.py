@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from pricestream.server import Server
+from pricestream.api.server import Server
 from pricestream.settings import Settings, load_settings
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from redis import Redis

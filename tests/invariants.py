@@ -6,8 +6,8 @@ import asyncio
 import time
 import urllib.request
 
-from pricestream.leak_check import MUST_BE_ZERO, PAIRS, samples, violations
-from pricestream.server import Server
+from pricestream.api.server import Server
+from pricestream.tools.leak_check import MUST_BE_ZERO, PAIRS, samples, violations
 
 __all__ = ["MUST_BE_ZERO", "PAIRS", "read_metrics", "samples", "violations", "wait_invariant"]
 

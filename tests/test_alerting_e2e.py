@@ -25,7 +25,7 @@ import pytest
 from chart import rules_file
 from conftest import RedisProcess, fast_env, free_port
 from monitoring import Alertmanager, Prometheus, WebhookReceiver
-from pricestream.feed import ticker_universe
+from pricestream.tools.feed import ticker_universe
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from processes import ServeProcess, start_feed

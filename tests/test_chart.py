@@ -16,7 +16,7 @@ import yaml
 from chart import CHART, find, helm, owned, render, render_against, rules_file
 from fake_apiserver import FakeApiServer
 from metric_names import exported_names
-from pricestream.server import Server
+from pricestream.api.server import Server
 from processes import pricestream_command
 
 from dashboards import generate

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import RedisProcess, fast_env
 from invariants import scrape, wait_invariant
-from pricestream.feed import ticker_universe
+from pricestream.tools.feed import ticker_universe
 from processes import ServeProcess, pricestream_command, start_feed
 
 CLIENTS = Path(__file__).parent / "clients"

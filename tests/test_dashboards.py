@@ -13,7 +13,7 @@ import re
 import yaml
 from chart import rules_file
 from metric_names import PROMETHEUS_SERIES, exported_names, referenced_names
-from pricestream.server import Server
+from pricestream.api.server import Server
 
 from dashboards import generate, overview
 from dashboards.grafana import promql_queries

@@ -15,12 +15,12 @@ import grpc
 import pytest
 from conftest import fast_settings, ready_server, wait_ready
 from invariants import samples, wait_invariant
-from pricestream.feed import run_feed
-from pricestream.redis_broker import RedisPricePublisher
-from pricestream.redis_client import make_client, make_pool
-from pricestream.server import Server
-from pricestream.stream import RECONNECT_HINT
+from pricestream.api.server import Server
+from pricestream.engine.stream import RECONNECT_HINT
+from pricestream.redis.broker import RedisPricePublisher
+from pricestream.redis.client import make_client, make_pool
 from pricestream.tasks import cancel_and_wait
+from pricestream.tools.feed import run_feed
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from test_api import next_batch, read_to_end
@@ -268,7 +268,7 @@ async def test_lease_refresh_goes_in_small_slices_spread_over_the_period(redis) 
     spread over the time given instead of all at once."""
     from types import SimpleNamespace
 
-    from pricestream.engine import LEASE_REFRESH_SLICE
+    from pricestream.engine.engine import LEASE_REFRESH_SLICE
 
     async with pod(redis.url) as server:
         engine = server.engine

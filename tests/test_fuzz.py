@@ -12,9 +12,9 @@ import grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from invariants import wait_invariant
+from pricestream.api.server import Server
 from pricestream.codec import batch_frame
-from pricestream.hub import entry_from_payload
-from pricestream.server import Server
+from pricestream.engine.hub import entry_from_payload
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 

@@ -59,7 +59,7 @@ from hyperframe.frame import (
     SettingsFrame,
 )
 from invariants import scrape, wait_invariant
-from pricestream.server import Server
+from pricestream.api.server import Server
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from test_api import Market, next_batch

@@ -6,7 +6,7 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 from h2client import H2Client, grpc_message, split_grpc_messages
 from hyperframe.frame import PingFrame
-from pricestream.server import Server
+from pricestream.api.server import Server
 from pricestream.v1 import pricestream_pb2 as pb
 
 SERVICE = "/pricestream.v1.PriceStreamService"

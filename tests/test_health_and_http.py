@@ -10,8 +10,8 @@ import urllib.request
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from pricestream.server import Server
-from pricestream.service import SERVICE_NAME
+from pricestream.api.server import Server
+from pricestream.api.service import SERVICE_NAME
 
 
 async def get(port: int, path: str) -> tuple[int, bytes]:

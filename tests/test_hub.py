@@ -7,7 +7,7 @@ import random
 
 from conftest import fast_settings
 from invariants import samples
-from pricestream.engine import Engine
+from pricestream.engine.engine import Engine
 
 
 class Sink:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from conftest import RedisProcess, fast_env
-from pricestream.loadtest.histogram import Histogram
-from pricestream.loadtest.stages import (
+from pricestream.tools.loadtest.histogram import Histogram
+from pricestream.tools.loadtest.stages import (
     Schedule,
     Stage,
     StageError,

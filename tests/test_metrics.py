@@ -10,7 +10,7 @@ import grpc
 import pytest
 from conftest import fast_settings, ready_server
 from invariants import samples, wait_invariant
-from pricestream.server import Server
+from pricestream.api.server import Server
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from prometheus_client.parser import text_string_to_metric_families
@@ -171,8 +171,8 @@ def test_batch_latency_histogram_matches_prometheus_client() -> None:
     """The hot-path histogram exposes what prometheus_client's Histogram would."""
     import random
 
-    from pricestream.latency import BatchLatencyHistogram
-    from pricestream.metrics import LATENCY_BUCKETS
+    from pricestream.observability.latency import BatchLatencyHistogram
+    from pricestream.observability.metrics import LATENCY_BUCKETS
     from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
     ours_registry, reference_registry = CollectorRegistry(), CollectorRegistry()

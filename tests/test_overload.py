@@ -10,9 +10,9 @@ import grpc
 import pytest
 from conftest import fast_settings, ready_server
 from invariants import samples, wait_invariant
-from pricestream.feed import ticker_universe
-from pricestream.flush import FlushClock
-from pricestream.metrics import Metrics
+from pricestream.engine.flush import FlushClock
+from pricestream.observability.metrics import Metrics
+from pricestream.tools.feed import ticker_universe
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from processes import start_feed

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from conftest import RedisProcess, fast_env
 from invariants import samples, scrape, wait_invariant
-from pricestream.stream import RECONNECT_HINT
+from pricestream.engine.stream import RECONNECT_HINT
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from processes import ServeProcess, env_without_pricestream, pricestream_command, start_feed
@@ -48,7 +48,7 @@ def feed(redis):
 
 
 async def test_thousand_streams_a_third_killed_abruptly(serve, feed, redis) -> None:
-    from pricestream.feed import ticker_universe
+    from pricestream.tools.feed import ticker_universe
 
     tickers = ticker_universe(50)
     # The seed's 500 ms window keeps this one test process able to read all 1,000 streams.
@@ -307,7 +307,7 @@ async def test_demo_shows_live_prices(redis, backend: str) -> None:
 
 
 async def test_drain_1000_streams_and_resume_on_another_replica(serve, feed) -> None:
-    from pricestream.feed import ticker_universe
+    from pricestream.tools.feed import ticker_universe
 
     tickers = ticker_universe(50)
     pod_a = serve(log_level="INFO", session_ttl=60.0, flush_interval=0.5, drain_timeout=8.0)

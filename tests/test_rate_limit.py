@@ -8,7 +8,7 @@ import grpc
 import pytest
 from conftest import fast_settings, ready_server
 from invariants import wait_invariant
-from pricestream.rate_limit import PeerRateLimiter, peer_address
+from pricestream.api.rate_limit import PeerRateLimiter, peer_address
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from conftest import RedisProcess, fast_settings, free_port, ready_server
 from invariants import samples, wait_invariant
-from pricestream.server import Server
+from pricestream.api.server import Server
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from tcp_proxy import stalling_proxy

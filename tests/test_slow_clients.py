@@ -16,7 +16,7 @@ import grpc
 import pytest
 from conftest import RedisProcess, fast_env
 from invariants import samples, scrape, wait_invariant
-from pricestream.feed import ticker_universe
+from pricestream.tools.feed import ticker_universe
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from processes import ServeProcess, start_feed

@@ -11,7 +11,7 @@ import pytest
 from conftest import fast_settings, ready_server
 from invariants import wait_invariant
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from pricestream.server import Server
+from pricestream.api.server import Server
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from test_api import Market, next_batch, read_to_end

@@ -10,7 +10,7 @@ import urllib.request
 
 import grpc
 import uvloop
-from pricestream.feed import ticker_universe
+from pricestream.tools.feed import ticker_universe
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 

@@ -6,7 +6,7 @@ import sys
 import time
 
 import uvloop
-from pricestream.redis_sessions import RedisSessionStore
+from pricestream.redis.sessions import RedisSessionStore
 from redis.asyncio import Redis
 
 

@@ -7,7 +7,7 @@ import os
 import time
 
 import uvloop
-from pricestream.server import Server
+from pricestream.api.server import Server
 from pricestream.settings import load_settings
 
 blocks: list[tuple[float, float]] = []

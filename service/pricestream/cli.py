@@ -13,10 +13,10 @@ from typing import Any
 import uvloop
 from redis.asyncio import Redis
 
-from pricestream.feed import WELL_KNOWN, run_feed, ticker_universe, wait_for_redis
-from pricestream.logs import configure_logging
-from pricestream.redis_broker import RedisPricePublisher
+from pricestream.observability.logs import configure_logging
+from pricestream.redis.broker import RedisPricePublisher
 from pricestream.settings import Settings, SettingsError, check_environment, load_settings
+from pricestream.tools.feed import WELL_KNOWN, run_feed, ticker_universe, wait_for_redis
 
 log = logging.getLogger("pricestream.cli")
 
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--tls-cert", default="", help="client certificate (mutual TLS)")
     health.add_argument("--tls-key", default="", help="client key (mutual TLS)")
 
-    from pricestream.loadtest.cli import add_arguments
+    from pricestream.tools.loadtest.cli import add_arguments
 
     loadtest = commands.add_parser(
         "loadtest", help="virtual users against a server; report, plots and a leak verdict"
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _health_main(args: argparse.Namespace) -> int:
-    from pricestream.health_check import check
+    from pricestream.tools.health_check import check
 
     serving, sentence = await check(
         args.target,
@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
-            from pricestream.server import run_until_signalled
+            from pricestream.api.server import run_until_signalled
 
             settings = _settings_from(args)
             configure_logging(settings.log_level, settings.pod_name)
@@ -150,17 +150,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise SettingsError("--rate and --tickers must be positive")
             return _run(_feed_main(args, settings))
         if args.command == "loadtest":
-            from pricestream.loadtest.cli import main as loadtest_main
+            from pricestream.tools.loadtest.cli import main as loadtest_main
 
             return loadtest_main(args, list(argv)[1:] if argv is not None else None)
         if args.command == "health":
             return _run(_health_main(args))
         if args.command == "watch":
-            from pricestream.watch import watch
+            from pricestream.tools.watch import watch
 
             return _run(watch(args.target, args.tickers, duration=args.duration))
         if args.command == "demo":
-            from pricestream.demo import run_demo
+            from pricestream.tools.demo import run_demo
 
             settings = _settings_from(
                 args, grpc_host="127.0.0.1", http_host="127.0.0.1", log_level="WARNING"
@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
         if args.command == "audit-logs":
-            from pricestream.audit import audit_logs
+            from pricestream.tools.audit import audit_logs
 
             return audit_logs(args.files)
     except SettingsError as exc:

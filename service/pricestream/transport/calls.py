@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
+
 from pricestream.transport.flow import ResponseStream
 from pricestream.transport.framing import (
     CompressedMessage,
@@ -238,7 +239,7 @@ class ServerCall:
     # --- for pricestream's own streams ------------------------------------------------
 
     def batch_sink(self) -> ResponseStream:
-        """The stream as a sink of already-encoded batches (pricestream.flush.BatchSink).
+        """The stream as a sink of already-encoded batches (pricestream.engine.flush.BatchSink).
 
         The call is accepted from here on (response headers go out now); when it ends,
         batches still waiting for the client's window are dropped: they are latest-value

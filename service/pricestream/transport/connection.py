@@ -34,6 +34,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
+
 from pricestream.transport.calls import ServerCall
 from pricestream.transport.flow import ResponseStream
 from pricestream.transport.framing import parse_timeout

@@ -21,6 +21,7 @@ import grpc
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 from h2.stream import H2Stream
+
 from pricestream.transport.framing import (
     MESSAGE_PREFIX,
     PREFIX_BYTES,
@@ -72,7 +73,7 @@ class ResponseStream:
         self.closed = False
         self.messages_sent = 0
 
-    # --- the BatchSink side (pricestream.flush) ---------------------------------------------
+    # --- the BatchSink side (pricestream.engine.flush) -------------------------------------------
 
     def on_writable(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` each time the queue has drained after the stream was blocked."""

@@ -18,7 +18,8 @@ from typing import NamedTuple
 
 import grpc
 from h2.errors import ErrorCodes
-from pricestream.grpc_metrics import GrpcMetrics, MethodStats
+
+from pricestream.observability.grpc_metrics import GrpcMetrics, MethodStats
 from pricestream.transport.calls import ServerCall
 from pricestream.transport.connection import Connection
 from pricestream.transport.limits import Limits

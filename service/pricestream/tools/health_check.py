@@ -8,7 +8,7 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pricestream.tls import channel as tls_channel
+from pricestream.api.tls import channel as tls_channel
 
 
 async def check(target: str, service: str, timeout: float, **tls: str) -> tuple[bool, str]:

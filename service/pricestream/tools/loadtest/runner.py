@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pricestream.loadtest import report as report_files
-from pricestream.loadtest.aggregate import Aggregate
-from pricestream.loadtest.server_metrics import ServerMetrics
-from pricestream.loadtest.stages import Schedule, Stage
-from pricestream.loadtest.worker import WorkerConfig, config_json
+from pricestream.tools.loadtest import report as report_files
+from pricestream.tools.loadtest.aggregate import Aggregate
+from pricestream.tools.loadtest.server_metrics import ServerMetrics
+from pricestream.tools.loadtest.stages import Schedule, Stage
+from pricestream.tools.loadtest.worker import WorkerConfig, config_json
 
 
 @dataclass
@@ -73,7 +73,7 @@ class LoadTest:
     async def _worker(self, index: int, start_at: float) -> None:
         config = config_json(self.worker_config(index, start_at))
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pricestream.loadtest.worker", config,
+            sys.executable, "-m", "pricestream.tools.loadtest.worker", config,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             limit=64 * 2**20,
         )  # fmt: skip

@@ -17,10 +17,10 @@ from typing import Protocol
 
 from redis.exceptions import RedisError
 
-from pricestream.redis_broker import backoff_delay
+from pricestream.redis.broker import backoff_delay
 from pricestream.v1.pricestream_pb2 import PriceUpdate
 
-log = logging.getLogger("pricestream.feed")
+log = logging.getLogger("pricestream.tools.feed")
 
 WELL_KNOWN = (
     "AAPL", "MSFT", "GOOG", "AMZN", "NVDA", "META", "TSLA", "BKR", "JPM", "V",

@@ -15,10 +15,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from pricestream.flush import StreamWriter
-from pricestream.metrics import Metrics
+from pricestream.engine.flush import StreamWriter
+from pricestream.observability.metrics import Metrics
 
-log = logging.getLogger("pricestream.sessions")
+log = logging.getLogger("pricestream.engine.sessions")
 
 CLOSE_REASONS = (
     "closed",  # CloseSession

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from pricestream.tracing import current_ids
+from pricestream.observability.tracing import current_ids
 
 _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 

@@ -11,19 +11,19 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from pricestream.auth import BearerAuth, load_tokens
-from pricestream.engine import Engine
-from pricestream.grpc_metrics import GrpcMetrics
-from pricestream.http_api import HttpServer
-from pricestream.reflection import add_reflection
-from pricestream.service import SERVICE_NAME, PriceStreamService
+from pricestream.api.auth import BearerAuth, load_tokens
+from pricestream.api.http_api import HttpServer
+from pricestream.api.reflection import add_reflection
+from pricestream.api.service import SERVICE_NAME, PriceStreamService
+from pricestream.api.tls import server_ssl_context
+from pricestream.engine.engine import Engine
+from pricestream.observability.grpc_metrics import GrpcMetrics
 from pricestream.settings import Settings
 from pricestream.tasks import cancel_and_wait
-from pricestream.tls import server_ssl_context
 from pricestream.transport.limits import Limits
 from pricestream.transport.server import Gate, GrpcServer
 
-log = logging.getLogger("pricestream.server")
+log = logging.getLogger("pricestream.api.server")
 
 MAX_REQUEST_BYTES = 64 * 1024
 SHUTDOWN_MESSAGE = "server is shutting down; resume the session on another server"

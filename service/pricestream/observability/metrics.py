@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pricestream.latency import BatchLatencyHistogram
+from pricestream.observability.latency import BatchLatencyHistogram
 
 # The OpenMetrics `_created` samples double the series count and confuse `_total` pairs.
 prometheus_client.disable_created_metrics()

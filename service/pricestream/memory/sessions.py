@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from pricestream.sessions import (
+from pricestream.engine.sessions import (
     LeaseLoss,
     SessionBusy,
     SessionInfo,

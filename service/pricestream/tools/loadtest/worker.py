@@ -1,7 +1,7 @@
 """One load-generator process: runs its share of the virtual users and prints one JSON line of
 counters per second on stdout (the coordinator in runner.py adds the workers up).
 
-    python -m pricestream.loadtest.worker '<json WorkerConfig>'
+    python -m pricestream.tools.loadtest.worker '<json WorkerConfig>'
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 import grpc
 import uvloop
 
-from pricestream.loadtest.histogram import RESOLUTION, Histogram
-from pricestream.loadtest.stages import Schedule, Stage
+from pricestream.tools.loadtest.histogram import RESOLUTION, Histogram
+from pricestream.tools.loadtest.stages import Schedule, Stage
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 

@@ -13,7 +13,9 @@ from google.protobuf.message import DecodeError, Message
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
-from pricestream.engine import Engine
+from pricestream.api.rate_limit import peer_address
+from pricestream.engine.engine import Engine
+from pricestream.engine.stream import StreamLifecycle, finish_status
 from pricestream.errors import (
     RequestError,
     call_status,
@@ -22,9 +24,7 @@ from pricestream.errors import (
     resource_exhausted,
     unavailable,
 )
-from pricestream.rate_limit import peer_address
-from pricestream.stream import StreamLifecycle, finish_status
-from pricestream.tracing import caller_context
+from pricestream.observability.tracing import caller_context
 from pricestream.transport.calls import ServerCall
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.validation import check_session_id, normalise_tickers

@@ -20,8 +20,8 @@ from typing import Protocol
 
 import grpc
 
-from pricestream.hub import Entry
-from pricestream.metrics import Metrics
+from pricestream.engine.hub import Entry
+from pricestream.observability.metrics import Metrics
 
 MESSAGE_PREFIX_BYTES = 5  # gRPC's length prefix, counted against the send limit
 
@@ -169,7 +169,7 @@ class StreamWriter:
             self._ended.set_result(None)
 
 
-log = logging.getLogger("pricestream.flush")
+log = logging.getLogger("pricestream.engine.flush")
 
 BACKLOG_MIN_STREAMS = 50  # fewer writers behind than this never count as a backlog
 BACKLOG_GRACE = 0.25  # seconds (at least one flush interval) a writer may be busy and not behind

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pricestream.broker import MessageHandler
 from pricestream.codec import price_channel
+from pricestream.engine.broker import MessageHandler
 
 
 def _drop(channel: bytes, payload: bytes) -> None:

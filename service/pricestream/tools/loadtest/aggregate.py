@@ -6,8 +6,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from pricestream.loadtest.histogram import Histogram
-from pricestream.loadtest.stages import Schedule
+from pricestream.tools.loadtest.histogram import Histogram
+from pricestream.tools.loadtest.stages import Schedule
 
 COUNTERS = (
     "sessions_attempted",

@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from pricestream.leak_check import samples, violations
+from pricestream.tools.leak_check import samples, violations
 
 GAUGES = {
     "sessions": "pricestream_sessions_active",

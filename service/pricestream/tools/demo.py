@@ -8,13 +8,13 @@ import sys
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from pricestream.feed import PricePublisher, run_feed, ticker_universe
-from pricestream.redis_broker import RedisPricePublisher
-from pricestream.redis_client import redacted
-from pricestream.server import Server
+from pricestream.api.server import Server
+from pricestream.redis.broker import RedisPricePublisher
+from pricestream.redis.client import redacted
 from pricestream.settings import Settings
 from pricestream.tasks import cancel_and_wait
-from pricestream.watch import watch
+from pricestream.tools.feed import PricePublisher, run_feed, ticker_universe
+from pricestream.tools.watch import watch
 
 
 async def redis_reachable(url: str) -> bool:

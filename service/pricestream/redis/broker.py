@@ -32,10 +32,10 @@ from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 
-from pricestream.broker import MessageHandler
 from pricestream.codec import PROBE_CHANNEL_PREFIX, last_price_key, price_channel
-from pricestream.metrics import Metrics
-from pricestream.redis_batch import CommandBatcher
+from pricestream.engine.broker import MessageHandler
+from pricestream.observability.metrics import Metrics
+from pricestream.redis.batch import CommandBatcher
 from pricestream.settings import Settings
 from pricestream.tasks import cancel_and_wait, run_until_first_failure
 

@@ -9,16 +9,16 @@ from collections.abc import Mapping, Sequence
 from redis.asyncio import Redis
 
 from pricestream.codec import SESSION_CLOSED_CHANNEL
-from pricestream.redis_batch import CommandBatcher
-from pricestream.sessions import (
+from pricestream.engine.sessions import (
     LeaseLoss,
     SessionBusy,
     SessionInfo,
     SessionNotFound,
     new_session_id,
 )
+from pricestream.redis.batch import CommandBatcher
 
-log = logging.getLogger("pricestream.sessions")
+log = logging.getLogger("pricestream.engine.sessions")
 
 _CREATE = """
 redis.call('HSET', KEYS[1], 'tickers', ARGV[1], 'created', ARGV[2])

@@ -14,11 +14,11 @@ from typing import Protocol
 
 from opentelemetry import trace
 
-from pricestream.broker import Broker
 from pricestream.codec import batch_frame, decode_update, price_channel
-from pricestream.metrics import Metrics
+from pricestream.engine.broker import Broker
+from pricestream.observability.metrics import Metrics
 
-log = logging.getLogger("pricestream.hub")
+log = logging.getLogger("pricestream.engine.hub")
 
 # (batch frame, publisher timestamp in ns, sequence)
 Entry = tuple[bytes, int, int]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from pricestream.engine import Engine
+from pricestream.engine.engine import Engine
 
 
 def make_app(engine: Engine) -> web.Application:

@@ -18,7 +18,10 @@ from typing import Protocol
 import grpc
 from redis.exceptions import RedisError
 
-from pricestream.engine import Engine
+from pricestream.engine.engine import Engine
+from pricestream.engine.flush import BatchSink, StreamWriter
+from pricestream.engine.hub import Topic, entry_from_payload
+from pricestream.engine.sessions import SessionBusy, SessionNotFound
 from pricestream.errors import (
     describe,
     failed_precondition,
@@ -26,11 +29,8 @@ from pricestream.errors import (
     resource_exhausted,
     unavailable,
 )
-from pricestream.flush import BatchSink, StreamWriter
-from pricestream.hub import Topic, entry_from_payload
-from pricestream.sessions import SessionBusy, SessionNotFound
 
-log = logging.getLogger("pricestream.stream")
+log = logging.getLogger("pricestream.engine.stream")
 
 RECONNECT_HINT = ("pricestream-reconnect", "resume-session")
 _CLIENT_GONE_REASONS = frozenset({"send_error", "client_gone"})

@@ -17,26 +17,26 @@ import grpc
 from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import RedisError
 
-from pricestream.broker import Broker
+from pricestream.api.rate_limit import PeerRateLimiter
 from pricestream.codec import SESSION_CLOSED_CHANNEL
+from pricestream.engine.broker import Broker
+from pricestream.engine.flush import FlushClock, StreamWriter
+from pricestream.engine.hub import Hub
+from pricestream.engine.registry import SessionRegistry
+from pricestream.engine.sessions import LeaseLoss, SessionStore
 from pricestream.errors import describe
-from pricestream.flush import FlushClock, StreamWriter
-from pricestream.hub import Hub
-from pricestream.memory_broker import MemoryBroker
-from pricestream.memory_sessions import MemorySessionStore
-from pricestream.metrics import LiveGauges, Metrics
-from pricestream.rate_limit import PeerRateLimiter
-from pricestream.redis_batch import CommandBatcher
-from pricestream.redis_broker import RedisBroker
-from pricestream.redis_client import make_client, make_pool, redacted
-from pricestream.redis_sessions import POD_ALIVE_INTERVAL, RedisSessionStore
-from pricestream.registry import SessionRegistry
-from pricestream.sessions import LeaseLoss, SessionStore
+from pricestream.memory.broker import MemoryBroker
+from pricestream.memory.sessions import MemorySessionStore
+from pricestream.observability.metrics import LiveGauges, Metrics
+from pricestream.observability.tracing import Tracing
+from pricestream.redis.batch import CommandBatcher
+from pricestream.redis.broker import RedisBroker
+from pricestream.redis.client import make_client, make_pool, redacted
+from pricestream.redis.sessions import POD_ALIVE_INTERVAL, RedisSessionStore
 from pricestream.settings import Settings
 from pricestream.tasks import cancel_and_wait
-from pricestream.tracing import Tracing
 
-log = logging.getLogger("pricestream.engine")
+log = logging.getLogger("pricestream.engine.engine")
 
 LEASE_REFRESH_SLICE = 200  # leases per refresh call: ~2 ms of Redis time each
 

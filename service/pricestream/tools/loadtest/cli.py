@@ -7,11 +7,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from pricestream.feed import ticker_universe
-from pricestream.loadtest.runner import LoadTestOptions
-from pricestream.loadtest.stages import PROFILES, StageError, parse_stages, profile_stages
-from pricestream.loadtest.worker import LEAVE_WAYS
 from pricestream.settings import SettingsError
+from pricestream.tools.feed import ticker_universe
+from pricestream.tools.loadtest.runner import LoadTestOptions
+from pricestream.tools.loadtest.stages import PROFILES, StageError, parse_stages, profile_stages
+from pricestream.tools.loadtest.worker import LEAVE_WAYS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,7 +122,7 @@ GENERATOR_BUSY = 0.8  # share of its usable cores past which the generator may b
 
 
 def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    from pricestream.loadtest.runner import run_load_test
+    from pricestream.tools.loadtest.runner import run_load_test
 
     options = options_from(args, argv)
     report, files = run_load_test(options)

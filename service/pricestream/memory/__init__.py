@@ -1,0 +1,1 @@
+"""In-process backends with the Redis ones' semantics, for the Redis-less demo."""

@@ -1,0 +1,1 @@
+"""Metrics, gRPC server metrics, latency histogram, tracing and JSON logs."""
