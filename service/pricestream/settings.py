@@ -7,7 +7,7 @@ import ipaddress
 import re
 import socket
 from collections.abc import Mapping
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +25,17 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
 
     redis_url: str = Field(DEFAULT_REDIS_URL, description="Redis URL (redis:// or rediss://).")
+    redis_mode: Literal["standalone", "sentinel", "cluster"] = Field(
+        "standalone",
+        description="Redis topology: standalone (the URL's server), sentinel (the master the "
+        "sentinels name) or cluster (sharded Pub/Sub; the URL names a seed node).",
+    )
+    redis_sentinels: str = Field(
+        "", description="Sentinel mode: the sentinels, host:port,host:port,..."
+    )
+    redis_sentinel_master: str = Field(
+        "", description="Sentinel mode: the master's name the sentinels monitor."
+    )
     grpc_host: str = Field("[::]", description="Address the gRPC server binds.")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
     http_host: str = Field(
@@ -138,6 +149,12 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
 
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinel_addresses(cls, value: str) -> str:
+        sentinel_addresses(value)  # raises on a malformed address
+        return value
+
     @field_validator("faults")
     @classmethod
     def _known_faults(cls, value: str) -> str:
@@ -155,12 +172,39 @@ class Settings(BaseSettings):
             raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
         return self
 
+    @model_validator(mode="after")
+    def _redis_topology(self) -> Settings:
+        sentinel = self.redis_mode == "sentinel"
+        if sentinel and not (self.redis_sentinels and self.redis_sentinel_master):
+            raise ValueError("redis_mode=sentinel needs redis_sentinels and redis_sentinel_master")
+        if not sentinel and (self.redis_sentinels or self.redis_sentinel_master):
+            raise ValueError("redis_sentinels and redis_sentinel_master need redis_mode=sentinel")
+        if self.redis_mode == "cluster" and self.redis_url.startswith("unix://"):
+            raise ValueError("redis_mode=cluster needs a redis:// or rediss:// seed node URL")
+        if self.redis_mode != "standalone":  # until the modes land (issue 14)
+            raise ValueError(f"redis_mode={self.redis_mode} is not implemented in this build yet")
+        return self
+
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert_file)
 
     def has_fault(self, name: str) -> bool:
         return name in self.faults.split(",")
+
+
+def sentinel_addresses(value: str) -> list[tuple[str, int]]:
+    """``host:port,host:port`` (IPv6 hosts in brackets) as pairs; ValueError names a bad one."""
+    pairs: list[tuple[str, int]] = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not sep or not host or not _is_port(port):
+            raise ValueError(f"{item!r} is not host:port")
+        pairs.append((host, int(port)))
+    return pairs
 
 
 class SettingsError(ValueError):
