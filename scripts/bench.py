@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import bench_centrifugo
-from bench_clients import GoClient, PythonLoadtest, Sampler, server_metrics
+from bench_clients import GoClient, PythonLoadtest, Sampler, histogram_quantile, server_metrics
 from pricestream.tools.leak_check import violations
 from prometheus_client.process_collector import ProcessCollector
 
@@ -254,6 +254,7 @@ def run_case(
     idle_rss = before_run["process_resident_memory_bytes"]
     loaded_rss = after["process_resident_memory_bytes"]
     server = "centrifugo" if case.centrifugo else "floor" if case.floor else "pricestream"
+    handed = histogram_quantile(0.99, before, after)
     return {
         "case": case.name,
         "server": server,
@@ -269,6 +270,9 @@ def run_case(
         "server_sent_per_s": round(sent_per_s, 1),
         "p50_ms": measured.p50_ms,
         "p99_ms": measured.p99_ms,
+        # The server's own view: publish to the batch handed to its socket (the client's p99
+        # adds the kernel and the client's own queueing); None for servers without it.
+        "server_p99_ms": None if handed is None else round(handed * 1000, 1),
         "server_cores": round(cores, 3),
         "cpu_s_per_million": round(cores / max(sent_per_s, 1) * 1e6, 2),
         "cpu_us_per_batch": round(cores / max(batches_per_s, 1) * 1e6, 1),
@@ -325,11 +329,12 @@ def table(rows: list[dict]) -> str:
     head = (
         "| case | client | streams held | delivered updates/s | batches/s "
         "| server sent updates/s | ratio to seed (7,000/s per core) | p50 / p99 ms "
+        "| server-side p99 ms "
         "| server cores | server CPU µs per batch | CPU µs per delivered update "
         "| ratio to Centrifugo (same workload) | CPU s per 1M updates "
         "| RSS idle / loaded MB | KB per stream "
         "| client cores | slow-consumer cut-offs | client errors | leak verdict |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -339,7 +344,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['delivered_per_s']:,.0f} | {r['batches_per_s']:,.0f} "
             f"| {r['server_sent_per_s']:,.0f} "
             f"| {r['delivered_per_s'] / SEED_UPDATES_PER_CORE:.1f}x "
-            f"| {r['p50_ms']} / {r['p99_ms']} | {r['server_cores']:.2f} "
+            f"| {r['p50_ms']} / {r['p99_ms']} | {r.get('server_p99_ms') or '—'} "
+            f"| {r['server_cores']:.2f} "
             f"| {r['cpu_us_per_batch']} | {r['cpu_us_per_update']} "
             f"| {centrifugo_ratio(r, rows)} | {r['cpu_s_per_million']} "
             f"| {r['rss_idle_mb']} / {r['rss_peak_mb']} "

@@ -22,6 +22,7 @@ from typing import Protocol
 from bench_centrifugo import CHANNEL_PREFIX as CENTRIFUGO_CHANNEL_PREFIX
 from pricestream.tools.feed import ticker_universe
 from pricestream.tools.leak_check import samples
+from prometheus_client.parser import text_string_to_metric_families
 
 LOADCLIENT_DIR = "bench/loadclient"
 LOADCLIENT_BIN = ".tools/bin/pricestream-loadclient"
@@ -37,11 +38,48 @@ def server_metrics(http_port: int) -> dict[str, float]:
     for attempt in range(3):
         try:
             with urllib.request.urlopen(url, timeout=10) as response:
-                return samples(response.read().decode())
+                text = response.read().decode()
+            return samples(text) | latency_buckets(text)
         except TimeoutError:
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
+
+
+LATENCY_BUCKET = "pricestream_delivery_latency_seconds_bucket"
+
+
+def latency_buckets(exposition: str) -> dict[str, float]:
+    """The server's delivery-latency histogram, one sample per bucket: ``name{le}`` -> count."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == LATENCY_BUCKET:
+                out[f"{LATENCY_BUCKET}{{{sample.labels['le']}}}"] = sample.value
+    return out
+
+
+def histogram_quantile(q: float, before: dict[str, float], after: dict[str, float]) -> float | None:
+    """Prometheus's histogram_quantile over the buckets' increase between two scrapes, in
+    seconds (linear within a bucket); None when nothing was observed."""
+    prefix = LATENCY_BUCKET + "{"
+    bounds = sorted(
+        (float(key[len(prefix) : -1]), after[key] - before.get(key, 0.0))
+        for key in after
+        if key.startswith(prefix)
+    )
+    if not bounds or bounds[-1][1] <= 0:
+        return None
+    rank = q * bounds[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in bounds:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound
+            share = (rank - lower_count) / max(count - lower_count, 1e-9)
+            return lower_bound + (bound - lower_bound) * share
+        lower_bound, lower_count = bound, count
+    return lower_bound
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,19 @@
 A ``StreamWriter`` keeps only the latest entry per ticker, so its memory is bounded by its
 ticker count whatever the tick rate. The ``FlushClock`` is the only timer: once per flush
 interval it hands the batch of every writer that received something to that writer's
-``BatchSink`` (the transport's side of the stream) in one synchronous pass, so the transport
-can write the batches of all streams of a connection at once; once per second it cuts off
-writers that have not kept up with their client's window for longer than the stall timeout.
-A writer whose previous batch is still waiting sends nothing and keeps coalescing until its
-sink says the window opened again.
+``BatchSink`` (the transport's side of the stream); once per second it cuts off writers that
+have not kept up with their client's window for longer than the stall timeout. A writer whose
+previous batch is still waiting sends nothing and keeps coalescing until its sink says the
+window opened again.
+
+The interval is divided into phases of about 33 ms (3 at the default 100 ms), and every sink's
+``flush_group`` (for our transport: its connection) is given one phase, the least loaded when
+the group's first writer registers. Each tick flushes one phase's writers in one synchronous
+pass, so the batches of all streams of a connection still leave in one socket write per
+interval, while the pod's output (and its clients' work) comes in smaller bursts: in one pass
+per interval, every connection's write waited for the end of a pass over all streams, and the
+clients received every stream's batch at once. Each update still waits at most one interval
+for its writer's tick; a tick that comes late flushes every phase that is due.
 """
 
 from __future__ import annotations
@@ -30,10 +38,14 @@ class BatchSink(Protocol):
     """Where a stream's encoded ``PriceUpdateBatch`` messages go (one stream of the
     transport). ``send`` never blocks: a batch the client's window cannot take now waits in
     the sink, ``blocked_since`` tells since when (monotonic, None while nothing waits), and
-    the ``on_writable`` callback runs once the waiting batch is out."""
+    the ``on_writable`` callback runs once the waiting batch is out. Sinks with the same
+    ``flush_group`` (any hashable, e.g. their connection) are flushed on the same tick."""
 
     @property
     def blocked_since(self) -> float | None: ...
+
+    @property
+    def flush_group(self) -> object: ...
 
     def send(self, payload: bytes) -> None: ...
 
@@ -57,6 +69,7 @@ class StreamWriter:
         "end_reason",
         "offered",
         "pending",
+        "phase",
         "started",
         "updates_sent",
     )
@@ -82,7 +95,12 @@ class StreamWriter:
         # False until the stream's first batch (every last known price) is complete: until
         # then Pub/Sub news only coalesces, so the first batch carries all tickers at once.
         self.started = False
+        self.phase = 0  # the clock's tick that flushes this writer, set by FlushClock.register
         sink.on_writable(self._writable)
+
+    @property
+    def flush_group(self) -> object:
+        return self._sink.flush_group
 
     def offer(self, ticker: str, entry: Entry) -> None:
         self.pending[ticker] = entry
@@ -171,6 +189,12 @@ class StreamWriter:
 
 log = logging.getLogger("pricestream.engine.flush")
 
+# The clock ticks about this often, flushing one phase per tick. Measured (make bench, 5,000
+# streams at 100 ms): 3 phases cut the client's p99 from 138-173 to 115 ms for about 5% more
+# CPU per update; 10 ms phases (10 per interval) reached 105 ms but cost 10-30% more CPU (each
+# tick's work and the clients' replies no longer share the event loop's wake-ups).
+PHASE_SECONDS = 1 / 30
+MAX_PHASES = 16
 BACKLOG_MIN_STREAMS = 50  # fewer writers behind than this never count as a backlog
 BACKLOG_GRACE = 0.25  # seconds (at least one flush interval) a writer may be busy and not behind
 SMOOTHING = 0.2  # weight of the newest flush in the moving averages of lateness and backlog
@@ -203,7 +227,11 @@ class FlushClock:
         self._stall_timeout = stall_timeout
         self._metrics = metrics
         self._on_stall = on_stall
-        self._queued: list[StreamWriter] = []
+        self.phases = max(1, min(MAX_PHASES, round(interval / PHASE_SECONDS)))
+        self._queued: list[list[StreamWriter]] = [[] for _ in range(self.phases)]
+        self._phase_writers = [0] * self.phases  # writers registered per phase
+        # flush group -> [its phase, its registered writers]; a group leaves with its last writer.
+        self._groups: dict[object, list[int]] = {}
         self._writers: set[StreamWriter] = set()
         self._coalesced = 0
         self._updates_sent = 0
@@ -248,13 +276,38 @@ class FlushClock:
         return f"{self.backlog:.0%} of its streams with news are still writing their previous batch"
 
     def register(self, writer: StreamWriter) -> None:
+        """Take a writer into the flushes, on its flush group's phase (a new group gets the
+        phase with the fewest writers). Every registered writer is unregistered once."""
+        if writer in self._writers:
+            return
+        group = writer.flush_group
+        membership = self._groups.get(group)
+        if membership is None:
+            counts = self._phase_writers
+            membership = self._groups[group] = [counts.index(min(counts)), 0]
+        membership[1] += 1
+        writer.phase = membership[0]
+        self._phase_writers[membership[0]] += 1
         self._writers.add(writer)
 
     def unregister(self, writer: StreamWriter) -> None:
+        if writer not in self._writers:
+            return
         self._writers.discard(writer)
+        group = writer.flush_group
+        membership = self._groups[group]
+        membership[1] -= 1
+        self._phase_writers[membership[0]] -= 1
+        if not membership[1]:
+            del self._groups[group]
+
+    @property
+    def flush_groups(self) -> int:
+        """Flush groups (connections) with a registered writer."""
+        return len(self._groups)
 
     def queue(self, writer: StreamWriter) -> None:
-        self._queued.append(writer)
+        self._queued[writer.phase].append(writer)
 
     def flush_now(self, writer: StreamWriter) -> None:
         """Start a writer: send its pending batch at once (a stream's first batch), counted
@@ -280,38 +333,64 @@ class FlushClock:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        next_flush = loop.time()
-        next_stall_check = next_flush + 1.0
+        phases = self.phases
+        tick = self._interval / phases
+        next_tick = loop.time()
+        next_stall_check = next_tick + 1.0
+        phase = 0
+        # A full round of phases is one interval: lateness and backlog are judged per round.
+        round_late = 0.0
+        round_behind = round_queued = 0
         while True:
-            next_flush += self._interval
-            delay = next_flush - loop.time()
+            next_tick += tick
+            delay = next_tick - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            late = loop.time() - next_flush
+            late = loop.time() - next_tick
             if late > self._interval:
-                next_flush = loop.time()  # we fell behind: do not try to catch up in a burst
-            queued, self._queued = self._queued, []
+                due = phases  # every phase is overdue: flush them all now, no burst after
+                next_tick = loop.time()
+            else:
+                due = min(phases, 1 + int(max(late, 0.0) / tick))  # the ticks that have come
+                next_tick += (due - 1) * tick
+            round_late = max(round_late, late)
             now = time.monotonic()
             grace = self.grace
-            behind = 0
             offered = 0
             batches = 0
             published: list[int] = []
-            for writer in queued:
-                since = writer.behind_since
-                if since is not None and now - since > grace:
-                    behind += 1
-                took = writer.flush(now, published)
-                if took:
-                    offered += took
-                    batches += 1
+            wrapped = False
+            for _ in range(due):
+                queued = self._queued[phase]
+                self._queued[phase] = []
+                behind = 0
+                for writer in queued:
+                    since = writer.behind_since
+                    if since is not None and now - since > grace:
+                        behind += 1
+                    took = writer.flush(now, published)
+                    if took:
+                        offered += took
+                        batches += 1
+                round_behind += behind
+                round_queued += len(queued)
+                phase += 1
+                if phase == phases:
+                    phase = 0
+                    # A few stalled clients are the stall timeout's business, not overload.
+                    backlog = 0.0
+                    if round_behind >= BACKLOG_MIN_STREAMS:
+                        backlog = round_behind / round_queued
+                    self.observe(round_late, backlog)
+                    wrapped = True
+                    round_late = 0.0
+                    round_behind = round_queued = 0
             self._batches_sent += batches
             self._account(offered, published, time.time_ns())
-            # A few stalled clients are the stall timeout's business, not overload.
-            self.observe(late, behind / len(queued) if behind >= BACKLOG_MIN_STREAMS else 0.0)
-            self.fold_counts()
-            if next_flush >= next_stall_check:
-                next_stall_check = next_flush + 1.0
+            if wrapped:
+                self.fold_counts()
+            if next_tick >= next_stall_check:
+                next_stall_check = next_tick + 1.0
                 self._cut_off_stalled()
 
     def fold_counts(self) -> None:

@@ -52,6 +52,7 @@ class ResponseStream:
         "_queue",
         "blocked_since",
         "closed",
+        "flush_group",
         "headers_sent",
         "messages_sent",
         "stream_id",
@@ -62,6 +63,8 @@ class ResponseStream:
         self._h2 = conn.h2
         self._h2s = h2_stream
         self.stream_id = h2_stream.stream_id
+        # The streams of one connection flush on the same clock tick: one write for them all.
+        self.flush_group: object = conn
         self._queue: deque[memoryview] = deque()
         self._offset = 0  # bytes of the first queued message already sent
         self._pending_end: Callable[[], None] | None = None  # trailers behind queued messages

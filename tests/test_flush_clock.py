@@ -1,0 +1,110 @@
+"""The flush clock's phases: the streams of one connection flush on one tick, connections are
+spread over the interval, every update waits at most one interval, nothing is kept after the
+last writer of a connection goes. A real clock and writers over a recording sink."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+from pricestream.engine.flush import FlushClock, StreamWriter
+from pricestream.observability.metrics import Metrics
+
+
+class RecordingSink:
+    """A BatchSink that takes everything at once and remembers when each batch came."""
+
+    def __init__(self, group: object) -> None:
+        self.flush_group = group
+        self.blocked_since: float | None = None
+        self.sent: list[tuple[float, bytes]] = []
+
+    def send(self, payload: bytes) -> None:
+        self.sent.append((time.monotonic(), payload))
+
+    def on_writable(self, callback: Callable[[], None]) -> None:
+        pass
+
+
+def new_clock(interval: float = 0.1) -> FlushClock:
+    return FlushClock(interval, 10.0, Metrics(), on_stall=lambda writer: None)
+
+
+def writer_on(clock: FlushClock, group: object) -> tuple[StreamWriter, RecordingSink]:
+    sink = RecordingSink(group)
+    writer = StreamWriter(clock, sink, 1 << 20)
+    writer.started = True
+    clock.register(writer)
+    return writer, sink
+
+
+def entry(price: int) -> tuple[bytes, int, int]:
+    return (b"\x0a\x02" + price.to_bytes(2, "big"), time.time_ns(), price)
+
+
+@pytest.mark.parametrize(("interval", "phases"), [(0.01, 1), (0.05, 2), (0.1, 3), (1.0, 16)])
+def test_phases_follow_the_interval(interval: float, phases: int) -> None:
+    assert new_clock(interval).phases == phases
+
+
+async def test_a_connection_has_one_phase_and_connections_are_spread() -> None:
+    clock = new_clock(0.1)
+    groups = [object() for _ in range(6)]
+    writers = {id(g): [writer_on(clock, g)[0] for _ in range(4)] for g in groups}
+    for group_writers in writers.values():
+        assert len({w.phase for w in group_writers}) == 1
+    per_phase = [sum(1 for ws in writers.values() if ws[0].phase == p) for p in range(3)]
+    assert per_phase == [2, 2, 2]
+    assert clock.flush_groups == 6
+    for group_writers in writers.values():
+        for writer in group_writers:
+            clock.unregister(writer)
+            clock.unregister(writer)  # a second time changes nothing
+    assert clock.flush_groups == 0
+    assert clock._phase_writers == [0, 0, 0]
+
+
+async def test_every_update_is_flushed_within_an_interval_and_a_connection_at_once() -> None:
+    clock = new_clock(0.1)
+    groups = [object() for _ in range(6)]
+    pairs = [writer_on(clock, g) for g in groups for _ in range(5)]
+    task = asyncio.create_task(clock.run())
+    try:
+        await asyncio.sleep(0.15)
+        offered_at = time.monotonic()
+        for index, (writer, _) in enumerate(pairs):
+            writer.offer("AAPL", entry(index))
+        await asyncio.sleep(0.25)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    for group in groups:
+        times = [sink.sent[0][0] for writer, sink in pairs if sink.flush_group is group]
+        assert len(times) == 5
+        assert max(times) - min(times) < 0.005  # one pass for the whole connection
+    first = [sink.sent[0][0] - offered_at for _, sink in pairs]
+    assert all(len(sink.sent) == 1 for _, sink in pairs)
+    assert max(first) < 0.1 + 0.05  # an interval, with room for a busy machine
+    assert len({round(t, 2) for t in first}) >= 2  # the connections were not all flushed at once
+
+
+async def test_a_late_tick_flushes_every_phase_that_is_due() -> None:
+    clock = new_clock(0.1)
+    pairs = [writer_on(clock, object()) for _ in range(3)]
+    assert sorted(w.phase for w, _ in pairs) == [0, 1, 2]
+    task = asyncio.create_task(clock.run())
+    try:
+        await asyncio.sleep(0.05)
+        for index, (writer, _) in enumerate(pairs):
+            writer.offer("AAPL", entry(index))
+        time.sleep(0.3)  # noqa: ASYNC251 - blocking on purpose: the loop runs late
+        unblocked = time.monotonic()
+        await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    for _, sink in pairs:
+        assert len(sink.sent) == 1
+        assert sink.sent[0][0] - unblocked < 0.015
