@@ -23,7 +23,7 @@ from pricestream.tasks import cancel_and_wait
 from pricestream.transport.limits import Limits
 from pricestream.transport.server import Gate, GrpcServer
 
-log = logging.getLogger("pricestream.api.server")
+log = logging.getLogger("pricestream.server")
 
 MAX_REQUEST_BYTES = 64 * 1024
 SHUTDOWN_MESSAGE = "server is shutting down; resume the session on another server"

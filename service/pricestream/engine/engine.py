@@ -36,7 +36,7 @@ from pricestream.redis.sessions import POD_ALIVE_INTERVAL, RedisSessionStore
 from pricestream.settings import Settings
 from pricestream.tasks import cancel_and_wait
 
-log = logging.getLogger("pricestream.engine.engine")
+log = logging.getLogger("pricestream.engine")
 
 LEASE_REFRESH_SLICE = 200  # leases per refresh call: ~2 ms of Redis time each
 

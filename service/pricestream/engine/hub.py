@@ -18,7 +18,7 @@ from pricestream.codec import batch_frame, decode_update, price_channel
 from pricestream.engine.broker import Broker
 from pricestream.observability.metrics import Metrics
 
-log = logging.getLogger("pricestream.engine.hub")
+log = logging.getLogger("pricestream.hub")
 
 # (batch frame, publisher timestamp in ns, sequence)
 Entry = tuple[bytes, int, int]

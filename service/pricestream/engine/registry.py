@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pricestream.engine.flush import StreamWriter
 from pricestream.observability.metrics import Metrics
 
-log = logging.getLogger("pricestream.engine.sessions")
+log = logging.getLogger("pricestream.sessions")
 
 CLOSE_REASONS = (
     "closed",  # CloseSession

@@ -30,7 +30,7 @@ from pricestream.errors import (
     unavailable,
 )
 
-log = logging.getLogger("pricestream.engine.stream")
+log = logging.getLogger("pricestream.stream")
 
 RECONNECT_HINT = ("pricestream-reconnect", "resume-session")
 _CLIENT_GONE_REASONS = frozenset({"send_error", "client_gone"})

@@ -18,7 +18,7 @@ from pricestream.engine.sessions import (
 )
 from pricestream.redis.batch import CommandBatcher
 
-log = logging.getLogger("pricestream.engine.sessions")
+log = logging.getLogger("pricestream.sessions")
 
 _CREATE = """
 redis.call('HSET', KEYS[1], 'tickers', ARGV[1], 'created', ARGV[2])

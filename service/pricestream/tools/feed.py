@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from pricestream.redis.broker import backoff_delay
 from pricestream.v1.pricestream_pb2 import PriceUpdate
 
-log = logging.getLogger("pricestream.tools.feed")
+log = logging.getLogger("pricestream.feed")
 
 WELL_KNOWN = (
     "AAPL", "MSFT", "GOOG", "AMZN", "NVDA", "META", "TSLA", "BKR", "JPM", "V",
