@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 
@@ -26,6 +27,15 @@ from pricestream.transport.server import Gate, GrpcServer
 log = logging.getLogger("pricestream.server")
 
 MAX_REQUEST_BYTES = 64 * 1024
+# The cyclic garbage collector's thresholds for a serving process (CPython's: 700, 10, 10).
+# Every stream keeps ~50 tracked objects (its call, h2 state, coroutines). Measured with make
+# bench's d10k (ramp to 10,000 streams in 20 s, hold 20 s, leave): with the defaults, 11 full
+# collections, 8 during the ramp growing to 0.3 s each and 3 as the clients left (up to 0.48 s),
+# every flush and delivery paused with them, and 1,727 young collections; with these and the
+# start-up objects frozen, 2 full ones (0.02 s at start-up, 0.35 s as the clients left), none
+# during the ramp or the hold, 247 young ones (longest 33 ms) and 30 middle ones (longest
+# 84 ms). Memory is unchanged: the streams' objects are freed by reference counting.
+GC_THRESHOLDS = (10_000, 4, 10)
 SHUTDOWN_MESSAGE = "server is shutting down; resume the session on another server"
 
 
@@ -165,6 +175,10 @@ async def run_until_signalled(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    gc.set_threshold(*GC_THRESHOLDS)
     async with Server(settings):
+        # What start-up made (modules, descriptors, the server) lives as long as the process:
+        # out of the collector's sight, so no collection walks it again.
+        gc.freeze()
         await stop.wait()
         log.info("signal received, shutting down", extra={"event": "shutdown_requested"})

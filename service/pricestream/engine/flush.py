@@ -150,9 +150,12 @@ class StreamWriter:
         published += published_at
         offered = self.offered
         self.offered = 0
-        self.pending = {}
         self.batches_sent += 1
         self.updates_sent += len(pending)
+        # The same dict for the stream's life: a new one per batch, alive until the next flush,
+        # outlived young collections and filled the old generation, whose full collections
+        # then paused the loop for up to half a second at 10,000 streams.
+        pending.clear()
         sink = self._sink
         sink.send(payload)
         self._sent_at = now
@@ -182,12 +185,12 @@ class StreamWriter:
         self.end_reason = reason
         self.end_code = code
         self.end_message = message
-        self.pending = {}
+        self.pending.clear()
         if not self._ended.done():
             self._ended.set_result(None)
 
 
-log = logging.getLogger("pricestream.engine.flush")
+log = logging.getLogger("pricestream.flush")
 
 # The clock ticks about this often, flushing one phase per tick. Measured (make bench, 5,000
 # streams at 100 ms): 3 phases cut the client's p99 from 138-173 to 115 ms for about 5% more
