@@ -1,0 +1,181 @@
+"""Sentinel mode: connections go to the master the sentinels name, and follow it.
+
+Every connection (commands and Pub/Sub) asks the sentinels for the master when it connects
+(redis-py's ``SentinelManagedConnection``); the URL still gives credentials, TLS and the
+database, its host and port are not used. The sentinels are asked with the same credentials
+and TLS settings.
+
+Asking at connect time is not enough. After a planned failover, or a partition that leaves the
+old master running, a connection opened before the switch stays open to a node that is no
+longer the master: a command connection gets READONLY on its next write (redis-py then
+reconnects), but a Pub/Sub connection there answers PING and receives nothing, so its
+liveness probe stays green. ``MasterWatch`` therefore keeps the current master: it listens
+for ``+switch-master`` on one sentinel at a time (the switch is known within milliseconds)
+and asks the sentinels every ``probe_interval`` as well (a missed event, or a sentinel that
+is down, costs at most that long). Each change closes the idle command connections, makes
+the pool close busy ones to the old master when they come back, and wakes the Pub/Sub
+connections, which reconnect when their peer is not the new master (see
+``PubSubConnection``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, parse_url
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.exceptions import RedisError
+
+from pricestream.settings import Settings, sentinel_addresses
+from pricestream.tasks import run_until_first_failure
+
+log = logging.getLogger("pricestream.redis.sentinel")
+
+SWITCH_MASTER = b"+switch-master"
+Address = tuple[str, int]
+
+
+class SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """A blocking pool (as in standalone mode) of connections to the master the sentinels
+    name; a connection handed back while it points to another node is closed."""
+
+    async def release(self, connection: AbstractConnection) -> None:
+        master = self.master_address
+        if master is not None and (connection.host, connection.port) != master:
+            await connection.disconnect()
+        await super().release(connection)
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:  # closing for good: the connections to the sentinels as well
+            for sentinel in self.sentinel_manager.sentinels:
+                await sentinel.connection_pool.disconnect()
+
+    async def follow(self, master: Address) -> None:
+        """The sentinels name ``master`` now: close idle connections to any other node."""
+        if self.master_address != master:
+            self.master_address = master
+            await super().disconnect(inuse_connections=False)
+
+
+def _sentinel_options(settings: Settings) -> tuple[dict[str, Any], bool]:
+    """Connection options from the URL without its host and port, and whether it asks TLS."""
+    options = parse_url(settings.redis_url)
+    options.pop("host", None)
+    options.pop("port", None)
+    tls = options.pop("connection_class", Connection) is SSLConnection
+    return options, tls
+
+
+def make_sentinel_pool(settings: Settings, **pool_options: Any) -> SentinelPool:
+    options, tls = _sentinel_options(settings)
+    to_sentinels = {k: v for k, v in options.items() if k != "db"}
+    to_sentinels.update(
+        socket_timeout=settings.redis_timeout,
+        socket_connect_timeout=settings.redis_timeout,
+        protocol=2,
+    )
+    if tls:
+        to_sentinels["connection_class"] = SSLConnection
+    manager = Sentinel(sentinel_addresses(settings.redis_sentinels), sentinel_kwargs=to_sentinels)
+    return SentinelPool(settings.redis_sentinel_master, manager, ssl=tls, **options, **pool_options)
+
+
+class MasterWatch:
+    """The master's address as the sentinels name it, kept current by ``run``."""
+
+    def __init__(self, pool: SentinelPool, settings: Settings) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._name = settings.redis_sentinel_master
+        self._addresses = sentinel_addresses(settings.redis_sentinels)
+        self._sentinel_options = {
+            **pool.sentinel_manager.sentinel_kwargs,
+            "socket_timeout": None,  # reads wait as long as we ask; we bound them ourselves
+        }
+        self.master: Address | None = None
+        self._change = asyncio.Event()
+
+    async def changed(self) -> None:
+        """Return at the next change of master."""
+        await self._change.wait()
+
+    async def run(self) -> None:
+        await run_until_first_failure(self._poll(), self._listen())
+
+    async def _set(self, master: Address, how: str) -> None:
+        if master == self.master:
+            return
+        old, self.master = self.master, master
+        if old is not None:
+            log.warning(
+                "Redis master %s moved from %s:%d to %s:%d (%s)",
+                self._name,
+                *old,
+                *master,
+                how,
+                extra={"event": "redis_master_switched", "master": f"{master[0]}:{master[1]}"},
+            )
+        await self._pool.follow(master)
+        change, self._change = self._change, asyncio.Event()
+        change.set()
+
+    async def _poll(self) -> None:
+        failing = False
+        while True:
+            try:
+                master = await asyncio.wait_for(
+                    self._pool.sentinel_manager.discover_master(self._name),
+                    self._settings.redis_timeout * (len(self._addresses) + 1),
+                )
+            except (RedisError, OSError, TimeoutError) as exc:
+                if not failing:  # once per outage
+                    log.warning(
+                        "no sentinel names a master for %s: %s",
+                        self._name,
+                        exc or type(exc).__name__,
+                        extra={"event": "redis_master_unknown"},
+                    )
+                failing = True
+            else:
+                failing = False
+                await self._set((str(master[0]), int(master[1])), "sentinels asked")
+            await asyncio.sleep(self._settings.probe_interval)
+
+    async def _listen(self) -> None:
+        """``+switch-master`` from one sentinel at a time, the next one after a failure."""
+        turn = 0
+        while True:
+            host, port = self._addresses[turn % len(self._addresses)]
+            turn += 1
+            conn = Connection(host=host, port=port, **self._sentinel_options)
+            try:
+                await conn.connect()
+                await conn.send_command("SUBSCRIBE", SWITCH_MASTER)
+                await self._read_switches(conn)
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.debug("sentinel %s:%d subscription ended: %s", host, port, exc)
+            finally:
+                await conn.disconnect(nowait=True)
+            await asyncio.sleep(min(1.0, self._settings.probe_interval))
+
+    async def _read_switches(self, conn: Connection) -> None:
+        """Read events until the sentinel stops answering: after ``probe_interval`` of
+        silence a PING must be answered within ``probe_timeout``."""
+        quiet_for = self._settings.probe_interval
+        while True:
+            reply = await conn.read_response(timeout=quiet_for, disconnect_on_error=False)
+            if reply is None:  # nothing within quiet_for
+                if quiet_for != self._settings.probe_interval:
+                    raise TimeoutError("PING to the sentinel not answered")
+                await conn.send_command("PING", check_health=False)
+                quiet_for = self._settings.probe_timeout
+                continue
+            quiet_for = self._settings.probe_interval
+            if isinstance(reply, list) and reply[0] == b"message" and reply[1] == SWITCH_MASTER:
+                fields = reply[2].split()
+                if len(fields) == 5 and fields[0].decode() == self._name:
+                    await self._set((fields[3].decode(), int(fields[4])), "+switch-master")
