@@ -61,7 +61,7 @@ class SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
             await super().disconnect(inuse_connections=False)
 
 
-def _sentinel_options(settings: Settings) -> tuple[dict[str, Any], bool]:
+def _url_options(settings: Settings) -> tuple[dict[str, Any], bool]:
     """Connection options from the URL without its host and port, and whether it asks TLS."""
     options = parse_url(settings.redis_url)
     options.pop("host", None)
@@ -70,18 +70,33 @@ def _sentinel_options(settings: Settings) -> tuple[dict[str, Any], bool]:
     return options, tls
 
 
-def make_sentinel_pool(settings: Settings, **pool_options: Any) -> SentinelPool:
-    options, tls = _sentinel_options(settings)
-    to_sentinels = {k: v for k, v in options.items() if k != "db"}
-    to_sentinels.update(
+def sentinel_connection_options(settings: Settings) -> tuple[type[Connection], dict[str, Any]]:
+    """Connection class and options for talking to a sentinel: the URL's credentials and TLS
+    settings (not its database), the Redis timeout, RESP2."""
+    options, tls = _url_options(settings)
+    chosen = {k: v for k, v in options.items() if k in ("username", "password")}
+    if tls:
+        chosen.update({k: v for k, v in options.items() if k.startswith("ssl_")})
+    chosen.update(
         socket_timeout=settings.redis_timeout,
         socket_connect_timeout=settings.redis_timeout,
         protocol=2,
     )
-    if tls:
-        to_sentinels["connection_class"] = SSLConnection
-    manager = Sentinel(sentinel_addresses(settings.redis_sentinels), sentinel_kwargs=to_sentinels)
-    return SentinelPool(settings.redis_sentinel_master, manager, ssl=tls, **options, **pool_options)
+    return (SSLConnection if tls else Connection), chosen
+
+
+def make_sentinel_pool(settings: Settings, **pool_options: Any) -> SentinelPool:
+    """The pool; ``pool_options`` as for standalone, the URL's own options winning (as with
+    ``from_url``)."""
+    options, tls = _url_options(settings)
+    connection_class, to_sentinels = sentinel_connection_options(settings)
+    manager = Sentinel(
+        sentinel_addresses(settings.redis_sentinels),
+        sentinel_kwargs={**to_sentinels, "ssl": connection_class is SSLConnection},
+    )
+    return SentinelPool(
+        settings.redis_sentinel_master, manager, ssl=tls, **{**pool_options, **options}
+    )
 
 
 class MasterWatch:
@@ -92,10 +107,9 @@ class MasterWatch:
         self._settings = settings
         self._name = settings.redis_sentinel_master
         self._addresses = sentinel_addresses(settings.redis_sentinels)
-        self._sentinel_options = {
-            **pool.sentinel_manager.sentinel_kwargs,
-            "socket_timeout": None,  # reads wait as long as we ask; we bound them ourselves
-        }
+        self._connection_class, options = sentinel_connection_options(settings)
+        # Reads wait as long as _read_switches asks, which bounds them itself.
+        self._connection_options = {**options, "socket_timeout": None}
         self.master: Address | None = None
         self._change = asyncio.Event()
 
@@ -151,7 +165,7 @@ class MasterWatch:
         while True:
             host, port = self._addresses[turn % len(self._addresses)]
             turn += 1
-            conn = Connection(host=host, port=port, **self._sentinel_options)
+            conn = self._connection_class(host=host, port=port, **self._connection_options)
             try:
                 await conn.connect()
                 await conn.send_command("SUBSCRIBE", SWITCH_MASTER)
