@@ -35,13 +35,21 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 class Node:
     """One redis-server (data node or sentinel) with its config file in ``workdir``."""
 
-    def __init__(self, workdir: Path, name: str, lines: list[str], sentinel: bool = False):
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        lines: list[str],
+        sentinel: bool = False,
+        password: str | None = None,
+    ):
         self.binary = require_binary("redis-server")
         self.port = free_port()
         self.workdir = workdir / name
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.sentinel = sentinel
+        self.password = password
         self.conf = self.workdir / "redis.conf"
         base = [
             f"port {self.port}",
@@ -73,7 +81,7 @@ class Node:
             return bool(client.ping())
 
     def client(self) -> Redis:
-        return Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+        return Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=2)
 
     def kill(self) -> None:
         """SIGKILL, as a crash."""
@@ -118,21 +126,44 @@ class Node:
 class SentinelDeployment:
     """Master + replica + 3 sentinels (quorum 2) watching ``MASTER_NAME``."""
 
-    def __init__(self, workdir: Path, *, master_obeys_sentinels: bool = True) -> None:
+    def __init__(
+        self, workdir: Path, *, master_obeys_sentinels: bool = True, password: str | None = None
+    ) -> None:
         # A master that refuses REPLICAOF stands for one the sentinels cannot reach to demote
         # (a partition): after a failover it stays a master that nobody publishes to.
         refuse = [] if master_obeys_sentinels else ['rename-command REPLICAOF ""',
                                                     'rename-command SLAVEOF ""']  # fmt: skip
         self.workdir = workdir
-        self.master = Node(workdir, "master", refuse)
-        self.replica = Node(workdir, "replica", [f"replicaof 127.0.0.1 {self.master.port}"])
+        # With a password: every node and sentinel asks for it, as a managed deployment does.
+        auth = [f"requirepass {password}", f"masterauth {password}"] if password else []
+        self.master = Node(workdir, "master", refuse + auth, password=password)
+        self.replica = Node(
+            workdir,
+            "replica",
+            [f"replicaof 127.0.0.1 {self.master.port}", *auth],
+            password=password,
+        )
+        sentinel_auth = (
+            [
+                f"requirepass {password}",
+                f"sentinel auth-pass {MASTER_NAME} {password}",
+                f"sentinel sentinel-pass {password}",
+            ]
+            if password
+            else []
+        )
         monitor = [
             f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.master.port} 2",
             f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}",
             f"sentinel failover-timeout {MASTER_NAME} 10000",
             f"sentinel parallel-syncs {MASTER_NAME} 1",
         ]
-        self.sentinels = [Node(workdir, f"sentinel-{i}", monitor, sentinel=True) for i in range(3)]
+        self.sentinels = [
+            Node(
+                workdir, f"sentinel-{i}", monitor + sentinel_auth, sentinel=True, password=password
+            )
+            for i in range(3)
+        ]
 
     @property
     def data_nodes(self) -> list[Node]:

@@ -22,10 +22,18 @@ import grpc
 import pytest
 from conftest import fast_env, fast_settings, ready_server
 from invariants import read_metrics, samples, wait_invariant
+from pricestream.redis.broker import RedisPricePublisher
+from pricestream.redis.client import make_pool
+from pricestream.redis.sentinel import SentinelPool
+from pricestream.settings import load_settings
 from pricestream.tasks import cancel_and_wait
+from pricestream.tools.feed import RandomWalk
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from processes import ServeProcess, env_without_pricestream, pricestream_command
+from redis.asyncio.connection import SSLConnection
+from redis.asyncio.sentinel import SentinelManagedSSLConnection
+from redis.exceptions import RedisError
 from sentinel_setup import SentinelDeployment
 
 # The URL gives credentials, TLS and db in sentinel mode; its host and port are not used.
@@ -403,3 +411,75 @@ async def test_one_sentinel_down_at_start(deployment: SentinelDeployment) -> Non
                 report("kill -9 with one sentinel down, 10 streams", started, streams)
                 assert deployment.named_master() == deployment.replica.address
             await wait_invariant(server, timeout=15)
+
+
+def test_url_gives_credentials_tls_and_db_to_the_master_and_the_sentinels() -> None:
+    """Built, not connected: the URL's user, password, TLS options and db reach the master's
+    connections; user, password and TLS (not the db) reach the sentinels; host and port of
+    the URL are not used."""
+    settings = load_settings(
+        redis_mode="sentinel",
+        redis_sentinels="127.0.0.1:26379,[::1]:26380",
+        redis_sentinel_master="prices",
+        redis_url="rediss://app:pw@unused:1/3?ssl_ca_certs=/etc/ca.pem",
+    )
+    pool = make_pool(settings)
+    assert isinstance(pool, SentinelPool)
+    assert pool.connection_class is SentinelManagedSSLConnection
+    master = pool.connection_kwargs
+    assert (master["username"], master["password"], master["db"]) == ("app", "pw", 3)
+    assert master["ssl_ca_certs"] == "/etc/ca.pem"
+    assert "host" not in master and "port" not in master
+    sentinels = pool.sentinel_manager.sentinels
+    addresses = [(s.connection_pool.connection_kwargs["host"],
+                  s.connection_pool.connection_kwargs["port"]) for s in sentinels]  # fmt: skip
+    assert addresses == [("127.0.0.1", 26379), ("::1", 26380)]
+    for sentinel in sentinels:
+        assert sentinel.connection_pool.connection_class is SSLConnection
+        options = sentinel.connection_pool.connection_kwargs
+        assert (options["username"], options["password"]) == ("app", "pw")
+        assert options["ssl_ca_certs"] == "/etc/ca.pem"
+        assert options.get("db", 0) == 0
+
+
+@pytest.fixture
+def password_deployment(tmp_path: Path) -> Iterator[SentinelDeployment]:
+    deployment = SentinelDeployment(tmp_path, password="s3cret")
+    try:
+        deployment.start()
+        yield deployment
+    finally:
+        deployment.stop()
+
+
+async def test_password_of_the_url_opens_master_and_sentinels(
+    password_deployment: SentinelDeployment,
+) -> None:
+    """Master, replica and sentinels all ask for a password: the URL's is used with each, and
+    a failover is followed with it."""
+    deployment = password_deployment
+    settings = fast_settings(
+        "redis://:s3cret@unused/0", redis_outage_limit=30.0, **deployment.settings()
+    )
+    tickers = feed_tickers(4)
+    async with ready_server(settings) as server:
+        market = RedisPricePublisher(server.engine.backends.redis)
+        walk = RandomWalk(tickers, seed=2)
+        target = f"127.0.0.1:{server.grpc_port}"
+        async with open_streams(target, 2, lambda i: tickers, 1) as streams:
+            await market.publish_prices([(t, walk.step(t)) for t in tickers])
+            await wait_until(lambda: all(streams.first_batch), 10, "streaming")
+            deployment.failover()
+            deployment.wait_master(deployment.replica.address, 20)
+            await wait_until(lambda: deployment.master.pod_clients() == [], 10, "old master left")
+            streams.expect_fresh_after(time.time_ns())
+
+            async def publish_until_fresh() -> None:
+                while streams.fresh() < len(streams.calls):
+                    with contextlib.suppress(RedisError):
+                        await market.publish_prices([(t, walk.step(t)) for t in tickers])
+                    await asyncio.sleep(0.1)
+
+            await asyncio.wait_for(publish_until_fresh(), 20)
+            assert streams.ended == []
+        await wait_invariant(server, timeout=15)
