@@ -49,16 +49,25 @@ class SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
         await super().release(connection)
 
     async def disconnect(self, inuse_connections: bool = True) -> None:
+        if not inuse_connections:  # redis-py's own call when it sees a new master address
+            await self._drop_idle()
+            return
         await super().disconnect(inuse_connections)
-        if inuse_connections:  # closing for good: the connections to the sentinels as well
-            for sentinel in self.sentinel_manager.sentinels:
-                await sentinel.connection_pool.disconnect()
+        # Closing for good: the connections to the sentinels as well.
+        for sentinel in self.sentinel_manager.sentinels:
+            await sentinel.connection_pool.disconnect()
 
     async def follow(self, master: Address) -> None:
         """The sentinels name ``master`` now: close idle connections to any other node."""
         if self.master_address != master:
             self.master_address = master
-            await super().disconnect(inuse_connections=False)
+            await self._drop_idle()
+
+    async def _drop_idle(self) -> None:
+        """Close the idle connections after taking them out of the pool: closing one awaits,
+        and a command that picked it up meanwhile would write to a closing socket."""
+        idle, self._available_connections = self._available_connections, []
+        await asyncio.gather(*(c.disconnect() for c in idle), return_exceptions=True)
 
 
 def _url_options(settings: Settings) -> tuple[dict[str, Any], bool]:
