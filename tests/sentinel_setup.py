@@ -237,3 +237,24 @@ class SentinelDeployment:
     def stop(self) -> None:
         for node in [*self.sentinels, *self.data_nodes]:
             node.kill()
+
+
+def sockets_to(pid: int, port: int) -> list[str]:
+    """TCP sockets (IPv4) that process ``pid`` holds open to loopback port ``port``, with their
+    state (from /proc: the fds' socket inodes matched in /proc/net/tcp)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().as_posix()
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    states = {"01": "ESTABLISHED", "08": "CLOSE_WAIT", "02": "SYN_SENT", "06": "TIME_WAIT"}
+    found = []
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote_port = int(fields[2].split(":")[1], 16)
+        if remote_port == port and fields[9] in inodes:
+            found.append(states.get(fields[3], fields[3]))
+    return found

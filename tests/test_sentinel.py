@@ -34,7 +34,7 @@ from processes import ServeProcess, env_without_pricestream, pricestream_command
 from redis.asyncio.connection import SSLConnection
 from redis.asyncio.sentinel import SentinelManagedSSLConnection
 from redis.exceptions import RedisError
-from sentinel_setup import SentinelDeployment
+from sentinel_setup import SentinelDeployment, sockets_to
 
 # The URL gives credentials, TLS and db in sentinel mode; its host and port are not used.
 URL = "redis://127.0.0.1:1/0"
@@ -263,6 +263,10 @@ async def test_master_killed_during_500_streams(deployment: SentinelDeployment, 
                 finally:
                     await cancel_and_wait([sampler])
                 print(f"kill -9: /readyz {readiness.summary()} after the kill")
+                # No socket of the pod left to the dead master (a reconnect that forgot to
+                # close the old one would leave it in CLOSE_WAIT).
+                assert sockets_to(server.proc.pid, old.port) == []
+                assert sockets_to(server.proc.pid, new.port) != []
                 assert deployment.named_master() == new.address
                 assert len(took) == 500
                 assert readiness.unready, "readiness never dropped while no master answered"
