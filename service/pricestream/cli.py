@@ -134,11 +134,13 @@ async def _feed_main(args: argparse.Namespace, settings: Settings) -> int:
     client = Redis.from_pool(pool)  # closing the client closes its pool
     # Sentinel mode: follow a switch of master even when the old one still takes writes.
     watch = MasterWatch(pool, settings) if isinstance(pool, SentinelPool) else None
-    watching = asyncio.create_task(watch.run()) if watch is not None else None
+    watching: asyncio.Task[None] | None = None
     tickers = ticker_universe(args.tickers)
     log.info("feed: %d tickers at %g updates/s to %s", len(tickers), args.rate,
              redis_target(settings))  # fmt: skip
     try:
+        if watch is not None:
+            watching = asyncio.create_task(watch.run(), name="sentinel-watch")
         await wait_for_redis(client, settings.reconnect_max_backoff)
         published = await run_feed(
             RedisPricePublisher(client),
