@@ -65,10 +65,24 @@ def feed(deployment: SentinelDeployment, rate: float) -> Iterator[subprocess.Pop
     with open(deployment.workdir / "feed.log", "ab") as log:
         proc = subprocess.Popen(pricestream_command(*args), env=env, stderr=log)
         try:
+            wait_publishing(deployment, proc)
             yield proc
         finally:
             proc.kill()
             proc.wait()
+
+
+def wait_publishing(deployment: SentinelDeployment, proc: subprocess.Popen[bytes]) -> None:
+    """Until the feed has stored a price on the master (a busy machine starts it slowly)."""
+    master = deployment.node_at(deployment.named_master())
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, "the feed exited"
+        with master.client() as client:
+            if client.exists("price:last:AAPL"):
+                return
+        assert time.monotonic() < deadline, "the feed published nothing within 60 s"
+        time.sleep(0.1)
 
 
 def sentinel_settings(deployment: SentinelDeployment, **overrides: object):
@@ -311,7 +325,7 @@ async def test_planned_failover_moves_every_connection(deployment: SentinelDeplo
             target = f"127.0.0.1:{server.grpc_port}"
             async with open_streams(target, 20, lambda i: tickers[i : i + 3], 2) as streams:
                 await wait_until(
-                    lambda: all(t is not None for t in streams.first_batch), 10, "streaming"
+                    lambda: all(t is not None for t in streams.first_batch), 30, "streaming"
                 )
                 assert old.pubsub_clients() == 2
                 started = time.monotonic()
@@ -340,7 +354,7 @@ async def test_planned_failover_moves_every_connection(deployment: SentinelDeplo
                 with new.client() as client:
                     keys = [f"pricestream:{kind}:{s}" for s in streams.sessions
                             for kind in ("session", "lease")]  # fmt: skip
-                    assert client.delete(*keys) == 40
+                    client.delete(*keys)  # (a lease may have lapsed already on a busy machine)
                     await wait_until(
                         lambda: client.exists(*keys) == 40, 5, "sessions and leases written back"
                     )
@@ -361,7 +375,7 @@ def stubborn_deployment(tmp_path: Path) -> Iterator[SentinelDeployment]:
 
 
 async def test_pubsub_leaves_a_master_the_sentinels_no_longer_name(
-    stubborn_deployment: SentinelDeployment,
+    stubborn_deployment: SentinelDeployment, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The trap: after the failover the old master still answers PING (the liveness probe
     alone stays green) and still holds our subscriptions, but prices go to the new master.
@@ -374,7 +388,7 @@ async def test_pubsub_leaves_a_master_the_sentinels_no_longer_name(
             target = f"127.0.0.1:{server.grpc_port}"
             async with open_streams(target, 10, lambda i: tickers[i : i + 2], 1) as streams:
                 await wait_until(
-                    lambda: all(t is not None for t in streams.first_batch), 10, "streaming"
+                    lambda: all(t is not None for t in streams.first_batch), 30, "streaming"
                 )
                 assert old.pubsub_clients() == 2
                 started = time.monotonic()
@@ -393,6 +407,15 @@ async def test_pubsub_leaves_a_master_the_sentinels_no_longer_name(
                 report("failover away from a master that stays up", started, streams)
                 await wait_until(lambda: new.pubsub_clients() == 2, 5, "2 Pub/Sub on new master")
                 assert server.engine.ready
+                # One switch seen (by the +switch-master event, or the poll if it came first),
+                # and it was the master check that ended the Pub/Sub connections, not a probe.
+                (switched,) = [r for r in caplog.records if r.__dict__.get("event") ==
+                               "redis_master_switched"]  # fmt: skip
+                print(f"trap: the pod learnt the switch from {switched.args[-1]}")
+                lost = [r.getMessage() for r in caplog.records
+                        if r.__dict__.get("event") == "redis_connection_lost"]  # fmt: skip
+                assert len(lost) == 2
+                assert all("is no longer the master" in m for m in lost)
             await wait_invariant(server, timeout=15)
 
 
@@ -406,7 +429,7 @@ async def test_one_sentinel_down_at_start(deployment: SentinelDeployment) -> Non
             target = f"127.0.0.1:{server.grpc_port}"
             async with open_streams(target, 10, lambda i: tickers[i : i + 2], 1) as streams:
                 await wait_until(
-                    lambda: all(t is not None for t in streams.first_batch), 10, "streaming"
+                    lambda: all(t is not None for t in streams.first_batch), 30, "streaming"
                 )
                 streams.expect_fresh_after(time.time_ns())
                 started = time.monotonic()
@@ -472,7 +495,7 @@ async def test_password_of_the_url_opens_master_and_sentinels(
         target = f"127.0.0.1:{server.grpc_port}"
         async with open_streams(target, 2, lambda i: tickers, 1) as streams:
             await market.publish_prices([(t, walk.step(t)) for t in tickers])
-            await wait_until(lambda: all(streams.first_batch), 10, "streaming")
+            await wait_until(lambda: all(streams.first_batch), 30, "streaming")
             deployment.failover()
             deployment.wait_master(deployment.replica.address, 20)
             await wait_until(lambda: deployment.master.pod_clients() == [], 10, "old master left")
