@@ -467,6 +467,8 @@ def test_url_gives_credentials_tls_and_db_to_the_master_and_the_sentinels() -> N
         assert (options["username"], options["password"]) == ("app", "pw")
         assert options["ssl_ca_certs"] == "/etc/ca.pem"
         assert options.get("db", 0) == 0
+        # Asked once: a sentinel that is down costs no retries (discover moves on at once).
+        assert sentinel.get_retry().get_retries() == 0
 
 
 @pytest.fixture

@@ -27,7 +27,9 @@ from typing import Any
 from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, parse_url
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from pricestream.settings import Settings, sentinel_addresses
 from pricestream.tasks import run_until_first_failure
@@ -101,7 +103,14 @@ def make_sentinel_pool(settings: Settings, **pool_options: Any) -> SentinelPool:
     connection_class, to_sentinels = sentinel_connection_options(settings)
     manager = Sentinel(
         sentinel_addresses(settings.redis_sentinels),
-        sentinel_kwargs={**to_sentinels, "ssl": connection_class is SSLConnection},
+        sentinel_kwargs={
+            **to_sentinels,
+            "ssl": connection_class is SSLConnection,
+            # No retries: asking the sentinels moves on to the next one at once, and every
+            # caller retries with its own backoff. (redis-py's default, 10 retries with backoff,
+            # spent up to 4 s on a sentinel that is down, each time the master was asked for.)
+            "retry": Retry(NoBackoff(), 0),
+        },
     )
     return SentinelPool(
         settings.redis_sentinel_master, manager, ssl=tls, **{**pool_options, **options}
