@@ -197,16 +197,17 @@ class MasterWatch:
     async def _read_switches(self, conn: Connection) -> None:
         """Read events until the sentinel stops answering: after ``probe_interval`` of
         silence a PING must be answered within ``probe_timeout``."""
-        quiet_for = self._settings.probe_interval
+        pinged = False
         while True:
-            reply = await conn.read_response(timeout=quiet_for, disconnect_on_error=False)
-            if reply is None:  # nothing within quiet_for
-                if quiet_for != self._settings.probe_interval:
+            wait = self._settings.probe_timeout if pinged else self._settings.probe_interval
+            reply = await conn.read_response(timeout=wait, disconnect_on_error=False)
+            if reply is None:  # nothing within ``wait``
+                if pinged:
                     raise TimeoutError("PING to the sentinel not answered")
                 await conn.send_command("PING", check_health=False)
-                quiet_for = self._settings.probe_timeout
+                pinged = True
                 continue
-            quiet_for = self._settings.probe_interval
+            pinged = False  # anything that arrives (the pong too) shows the sentinel answers
             if isinstance(reply, list) and reply[0] == b"message" and reply[1] == SWITCH_MASTER:
                 fields = reply[2].split()
                 if len(fields) == 5 and fields[0].decode() == self._name:
