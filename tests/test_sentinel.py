@@ -512,3 +512,30 @@ async def test_password_of_the_url_opens_master_and_sentinels(
             await asyncio.wait_for(publish_until_fresh(), 20)
             assert streams.ended == []
         await wait_invariant(server, timeout=15)
+
+
+async def test_all_sentinels_down_leaves_working_connections_alone(
+    deployment: SentinelDeployment,
+) -> None:
+    """With every sentinel gone the master still works: the pod keeps its connections, stays
+    ready and streams; it learns nothing new until a sentinel answers again."""
+    settings = sentinel_settings(deployment, pod_name="pod-no-sentinels")
+    tickers = feed_tickers(3)
+    async with ready_server(settings) as server:
+        market = RedisPricePublisher(server.engine.backends.redis)
+        walk = RandomWalk(tickers, seed=3)
+        target = f"127.0.0.1:{server.grpc_port}"
+        async with open_streams(target, 3, lambda i: tickers, 1) as streams:
+            await market.publish_prices([(t, walk.step(t)) for t in tickers])
+            await wait_until(lambda: all(streams.first_batch), 30, "streaming")
+            opened = server.engine.metrics.connections_opened._value.get()
+            for sentinel in deployment.sentinels:
+                sentinel.stop()
+            await asyncio.sleep(3 * settings.probe_interval + settings.probe_timeout)
+            assert server.engine.ready
+            assert server.engine.metrics.connections_opened._value.get() == opened
+            assert deployment.master.pubsub_clients() == 2
+            streams.expect_fresh_after(time.time_ns())
+            await market.publish_prices([(t, walk.step(t)) for t in tickers])
+            await wait_all_fresh(streams, 10)
+        await wait_invariant(server, timeout=15)
