@@ -54,6 +54,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "monitoring.serviceMonitor.interval": DURATION,
     "monitoring.serviceMonitor.scrapeTimeout": DURATION,
     "redis.external.url": {"type": "string", "pattern": r"^$|^(redis|rediss)://"},
+    "redis.mode": {"enum": ["standalone", "sentinel", "cluster"]},
     "monitoring.rules.runbookUrl": {"type": "string", "pattern": r"^https?://"},
 }
 MINIMUM_ONE = {"replicaCount", "autoscaling.minReplicas", "autoscaling.maxReplicas"}

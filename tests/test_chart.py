@@ -567,3 +567,152 @@ def test_tls_mounts_the_secret_and_probes_over_http() -> None:
     assert config["data"]["PRICESTREAM_TLS_CLIENT_CA_FILE"] == "/etc/pricestream/tls/ca.crt"
     (test_pod,) = [p for p in find(objects, "Pod") if hook(p) == "test"]
     assert "--tls-ca" in test_pod["spec"]["containers"][0]["args"]
+
+
+def env_of(deployment: dict[str, Any]) -> dict[str, Any]:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def from_secret(name: str, key: str) -> dict[str, Any]:
+    return {"secretKeyRef": {"name": name, "key": key}}
+
+
+@pytest.mark.parametrize(
+    ("values_file", "expected"),
+    [
+        (
+            "sentinel-values.yaml",
+            {
+                "PRICESTREAM_REDIS_MODE": "sentinel",
+                "PRICESTREAM_REDIS_SENTINELS": from_secret(
+                    "pricestream-redis-sentinel", "sentinels"
+                ),
+                "PRICESTREAM_REDIS_SENTINEL_MASTER": from_secret(
+                    "pricestream-redis-sentinel", "master-name"
+                ),
+                "PRICESTREAM_REDIS_URL": from_secret("pricestream-redis-sentinel", "redis-url"),
+            },
+        ),
+        (
+            "cluster-values.yaml",
+            {
+                "PRICESTREAM_REDIS_MODE": "cluster",
+                "PRICESTREAM_REDIS_URL": from_secret("pricestream-redis-cluster", "redis-url"),
+            },
+        ),
+        (
+            "external-redis-values.yaml",
+            {"PRICESTREAM_REDIS_URL": from_secret("pricestream-redis", "redis-url")},
+        ),
+    ],
+)
+def test_redis_mode_reaches_serve_and_feed_from_the_secret(
+    values_file: str, expected: dict[str, Any]
+) -> None:
+    """Server and feed get the same topology settings, endpoints by Secret reference only."""
+    objects = render(*values(values_file), "--set", "feed.enabled=true")
+    assert not find(objects, "Secret")
+    assert not [d for d in find(objects, "Deployment") if "redis" in d["metadata"]["name"]]
+    names = {d["metadata"]["name"] for d in find(objects, "Deployment")}
+    assert names == {"pricestream", "pricestream-feed"}
+    for deployment in find(objects, "Deployment"):
+        env = env_of(deployment)
+        redis_env = {k: v for k, v in env.items() if k.startswith("PRICESTREAM_REDIS_")}
+        redis_env.pop("PRICESTREAM_REDIS_TIMEOUT", None)
+        redis_env.pop("PRICESTREAM_REDIS_OUTAGE_LIMIT", None)
+        assert redis_env == expected, deployment["metadata"]["name"]
+
+
+@pytest.mark.parametrize(
+    ("args", "ports", "to"),
+    [
+        ([], [6379], "redis-pod"),
+        (values("external-redis-values.yaml"), [6380], [{"ipBlock": {"cidr": "10.20.0.0/16"}}]),
+        (values("sentinel-values.yaml"), [6379, 26379], [{"ipBlock": {"cidr": "10.30.0.0/16"}}]),
+        (values("cluster-values.yaml"), [6379], [{"ipBlock": {"cidr": "10.40.0.0/16"}}]),
+        (
+            [*values("sentinel-values.yaml"), "--set", "networkPolicy.sentinelPort=5000"],
+            [6379, 5000],
+            [{"ipBlock": {"cidr": "10.30.0.0/16"}}],
+        ),
+    ],
+    ids=["in-chart", "standalone-external", "sentinel", "cluster", "sentinel-port"],
+)
+def test_network_policy_egress_follows_the_redis_mode(
+    args: list[str], ports: list[int], to: Any
+) -> None:
+    objects = render(*args, "--set", "feed.enabled=true")
+    policies = {p["metadata"]["name"]: p for p in find(objects, "NetworkPolicy")}
+    for name in ("pricestream", "pricestream-feed"):
+        (dns, redis_rule, *_) = policies[name]["spec"]["egress"]
+        assert {p["port"] for p in dns["ports"]} == {53}
+        assert redis_rule["ports"] == [{"port": p, "protocol": "TCP"} for p in ports]
+        if to == "redis-pod":
+            labels = redis_rule["to"][0]["podSelector"]["matchLabels"]
+            assert labels["app.kubernetes.io/component"] == "redis"
+        else:
+            assert redis_rule["to"] == to
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "redis.mode=sentinal"], "/redis/mode"),
+        (
+            ["--set", "redis.mode=sentinel"],
+            "redis.mode=sentinel needs redis.enabled=false: the in-chart Redis is one standalone",
+        ),
+        (
+            ["--set", "redis.mode=sentinel,redis.enabled=false"],
+            "redis.mode=sentinel: set redis.sentinel.existingSecret",
+        ),
+        (
+            ["--set", "redis.mode=cluster,redis.enabled=false"],
+            "redis.mode=cluster: set redis.cluster.existingSecret",
+        ),
+    ],
+    ids=["unknown-mode", "sentinel-with-in-chart-redis", "sentinel-no-secret", "cluster-no-secret"],
+)
+def test_bad_redis_mode_values_are_rejected_with_a_reason(args: list[str], message: str) -> None:
+    command = [helm(), "template", "x", str(CHART), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("values_file", "present", "message"),
+    [
+        (
+            "sentinel-values.yaml",
+            secret("pricestream-redis-sentinel", "sentinels", "master-name", "redis-url"),
+            None,
+        ),
+        (
+            "sentinel-values.yaml",
+            secret("pricestream-redis-sentinel", "sentinels", "redis-url"),
+            'Secret "pricestream-redis-sentinel" in namespace "prod", named by '
+            'redis.sentinel.existingSecret, has no key "master-name"',
+        ),
+        ("cluster-values.yaml", secret("pricestream-redis-cluster", "redis-url"), None),
+        (
+            "cluster-values.yaml",
+            None,
+            'Secret "pricestream-redis-cluster", named by redis.cluster.existingSecret, does not '
+            "exist",
+        ),
+    ],
+    ids=["sentinel-ok", "sentinel-key-missing", "cluster-ok", "cluster-missing"],
+)
+def test_install_checks_the_redis_mode_secret(
+    tmp_path: Path, values_file: str, present: dict[str, Any] | None, message: str | None
+) -> None:
+    api = FakeApiServer([present] if present else [])
+    with api.running():
+        result = render_against(api, tmp_path, *values(values_file))
+    if message is None:
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode != 0
+        assert message in result.stderr

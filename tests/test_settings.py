@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from pricestream.settings import SettingsError, check_environment, unknown_settings
+from pricestream.settings import (
+    SettingsError,
+    check_environment,
+    load_settings,
+    sentinel_addresses,
+    unknown_settings,
+)
 
 
 def service_links(service: str, ip: str, ports: dict[str, int]) -> dict[str, str]:
@@ -98,3 +104,35 @@ def test_link_value_under_a_setting_name_is_left_to_validation() -> None:
     """A Service named pricestream-grpc would inject PRICESTREAM_GRPC_PORT=tcp://…: that is a
     real setting, so its value fails validation (the chart turns service links off)."""
     assert unknown_settings({"PRICESTREAM_GRPC_PORT": "tcp://10.96.0.9:50051"}) == []
+
+
+SENTINEL = {
+    "redis_mode": "sentinel",
+    "redis_sentinels": "10.0.0.1:26379,[fd00::2]:26379",
+    "redis_sentinel_master": "prices",
+}
+
+
+def test_sentinel_mode_is_accepted_with_its_settings() -> None:
+    settings = load_settings(**SENTINEL, redis_url="rediss://:pw@ignored:6379/3")
+    assert settings.redis_mode == "sentinel"
+    assert sentinel_addresses(settings.redis_sentinels) == [
+        ("10.0.0.1", 26379),
+        ("fd00::2", 26379),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"redis_mode": "sentinel"}, "redis_mode=sentinel needs redis_sentinels and"),
+        ({**SENTINEL, "redis_sentinels": "10.0.0.1"}, "'10.0.0.1' is not host:port"),
+        ({**SENTINEL, "redis_url": "unix:///run/redis.sock"}, "needs a redis:// or rediss://"),
+        ({"redis_sentinel_master": "prices"}, "need redis_mode=sentinel"),
+    ],
+)
+def test_bad_topology_is_one_clear_line(overrides: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        load_settings(**overrides)
+    assert message in str(raised.value)
+    assert "\n" not in str(raised.value)

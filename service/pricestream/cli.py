@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import os
@@ -15,10 +16,24 @@ from redis.asyncio import Redis
 
 from pricestream.observability.logs import configure_logging
 from pricestream.redis.broker import RedisPricePublisher
+from pricestream.redis.client import make_pool, redis_target
+from pricestream.redis.sentinel import MasterWatch, SentinelPool
 from pricestream.settings import Settings, SettingsError, check_environment, load_settings
+from pricestream.tasks import cancel_and_wait
 from pricestream.tools.feed import WELL_KNOWN, run_feed, ticker_universe, wait_for_redis
 
 log = logging.getLogger("pricestream.cli")
+
+# The feed reaches Redis as the server does: same URL, topology, timeouts and backoff.
+FEED_SETTINGS = (
+    "redis_url",
+    "redis_mode",
+    "redis_sentinels",
+    "redis_sentinel_master",
+    "redis_timeout",
+    "reconnect_max_backoff",
+    "log_level",
+)
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
@@ -54,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     feed.add_argument("--tickers", type=int, default=50, help="how many tickers (default 50)")
     feed.add_argument("--rate", type=float, default=1000.0, help="updates per second in total")
     feed.add_argument("--duration", type=float, default=None, help="seconds; default: forever")
-    _add_setting_flags(feed, only=("redis_url", "redis_timeout", "log_level"))
+    _add_setting_flags(feed, only=FEED_SETTINGS)
 
     watch = commands.add_parser("watch", help="stream tickers into a live terminal table")
     watch.add_argument("tickers", nargs="+", help="ticker symbols, e.g. AAPL MSFT")
@@ -115,13 +130,28 @@ async def _health_main(args: argparse.Namespace) -> int:
 
 
 async def _feed_main(args: argparse.Namespace, settings: Settings) -> int:
-    client = Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout)
+    pool = make_pool(settings)
+    client = Redis.from_pool(pool)  # closing the client closes its pool
+    # Sentinel mode: follow a switch of master even when the old one still takes writes.
+    watch = MasterWatch(pool, settings) if isinstance(pool, SentinelPool) else None
+    watching: asyncio.Task[None] | None = None
     tickers = ticker_universe(args.tickers)
-    log.info("feed: %d tickers at %g updates/s", len(tickers), args.rate)
+    log.info("feed: %d tickers at %g updates/s to %s", len(tickers), args.rate,
+             redis_target(settings))  # fmt: skip
     try:
+        if watch is not None:
+            watching = asyncio.create_task(watch.run(), name="sentinel-watch")
         await wait_for_redis(client, settings.reconnect_max_backoff)
-        published = await run_feed(RedisPricePublisher(client), tickers, args.rate, args.duration)
+        published = await run_feed(
+            RedisPricePublisher(client),
+            tickers,
+            args.rate,
+            args.duration,
+            max_backoff=settings.reconnect_max_backoff,
+        )
     finally:
+        if watching is not None:
+            await cancel_and_wait([watching])
         await client.aclose()
     log.info("feed: published %d updates", published, extra={"event": "feed_finished"})
     return 0

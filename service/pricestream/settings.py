@@ -181,7 +181,12 @@ class Settings(BaseSettings):
             raise ValueError("redis_sentinels and redis_sentinel_master need redis_mode=sentinel")
         if self.redis_mode == "cluster" and self.redis_url.startswith("unix://"):
             raise ValueError("redis_mode=cluster needs a redis:// or rediss:// seed node URL")
-        if self.redis_mode != "standalone":  # until the modes land (issue 14)
+        if sentinel and self.redis_url.startswith("unix://"):
+            raise ValueError(
+                "redis_mode=sentinel needs a redis:// or rediss:// URL (its credentials, TLS "
+                "and database apply to the master the sentinels name)"
+            )
+        if self.redis_mode == "cluster":  # until cluster mode lands (issue 14, part 2)
             raise ValueError(f"redis_mode={self.redis_mode} is not implemented in this build yet")
         return self
 

@@ -31,7 +31,8 @@ from pricestream.observability.metrics import LiveGauges, Metrics
 from pricestream.observability.tracing import Tracing
 from pricestream.redis.batch import CommandBatcher
 from pricestream.redis.broker import RedisBroker
-from pricestream.redis.client import make_client, make_pool, redacted
+from pricestream.redis.client import make_client, make_pool, redis_target
+from pricestream.redis.sentinel import MasterWatch, SentinelPool
 from pricestream.redis.sessions import POD_ALIVE_INTERVAL, RedisSessionStore
 from pricestream.settings import Settings
 from pricestream.tasks import cancel_and_wait
@@ -108,8 +109,9 @@ class Engine:
         pool = make_pool(s)
         client = make_client(pool)
         batcher = CommandBatcher(client)
+        watch = MasterWatch(pool, s) if isinstance(pool, SentinelPool) else None
         return Backends(
-            RedisBroker(pool, client, s, self.metrics, batcher),
+            RedisBroker(pool, client, s, self.metrics, batcher, watch),
             RedisSessionStore(
                 client, batcher, s.session_ttl, s.lease_ttl, s.resume_grace, self.pod_instance
             ),
@@ -149,7 +151,7 @@ class Engine:
 
     async def __aenter__(self) -> Engine:
         if self.backends.redis is not None:
-            log.info("using Redis at %s", redacted(self.settings.redis_url))
+            log.info("using Redis at %s", redis_target(self.settings))
         self.hub.on_service_channel(SESSION_CLOSED_CHANNEL, self._on_closed_message)
         await self.broker.start()
         self._tasks = [

@@ -12,6 +12,11 @@ That tests both directions of the socket: incoming messages alone prove only Red
 socket whose pod→Redis direction stalled would otherwise look healthy. A connection turns
 unhealthy within ``probe_interval + probe_timeout`` of its last confirmed reply.
 
+A PING proves the socket, not that the node on the other end is the one prices are published
+to: in sentinel mode a demoted master answers it too while it receives nothing. There each
+connection also follows a ``MasterWatch`` and is replaced as soon as its peer is not the
+master the sentinels name.
+
 Replies to our commands (subscribe, unsubscribe, pong) arrive in the order the commands were
 sent, between messages; each command registers how many replies it expects in a FIFO before
 it is written (under a lock, so two writers cannot reorder), and the reader settles them.
@@ -36,6 +41,7 @@ from pricestream.codec import PROBE_CHANNEL_PREFIX, last_price_key, price_channe
 from pricestream.engine.broker import MessageHandler
 from pricestream.observability.metrics import Metrics
 from pricestream.redis.batch import CommandBatcher
+from pricestream.redis.sentinel import MasterWatch
 from pricestream.settings import Settings
 from pricestream.tasks import cancel_and_wait, run_until_first_failure
 
@@ -55,6 +61,10 @@ def backoff_delay(failures: int, max_backoff: float) -> float:
 
 class ProbeFailed(Exception):
     """A probe or a (un)subscribe was not answered in time: the connection is not working."""
+
+
+class NotMaster(Exception):
+    """The connection's peer is no longer the master the sentinels name."""
 
 
 def _chunks(items: Iterable[bytes], size: int) -> Iterable[list[bytes]]:
@@ -78,8 +88,10 @@ class PubSubConnection:
         settings: Settings,
         metrics: Metrics,
         handler_ref: list[MessageHandler],
+        watch: MasterWatch | None = None,
     ) -> None:
         self.index = index
+        self._watch = watch
         self._pool = pool
         self._settings = settings
         self._metrics = metrics
@@ -112,7 +124,7 @@ class PubSubConnection:
         while True:
             try:
                 await self._connect_and_serve()
-            except (TimeoutError, RedisError, OSError, ProbeFailed) as exc:
+            except (TimeoutError, RedisError, OSError, ProbeFailed, NotMaster) as exc:
                 failures += 1
                 delay = self._backoff(failures)
                 log.warning(
@@ -149,9 +161,10 @@ class PubSubConnection:
             self._owed.clear()
             self._changed.set()
             self._last_confirmed = asyncio.get_running_loop().time()
-            await run_until_first_failure(
-                self._read(conn), self._sync(conn), self._watch_liveness(conn)
-            )
+            tasks = [self._read(conn), self._sync(conn), self._watch_liveness(conn)]
+            if self._watch is not None:
+                tasks.append(self._follow_master(conn, self._watch))
+            await run_until_first_failure(*tasks)
         finally:
             self.connected = False
             self.live = False
@@ -227,6 +240,18 @@ class PubSubConnection:
             if owed:
                 await self._answered(owed, "SUBSCRIBE/UNSUBSCRIBE")
 
+    async def _follow_master(self, conn: AbstractConnection, watch: MasterWatch) -> None:
+        """End the connection once the sentinels name another node as master (an unknown
+        master, all sentinels down, leaves a working connection alone)."""
+        while True:
+            master = watch.master
+            if master is not None and (conn.host, conn.port) != master:
+                raise NotMaster(
+                    f"{conn.host}:{conn.port} is no longer the master; "
+                    f"the sentinels name {master[0]}:{master[1]}"
+                )
+            await watch.changed()
+
     async def _watch_liveness(self, conn: AbstractConnection) -> None:
         loop = asyncio.get_running_loop()
         interval = self._settings.probe_interval
@@ -258,12 +283,14 @@ class RedisBroker:
         settings: Settings,
         metrics: Metrics,
         batcher: CommandBatcher,
+        watch: MasterWatch | None = None,
     ):
         self._commands = commands
         self._batcher = batcher
+        self._watch = watch
         self._handler_ref: list[MessageHandler] = [_drop]
         self._connections = [
-            PubSubConnection(i, pool, settings, metrics, self._handler_ref)
+            PubSubConnection(i, pool, settings, metrics, self._handler_ref, watch)
             for i in range(settings.pubsub_connections)
         ]
         self._tasks: list[asyncio.Task[None]] = []
@@ -299,6 +326,8 @@ class RedisBroker:
             asyncio.create_task(conn.run(), name=f"pubsub-connection-{conn.index}")
             for conn in self._connections
         ]
+        if self._watch is not None:
+            self._tasks.append(asyncio.create_task(self._watch.run(), name="sentinel-watch"))
 
     async def aclose(self) -> None:
         await cancel_and_wait(self._tasks)

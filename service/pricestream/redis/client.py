@@ -6,15 +6,16 @@ from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from pricestream.redis.sentinel import make_sentinel_pool
 from pricestream.settings import Settings
 
 
 def make_pool(settings: Settings) -> ConnectionPool:
-    """A connection pool whose every connect, read and write times out after ``redis_timeout``."""
+    """A connection pool whose every connect, read and write times out after ``redis_timeout``;
+    in sentinel mode its connections go to the master the sentinels name."""
     # Blocking: a burst of requests waits (up to the timeout) for a free connection
     # instead of failing at once with "Too many connections".
-    return BlockingConnectionPool.from_url(
-        settings.redis_url,
+    options = dict(
         timeout=settings.redis_timeout,
         socket_timeout=settings.redis_timeout,
         socket_connect_timeout=settings.redis_timeout,
@@ -24,6 +25,9 @@ def make_pool(settings: Settings) -> ConnectionPool:
         # RESP2: Pub/Sub messages come back from read_response instead of a push handler.
         protocol=2,
     )
+    if settings.redis_mode == "sentinel":
+        return make_sentinel_pool(settings, **options)
+    return BlockingConnectionPool.from_url(settings.redis_url, **options)
 
 
 def make_client(pool: ConnectionPool) -> Redis:
@@ -38,3 +42,13 @@ def redacted(url: str) -> str:
     credentials, _, host = rest.rpartition("@")
     user = credentials.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}" if ":" in credentials else f"{scheme}://***@{host}"
+
+
+def redis_target(settings: Settings) -> str:
+    """Where the Redis connections go, for a log line."""
+    if settings.redis_mode == "sentinel":
+        return (
+            f"the master {settings.redis_sentinel_master!r} of sentinels "
+            f"{settings.redis_sentinels} (credentials, TLS, db of {redacted(settings.redis_url)})"
+        )
+    return redacted(settings.redis_url)

@@ -100,8 +100,12 @@ async def run_feed(
     rate: float,
     duration: float | None = None,
     seed: int | None = None,
+    max_backoff: float = 5.0,
 ) -> int:
-    """Publish ``rate`` updates/s spread over ``tickers`` round-robin; returns how many."""
+    """Publish ``rate`` updates/s spread over ``tickers`` round-robin; returns how many.
+
+    A batch Redis refuses (restart, failover) is dropped, not retried: the next batch carries
+    newer prices. The feed waits with backoff and goes on, one log line per outage."""
     if rate <= 0:
         raise ValueError("rate must be positive")
     walk = RandomWalk(tickers, seed)
@@ -109,19 +113,42 @@ async def run_feed(
     start = loop.time()
     end = None if duration is None else start + duration
     published = 0
+    paced = 0  # updates since ``start``, the pace's reference point
     cursor = 0
     next_tick = start
+    failures = 0
     while end is None or loop.time() < end:
         next_tick += TICK_SECONDS
-        due = int((next_tick - start) * rate) - published
+        due = int((next_tick - start) * rate) - paced
         if due > 0:
             batch = []
             for _ in range(due):
                 ticker = walk.tickers[cursor % len(walk.tickers)]
                 cursor += 1
                 batch.append((ticker, walk.step(ticker)))
-            await publisher.publish_prices(batch)
+            try:
+                await publisher.publish_prices(batch)
+            except (RedisError, OSError) as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning(
+                        "feed: publishing failed (%s); dropping batches until Redis answers",
+                        exc or type(exc).__name__,
+                        extra={"event": "feed_publish_failed"},
+                    )
+                await asyncio.sleep(backoff_delay(failures, max_backoff))
+                start = next_tick = loop.time()  # restart the pace; do not burst to catch up
+                paced = 0
+                continue
+            if failures:
+                log.info(
+                    "feed: publishing again after %d failed attempts",
+                    failures,
+                    extra={"event": "feed_publish_restored"},
+                )
+                failures = 0
             published += due
+            paced += due
         delay = next_tick - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)

@@ -152,8 +152,19 @@ from "no cluster" with the permission Helm's own release storage needs.
 {{- include "pricestream.requireSecret" (dict "root" $ "name" . "value" "tls.existingSecret" "keys" $keys) }}
 {{- end }}
 {{- if not .Values.redis.enabled }}
-{{- with .Values.redis.external.existingSecret }}
-{{- include "pricestream.requireSecret" (dict "root" $ "name" . "value" "redis.external.existingSecret" "keys" (list $.Values.redis.external.existingSecretKey)) }}
+{{- $r := .Values.redis }}
+{{- if eq $r.mode "sentinel" }}
+{{- with $r.sentinel.existingSecret }}
+{{- include "pricestream.requireSecret" (dict "root" $ "name" . "value" "redis.sentinel.existingSecret" "keys" (list $r.sentinel.sentinelsKey $r.sentinel.masterNameKey $r.sentinel.urlKey)) }}
+{{- end }}
+{{- else if eq $r.mode "cluster" }}
+{{- with $r.cluster.existingSecret }}
+{{- include "pricestream.requireSecret" (dict "root" $ "name" . "value" "redis.cluster.existingSecret" "keys" (list $r.cluster.urlKey)) }}
+{{- end }}
+{{- else }}
+{{- with $r.external.existingSecret }}
+{{- include "pricestream.requireSecret" (dict "root" $ "name" . "value" "redis.external.existingSecret" "keys" (list $r.external.existingSecretKey)) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -176,8 +187,39 @@ from "no cluster" with the permission Helm's own release storage needs.
 {{- printf "%s-redis" (include "pricestream.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* PRICESTREAM_REDIS_URL: the in-chart Redis, an existing Secret (by reference), or a URL. */}}
-{{- define "pricestream.redisUrlEnv" -}}
+{{/* How serve and feed reach Redis. standalone: PRICESTREAM_REDIS_URL from the in-chart Redis,
+an existing Secret (by reference) or a URL. sentinel and cluster: PRICESTREAM_REDIS_MODE and the
+endpoints from the mode's existing Secret. */}}
+{{- define "pricestream.redisEnv" -}}
+{{- $r := .Values.redis }}
+{{- if and $r.enabled (ne $r.mode "standalone") }}
+{{- fail (printf "redis.mode=%s needs redis.enabled=false: the in-chart Redis is one standalone server" $r.mode) }}
+{{- end }}
+{{- if eq $r.mode "sentinel" }}
+{{- if not $r.sentinel.existingSecret }}
+{{- fail "redis.mode=sentinel: set redis.sentinel.existingSecret (sentinels, master name and URL)" }}
+{{- end }}
+- name: PRICESTREAM_REDIS_MODE
+  value: sentinel
+{{- range $name, $key := dict "PRICESTREAM_REDIS_SENTINELS" $r.sentinel.sentinelsKey "PRICESTREAM_REDIS_SENTINEL_MASTER" $r.sentinel.masterNameKey "PRICESTREAM_REDIS_URL" $r.sentinel.urlKey }}
+- name: {{ $name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $r.sentinel.existingSecret }}
+      key: {{ $key }}
+{{- end }}
+{{- else if eq $r.mode "cluster" }}
+{{- if not $r.cluster.existingSecret }}
+{{- fail "redis.mode=cluster: set redis.cluster.existingSecret (the seed node URL)" }}
+{{- end }}
+- name: PRICESTREAM_REDIS_MODE
+  value: cluster
+- name: PRICESTREAM_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $r.cluster.existingSecret }}
+      key: {{ $r.cluster.urlKey }}
+{{- else }}
 - name: PRICESTREAM_REDIS_URL
 {{- if .Values.redis.enabled }}
   value: {{ printf "redis://%s:6379/0" (include "pricestream.redisName" .) | quote }}
@@ -191,6 +233,30 @@ from "no cluster" with the permission Helm's own release storage needs.
 {{- else }}
 {{- fail "redis.enabled is false: set redis.external.existingSecret (or redis.external.url)" }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Egress rule(s) of a pod that talks to Redis: the in-chart Redis, or the external nodes on
+networkPolicy.redisPort (and the sentinels on sentinelPort in sentinel mode). */}}
+{{- define "pricestream.redisEgress" -}}
+{{- $np := .Values.networkPolicy -}}
+- ports:
+    - port: {{ if .Values.redis.enabled }}6379{{ else }}{{ $np.redisPort }}{{ end }}
+      protocol: TCP
+    {{- if and (not .Values.redis.enabled) (eq .Values.redis.mode "sentinel") }}
+    - port: {{ $np.sentinelPort }}
+      protocol: TCP
+    {{- end }}
+  {{- if .Values.redis.enabled }}
+  to:
+    - podSelector:
+        matchLabels:
+          {{- include "pricestream.selectorLabels" . | nindent 10 }}
+          app.kubernetes.io/component: redis
+  {{- else if $np.externalRedisTo }}
+  to:
+    {{- toYaml $np.externalRedisTo | nindent 4 }}
+  {{- end }}
 {{- end }}
 
 {{- define "pricestream.podSecurityContext" -}}
