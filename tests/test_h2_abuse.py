@@ -723,7 +723,11 @@ async def test_half_open_connections_are_closed_after_the_handshake_timeout(
                 if sends == "preface only":
                     await clients[-1].send_raw(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
             await asyncio.sleep(0.1)
-            assert len(grpc_server._connections) >= 50
+            # Every connection younger than the timeout is held (on a busy host the first ones
+            # may already be past it when the last is made).
+            now = time.monotonic()
+            young = sum(1 for t in connected_at if now - t < 0.4)
+            assert young > 0 and len(grpc_server._connections) >= young
             closed_at = await asyncio.gather(
                 *(closed_after(c, t) for c, t in zip(clients, connected_at, strict=True))
             )
