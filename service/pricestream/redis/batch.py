@@ -15,6 +15,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
@@ -27,8 +28,13 @@ Queue = Callable[[Pipeline], Awaitable[Any]]
 
 
 class CommandBatcher:
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Redis | RedisCluster, *, cluster: bool = False) -> None:
+        """``cluster``: the client is a ``RedisCluster``. Its pipeline refuses EVALSHA, so
+        scripts go as EVAL with their body (a master promoted by a failover may not have a
+        script cached anyway), and commands are queued without awaiting them (in redis-py
+        8.1 awaiting a ``ClusterPipeline`` re-initializes it, dropping what was queued)."""
         self._client = client
+        self._cluster = cluster
         self._pending: list[tuple[Queue, asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -38,7 +44,15 @@ class CommandBatcher:
         """Run a registered Lua script in the next pipeline."""
 
         async def queue(pipe: Pipeline) -> Any:
+            if self._cluster:
+                return pipe.eval(script.script, len(keys), *keys, *args)
             return await script(keys=keys, args=list(args), client=pipe)
+
+        return self._call(queue)
+
+    def get(self, key: str) -> Awaitable[bytes | None]:
+        async def queue(pipe: Pipeline) -> Any:
+            return pipe.get(key) if self._cluster else await pipe.get(key)
 
         return self._call(queue)
 
