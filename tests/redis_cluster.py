@@ -144,6 +144,24 @@ class LocalCluster:
                 check=True, capture_output=True, timeout=60,
             )  # fmt: skip
         self.wait_healthy()
+        self.wait_replicas_synced()
+
+    def wait_replicas_synced(self, timeout: float = 30) -> None:
+        """Until every replica's link to its master is up: a replica that never synced does
+        not stand for election (its data age is unknown), so no failover would happen."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pending = []
+            for node in self.live_nodes():
+                with node.client() as client:
+                    info = client.info("replication")
+                if info["role"] == "slave" and info.get("master_link_status") != "up":
+                    pending.append(node.port)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replicas {pending} did not sync with their masters")
+            time.sleep(0.1)
 
     def redis_cli(self, *args: str, port: int) -> str:
         done = subprocess.run(
@@ -250,3 +268,18 @@ def sharded_subscribers(node: ClusterNode) -> int:
     """Clients of a node subscribed to at least one shard channel."""
     with node.client() as client:
         return sum(1 for c in client.client_list() if int(c.get("ssub", 0)) > 0)
+
+
+def wait_promoted(cluster: LocalCluster, node: ClusterNode, timeout: float = 30) -> None:
+    """Until ``node`` is a master that owns slots in the view of every live node."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            cluster.wait_healthy(timeout=max(0.1, deadline - time.monotonic()))
+            if node.port in cluster.master_ports():
+                return
+        except RuntimeError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{node.port} was not promoted within {timeout}s")
+        time.sleep(0.05)

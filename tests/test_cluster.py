@@ -28,7 +28,7 @@ from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from redis.crc import key_slot
 from redis.exceptions import RedisError
-from redis_cluster import LocalCluster, sharded_subscribers, shardnumsub
+from redis_cluster import LocalCluster, sharded_subscribers, shardnumsub, wait_promoted
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -44,7 +44,10 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
 
 
 def cluster_settings(cluster: LocalCluster, **overrides: object):
-    return fast_settings(cluster.url, redis_mode="cluster", **overrides)
+    # A shard failing over makes the pod unready for a few seconds; streams stay open.
+    return fast_settings(
+        cluster.url, redis_mode="cluster", **{"redis_outage_limit": 30.0, **overrides}
+    )
 
 
 def slot_of(ticker: str) -> int:
@@ -107,6 +110,8 @@ class Stream:
         self.session_id = session.session_id
         self.tickers = list(session.tickers)
         self.latest: dict[str, int] = {}
+        self.received: dict[str, float] = {}  # ticker -> when its last update arrived
+        self.gaps: dict[str, float] = {}  # ticker -> longest wait between two of its updates
         self.call = stub.StreamPriceUpdates(
             pb.StreamPriceUpdatesRequest(session_id=session.session_id)
         )
@@ -114,10 +119,16 @@ class Stream:
 
     async def _read(self) -> None:
         while (batch := await self.call.read()) is not grpc.aio.EOF:
+            now = time.monotonic()
             for update in batch.updates:
-                self.latest[update.ticker] = max(
-                    self.latest.get(update.ticker, 0), update.published_at_unix_nanos
+                ticker = update.ticker
+                self.latest[ticker] = max(
+                    self.latest.get(ticker, 0), update.published_at_unix_nanos
                 )
+                if ticker in self.received:
+                    gap = now - self.received[ticker]
+                    self.gaps[ticker] = max(self.gaps.get(ticker, 0.0), gap)
+                self.received[ticker] = now
 
     def fresh_since(self, after_ns: int) -> bool:
         return all(self.latest.get(t, 0) > after_ns for t in self.tickers)
@@ -235,3 +246,128 @@ async def test_streams_over_every_shard_on_two_pods(cluster: LocalCluster) -> No
                 5,
                 "connections of idle shards closed",
             )
+
+
+def tickers_in_slots(slots: list[int], count: int, prefix: str) -> list[str]:
+    """``count`` ticker names whose channel hashes into one of ``slots``."""
+    wanted, found, index = set(slots), [], 0
+    while len(found) < count:
+        index += 1
+        ticker = f"{prefix}{index:04d}"
+        if slot_of(ticker) in wanted:
+            found.append(ticker)
+    return found
+
+
+def longest_gap(streams: list[Stream], tickers: list[str]) -> float:
+    return max((s.gaps.get(t, 0.0) for s in streams for t in tickers if t in s.tickers), default=0)
+
+
+@contextlib.asynccontextmanager
+async def live_streams(
+    cluster: LocalCluster, tickers: list[str], count: int = 40
+) -> AsyncIterator[tuple[Server, list[Stream]]]:
+    """One pod streaming ``count`` sessions of 5 tickers each while a feed publishes every
+    ticker every 50 ms; every stream fresh before the test goes on; every stream closed and
+    invariant 1 checked after it."""
+    feed = Feed(cluster, tickers)
+    await feed.tick()
+    async with feed.running(), ready_server(cluster_settings(cluster, pod_name="pod-a")) as pod:
+        channel, streams = await open_streams(pod, tickers, count=count, per_session=5)
+        await all_fresh(streams, time.time_ns(), 10, "first prices")
+        try:
+            yield pod, streams
+        finally:
+            await close_all(channel, streams)
+        await wait_invariant(pod, timeout=10)
+
+
+async def settled(pod: Server, cluster: LocalCluster, tickers: list[str], timeout: float) -> float:
+    """Seconds until the pod is ready, every wanted shard live, every channel confirmed, and
+    each channel subscribed exactly once on its owner."""
+    started = time.monotonic()
+
+    def done() -> bool:
+        values = gauges(pod)
+        if not pod.engine.ready or values["pricestream_redis_channels_unconfirmed"] != 0:
+            return False
+        if values["pricestream_redis_shards_live"] != values["pricestream_redis_shards_wanted"]:
+            return False
+        try:
+            assert_subscribed_once(cluster, tickers)
+        except AssertionError:
+            return False
+        return True
+
+    await wait_for(done, timeout, "pod settled on the new topology")
+    return time.monotonic() - started
+
+
+async def test_reshard_slots_that_carry_live_tickers(cluster: LocalCluster) -> None:
+    source, target = (cluster.node(port) for port in cluster.master_ports()[:2])
+    moved_slots = cluster.slot_range(source)[:100]  # redis-cli moves a master's lowest first
+    moving = tickers_in_slots(moved_slots, 5, "M")
+    tickers = tickers_on_every_shard(cluster, per_shard=5) + moving
+    async with live_streams(cluster, tickers) as (pod, streams):
+        before = gauges(pod)["pricestream_redis_slot_moves_total"]
+        started = time.monotonic()
+        await asyncio.to_thread(cluster.reshard, source, target, len(moved_slots))
+        resharded = time.monotonic()
+        owners = cluster.slots()
+        assert all(owners[slot_of(t)] == target.port for t in moving), "slots did not move"
+        fresh = await all_fresh(streams, time.time_ns(), 15, "after the reshard")
+        took = await settled(pod, cluster, tickers, 15)
+        gap = longest_gap(streams, moving)
+        print(
+            f"reshard of {len(moved_slots)} slots (redis-cli) took {resharded - started:.2f}s; "
+            f"every stream fresh {fresh:.2f}s after it; settled after {took:.2f}s; longest "
+            f"gap in a moved ticker's prices {gap:.2f}s"
+        )
+        assert gauges(pod)["pricestream_redis_slot_moves_total"] - before >= len(moving)
+        for ticker in moving:  # nothing left on the node that gave the slots away
+            assert shardnumsub(source, cluster_price_channel(ticker)) == 0
+        assert gap < 10
+
+
+async def test_planned_failover_of_a_master(cluster: LocalCluster) -> None:
+    tickers = tickers_on_every_shard(cluster, per_shard=5)
+    old = cluster.owner(cluster_price_channel(tickers[0]))
+    replica = cluster.replica_of(old)
+    async with live_streams(cluster, tickers) as (pod, streams):
+        with replica.client() as client:
+            client.execute_command("CLUSTER", "FAILOVER")
+        started, started_ns = time.monotonic(), time.time_ns()
+        await asyncio.to_thread(wait_promoted, cluster, replica)
+        promoted = time.monotonic() - started
+        assert cluster.owner(cluster_price_channel(tickers[0])).port == replica.port
+        fresh = await all_fresh(streams, started_ns, 15, "after CLUSTER FAILOVER")
+        took = await settled(pod, cluster, tickers, 15)
+        print(
+            f"CLUSTER FAILOVER: replica promoted after {promoted:.2f}s; every stream fresh "
+            f"{fresh:.2f}s after the command; settled after {took:.2f}s; longest gap "
+            f"{longest_gap(streams, tickers):.2f}s"
+        )
+        assert sharded_subscribers(old) == 0  # no subscription left on the demoted master
+        assert gauges(pod)["pricestream_redis_pubsub_connections_active"] == 3
+
+
+async def test_killed_master_fails_over(cluster: LocalCluster) -> None:
+    tickers = tickers_on_every_shard(cluster, per_shard=5)
+    victim = cluster.owner(cluster_price_channel(tickers[0]))
+    replica = cluster.replica_of(victim)
+    async with live_streams(cluster, tickers) as (pod, streams):
+        victim.kill()  # SIGKILL
+        started, started_ns = time.monotonic(), time.time_ns()
+        await wait_for(lambda: not pod.engine.ready, 10, "readiness drops with a shard")
+        unready = time.monotonic() - started
+        fresh = await all_fresh(streams, started_ns, 30, "after kill -9 of a master")
+        took = await settled(pod, cluster, tickers, 20)
+        print(
+            f"kill -9 of a master (cluster-node-timeout {cluster.node_timeout_ms} ms): pod "
+            f"unready after {unready:.2f}s; every stream fresh {fresh:.2f}s after the kill; "
+            f"settled after {took:.2f}s; longest gap {longest_gap(streams, tickers):.2f}s"
+        )
+        assert cluster.owner(cluster_price_channel(tickers[0])).port == replica.port
+        values = gauges(pod)
+        assert values["pricestream_redis_pubsub_connections_active"] == 3
+        assert values["pricestream_redis_shards_live"] == 3
