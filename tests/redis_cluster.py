@@ -238,6 +238,34 @@ class LocalCluster:
                 raise RuntimeError("cluster did not become healthy")
             time.sleep(0.1)
 
+    def add_master(self) -> ClusterNode:
+        """A new, empty master joined to the cluster (``redis-cli --cluster add-node``); it
+        owns no slot until a reshard gives it some."""
+        taken = {n.port for n in self.nodes}
+        port = next(p for p in free_cluster_ports(len(taken) + 1) if p not in taken)
+        node = ClusterNode(self.nodes[0].binary, self.nodes[0].dir.parent, port)
+        self.nodes.append(node)
+        node.start(self.node_timeout_ms)
+        node.wait_up()
+        seed = next(self.live_nodes())
+        subprocess.run(
+            [self.cli, "--cluster", "add-node", node.address, seed.address],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:  # until every node has met it
+            known = []
+            for other in self.live_nodes():
+                with other.client() as client:
+                    known.append(len(client.execute_command("CLUSTER NODES")))
+            if all(count == len(self.nodes) for count in known):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"node {port} did not join")
+            time.sleep(0.1)
+        self.wait_healthy()
+        return node
+
     def node_id(self, node: ClusterNode) -> str:
         with node.client() as client:
             return client.execute_command("CLUSTER MYID").decode()

@@ -371,3 +371,30 @@ async def test_killed_master_fails_over(cluster: LocalCluster) -> None:
         values = gauges(pod)
         assert values["pricestream_redis_pubsub_connections_active"] == 3
         assert values["pricestream_redis_shards_live"] == 3
+
+
+async def test_new_master_gets_slots_with_live_tickers(cluster: LocalCluster) -> None:
+    """A node added to the cluster and given slots by a reshard: the pod opens a connection to
+    it as soon as it owns a wanted channel."""
+    tickers = tickers_on_every_shard(cluster, per_shard=4)
+    source = cluster.node(cluster.master_ports()[0])
+    moved_slots = cluster.slot_range(source)[:50]
+    moving = tickers_in_slots(moved_slots, 4, "N")
+    async with live_streams(cluster, tickers + moving) as (pod, streams):
+        added = await asyncio.to_thread(cluster.add_master)
+        assert gauges(pod)["pricestream_redis_shards_wanted"] == 3
+        started = time.monotonic()
+        await asyncio.to_thread(cluster.reshard, source, added, len(moved_slots))
+        resharded = time.monotonic()
+        assert all(cluster.slots()[slot_of(t)] == added.port for t in moving)
+        fresh = await all_fresh(streams, time.time_ns(), 15, "after the reshard to a new node")
+        took = await settled(pod, cluster, tickers + moving, 15)
+        print(
+            f"reshard of {len(moved_slots)} slots to a new master took "
+            f"{resharded - started:.2f}s; every stream fresh {fresh:.2f}s after it; settled "
+            f"after {took:.2f}s; longest gap {longest_gap(streams, moving):.2f}s"
+        )
+        values = gauges(pod)
+        assert values["pricestream_redis_shards_wanted"] == 4
+        assert values["pricestream_redis_pubsub_connections_active"] == 4
+        assert sharded_subscribers(added) == 1
