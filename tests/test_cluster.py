@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import fast_settings, ready_server
-from invariants import samples, wait_invariant
+from conftest import fast_env, fast_settings, ready_server
+from invariants import samples, scrape, wait_invariant
 from pricestream.api.server import Server
 from pricestream.codec import cluster_price_channel
 from pricestream.redis.cluster_client import make_cluster_client
@@ -26,6 +27,7 @@ from pricestream.redis.sharded_broker import ClusterPricePublisher
 from pricestream.tools.feed import RandomWalk
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
+from processes import ServeProcess, env_without_pricestream, pricestream_command
 from redis.crc import key_slot
 from redis.exceptions import RedisError
 from redis_cluster import LocalCluster, sharded_subscribers, shardnumsub, wait_promoted
@@ -398,3 +400,70 @@ async def test_new_master_gets_slots_with_live_tickers(cluster: LocalCluster) ->
         assert values["pricestream_redis_shards_wanted"] == 4
         assert values["pricestream_redis_pubsub_connections_active"] == 4
         assert sharded_subscribers(added) == 1
+
+
+def start_cluster_feed(url: str, tickers: int, rate: float) -> subprocess.Popen[bytes]:
+    """`pricestream feed` in cluster mode, publishing until stopped."""
+    env = {
+        **env_without_pricestream(),
+        "PRICESTREAM_REDIS_URL": url,
+        "PRICESTREAM_REDIS_MODE": "cluster",
+    }
+    return subprocess.Popen(
+        pricestream_command("feed", "--tickers", str(tickers), "--rate", str(rate)),
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def test_serve_and_feed_processes_in_cluster_mode(cluster: LocalCluster, tmp_path) -> None:
+    """`pricestream serve` and `pricestream feed` as processes with PRICESTREAM_REDIS_MODE=
+    cluster: the feed SPUBLISHes, the server streams it; the feed's keys hold the last price."""
+    env = fast_env(cluster.url, redis_mode="cluster", pod_name="pod-p")
+    serve = ServeProcess(env, tmp_path / "serve.log")
+    feed = start_cluster_feed(cluster.url, tickers=30, rate=300)
+    try:
+        tickers = ["AAPL", "MSFT", "T0025", "T0030"]
+        async with grpc.aio.insecure_channel(serve.target) as channel:
+            stub = PriceStreamServiceStub(channel)
+            deadline = time.monotonic() + 20
+            while True:  # until the server is ready
+                try:
+                    session = await stub.CreateSession(pb.CreateSessionRequest(tickers=tickers))
+                    break
+                except grpc.aio.AioRpcError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+            stream = Stream(stub, session)
+            await all_fresh([stream], time.time_ns(), 10, "prices from the feed process")
+            await stream.aclose()
+        for ticker in tickers:
+            with cluster.owner(cluster_price_channel(ticker)).client() as client:
+                assert client.get(f"price:last:{{{ticker}}}") is not None
+        values = samples(scrape(serve.http_port))
+        assert values["pricestream_redis_shards_wanted"] >= 2
+        assert serve.terminate() == 0
+    finally:
+        feed.kill()
+        feed.wait()
+        serve.stop()
+
+
+async def test_cluster_unreachable_at_start_then_appears(tmp_path) -> None:
+    cluster = LocalCluster(tmp_path)  # its ports are chosen, nothing listens yet
+    try:
+        async with Server(cluster_settings(cluster)) as server:
+            await asyncio.sleep(1.0)
+            assert not server.engine.ready
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+                stub = PriceStreamServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL"]), timeout=5)
+                assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+                await asyncio.to_thread(cluster.start)
+                await wait_for(lambda: server.engine.ready, 20, "ready once the cluster is up")
+                session = await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL"]))
+                assert session.session_id
+    finally:
+        cluster.stop()

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     feed.add_argument("--tickers", type=int, default=50, help="how many tickers (default 50)")
     feed.add_argument("--rate", type=float, default=1000.0, help="updates per second in total")
     feed.add_argument("--duration", type=float, default=None, help="seconds; default: forever")
-    _add_setting_flags(feed, only=("redis_url", "redis_timeout", "log_level"))
+    _add_setting_flags(feed, only=("redis_url", "redis_mode", "redis_timeout", "log_level"))
 
     watch = commands.add_parser("watch", help="stream tickers into a live terminal table")
     watch.add_argument("tickers", nargs="+", help="ticker symbols, e.g. AAPL MSFT")
@@ -115,12 +115,21 @@ async def _health_main(args: argparse.Namespace) -> int:
 
 
 async def _feed_main(args: argparse.Namespace, settings: Settings) -> int:
-    client = Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout)
+    client: Any
+    if settings.redis_mode == "cluster":  # SET price:last:{T} + SPUBLISH price:{T}
+        from pricestream.redis.cluster_client import make_cluster_client
+        from pricestream.redis.sharded_broker import ClusterPricePublisher
+
+        client = make_cluster_client(settings)
+        publisher: Any = ClusterPricePublisher(client)
+    else:
+        client = Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout)
+        publisher = RedisPricePublisher(client)
     tickers = ticker_universe(args.tickers)
-    log.info("feed: %d tickers at %g updates/s", len(tickers), args.rate)
+    log.info("feed: %d tickers at %g updates/s (%s)", len(tickers), args.rate, settings.redis_mode)
     try:
         await wait_for_redis(client, settings.reconnect_max_backoff)
-        published = await run_feed(RedisPricePublisher(client), tickers, args.rate, args.duration)
+        published = await run_feed(publisher, tickers, args.rate, args.duration)
     finally:
         await client.aclose()
     log.info("feed: published %d updates", published, extra={"event": "feed_finished"})

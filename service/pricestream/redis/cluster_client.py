@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, parse_url
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from pricestream.settings import Settings, cluster_seed_nodes
@@ -58,12 +60,47 @@ class NodeOptions:
         )
 
 
-def make_cluster_client(settings: Settings) -> RedisCluster:
+class ClusterUnreachable(RedisConnectionError):
+    """No node gave redis-py a usable slot map. redis-py raises ``RedisClusterException``,
+    which is no ``RedisError``; pricestream treats every ``RedisError`` as "Redis unavailable"
+    (UNAVAILABLE to clients, retry in background tasks), so it is raised as one."""
+
+
+class _Pipeline(ClusterPipeline):
+    async def initialize(self) -> ClusterPipeline:
+        try:
+            return await super().initialize()
+        except RedisClusterException as exc:
+            raise ClusterUnreachable(str(exc)) from exc
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        except RedisClusterException as exc:
+            raise ClusterUnreachable(str(exc)) from exc
+
+
+class ClusterClient(RedisCluster):
+    """``RedisCluster`` whose "cannot reach the cluster" errors are ``RedisError``s."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except RedisClusterException as exc:
+            raise ClusterUnreachable(str(exc)) from exc
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
+        if shard_hint:
+            raise ValueError("shard_hint is not supported in cluster mode")
+        return _Pipeline(self, transaction)
+
+
+def make_cluster_client(settings: Settings) -> ClusterClient:
     """Commands (sessions, leases, last prices, SPUBLISH): redis-py's cluster client follows
     MOVED/ASK and re-reads the slot map after a failover on its own."""
     options = NodeOptions.from_settings(settings)
     extra: dict[str, Any] = {"ssl": True} if options.tls else {}
-    return RedisCluster(
+    return ClusterClient(
         startup_nodes=[ClusterNode(host, port) for host, port in options.seeds],
         username=options.username,
         password=options.password,
