@@ -223,6 +223,8 @@ class ShardConnection:
         if not self._owed:
             raise ProbeFailed(f"unexpected error reply on shard {self.name}: {error}")
         owed = self._owed.popleft()
+        if owed.kind == _PONG:  # LOADING, NOAUTH, ...: this node does not serve us
+            raise ProbeFailed(f"PING refused by shard {self.name}: {error}")
         if not owed.done.done():
             owed.done.set_result(None)
         if owed.kind == _SSUBSCRIBE:
