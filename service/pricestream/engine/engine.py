@@ -99,8 +99,13 @@ class Engine:
                 ready=lambda: self.ready,
                 loop_lag=lambda: self.clock.lag,
                 flush_backlog=lambda: self.clock.backlog,
-                shards_wanted=None if sharded is None else lambda: sharded.shards_wanted,
-                shards_live=None if sharded is None else lambda: sharded.shards_live,
+                # Standalone: one Redis, one "shard", live when the broker delivers.
+                shards_wanted=(lambda: 1) if sharded is None else lambda: sharded.shards_wanted,
+                shards_live=(
+                    (lambda: int(self.broker.healthy))
+                    if sharded is None
+                    else lambda: sharded.shards_live
+                ),
                 channels_unconfirmed=(
                     None if sharded is None else lambda: sharded.channels_unconfirmed
                 ),

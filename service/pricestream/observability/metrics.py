@@ -36,7 +36,8 @@ class LiveGauges:
     ready: Callable[[], bool]
     loop_lag: Callable[[], float]
     flush_backlog: Callable[[], float]
-    # Cluster mode only (None: not exported): shards = masters owning a wanted channel.
+    # Shards = cluster masters owning a wanted channel (standalone: the one Redis); None: the
+    # gauge is not exported (channels_unconfirmed exists in cluster mode only).
     shards_wanted: Callable[[], int] | None = None
     shards_live: Callable[[], int] | None = None
     channels_unconfirmed: Callable[[], int] | None = None
@@ -93,14 +94,15 @@ class _LiveCollector(Collector):
             yield GaugeMetricFamily(
                 "pricestream_redis_shards_wanted",
                 "Cluster masters that own at least one channel this pod wants (one Pub/Sub "
-                "connection each).",
+                "connection each); 1 outside cluster mode.",
                 value=g.shards_wanted(),
             )
         if g.shards_live is not None:
             yield GaugeMetricFamily(
                 "pricestream_redis_shards_live",
                 "Of the wanted cluster masters, those whose Pub/Sub connection is up and "
-                "answers; below shards_wanted means a shard is in trouble.",
+                "answers; below shards_wanted means a shard is in trouble. Outside cluster "
+                "mode: 1 while Pub/Sub delivers.",
                 value=g.shards_live(),
             )
         if g.channels_unconfirmed is not None:
