@@ -247,7 +247,11 @@ class ShardedBroker:
     async def _follow_topology(self) -> None:
         while True:
             self._stale.clear()
-            await self._read_map()
+            try:
+                await self._read_map()
+            except Exception:  # a bug here must not end the task: failovers would go unseen
+                self._metrics.topology_refreshes.labels("error").inc()
+                log.exception("following the cluster's slot map failed; retrying")
             settled = self._slots.known and all(s.conn.live for s in self._shards.values())
             wait = self._settings.probe_interval if settled else UNSETTLED_REFRESH
             try:
