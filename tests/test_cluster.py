@@ -22,8 +22,11 @@ from conftest import fast_env, fast_settings, ready_server
 from invariants import samples, scrape, wait_invariant
 from pricestream.api.server import Server
 from pricestream.codec import cluster_price_channel
-from pricestream.redis.cluster_client import make_cluster_client
+from pricestream.observability.metrics import Metrics
+from pricestream.redis.cluster_client import NodeOptions, make_cluster_client
+from pricestream.redis.shard_connection import ShardConnection
 from pricestream.redis.sharded_broker import ClusterPricePublisher
+from pricestream.tasks import cancel_and_wait
 from pricestream.tools.feed import RandomWalk
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
@@ -467,3 +470,36 @@ async def test_cluster_unreachable_at_start_then_appears(tmp_path) -> None:
                 assert session.session_id
     finally:
         cluster.stop()
+
+
+async def test_ssubscribe_refused_by_a_master_that_does_not_own_the_slot(
+    cluster: LocalCluster,
+) -> None:
+    """MOVED: a shard connection to the wrong master stays live, leaves the channel
+    unconfirmed and asks for the slot map to be read again; its socket is closed and counted."""
+    settings = cluster_settings(cluster)
+    channel = cluster_price_channel("AAPL")
+    owner = cluster.owner(channel)
+    other = next(port for port in cluster.master_ports() if port != owner.port)
+    metrics = Metrics()
+    stale = asyncio.Event()
+    conn = ShardConnection(
+        ("127.0.0.1", other),
+        NodeOptions.from_settings(settings),
+        settings,
+        metrics,
+        lambda channel, payload: None,
+        stale.set,
+    )
+    task = asyncio.create_task(conn.run())
+    try:
+        conn.want(channel.encode())
+        await asyncio.wait_for(stale.wait(), 5)
+        assert conn.live
+        assert channel.encode() not in conn.confirmed
+        assert shardnumsub(owner, channel) == 0
+        assert shardnumsub(cluster.node(other), channel) == 0
+    finally:
+        await cancel_and_wait([task])
+    assert metrics.connections_opened._value.get() == 1
+    assert metrics.connections_closed._value.get() == 1
