@@ -157,9 +157,16 @@ class ShardedBroker:
     async def last_prices(self, tickers: Sequence[str]) -> list[bytes | None]:
         if not tickers:
             return []
-        # One GET per ticker (each its own slot); the batcher's pipeline groups them per node.
+        # One GET per ticker (each its own slot); the batcher pipelines them per master. A
+        # shard that is down costs only its own tickers' first price (None: it comes with the
+        # next tick); if none could be read, the error is raised.
         keys = [cluster_last_price_key(t) for t in tickers]
-        return list(await asyncio.gather(*(self._batcher.get(key) for key in keys)))
+        reads = [self._batcher.get(key) for key in keys]
+        results = await asyncio.gather(*reads, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if len(errors) == len(results):
+            raise errors[0]
+        return [None if isinstance(r, BaseException) else r for r in results]
 
     async def publish(self, channel: str, payload: bytes) -> None:
         await self._client.spublish(wire_channel(channel), payload)
