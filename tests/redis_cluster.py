@@ -266,11 +266,6 @@ class LocalCluster:
         self.wait_healthy()
         return node
 
-    def replica_of_is_still_replica(self, node: ClusterNode) -> bool:
-        """Whether ``node`` still calls itself a replica (no failover promoted it yet)."""
-        with node.client() as client:
-            return client.execute_command("ROLE")[0] == b"slave"
-
     def node_id(self, node: ClusterNode) -> str:
         with node.client() as client:
             return client.execute_command("CLUSTER MYID").decode()

@@ -7,6 +7,9 @@ node (``settings.cluster_seed_nodes``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,12 +17,14 @@ from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, parse_url
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException
+from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from pricestream.settings import Settings, cluster_seed_nodes
 
 Address = tuple[str, int]
+SLOTS_REFRESH_GAP = 0.25  # seconds between two slot map reads after failed pipelines
 
 
 @dataclass(frozen=True)
@@ -78,10 +83,26 @@ class _Pipeline(ClusterPipeline):
             return await super().execute(raise_on_error, allow_redirections)
         except RedisClusterException as exc:
             raise ClusterUnreachable(str(exc)) from exc
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            client = self.cluster_client
+            assert isinstance(client, ClusterClient)
+            await client.refresh_slots()  # a failover may have moved the node's slots
+            raise
 
 
 class ClusterClient(RedisCluster):
-    """``RedisCluster`` whose "cannot reach the cluster" errors are ``RedisError``s."""
+    """``RedisCluster`` whose "cannot reach the cluster" errors are ``RedisError``s, and whose
+    pipelines do not retry. redis-py retries a failed cluster pipeline after closing every
+    connection of the client (``aclose``), which also breaks the pipelines in flight to the
+    healthy masters: with one master down, every command of the pod failed. Without the retry
+    a failed pipeline fails alone (callers retry: clients on UNAVAILABLE, background tasks on
+    their next round), and the slot map is read again (``refresh_slots``) so the commands
+    follow the promoted replica."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots_lock = asyncio.Lock()
+        self._slots_read_at = -math.inf
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -93,6 +114,17 @@ class ClusterClient(RedisCluster):
         if shard_hint:
             raise ValueError("shard_hint is not supported in cluster mode")
         return _Pipeline(self, transaction)
+
+    async def refresh_slots(self) -> None:
+        """Re-read the slot map, at most every ``SLOTS_REFRESH_GAP`` seconds; a failure is left
+        to the next one."""
+        async with self._slots_lock:
+            now = asyncio.get_running_loop().time()
+            if now - self._slots_read_at < SLOTS_REFRESH_GAP:
+                return
+            self._slots_read_at = now
+            with contextlib.suppress(RedisError, RedisClusterException, OSError):
+                await self.nodes_manager.initialize()
 
 
 def make_cluster_client(settings: Settings) -> ClusterClient:
@@ -106,7 +138,7 @@ def make_cluster_client(settings: Settings) -> ClusterClient:
         password=options.password,
         socket_timeout=options.timeout,
         socket_connect_timeout=options.timeout,
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), 0),  # see ClusterClient
         max_connections=32,
         protocol=2,
         **extra,
