@@ -36,7 +36,7 @@ ROW_TOPICS = {
     PRICES: r"pricestream_(price_updates_[a-z]+_total|batches_sent_total"
     r"|delivery_latency_seconds_bucket)",
     ERRORS: r"grpc_server_handled_total|pricestream_slow_consumer_disconnects_total"
-    r"|pricestream_redis_(up|reconnects_total)",
+    r"|pricestream_redis_(up|reconnects_total|shards_wanted|shards_live|slot_moves_total)",
     SATURATION: r"pricestream_flush_(lag_seconds|backlog_ratio)|process_[a-z_]+",
 }
 GREEN: Steps = [(None, "green")]
@@ -269,6 +269,41 @@ def build() -> dict[str, Any]:
             "Pub/Sub reconnects of each pod in the interval.",
         ),
         6,
+        8,
+    )
+    layout.add(
+        timeseries(
+            "Redis shards: wanted - live",
+            "short",
+            [
+                Query(
+                    f"sum by (pod) (pricestream_redis_shards_wanted{{{SEL}}})"
+                    f" - sum by (pod) (pricestream_redis_shards_live{{{SEL}}})",
+                    "{{pod}}",
+                )
+            ],
+            "Redis shards (cluster masters; 1 outside cluster mode) a pod needs for its "
+            "channels but has no live Pub/Sub connection to: above 0 for longer than a "
+            "failover is a shard in trouble (below 0 would be a bookkeeping bug).",
+            signed=True,
+        ),
+        12,
+        8,
+    )
+    layout.add(
+        timeseries(
+            "Channels moved between shards",
+            "short",
+            [
+                Query(
+                    f"sum by (pod) (increase(pricestream_redis_slot_moves_total{{{SEL}}}[{RATE}]))",
+                    "{{pod}}",
+                )
+            ],
+            "Ticker channels each pod moved to another cluster master in the interval "
+            "(reshard, failover).",
+        ),
+        12,
         8,
     )
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import bench_centrifugo
+import bench_shards
 from bench_clients import GoClient, PythonLoadtest, Sampler, histogram_quantile, server_metrics
 from pricestream.tools.leak_check import violations
 from prometheus_client.process_collector import ProcessCollector
@@ -123,7 +124,9 @@ CASES |= {
     "m50k": Case("memory: 50,000 streams x 5 tickers, flush 500 ms, quiet feed", 50_000, 5,
                  0.5, 500, quiet_feed=True),
 }  # fmt: skip
-DEFAULT_CASES = "d100,cd,d10k,cd10k,a500,c500,floor500,hot100,chot,s100,q10k,m50k"
+# "shards": not a server case; Redis Cluster capacity with 1 and 3 masters (bench_shards.py).
+SHARDS_CASE = "shards"
+DEFAULT_CASES = "d100,cd,d10k,cd10k,a500,c500,floor500,hot100,chot,s100,q10k,m50k,shards"
 
 
 def proc_sampler(pid: int) -> Sampler:
@@ -357,7 +360,9 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="server on one core vs the load tester")
-    parser.add_argument("--cases", default=DEFAULT_CASES, help=f"from {', '.join(CASES)}")
+    parser.add_argument(
+        "--cases", default=DEFAULT_CASES, help=f"from {', '.join([*CASES, SHARDS_CASE])}"
+    )
     parser.add_argument("--ramp", type=int, default=25, help="seconds to ramp users up")
     parser.add_argument("--hold", type=int, default=30, help="seconds at the target")
     parser.add_argument("--quick", action="store_true", help="ramp 10 s, hold 15 s")
@@ -372,10 +377,11 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--no-append", action="store_true", help="do not touch docs/")
     args = parser.parse_args(argv)
-    unknown = [key for key in args.cases.split(",") if key not in CASES]
+    keys = args.cases.split(",")
+    unknown = [key for key in keys if key not in CASES and key != SHARDS_CASE]
     if unknown:
-        parser.error(f"unknown case {', '.join(unknown)}; from {', '.join(CASES)}")
-    cases = [CASES[key] for key in args.cases.split(",")]
+        parser.error(f"unknown case {', '.join(unknown)}; from {', '.join([*CASES, SHARDS_CASE])}")
+    cases = [CASES[key] for key in keys if key != SHARDS_CASE]
     if args.streams is not None:
         if args.streams < 1:
             parser.error("--streams must be positive")
@@ -407,7 +413,14 @@ def main(argv: list[str]) -> int:
             row = run_case(case, args.client, ramp, hold, Path(tmp), client_cpus)
             print(f"bench: {json.dumps(row)}", file=sys.stderr)
             rows.append(row)
-    text = table(rows)
+    text = table(rows) if rows else ""
+    if SHARDS_CASE in keys:
+        seconds = float(hold)  # each (masters, pods) pair publishes for one hold
+        text += (
+            "\nRedis Cluster sharded Pub/Sub (scripts/bench_shards.py: masters on core 0, "
+            f"subscriber pods and feed on cores {client_cpus}; 500 tickers at 5,000 updates/s, "
+            f"{seconds:g} s each):\n\n" + bench_shards.run([1, 3], [1, 4, 16], 500, 5000, seconds)
+        )
     print(text)
     if not args.no_append:
         command = "make bench" + (f" BENCH_ARGS={shlex.quote(' '.join(argv))}" if argv else "")

@@ -27,7 +27,11 @@ class ServeProcess:
         )
         self.grpc_port = 0
         self.http_port = 0
-        started = self.wait_for_event("server_started", timeout=20)
+        try:
+            started = self.wait_for_event("server_started", timeout=20)
+        except BaseException:
+            self.stop()  # nobody else holds this process yet: do not leave it running
+            raise
         self.grpc_port = started["grpc_port"]
         self.http_port = started["http_port"]
 

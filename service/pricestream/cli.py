@@ -130,20 +130,30 @@ async def _health_main(args: argparse.Namespace) -> int:
 
 
 async def _feed_main(args: argparse.Namespace, settings: Settings) -> int:
-    pool = make_pool(settings)
-    client = Redis.from_pool(pool)  # closing the client closes its pool
-    # Sentinel mode: follow a switch of master even when the old one still takes writes.
-    watch = MasterWatch(pool, settings) if isinstance(pool, SentinelPool) else None
+    client: Any
+    watch: MasterWatch | None = None
+    if settings.redis_mode == "cluster":  # SET price:last:{T} + SPUBLISH price:{T}
+        from pricestream.redis.cluster_client import make_cluster_client
+        from pricestream.redis.sharded_broker import ClusterPricePublisher
+
+        client = make_cluster_client(settings)
+        publisher: Any = ClusterPricePublisher(client)
+    else:
+        pool = make_pool(settings)
+        client = Redis.from_pool(pool)  # closing the client closes its pool
+        publisher = RedisPricePublisher(client)
+        # Sentinel mode: follow a switch of master even when the old one still takes writes.
+        watch = MasterWatch(pool, settings) if isinstance(pool, SentinelPool) else None
     watching: asyncio.Task[None] | None = None
     tickers = ticker_universe(args.tickers)
-    log.info("feed: %d tickers at %g updates/s to %s", len(tickers), args.rate,
-             redis_target(settings))  # fmt: skip
+    log.info("feed: %d tickers at %g updates/s to %s (%s)", len(tickers), args.rate,
+             redis_target(settings), settings.redis_mode)  # fmt: skip
     try:
         if watch is not None:
             watching = asyncio.create_task(watch.run(), name="sentinel-watch")
         await wait_for_redis(client, settings.reconnect_max_backoff)
         published = await run_feed(
-            RedisPricePublisher(client),
+            publisher,
             tickers,
             args.rate,
             args.duration,

@@ -26,6 +26,16 @@ def last_price_key(ticker: str) -> str:
     return LAST_PRICE_PREFIX + ticker
 
 
+# Cluster mode (sharded Pub/Sub): the ticker is the hash tag, so a ticker's channel and its
+# last-price key share one slot, hence one shard: a producer writes both on one node.
+def cluster_price_channel(ticker: str) -> str:
+    return CHANNEL_PREFIX + "{" + ticker + "}"
+
+
+def cluster_last_price_key(ticker: str) -> str:
+    return LAST_PRICE_PREFIX + "{" + ticker + "}"
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while value > 0x7F:

@@ -24,7 +24,11 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
 
-    redis_url: str = Field(DEFAULT_REDIS_URL, description="Redis URL (redis:// or rediss://).")
+    redis_url: str = Field(
+        DEFAULT_REDIS_URL,
+        description="Redis URL (redis:// or rediss://); cluster mode: one or more seed nodes, "
+        "comma-separated (redis://host:port,host:port).",
+    )
     redis_mode: Literal["standalone", "sentinel", "cluster"] = Field(
         "standalone",
         description="Redis topology: standalone (the URL's server), sentinel (the master the "
@@ -179,15 +183,17 @@ class Settings(BaseSettings):
             raise ValueError("redis_mode=sentinel needs redis_sentinels and redis_sentinel_master")
         if not sentinel and (self.redis_sentinels or self.redis_sentinel_master):
             raise ValueError("redis_sentinels and redis_sentinel_master need redis_mode=sentinel")
-        if self.redis_mode == "cluster" and self.redis_url.startswith("unix://"):
-            raise ValueError("redis_mode=cluster needs a redis:// or rediss:// seed node URL")
+        if self.redis_mode == "cluster":
+            if self.redis_url.startswith("unix://"):
+                raise ValueError("redis_mode=cluster needs a redis:// or rediss:// seed node URL")
+            cluster_seed_nodes(self.redis_url)  # raises on a malformed seed
+        elif "," in self.redis_url:
+            raise ValueError("several nodes in redis_url need redis_mode=cluster")
         if sentinel and self.redis_url.startswith("unix://"):
             raise ValueError(
                 "redis_mode=sentinel needs a redis:// or rediss:// URL (its credentials, TLS "
                 "and database apply to the master the sentinels name)"
             )
-        if self.redis_mode == "cluster":  # until cluster mode lands (issue 14, part 2)
-            raise ValueError(f"redis_mode={self.redis_mode} is not implemented in this build yet")
         return self
 
     @property
@@ -210,6 +216,29 @@ def sentinel_addresses(value: str) -> list[tuple[str, int]]:
             raise ValueError(f"{item!r} is not host:port")
         pairs.append((host, int(port)))
     return pairs
+
+
+def cluster_seed_nodes(url: str) -> list[tuple[str, int]]:
+    """The seed nodes of a cluster-mode URL, ``redis://[user:pass@]host:port,host:port/0``
+    (later nodes may repeat the scheme); ValueError names a bad one. Credentials and TLS come
+    from the first node and apply to every node; a cluster has database 0 only."""
+    scheme, _, rest = url.partition("://")
+    first, *others = rest.split(",")
+    first_node = first.rpartition("@")[2]
+    nodes: list[tuple[str, int]] = []
+    for index, item in enumerate([first_node, *others]):
+        node = item.strip()
+        if index:
+            node = node.removeprefix(f"{scheme}://")
+        node, _, db = node.partition("/")
+        if db not in ("", "0"):
+            raise ValueError(f"cluster node {item!r}: a cluster has database 0 only")
+        host, sep, port = node.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not sep or not host or not _is_port(port):
+            raise ValueError(f"cluster node {item!r} is not host:port")
+        nodes.append((host, int(port)))
+    return nodes
 
 
 class SettingsError(ValueError):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import grpc
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from pricestream.api.rate_limit import PeerRateLimiter
@@ -32,8 +33,10 @@ from pricestream.observability.tracing import Tracing
 from pricestream.redis.batch import CommandBatcher
 from pricestream.redis.broker import RedisBroker
 from pricestream.redis.client import make_client, make_pool, redis_target
+from pricestream.redis.cluster_client import make_cluster_client
 from pricestream.redis.sentinel import MasterWatch, SentinelPool
 from pricestream.redis.sessions import POD_ALIVE_INTERVAL, RedisSessionStore
+from pricestream.redis.sharded_broker import ShardedBroker
 from pricestream.settings import Settings
 from pricestream.tasks import cancel_and_wait
 
@@ -46,7 +49,7 @@ LEASE_REFRESH_SLICE = 200  # leases per refresh call: ~2 ms of Redis time each
 class Backends:
     broker: Broker
     store: SessionStore
-    redis: Redis | None = None
+    redis: Redis | RedisCluster | None = None
     pool: ConnectionPool | None = None
     batcher: CommandBatcher | None = None
 
@@ -86,6 +89,7 @@ class Engine:
         self.draining = False
         self.redis_unhealthy_since: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        sharded = self.broker if isinstance(self.broker, ShardedBroker) else None
         self.metrics.register_live_gauges(
             LiveGauges(
                 sessions_active=lambda: len(self.registry),
@@ -96,6 +100,16 @@ class Engine:
                 ready=lambda: self.ready,
                 loop_lag=lambda: self.clock.lag,
                 flush_backlog=lambda: self.clock.backlog,
+                # Standalone: one Redis, one "shard", live when the broker delivers.
+                shards_wanted=(lambda: 1) if sharded is None else lambda: sharded.shards_wanted,
+                shards_live=(
+                    (lambda: int(self.broker.healthy))
+                    if sharded is None
+                    else lambda: sharded.shards_live
+                ),
+                channels_unconfirmed=(
+                    None if sharded is None else lambda: sharded.channels_unconfirmed
+                ),
             )
         )
 
@@ -105,6 +119,24 @@ class Engine:
             return Backends(
                 MemoryBroker(),
                 MemorySessionStore(s.session_ttl, s.lease_ttl, s.resume_grace, self.on_closed),
+            )
+        if s.redis_mode == "cluster":
+            cluster = make_cluster_client(s)
+            cluster_batcher = CommandBatcher(cluster, cluster=True)
+            return Backends(
+                ShardedBroker(cluster, s, self.metrics, cluster_batcher),
+                RedisSessionStore(
+                    cluster,
+                    cluster_batcher,
+                    s.session_ttl,
+                    s.lease_ttl,
+                    s.resume_grace,
+                    self.pod_instance,
+                    cluster=True,
+                ),
+                cluster,
+                None,
+                cluster_batcher,
             )
         pool = make_pool(s)
         client = make_client(pool)
@@ -151,7 +183,9 @@ class Engine:
 
     async def __aenter__(self) -> Engine:
         if self.backends.redis is not None:
-            log.info("using Redis at %s", redis_target(self.settings))
+            log.info(
+                "using Redis (%s) at %s", self.settings.redis_mode, redis_target(self.settings)
+            )
         self.hub.on_service_channel(SESSION_CLOSED_CHANNEL, self._on_closed_message)
         await self.broker.start()
         self._tasks = [

@@ -36,6 +36,11 @@ class LiveGauges:
     ready: Callable[[], bool]
     loop_lag: Callable[[], float]
     flush_backlog: Callable[[], float]
+    # Shards = cluster masters owning a wanted channel (standalone: the one Redis); None: the
+    # gauge is not exported (channels_unconfirmed exists in cluster mode only).
+    shards_wanted: Callable[[], int] | None = None
+    shards_live: Callable[[], int] | None = None
+    channels_unconfirmed: Callable[[], int] | None = None
 
 
 class _LiveCollector(Collector):
@@ -85,6 +90,28 @@ class _LiveCollector(Collector):
             "at least 250 ms (moving average): the pod writes fewer batches than its streams need.",
             value=g.flush_backlog(),
         )
+        if g.shards_wanted is not None:
+            yield GaugeMetricFamily(
+                "pricestream_redis_shards_wanted",
+                "Cluster masters that own at least one channel this pod wants (one Pub/Sub "
+                "connection each); 1 outside cluster mode.",
+                value=g.shards_wanted(),
+            )
+        if g.shards_live is not None:
+            yield GaugeMetricFamily(
+                "pricestream_redis_shards_live",
+                "Of the wanted cluster masters, those whose Pub/Sub connection is up and "
+                "answers; below shards_wanted means a shard is in trouble. Outside cluster "
+                "mode: 1 while Pub/Sub delivers.",
+                value=g.shards_live(),
+            )
+        if g.channels_unconfirmed is not None:
+            yield GaugeMetricFamily(
+                "pricestream_redis_channels_unconfirmed",
+                "Wanted channels no cluster shard has confirmed a subscription for: tickers "
+                "that get no prices right now (a slot moving, a shard failing over).",
+                value=g.channels_unconfirmed(),
+            )
 
 
 class Metrics:
@@ -166,6 +193,18 @@ class Metrics:
         self.redis_reconnects = Counter(
             "pricestream_redis_reconnects",
             "Redis Pub/Sub connections re-established after a failure.",
+            registry=r,
+        )
+        self.slot_moves = Counter(
+            "pricestream_redis_slot_moves",
+            "Cluster mode: channels moved to another shard because the slot map changed "
+            "(reshard, failover).",
+            registry=r,
+        )
+        self.topology_refreshes = Counter(
+            "pricestream_redis_topology_refreshes",
+            "Cluster mode: reads of the slot map (CLUSTER SLOTS), by result (ok, error).",
+            ["result"],
             registry=r,
         )
         self.slow_consumer_disconnects = Counter(

@@ -15,8 +15,10 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException, RedisError
 
 from pricestream.tasks import cancel_and_wait
 
@@ -27,9 +29,17 @@ Queue = Callable[[Pipeline], Awaitable[Any]]
 
 
 class CommandBatcher:
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Redis | RedisCluster, *, cluster: bool = False) -> None:
+        """``cluster``: the client is a ``RedisCluster``. Its pipeline refuses EVALSHA, so
+        scripts go as EVAL with their body (a master promoted by a failover may not have a
+        script cached anyway), and commands are queued without awaiting them (in redis-py
+        8.1 awaiting a ``ClusterPipeline`` re-initializes it, dropping what was queued). And
+        one pipeline per master (by the client's slot map): redis-py fails a whole cluster
+        pipeline when one node in it is down, so a shard failing over would otherwise fail
+        every session call of the pod, not just those whose keys live on that shard."""
         self._client = client
-        self._pending: list[tuple[Queue, asyncio.Future[Any]]] = []
+        self._cluster = cluster
+        self._pending: list[tuple[Queue, asyncio.Future[Any], str]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     def script(
@@ -38,30 +48,51 @@ class CommandBatcher:
         """Run a registered Lua script in the next pipeline."""
 
         async def queue(pipe: Pipeline) -> Any:
+            if self._cluster:
+                return pipe.eval(script.script, len(keys), *keys, *args)
             return await script(keys=keys, args=list(args), client=pipe)
 
-        return self._call(queue)
+        return self._call(queue, keys[0] if keys else "")
+
+    def get(self, key: str) -> Awaitable[bytes | None]:
+        async def queue(pipe: Pipeline) -> Any:
+            return pipe.get(key) if self._cluster else await pipe.get(key)
+
+        return self._call(queue, key)
 
     def mget(self, keys: list[str]) -> Awaitable[list[bytes | None]]:
         async def queue(pipe: Pipeline) -> Any:
             return await pipe.mget(keys)
 
-        return self._call(queue)
+        return self._call(queue, keys[0] if keys else "")
 
-    def _call(self, queue: Queue) -> Awaitable[Any]:
+    def _call(self, queue: Queue, key: str) -> Awaitable[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._pending:
             loop.call_soon(self._start)
-        self._pending.append((queue, future))
+        self._pending.append((queue, future, key))
         return future
+
+    def _node_of(self, key: str) -> str:
+        """The master the client's slot map names for a key ("" while it has none)."""
+        assert isinstance(self._client, RedisCluster)
+        try:
+            return self._client.nodes_manager.get_node_from_slot(key_slot(key.encode())).name
+        except (RedisClusterException, LookupError):
+            return ""
 
     def _start(self) -> None:
         batch, self._pending = self._pending, []
-        for start in range(0, len(batch), BATCH_LIMIT):
-            task = asyncio.create_task(self._run(batch[start : start + BATCH_LIMIT]))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        groups: dict[str, list[tuple[Queue, asyncio.Future[Any]]]] = {}
+        for queue, future, key in batch:
+            node = self._node_of(key) if self._cluster else ""
+            groups.setdefault(node, []).append((queue, future))
+        for group in groups.values():
+            for start in range(0, len(group), BATCH_LIMIT):
+                task = asyncio.create_task(self._run(group[start : start + BATCH_LIMIT]))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def _run(self, batch: list[tuple[Queue, asyncio.Future[Any]]]) -> None:
         try:

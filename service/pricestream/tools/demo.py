@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -17,8 +18,16 @@ from pricestream.tools.feed import PricePublisher, run_feed, ticker_universe
 from pricestream.tools.watch import watch
 
 
-async def redis_reachable(url: str) -> bool:
-    client = Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+async def redis_reachable(url: str, mode: str = "standalone") -> bool:
+    client: Any
+    if mode == "cluster":
+        from pricestream.redis.cluster_client import make_cluster_client
+        from pricestream.settings import load_settings
+
+        quick = load_settings(redis_url=url, redis_mode="cluster", redis_timeout=0.5)
+        client = make_cluster_client(quick)
+    else:
+        client = Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
     try:
         return bool(await client.ping())
     except (RedisError, OSError):
@@ -36,7 +45,7 @@ async def run_demo(
     duration: float | None,
     clear: bool = True,
 ) -> int:
-    use_redis = await redis_reachable(settings.redis_url)
+    use_redis = await redis_reachable(settings.redis_url, settings.redis_mode)
     if use_redis:
         print(f"demo: using Redis at {redacted(settings.redis_url)}", file=sys.stderr)
     else:
@@ -48,7 +57,9 @@ async def run_demo(
     async with Server(settings, in_memory=not use_redis) as server:
         redis_client: Redis | None = None
         publisher: PricePublisher
-        if use_redis:
+        if use_redis and settings.redis_mode == "cluster":
+            publisher = server.engine.broker  # SET price:last:{T} + SPUBLISH price:{T}
+        elif use_redis:
             redis_client = Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout)
             publisher = RedisPricePublisher(redis_client)
         else:

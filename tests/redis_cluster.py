@@ -1,0 +1,313 @@
+"""A local Redis Cluster of real redis-server processes: 3 masters + 3 replicas on free
+loopback ports in a temp dir, each process started and stopped by its PID."""
+
+from __future__ import annotations
+
+import ctypes
+import random
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from conftest import require_binary
+from redis import Redis
+from redis.crc import key_slot
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_cluster_ports(count: int) -> list[int]:
+    """``count`` loopback ports P that are free with P + 10000 (the node's cluster bus port)
+    free too; below the kernel's ephemeral range so that P + 10000 stays a valid port."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = random.randrange(20000, 30000)
+        taken = {p for q in ports for p in (q, q + 10000)}
+        free = port not in taken and port + 10000 not in taken
+        if free and _bindable(port) and _bindable(port + 10000):
+            ports.append(port)
+    return ports
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the test process dies, even if it is killed
+    (a pytest-timeout abort skips fixture teardown)."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class ClusterNode:
+    def __init__(self, binary: str, workdir: Path, port: int) -> None:
+        self.binary = binary
+        self.port = port
+        self.dir = workdir / str(port)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, node_timeout_ms: int) -> None:
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(self.dir / "nodes.conf"),
+                "--cluster-node-timeout", str(node_timeout_ms),
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(self.dir),
+                "--daemonize", "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )  # fmt: skip
+
+    def client(self) -> Redis:
+        return Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+
+    def wait_up(self, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with self.client() as client:
+                    client.ping()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"cluster node {self.port} did not start") from None
+                time.sleep(0.05)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+class LocalCluster:
+    """``masters`` masters with ``replicas`` replicas each, created by ``redis-cli --cluster``."""
+
+    def __init__(self, workdir: Path, masters: int = 3, replicas: int = 1) -> None:
+        server = require_binary("redis-server")
+        self.cli = require_binary("redis-cli")
+        self.masters, self.replicas = masters, replicas
+        self.nodes = [
+            ClusterNode(server, workdir, port)
+            for port in free_cluster_ports(masters * (1 + replicas))
+        ]
+        self.node_timeout_ms = 1000
+
+    @property
+    def url(self) -> str:
+        """Seed URL naming the first two nodes (any node would do)."""
+        return ",".join(f"redis://{n.address}" for n in self.nodes[:2])
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start(self.node_timeout_ms)
+        for node in self.nodes:
+            node.wait_up()
+        if self.replicas == 0 and self.masters == 1:
+            self.redis_cli("CLUSTER", "ADDSLOTSRANGE", "0", "16383", port=self.nodes[0].port)
+        else:
+            subprocess.run(
+                [self.cli, "--cluster", "create", *(n.address for n in self.nodes),
+                 "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
+        self.wait_healthy()
+        self.wait_replicas_synced()
+
+    def wait_replicas_synced(self, timeout: float = 30) -> None:
+        """Until every replica's link to its master is up: a replica that never synced does
+        not stand for election (its data age is unknown), so no failover would happen."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pending = []
+            for node in self.live_nodes():
+                with node.client() as client:
+                    info = client.info("replication")
+                if info["role"] == "slave" and info.get("master_link_status") != "up":
+                    pending.append(node.port)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replicas {pending} did not sync with their masters")
+            time.sleep(0.1)
+
+    def redis_cli(self, *args: str, port: int) -> str:
+        done = subprocess.run(
+            [self.cli, "-h", "127.0.0.1", "-p", str(port), *args],
+            check=True, capture_output=True, timeout=30, text=True,
+        )  # fmt: skip
+        return done.stdout
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def live_nodes(self) -> Iterator[ClusterNode]:
+        return (node for node in self.nodes if node.running)
+
+    def node(self, port: int) -> ClusterNode:
+        return next(node for node in self.nodes if node.port == port)
+
+    def slots(self) -> dict[int, int]:
+        """Slot -> port of its master, as a live node sees it."""
+        for node in self.live_nodes():
+            try:
+                with node.client() as client:
+                    reply = client.execute_command("CLUSTER SLOTS")
+            except Exception:
+                continue
+            owners: dict[int, int] = {}
+            for start, end, master, *_ in reply:
+                for slot in range(start, end + 1):
+                    owners[slot] = int(master[1])
+            return owners
+        raise RuntimeError("no live cluster node answers CLUSTER SLOTS")
+
+    def master_ports(self) -> list[int]:
+        return sorted(set(self.slots().values()))
+
+    def owner(self, key: str) -> ClusterNode:
+        return self.node(self.slots()[key_slot(key.encode())])
+
+    def replica_of(self, master: ClusterNode) -> ClusterNode:
+        with master.client() as client:
+            master_id = client.execute_command("CLUSTER MYID").decode()
+        for node in self.live_nodes():
+            with node.client() as client:
+                nodes = client.execute_command("CLUSTER NODES")  # redis-py parses it
+            for info in nodes.values():
+                flags = info["flags"]
+                if "myself" in flags and "slave" in flags and info["master_id"] == master_id:
+                    return node
+        raise RuntimeError(f"no live replica of {master.port}")
+
+    def wait_healthy(self, timeout: float = 30) -> None:
+        """Until every live node reports cluster_state:ok and agrees on the slot owners."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                views = []
+                for node in self.live_nodes():
+                    with node.client() as client:
+                        info = client.execute_command("CLUSTER INFO")  # parsed: a dict
+                        if info.get("cluster_state") != "ok":
+                            raise RuntimeError(f"{node.port} not ok")
+                        views.append(
+                            sorted(
+                                (s, int(m[1]))
+                                for s, _, m, *_ in client.execute_command("CLUSTER SLOTS")
+                            )
+                        )
+                if views and all(v == views[0] for v in views):
+                    return
+            except Exception:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("cluster did not become healthy")
+            time.sleep(0.1)
+
+    def add_master(self) -> ClusterNode:
+        """A new, empty master joined to the cluster (``redis-cli --cluster add-node``); it
+        owns no slot until a reshard gives it some."""
+        taken = {n.port for n in self.nodes}
+        port = next(p for p in free_cluster_ports(len(taken) + 1) if p not in taken)
+        node = ClusterNode(self.nodes[0].binary, self.nodes[0].dir.parent, port)
+        self.nodes.append(node)
+        node.start(self.node_timeout_ms)
+        node.wait_up()
+        seed = next(self.live_nodes())
+        subprocess.run(
+            [self.cli, "--cluster", "add-node", node.address, seed.address],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:  # until every node has met it
+            known = []
+            for other in self.live_nodes():
+                with other.client() as client:
+                    known.append(len(client.execute_command("CLUSTER NODES")))
+            if all(count == len(self.nodes) for count in known):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"node {port} did not join")
+            time.sleep(0.1)
+        self.wait_healthy()
+        return node
+
+    def node_id(self, node: ClusterNode) -> str:
+        with node.client() as client:
+            return client.execute_command("CLUSTER MYID").decode()
+
+    def slot_range(self, master: ClusterNode) -> list[int]:
+        """The slots a master owns, in order."""
+        return sorted(slot for slot, port in self.slots().items() if port == master.port)
+
+    def reshard(self, source: ClusterNode, target: ClusterNode, count: int) -> None:
+        """``redis-cli --cluster reshard``: move ``count`` slots (and their keys) from source
+        to target, the way an operator does it."""
+        subprocess.run(
+            [self.cli, "--cluster", "reshard", source.address,
+             "--cluster-from", self.node_id(source), "--cluster-to", self.node_id(target),
+             "--cluster-slots", str(count), "--cluster-yes"],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+
+
+def shardnumsub(node: ClusterNode, channel: str) -> int:
+    """Subscribers of a shard channel on one node (PUBSUB SHARDNUMSUB)."""
+    with node.client() as client:
+        reply = client.execute_command("PUBSUB", "SHARDNUMSUB", channel)
+    return int(reply[1])
+
+
+def sharded_subscribers(node: ClusterNode) -> int:
+    """Clients of a node subscribed to at least one shard channel."""
+    with node.client() as client:
+        return sum(1 for c in client.client_list() if int(c.get("ssub", 0)) > 0)
+
+
+def wait_promoted(cluster: LocalCluster, node: ClusterNode, timeout: float = 30) -> None:
+    """Until ``node`` is a master that owns slots in the view of every live node."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            cluster.wait_healthy(timeout=max(0.1, deadline - time.monotonic()))
+            if node.port in cluster.master_ports():
+                return
+        except RuntimeError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{node.port} was not promoted within {timeout}s")
+        time.sleep(0.05)
