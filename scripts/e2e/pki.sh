@@ -63,6 +63,10 @@ cert scheduler ca "/CN=system:kube-scheduler"
 cert kube-proxy ca "/CN=system:kube-proxy"
 # The host processes of the monitoring stack (prometheus-operator, Prometheus, the adapter).
 cert monitoring ca "/O=system:masters/CN=pricestream-e2e-monitoring" "DNS:localhost,IP:127.0.0.1,IP:$NODE_IP"
+# Serving certificate of the aggregated APIs (custom metrics, resource metrics): the API server
+# checks it against the name of the Service each APIService names.
+cert aggregated ca "/CN=pricestream-e2e-aggregated" \
+  "DNS:e2e-metrics-adapter.monitoring.svc,DNS:e2e-metrics-server.monitoring.svc,IP:$NODE_IP"
 for n in admin controller-manager scheduler kube-proxy node monitoring; do kubeconfig "$n"; done
 openssl genrsa -out sa.key 2048 2>/dev/null
 openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
