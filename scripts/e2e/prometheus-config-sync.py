@@ -13,7 +13,8 @@ targets Prometheus's own endpoints discovery would produce, carrying the same
 `__meta_kubernetes_*` labels (endpoints, service, pod and container port), read from the API
 server. The operator's relabel rules, which pick the ServiceMonitor's targets and set job,
 namespace, pod and service, then run unchanged in Prometheus. The rule file paths point at the
-host folder. Everything else is the operator's configuration as generated. Prometheus is
+host folder, and $(SHARD) and $(POD_NAME) are expanded as the config-reloader does. Everything
+else is the operator's configuration as generated. Prometheus is
 reloaded (POST /-/reload) when the configuration or a rule file changed; file_sd files are
 re-read by Prometheus itself.
 """
@@ -181,10 +182,11 @@ def file_sd(sds: list[dict], name: str, discovered: dict[Path, list[dict]]) -> l
 
 
 def host_config(generated: str, discovered: dict[Path, list[dict]]) -> str:
+    # The config-reloader expands $(VAR) from the pod's environment: the shard number (one
+    # shard: 0) and the pod's name.
+    for var, value in (("$(SHARD)", "0"), ("$(POD_NAME)", "e2e-host")):
+        generated = generated.replace(var, value)
     config = yaml.safe_load(generated)
-    labels = config.get("global", {}).get("external_labels", {})
-    if labels.get("prometheus_replica") == "$(POD_NAME)":  # the pod's name, in a pod
-        labels["prometheus_replica"] = "e2e-host"
     for job in config.get("scrape_configs") or []:
         if "kubernetes_sd_configs" in job:
             job["file_sd_configs"] = file_sd(
