@@ -34,4 +34,4 @@ trap 'exit 130' INT TERM
 stage up "$E2E_DIR/cluster-up.sh"
 stage monitoring-up "$E2E_DIR/monitoring-up.sh"
 stage checks env PRICESTREAM_E2E=1 E2E_STATE="$STATE" HELM="$HELM" "$PYTHON" -m pytest \
-  -p no:cacheprovider -o addopts= -v "$REPO/tests/test_e2e.py" ${E2E_PYTEST_ARGS:-}
+  -p no:cacheprovider -o addopts= -v --durations=0 "$REPO/tests/test_e2e.py" ${E2E_PYTEST_ARGS:-}
