@@ -1,8 +1,11 @@
 # syntax=docker/dockerfile:1
 # pricestream server image: `docker build -t pricestream:0.1.0 .` (or `make image`).
+# BASE_IMAGE: a Python 3.11 Debian bookworm image with `python` on the PATH; `make e2e` passes its
+# own (debootstrap + Debian's python3) since it has no Docker Hub.
+ARG BASE_IMAGE=python:3.11.14-slim-bookworm
 
 # Build stage: install the package and its pinned dependencies into a virtualenv.
-FROM python:3.11.14-slim-bookworm AS build
+FROM ${BASE_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
@@ -12,7 +15,7 @@ COPY service ./service
 RUN /opt/pricestream/bin/pip install --no-cache-dir .
 
 # Final stage: the virtualenv only; no compilers, no pip cache, a non-root user.
-FROM python:3.11.14-slim-bookworm
+FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="pricestream" \
       org.opencontainers.image.description="Live stock prices over gRPC, fanned out from Redis Pub/Sub" \
       org.opencontainers.image.licenses="Apache-2.0"

@@ -25,7 +25,7 @@ KPS_RELEASE ?= kps
 NAMESPACE ?= pricestream
 
 .PHONY: demo test setup system-deps venv helm h2spec centrifugo grpcurl grpcgo proto dashboards schema lint bench clean \
-	kind-up image kind-load deploy grafana kind-down
+	kind-up image kind-load deploy grafana kind-down e2e e2e-build e2e-up e2e-down
 
 demo: venv  ## server + feed + live table, Redis if reachable else in memory
 	$(VENV)/bin/pricestream demo
@@ -133,3 +133,22 @@ grafana:  ## port-forward Grafana and print where to look
 
 kind-down:  ## delete the kind cluster
 	kind delete cluster --name $(KIND_CLUSTER)
+
+# --- Kubernetes for real, without Docker: a single-node cluster built from Go modules (scripts/e2e/) ---
+# Binaries and images are cached under $(TOOLS), keyed by version; the cluster's state lives in
+# E2E_STATE (default /tmp/pricestream-e2e) and is removed by e2e-down, also after a failed start.
+
+e2e: venv helm  ## build (cached), start the e2e cluster, run tests/test_e2e.py on it, take it down
+	scripts/e2e/run.sh
+
+e2e-build: helm  ## only build and cache the cluster binaries, the monitoring stack and the images
+	scripts/ensure-system-deps.sh e2e
+	scripts/e2e/build-cluster-bins.sh
+	scripts/e2e/build-monitoring-bins.sh
+	scripts/e2e/build-images.sh
+
+e2e-up:  ## start the e2e cluster (after e2e-build) and leave it running; KUBECONFIG is printed
+	scripts/e2e/cluster-up.sh
+
+e2e-down:  ## stop the e2e cluster and remove everything it made
+	scripts/e2e/cluster-down.sh

@@ -1,8 +1,23 @@
 #!/usr/bin/env bash
 # Install the system packages the test suite runs for real, if any is missing.
 # Idempotent: when every binary is present it returns at once.
+# `ensure-system-deps.sh e2e` also brings what `make e2e` runs: the container runtime and image
+# tools, the CNI plugins, iptables, dnsmasq and debootstrap.
 set -euo pipefail
 need=()
+if [ "${1:-}" = e2e ]; then
+  command -v podman >/dev/null || need+=(podman)
+  command -v buildah >/dev/null || need+=(buildah)
+  command -v containerd >/dev/null && command -v ctr >/dev/null || need+=(containerd)
+  command -v runc >/dev/null || need+=(runc)
+  [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] && [ -x /usr/lib/cni/loopback ] ||
+    need+=(containernetworking-plugins)
+  command -v iptables >/dev/null || need+=(iptables)
+  command -v conntrack >/dev/null || need+=(conntrack)
+  command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
+  command -v debootstrap >/dev/null || need+=(debootstrap)
+  command -v ip >/dev/null || need+=(iproute2)
+fi
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
 command -v prometheus-alertmanager >/dev/null && command -v amtool >/dev/null || need+=(prometheus-alertmanager)

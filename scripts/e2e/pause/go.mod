@@ -1,0 +1,3 @@
+module pricestream.local/e2e-pause
+
+go 1.22

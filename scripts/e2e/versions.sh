@@ -1,0 +1,58 @@
+# Versions and paths of the e2e cluster, sourced by every script in scripts/e2e/.
+# shellcheck shell=bash
+E2E_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$E2E_DIR/../.." && pwd)"
+TOOLS="${TOOLS:-$REPO/.tools}"
+K8S_VERSION=v1.37.2
+K8S_STAGING_VERSION=v0.37.2
+ETCD_VERSION=v3.7.0
+PROM_OPERATOR_VERSION=v0.87.1
+CUSTOM_METRICS_APISERVER_VERSION=v1.37.0
+METRICS_SERVER_VERSION=v0.9.0
+K8S_DIR="$TOOLS/k8s-$K8S_VERSION"
+ETCD_DIR="$TOOLS/etcd-$ETCD_VERSION"
+PAUSE_DIR="$TOOLS/pause-1"
+KUBECTL="$K8S_DIR/bin/kubectl"
+HELM="${HELM:-$TOOLS/bin/helm}"
+# The e2e image's base (scripts/e2e/build-base-image.sh) and the podman storage kept under .tools.
+BASE_KEY=base-bookworm-python3-1
+BASE_IMAGE=localhost/pricestream-e2e-base:bookworm-python3-1
+PODMAN_ROOT="$TOOLS/podman-storage"
+PODMAN=(podman --root "$PODMAN_ROOT" --runroot /run/pricestream-e2e-podman --storage-driver overlay
+  --cgroup-manager cgroupfs --events-backend none --runtime runc)
+APP_VERSION="$(sed -n 's/^appVersion: "\(.*\)"/\1/p' "$REPO/deploy/helm/pricestream/Chart.yaml")"
+APP_IMAGE="localhost/pricestream:$APP_VERSION"
+REDIS_IMAGE=localhost/pricestream-e2e-redis:bookworm-1
+PAUSE_IMAGE=localhost/pricestream-e2e-pause:1
+# The running cluster: state, network and ports. Ports are off every default a test or another
+# tool of this machine binds (6443, 2379, 10250, 9090, 9093, 6379, 50051, 9464 ...).
+STATE="${E2E_STATE:-/tmp/pricestream-e2e}"
+NODE_NAME=pricestream-e2e
+BRIDGE=pse2e0
+# RFC 2544's benchmarking range: test hosts only, never a real network.
+POD_CIDR=198.18.0.0/24
+NODE_IP=198.18.0.1
+SERVICE_CIDR=198.19.0.0/24
+ETCD_PORT=17379
+ETCD_PEER_PORT=17380
+APISERVER_PORT=17443
+KCM_PORT=17257
+SCHEDULER_PORT=17259
+KUBELET_PORT=17250
+KUBELET_HEALTHZ_PORT=17248
+KUBE_PROXY_METRICS_PORT=17249
+KUBE_PROXY_HEALTHZ_PORT=17256
+KUBECONFIG_ADMIN="$STATE/pki/admin.kubeconfig"
+CONTAINERD_SOCK="$STATE/containerd/containerd.sock"
+CTR=(ctr --address "$CONTAINERD_SOCK" -n k8s.io)
+PROM_OPERATOR_DIR="$TOOLS/prometheus-operator-$PROM_OPERATOR_VERSION"
+METRICS_SERVER_DIR="$TOOLS/metrics-server-$METRICS_SERVER_VERSION"
+# Keyed by its source too: an edit of the adapter rebuilds it.
+ADAPTER_DIR="$TOOLS/metrics-adapter-$CUSTOM_METRICS_APISERVER_VERSION-$(cat "$E2E_DIR"/metrics-adapter/go.mod "$E2E_DIR"/metrics-adapter/*.go 2>/dev/null | sha256sum | cut -c1-12)"
+# Monitoring stack: host processes (scripts/e2e/monitoring-up.sh).
+OPERATOR_PORT=17080
+PROMETHEUS_PORT=17090
+ALERTMANAGER_PORT=17093
+WEBHOOK_PORT=17094
+ADAPTER_PORT=17444
+METRICS_SERVER_PORT=17445

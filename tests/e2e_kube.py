@@ -1,0 +1,204 @@
+"""Helpers of tests/test_e2e.py: kubectl and helm against the e2e cluster of scripts/e2e/."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+E2E = REPO / "scripts" / "e2e"
+CHART = REPO / "deploy" / "helm" / "pricestream"
+
+
+def _shell_vars() -> dict[str, str]:
+    """The variables of scripts/e2e/versions.sh, as the shell scripts see them."""
+    out = subprocess.run(
+        ["bash", "-c", f"source {E2E / 'versions.sh'} && set -o posix && set"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    values = {}
+    for line in out.splitlines():
+        name, sep, value = line.partition("=")
+        if sep and name.isidentifier():
+            values[name] = value.strip("'")
+    return values
+
+
+V = _shell_vars()
+STATE = Path(os.environ.get("E2E_STATE", V["STATE"]))
+KUBECONFIG = str(STATE / "pki" / "admin.kubeconfig")
+KUBECTL = V["KUBECTL"]
+HELM = os.environ.get("HELM", V["HELM"])
+NODE_IP = V["NODE_IP"]
+APP_IMAGE = V["APP_IMAGE"]
+REDIS_IMAGE = V["REDIS_IMAGE"]
+
+
+def run(
+    cmd: list[str], *, check: bool = True, timeout: float = 300, stdin: str | None = None
+) -> str:
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=stdin,
+        env={**os.environ, "KUBECONFIG": KUBECONFIG},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc.stdout
+
+
+def kubectl(*args: str, check: bool = True, timeout: float = 120, stdin: str | None = None) -> str:
+    return run([KUBECTL, *args], check=check, timeout=timeout, stdin=stdin)
+
+
+def kubectl_json(*args: str) -> Any:
+    return json.loads(kubectl(*args, "-o", "json"))
+
+
+def apply(manifest: str) -> None:
+    kubectl("apply", "-f", "-", stdin=manifest)
+
+
+def helm(*args: str, check: bool = True, timeout: float = 400) -> str:
+    return run([HELM, *args], check=check, timeout=timeout)
+
+
+def image_values() -> list[str]:
+    """--set flags naming the images built by scripts/e2e/build-images.sh."""
+    repo, tag = APP_IMAGE.rsplit(":", 1)
+    redis_repo, redis_tag = REDIS_IMAGE.rsplit(":", 1)
+    return [
+        "--set",
+        f"image.repository={repo},image.tag={tag}",
+        "--set",
+        f"redis.image.repository={redis_repo},redis.image.tag={redis_tag}",
+    ]
+
+
+def wait_until(
+    what: str, check: Callable[[], Any], timeout: float = 120, interval: float = 2
+) -> Any:
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` and the last value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = check()
+        except (AssertionError, subprocess.SubprocessError, OSError, ValueError, KeyError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}"
+            )
+        time.sleep(interval)
+
+
+# Every kind a release of the chart can leave behind (namespaced).
+LEFTOVER_KINDS = (
+    "pods,services,endpointslices,deployments,replicasets,statefulsets,configmaps,secrets,"
+    "persistentvolumeclaims,serviceaccounts,roles,rolebindings,poddisruptionbudgets,"
+    "horizontalpodautoscalers,networkpolicies,jobs"
+)
+
+
+def namespace_leftovers(namespace: str, extra_kinds: str = "") -> list[str]:
+    """Objects in ``namespace`` beyond what Kubernetes puts in every namespace."""
+    kinds = LEFTOVER_KINDS + ("," + extra_kinds if extra_kinds else "")
+    names = kubectl("-n", namespace, "get", kinds, "-o", "name", "--ignore-not-found").split()
+    builtin = {"configmap/kube-root-ca.crt", "serviceaccount/default"}
+    return sorted(n for n in names if n not in builtin)
+
+
+def pod_log(namespace: str, pod: str) -> str:
+    """A pod's container logs, read from the kubelet's log folder on this host."""
+    logs = sorted((STATE / "pod-logs").glob(f"{namespace}_{pod}_*/*/*.log"))
+    return "\n".join(p.read_text(errors="replace") for p in logs)
+
+
+def ready_pods(namespace: str, selector: str) -> list[dict[str, Any]]:
+    pods = kubectl_json("-n", namespace, "get", "pods", "-l", selector)["items"]
+    return [
+        p
+        for p in pods
+        if p["metadata"].get("deletionTimestamp") is None
+        and any(
+            c["type"] == "Ready" and c["status"] == "True"
+            for c in p["status"].get("conditions", [])
+        )
+    ]
+
+
+PROMETHEUS = f"http://127.0.0.1:{V['PROMETHEUS_PORT']}"
+WEBHOOK_PORT = int(V["WEBHOOK_PORT"])
+
+
+def prom(path: str, **params: str) -> Any:
+    """GET Prometheus's HTTP API; the `data` of a successful answer."""
+    url = f"{PROMETHEUS}{path}?{urllib.parse.urlencode(params)}"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        body = json.load(resp)
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def prom_query(expr: str) -> list[dict[str, Any]]:
+    return prom("/api/v1/query", query=expr)["result"]
+
+
+def pod_exposition(pod_ip: str, port: int = 9464) -> str:
+    """A pod's /metrics, fetched straight from its IP (a test host on the e2e bridge)."""
+    with urllib.request.urlopen(f"http://{pod_ip}:{port}/metrics", timeout=5) as resp:
+        return resp.read().decode()
+
+
+class Webhook:
+    """Alertmanager's receiver: records every notification POSTed to 127.0.0.1:WEBHOOK_PORT."""
+
+    def __init__(self) -> None:
+        self.notifications: list[dict[str, Any]] = []
+        received = self.notifications
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                received.append({"received_at": time.time(), **json.loads(body)})
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", WEBHOOK_PORT), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def alerts(self, alertname: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        return [
+            (n, a)
+            for n in list(self.notifications)
+            for a in n["alerts"]
+            if a["labels"].get("alertname") == alertname
+        ]

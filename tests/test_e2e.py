@@ -1,0 +1,674 @@
+"""End-to-end checks on a real single-node Kubernetes cluster (scripts/e2e/), run by `make e2e`
+only: the chart installed on real containers, its `helm test`, upgrade, rollback and uninstall
+for every file in the chart's ci/ folder, and nothing left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+
+import grpc
+import pytest
+from e2e_kube import (
+    CHART,
+    REDIS_IMAGE,
+    REPO,
+    STATE,
+    Webhook,
+    apply,
+    helm,
+    image_values,
+    kubectl,
+    kubectl_json,
+    namespace_leftovers,
+    pod_exposition,
+    prom,
+    prom_query,
+    ready_pods,
+    run,
+    wait_until,
+)
+from pricestream.feed import ticker_universe
+from pricestream.leak_check import samples, violations
+from pricestream.v1 import pricestream_pb2 as pb
+from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
+
+from dashboards.grafana import promql_queries
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        os.environ.get("PRICESTREAM_E2E") != "1", reason="runs only under `make e2e`"
+    ),
+    pytest.mark.timeout(900),
+]
+
+
+def drop_namespace(namespace: str) -> None:
+    kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=120s", check=False)
+
+
+CI_VALUES = sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cluster() -> None:
+    """The cluster of scripts/e2e/cluster-up.sh is up and its node Ready."""
+    assert (STATE / "pki" / "admin.kubeconfig").exists(), (
+        "no e2e cluster: scripts/e2e/cluster-up.sh"
+    )
+    node = kubectl_json("get", "nodes")["items"]
+    assert len(node) == 1
+    ready = {c["type"]: c["status"] for c in node[0]["status"]["conditions"]}["Ready"]
+    assert ready == "True"
+
+
+@pytest.fixture(scope="session")
+def storage() -> str:
+    """A default StorageClass with pre-made hostPath volumes (no provisioner on this node)."""
+    apply(
+        textwrap.dedent(
+            """\
+            apiVersion: storage.k8s.io/v1
+            kind: StorageClass
+            metadata:
+              name: e2e-local
+              annotations: {storageclass.kubernetes.io/is-default-class: "true"}
+            provisioner: kubernetes.io/no-provisioner
+            volumeBindingMode: WaitForFirstConsumer
+            reclaimPolicy: Delete
+            """
+        )
+    )
+    for i in range(3):
+        path = STATE / "volumes" / f"pv{i}"
+        path.mkdir(parents=True, exist_ok=True)
+        path.chmod(0o777)
+        apply(
+            textwrap.dedent(
+                f"""\
+                apiVersion: v1
+                kind: PersistentVolume
+                metadata: {{name: e2e-pv{i}}}
+                spec:
+                  capacity: {{storage: 5Gi}}
+                  accessModes: [ReadWriteOnce]
+                  persistentVolumeReclaimPolicy: Retain
+                  storageClassName: e2e-local
+                  hostPath: {{path: {path}, type: Directory}}
+                """
+            )
+        )
+    return "e2e-local"
+
+
+def external_redis_and_secrets(namespace: str) -> None:
+    """What ci/external-redis-values.yaml expects to exist: a Redis outside the release, the
+    Secret with its URL, a tokens Secret and a TLS Secret (mutual TLS: tls.crt, tls.key, ca.crt)."""
+    apply(
+        textwrap.dedent(
+            f"""\
+            apiVersion: v1
+            kind: Pod
+            metadata: {{name: ext-redis, namespace: {namespace}, labels: {{app: ext-redis}}}}
+            spec:
+              securityContext: {{runAsUser: 999, runAsGroup: 999, runAsNonRoot: true}}
+              containers:
+                - name: redis
+                  image: {REDIS_IMAGE}
+                  args: [--save, "", --appendonly, "no", --protected-mode, "no", --port, "6380"]
+                  ports: [{{containerPort: 6380}}]
+            ---
+            apiVersion: v1
+            kind: Service
+            metadata: {{name: ext-redis, namespace: {namespace}}}
+            spec:
+              selector: {{app: ext-redis}}
+              ports: [{{port: 6380, targetPort: 6380}}]
+            """
+        )
+    )
+    kubectl(
+        "-n",
+        namespace,
+        "create",
+        "secret",
+        "generic",
+        "pricestream-redis",
+        f"--from-literal=redis-url=redis://ext-redis.{namespace}.svc.cluster.local:6380/0",
+    )
+    kubectl(
+        "-n",
+        namespace,
+        "create",
+        "secret",
+        "generic",
+        "pricestream-auth",
+        "--from-literal=tokens=e2e-token",
+    )
+    tls = STATE / "tls" / namespace
+    tls.mkdir(parents=True, exist_ok=True)
+    server = "pricestream"  # the release's fullname: the helm test's --tls-server-name
+    ext = f"subjectAltName=DNS:{server}\nextendedKeyUsage=serverAuth,clientAuth\n"
+    (tls / "ext.cnf").write_text(ext)
+    req = ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    run([*req, "-x509", "-keyout", f"{tls}/ca.key", "-out", f"{tls}/ca.crt", "-subj", "/CN=e2e"])
+    run([*req, "-keyout", f"{tls}/tls.key", "-out", f"{tls}/tls.csr", "-subj", f"/CN={server}"])
+    sign = ["-CA", f"{tls}/ca.crt", "-CAkey", f"{tls}/ca.key", "-CAcreateserial", "-days", "1"]
+    out = ["-extfile", f"{tls}/ext.cnf", "-out", f"{tls}/tls.crt"]
+    run(["openssl", "x509", "-req", "-in", f"{tls}/tls.csr", *sign, *out])
+    kubectl(
+        "-n",
+        namespace,
+        "create",
+        "secret",
+        "generic",
+        "pricestream-tls",
+        "--type=kubernetes.io/tls",
+        f"--from-file=tls.crt={tls}/tls.crt",
+        f"--from-file=tls.key={tls}/tls.key",
+        f"--from-file=ca.crt={tls}/ca.crt",
+    )
+
+
+def monitoring_kinds() -> str:
+    """The prometheus-operator kinds the chart renders, when their CRDs are installed."""
+    crds = kubectl("get", "crd", "-o", "name").split()
+    kinds = ("servicemonitors.monitoring.coreos.com", "prometheusrules.monitoring.coreos.com")
+    return ",".join(
+        k for k in kinds if f"customresourcedefinition.apiextensions.k8s.io/{k}" in crds
+    )
+
+
+def release_objects(namespace: str, release: str) -> list[str]:
+    extra = monitoring_kinds()
+    return kubectl(
+        "-n",
+        namespace,
+        "get",
+        "all,configmaps,secrets,pvc,pdb,hpa,networkpolicies,serviceaccounts"
+        + ("," + extra if extra else ""),
+        "-l",
+        f"app.kubernetes.io/instance={release}",
+        "-o",
+        "name",
+    ).split()
+
+
+@pytest.mark.parametrize("values_file", CI_VALUES)
+def test_chart_lifecycle(values_file: str, storage: str) -> None:
+    """install --wait, `helm test`, upgrade, `helm test`, rollback, uninstall: all pass, the pods
+    serve, and uninstall leaves nothing but what the chart documents it keeps."""
+    name = values_file.removesuffix("-values.yaml")
+    namespace = f"e2e-{name}"
+    release = "pricestream"
+    kubectl("create", "namespace", namespace)
+    try:
+        if name == "external-redis":
+            external_redis_and_secrets(namespace)
+        values = ["-f", str(CHART / "ci" / values_file), *image_values()]
+        helm(
+            "install", release, str(CHART), "-n", namespace, *values, "--wait", "--timeout", "240s"
+        )
+        deployment = kubectl_json("-n", namespace, "get", "deployment", release)
+        want = deployment["spec"]["replicas"]
+        assert want >= 1
+        pods = ready_pods(
+            namespace, f"app.kubernetes.io/instance={release},app.kubernetes.io/component=server"
+        )
+        assert len(pods) == want
+        helm("test", release, "-n", namespace, "--timeout", "120s")
+
+        # An upgrade that changes the pods (a rollout), then a rollback to the first revision.
+        helm(
+            "upgrade",
+            release,
+            str(CHART),
+            "-n",
+            namespace,
+            *values,
+            "--set-string",
+            "podAnnotations.e2e/revision=2",
+            "--wait",
+            "--timeout",
+            "240s",
+        )
+        annotations = kubectl_json("-n", namespace, "get", "deployment", release)["spec"][
+            "template"
+        ]["metadata"]
+        assert annotations.get("annotations", {}).get("e2e/revision") == "2"
+        helm("test", release, "-n", namespace, "--timeout", "120s")
+        helm("rollback", release, "1", "-n", namespace, "--wait", "--timeout", "240s")
+        template = kubectl_json("-n", namespace, "get", "deployment", release)["spec"]["template"][
+            "metadata"
+        ]
+        assert "e2e/revision" not in template.get("annotations", {})
+        history = helm("history", release, "-n", namespace, "-o", "json")
+        assert history.count('"revision"') == 3
+
+        helm("uninstall", release, "-n", namespace, "--wait", "--timeout", "120s")
+        wait_until(
+            f"{release} objects gone from {namespace}",
+            lambda: (
+                not [
+                    o
+                    for o in release_objects(namespace, release)
+                    if not o.startswith("persistentvolumeclaim/")
+                ]
+            ),
+            timeout=90,
+        )
+        keep = [
+            o for o in release_objects(namespace, release) if o.startswith("persistentvolumeclaim/")
+        ]
+        persistent = "persistence" in (CHART / "ci" / values_file).read_text()
+        # redis.persistence's claim is kept on purpose (resource-policy: keep), nothing else.
+        assert keep == ([f"persistentvolumeclaim/{release}-redis"] if persistent else [])
+        if keep:
+            kubectl("-n", namespace, "delete", *keep, "--wait=true")
+        if name == "external-redis":
+            kubectl(
+                "-n",
+                namespace,
+                "delete",
+                "pod/ext-redis",
+                "service/ext-redis",
+                "secret/pricestream-redis",
+                "secret/pricestream-auth",
+                "secret/pricestream-tls",
+                "--wait=true",
+            )
+        wait_until(
+            f"{namespace} empty",
+            lambda: namespace_leftovers(namespace, monitoring_kinds()) == [],
+            timeout=90,
+        )
+        assert helm("list", "-n", namespace, "-a", "-q").strip() == ""
+    finally:
+        drop_namespace(namespace)
+
+
+# --- Monitoring, autoscaling and alerting on real pods (scripts/e2e/monitoring-up.sh) ---
+
+SRE_NAMESPACE = "e2e-sre"
+RELEASE = "pricestream"
+SERVER = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=server"
+# Short rule windows so the alerts can fire within a test; the rest as shipped.
+SHORT_PARAMS = {"rateWindow": "20s", "orphanFor": "20s"}
+SESSIONS_PER_POD = 20
+
+
+@pytest.fixture(scope="module")
+def webhook():
+    hook = Webhook()
+    yield hook
+    hook.close()
+
+
+def sre_values(*extra: str) -> list[str]:
+    params = ",".join(f"monitoring.rules.params.{k}={v}" for k, v in SHORT_PARAMS.items())
+    return [
+        "-f",
+        str(CHART / "ci" / "kind-values.yaml"),
+        *image_values(),
+        "--set",
+        "image.pullPolicy=IfNotPresent,monitoring.labels=null,monitoring.serviceMonitor.interval=5s",
+        "--set",
+        params,
+        "--set",
+        f"autoscaling.sessionsPerPod.averageValue={SESSIONS_PER_POD},autoscaling.maxReplicas=4",
+        # Scale down within the test: 20 s of stability, then one pod per 15 s.
+        "--set",
+        "autoscaling.behavior.scaleDown.stabilizationWindowSeconds=20",
+        "--set",
+        "autoscaling.behavior.scaleDown.policies[0].type=Pods,"
+        "autoscaling.behavior.scaleDown.policies[0].value=1,"
+        "autoscaling.behavior.scaleDown.policies[0].periodSeconds=15",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def sre_release():
+    """The chart with kind values (HPA on sessions per pod) in its own namespace."""
+    assert prom("/api/v1/status/buildinfo")["version"].startswith("2.")
+    kubectl("create", "namespace", SRE_NAMESPACE)
+    helm("install", RELEASE, str(CHART), "-n", SRE_NAMESPACE, *sre_values(), "--wait")
+    yield
+    helm("uninstall", RELEASE, "-n", SRE_NAMESPACE, "--wait", check=False)
+    drop_namespace(SRE_NAMESPACE)
+
+
+def server_pods() -> dict[str, str]:
+    """Ready server pods of the SRE release: name -> IP."""
+    return {p["metadata"]["name"]: p["status"]["podIP"] for p in ready_pods(SRE_NAMESPACE, SERVER)}
+
+
+def test_servicemonitor_discovered_and_every_pod_scraped(sre_release: None) -> None:
+    def scraped() -> bool:
+        targets = prom("/api/v1/targets", state="active")["activeTargets"]
+        ours = {
+            t["labels"].get("pod"): t["health"]
+            for t in targets
+            if t["labels"].get("namespace") == SRE_NAMESPACE and t["labels"].get("job") == RELEASE
+        }
+        pods = server_pods()
+        return bool(pods) and ours == dict.fromkeys(pods, "up")
+
+    wait_until("a healthy target for every server pod", scraped, timeout=120)
+    # The operator derived the job from the ServiceMonitor (its generated name).
+    jobs = {t["scrapePool"] for t in prom("/api/v1/targets")["activeTargets"]}
+    assert f"serviceMonitor/{SRE_NAMESPACE}/{RELEASE}/0" in jobs
+    pods = server_pods()
+    up = prom_query(f'up{{namespace="{SRE_NAMESPACE}",job="{RELEASE}",pod=~"{"|".join(pods)}"}}')
+    assert {s["metric"]["pod"]: s["value"][1] for s in up} == dict.fromkeys(pods, "1")
+
+
+def test_prometheusrule_alerts_loaded(sre_release: None) -> None:
+    rules_text = (CHART / "files" / "rules" / "pricestream.rules.yaml").read_text()
+    shipped = set(re.findall(r"^\s*- alert: (\w+)", rules_text, flags=re.M))
+    assert len(shipped) > 5
+
+    def loaded() -> set[str]:
+        groups = prom("/api/v1/rules", type="alert")["groups"]
+        return {r["name"] for g in groups if SRE_NAMESPACE in g["file"] for r in g["rules"]}
+
+    wait_until("the chart's alerts in Prometheus", lambda: loaded() == shipped, timeout=90)
+    health = [
+        (r["name"], r.get("lastError"))
+        for g in prom("/api/v1/rules")["groups"]
+        for r in g["rules"]
+        if r.get("health") == "err"
+    ]
+    assert health == []
+
+
+def dashboard_queries(namespace: str) -> list[tuple[str, str]]:
+    """(file, PromQL) for every query of the shipped dashboard JSON, variables filled in."""
+    out = []
+    for path in sorted((CHART / "files" / "dashboards").glob("*.json")):
+        for expr in promql_queries(json.loads(path.read_text())):
+            query = (
+                expr.replace("$namespace", namespace)
+                .replace("$pod", ".*")
+                .replace("$__rate_interval", "30s")
+            )
+            out.append((path.name, query))
+    return out
+
+
+def firing_alerts_query(query: str) -> bool:
+    return query.startswith("ALERTS{") and 'alertstate="firing"' in query
+
+
+def test_every_dashboard_query_returns_data(sre_release: None) -> None:
+    """Each PromQL expression of the shipped dashboard JSON, variables filled in, has samples
+    (after a short load, so that every rate has something to rate). The firing-alerts query has
+    data only while an alert fires: it runs here, and must return data in the fault test."""
+    run_loadtest("20s:40,10s:0", timeout=120)
+    queries = dashboard_queries(SRE_NAMESPACE)
+    assert len(queries) > 20
+    empty = [f"{name}: {q}" for name, q in queries if not prom_query(q)]
+    assert [e for e in empty if not firing_alerts_query(e.split(": ", 1)[1])] == []
+
+
+def service_target() -> str:
+    svc = kubectl_json("-n", SRE_NAMESPACE, "get", "service", RELEASE)
+    port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
+    return f"{svc['spec']['clusterIP']}:{port}"
+
+
+def run_loadtest(stages: str, timeout: float, *extra: str) -> subprocess.Popen[str]:
+    """`pricestream loadtest` from this host through the Service's ClusterIP (kube-proxy);
+    waits for it when ``timeout`` is set, else returns the running process."""
+    out = STATE / "loadtest" / str(time.monotonic_ns())
+    cmd = [
+        sys.executable,
+        "-m",
+        "pricestream",
+        "loadtest",
+        "--target",
+        service_target(),
+        # One pod's /metrics for its leak verdict (by default it would read 127.0.0.1:9464);
+        # the checks below read every pod's.
+        "--metrics-url",
+        f"http://{next(iter(server_pods().values()))}:9464/metrics",
+        "--stages",
+        stages,
+        "--universe",
+        "50",
+        "--tickers-per-session",
+        "3",
+        "--workers",
+        "1",
+        "--no-plots",
+        "--quiet",
+        "--out",
+        str(out),
+        *extra,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "service")}
+    proc = subprocess.Popen(
+        cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    proc.out_dir = out  # type: ignore[attr-defined]
+    if timeout:
+        output, _ = proc.communicate(timeout=timeout)
+        print(output)
+    return proc
+
+
+def loadtest_report(proc: subprocess.Popen[str], timeout: float) -> dict:
+    output, _ = proc.communicate(timeout=timeout)
+    print(output)
+    return json.loads((proc.out_dir / "report.json").read_text())  # type: ignore[attr-defined]
+
+
+def invariant_1_on_every_pod() -> dict[str, list[str]]:
+    """Invariant 1 (DESIGN.md) on each ready server pod, read from its own /metrics."""
+    return {name: violations(samples(pod_exposition(ip))) for name, ip in server_pods().items()}
+
+
+def hpa_status() -> dict:
+    return kubectl_json("-n", SRE_NAMESPACE, "get", "hpa", RELEASE)["status"]
+
+
+def test_hpa_scales_up_and_down_on_sessions_per_pod(sre_release: None) -> None:
+    api = f"/apis/custom.metrics.k8s.io/v1beta2/namespaces/{SRE_NAMESPACE}"
+    raw = f"{api}/pods/*/pricestream_sessions_active"
+
+    def served() -> bool:
+        items = json.loads(kubectl("get", "--raw", raw))["items"]
+        return {i["describedObject"]["name"] for i in items} == set(server_pods())
+
+    wait_until("pricestream_sessions_active per pod from the custom-metrics API", served, 90)
+    start = hpa_status()
+    assert start["desiredReplicas"] == 2, start
+    # 6 pods' worth of sessions at the target per pod: the HPA goes to its maximum (4).
+    users = SESSIONS_PER_POD * 6
+    load = run_loadtest(
+        f"10s:{users},80s:{users},5s:0", 0, "--keep-users", "--leave-mix", "close_session=1"
+    )
+
+    def scaled_up() -> int:
+        ready = kubectl_json("-n", SRE_NAMESPACE, "get", "deployment", RELEASE)["status"]
+        return ready.get("readyReplicas", 0) if ready.get("readyReplicas", 0) > 2 else 0
+
+    peak = wait_until("the HPA to scale up on sessions per pod", scaled_up, timeout=90)
+    metric = next(m for m in hpa_status()["currentMetrics"] if m["type"] == "Pods")
+    assert metric["pods"]["metric"]["name"] == "pricestream_sessions_active"
+    report = loadtest_report(load, timeout=200)
+    total = report["total"]
+    assert total["sessions_created"] >= users, total
+    print(f"scaled up to {peak} ready pods; loadtest totals {total}")
+
+    def scaled_down() -> bool:
+        status = kubectl_json("-n", SRE_NAMESPACE, "get", "deployment", RELEASE)["status"]
+        return status.get("replicas") == 2 and status.get("readyReplicas") == 2
+
+    wait_until("the HPA to scale back down to minReplicas", scaled_down, timeout=240, interval=5)
+    assert invariant_1_on_every_pod() == {pod: [] for pod in server_pods()}
+
+
+FAULT_NAMESPACE = "e2e-fault"
+
+
+async def test_seed_fault_fires_orphaned_alert_to_webhook(webhook: Webhook) -> None:
+    """A pod with the seed's bug (`skip_cleanup_on_send_error`) and clients vanishing mid-stream:
+    PriceStreamPubSubSubscriptionsOrphaned fires in Prometheus and its notification reaches the
+    webhook through Alertmanager."""
+    kubectl("create", "namespace", FAULT_NAMESPACE)
+    try:
+        helm(
+            "install",
+            RELEASE,
+            str(CHART),
+            "-n",
+            FAULT_NAMESPACE,
+            *sre_values(
+                "--set",
+                "autoscaling.enabled=false,replicaCount=1",
+                "--set",
+                "extraEnv[0].name=PRICESTREAM_FAULTS,extraEnv[0].value=skip_cleanup_on_send_error",
+            ),
+            "--wait",
+        )
+        (pod,) = ready_pods(FAULT_NAMESPACE, SERVER)
+        name, ip = pod["metadata"]["name"], pod["status"]["podIP"]
+        universe = ticker_universe(50)
+        async with grpc.aio.insecure_channel(f"{ip}:50051") as channel:
+            stub = PriceStreamServiceStub(channel)
+            calls = []
+            for i in range(8):
+                session = await stub.CreateSession(
+                    pb.CreateSessionRequest(tickers=universe[i * 3 : i * 3 + 3])
+                )
+                call = stub.StreamPriceUpdates(
+                    pb.StreamPriceUpdatesRequest(session_id=session.session_id)
+                )
+                assert await asyncio.wait_for(call.read(), 10) is not grpc.aio.EOF
+                calls.append(call)
+            for call in calls:
+                call.cancel()
+        vanished_at = time.time()
+        found = await asyncio.to_thread(
+            wait_until,
+            "PriceStreamPubSubSubscriptionsOrphaned at the webhook",
+            lambda: [
+                (n, a)
+                for n, a in webhook.alerts("PriceStreamPubSubSubscriptionsOrphaned")
+                if a["labels"].get("namespace") == FAULT_NAMESPACE
+                and n["status"] == "firing"
+                and a["status"] == "firing"
+            ],
+            150,
+        )
+        notification, alert = found[0]
+        assert notification["version"] == "4"
+        assert notification["status"] == "firing"
+        assert alert["labels"]["pod"] == name
+        assert alert["labels"]["severity"] == "critical"
+        assert alert["annotations"]["runbook_url"].endswith(
+            "PriceStreamPubSubSubscriptionsOrphaned.md"
+        )
+        firing = prom("/api/v1/alerts")["alerts"]
+        assert any(
+            a["labels"]["alertname"] == "PriceStreamPubSubSubscriptionsOrphaned"
+            and a["labels"].get("pod") == name
+            and a["state"] == "firing"
+            for a in firing
+        )
+        # The dashboards' firing-alerts query shows it.
+        alert_queries = [q for _, q in dashboard_queries(FAULT_NAMESPACE) if firing_alerts_query(q)]
+        assert alert_queries
+        for query in alert_queries:
+            assert prom_query(query), query
+        print(f"orphaned alert delivered {notification['received_at'] - vanished_at:.1f}s after")
+    finally:
+        helm("uninstall", RELEASE, "-n", FAULT_NAMESPACE, "--wait", check=False)
+        kubectl(
+            "delete", "namespace", FAULT_NAMESPACE, "--wait=true", "--timeout=120s", check=False
+        )
+
+
+async def test_rolling_update_under_load_loses_no_session(sre_release: None) -> None:
+    """While a load test runs through the Service, `helm upgrade` rolls every pod. Each of our
+    own sessions, whose stream is drained off a stopping pod, resumes on another pod with the
+    same session id and receives prices again: no session is lost."""
+    target = service_target()
+    universe = ticker_universe(50)
+    before = set(server_pods())
+    load = run_loadtest("10s:40,70s:40,5s:0", 0, "--keep-users", "--leave-mix", "close_session=1")
+    lost: list[str] = []
+    resumes: list[int] = []
+    last_batch: dict[str, float] = {}
+    stop = asyncio.Event()
+
+    async def follow(index: int) -> None:
+        """One user who resumes its session whenever its stream ends."""
+        resumed = 0
+        async with grpc.aio.insecure_channel(target) as channel:
+            session = await PriceStreamServiceStub(channel).CreateSession(
+                pb.CreateSessionRequest(tickers=universe[index % 40 : index % 40 + 3]), timeout=10
+            )
+        sid = session.session_id
+        while not stop.is_set():
+            # A new channel each time: the Service may then pick another pod.
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = PriceStreamServiceStub(channel)
+                call = stub.StreamPriceUpdates(pb.StreamPriceUpdatesRequest(session_id=sid))
+                try:
+                    while not stop.is_set():
+                        batch = await asyncio.wait_for(call.read(), 5)
+                        if batch is grpc.aio.EOF:
+                            break
+                        last_batch[sid] = time.time()
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() is grpc.StatusCode.NOT_FOUND:
+                        lost.append(f"{sid}: {exc.details()}")
+                        return
+                    # UNAVAILABLE (draining) or FAILED_PRECONDITION (the old lease): try again
+                    await asyncio.sleep(0.5)
+                except TimeoutError:
+                    pass
+                finally:
+                    call.cancel()
+                if stop.is_set():
+                    await stub.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=10)
+                    break
+            resumed += 1
+        resumes.append(resumed)
+
+    users = [asyncio.create_task(follow(i)) for i in range(20)]
+    await asyncio.sleep(10)
+    await asyncio.to_thread(
+        helm,
+        "upgrade",
+        RELEASE,
+        str(CHART),
+        "-n",
+        SRE_NAMESPACE,
+        *sre_values("--set-string", "podAnnotations.e2e/rollout=1"),
+        "--wait",
+    )
+    rolled_at = time.time()
+    after = set(server_pods())
+    assert after and not before & after, (before, after)
+    await asyncio.sleep(10)
+    stop.set()
+    await asyncio.gather(*users)
+    assert lost == []
+    assert len(last_batch) == 20
+    assert all(t > rolled_at for t in last_batch.values()), "a session got no price after the roll"
+    # Every pod was replaced, so every session was drained off one and resumed on another.
+    assert len(resumes) == 20 and min(resumes) >= 1, resumes
+    report = await asyncio.to_thread(loadtest_report, load, 200)
+    print(f"resumes per session {resumes}; loadtest totals {report['total']}")
+    await asyncio.sleep(3)  # the hub's linger
+    assert invariant_1_on_every_pod() == {pod: [] for pod in server_pods()}
