@@ -39,6 +39,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def end_process(proc: subprocess.Popen | None, *, kill: bool = False, timeout: float = 10) -> None:
+    """End a server process a test started: SIGKILL at once (``kill``, a crash), or SIGTERM and
+    SIGKILL if it has not exited within ``timeout``; reaped either way."""
+    if proc is None:
+        return
+    if not kill:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    proc.kill()
+    proc.wait()
+
+
 class RedisProcess:
     """A redis-server of our own on a free loopback port; can be killed and restarted."""
 
@@ -85,16 +101,13 @@ class RedisProcess:
         return Redis.from_url(self.url, socket_timeout=2)
 
     def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
+        """SIGKILL, as a crash."""
+        end_process(self.proc, kill=True)
+        self.proc = None
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
+        end_process(self.proc)
+        self.proc = None
 
 
 @pytest.fixture(scope="session")

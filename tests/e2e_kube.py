@@ -6,6 +6,7 @@ import http.server
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -17,25 +18,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 E2E = REPO / "scripts" / "e2e"
 CHART = REPO / "deploy" / "helm" / "pricestream"
+sys.path.insert(0, str(E2E))
+from shell_vars import shell_vars  # noqa: E402 - scripts/e2e is not a package
 
-
-def _shell_vars() -> dict[str, str]:
-    """The variables of scripts/e2e/versions.sh, as the shell scripts see them."""
-    out = subprocess.run(
-        ["bash", "-c", f"source {E2E / 'versions.sh'} && set -o posix && set"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    values = {}
-    for line in out.splitlines():
-        name, sep, value = line.partition("=")
-        if sep and name.isidentifier():
-            values[name] = value.strip("'")
-    return values
-
-
-V = _shell_vars()
+V = shell_vars()
 STATE = Path(os.environ.get("E2E_STATE", V["STATE"]))
 KUBECONFIG = str(STATE / "pki" / "admin.kubeconfig")
 KUBECTL = V["KUBECTL"]

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from conftest import require_binary
+from conftest import end_process, require_binary
 from redis import Redis
 from redis.crc import key_slot
 
@@ -96,20 +96,13 @@ class ClusterNode:
         return self.proc is not None and self.proc.poll() is None
 
     def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
+        """SIGKILL, as a crash."""
+        end_process(self.proc, kill=True)
+        self.proc = None
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
+        end_process(self.proc)
+        self.proc = None
 
 
 class LocalCluster:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import free_port, require_binary
+from conftest import end_process, free_port, require_binary
 from redis import Redis
 
 MASTER_NAME = "prices"
@@ -85,20 +85,12 @@ class Node:
 
     def kill(self) -> None:
         """SIGKILL, as a crash."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
+        end_process(self.proc, kill=True)
+        self.proc = None
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
+        end_process(self.proc)
+        self.proc = None
 
     def role(self) -> str:
         with self.client() as client:

@@ -32,23 +32,7 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-
-
-def shell_vars() -> dict[str, str]:
-    here = Path(__file__).resolve().parent
-    out = subprocess.run(
-        ["bash", "-c", f"source {here / 'versions.sh'} && set -o posix && set"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    values = {}
-    for line in out.splitlines():
-        name, sep, value = line.partition("=")
-        if sep and name.isidentifier():
-            values[name] = value.strip("'")
-    return values
-
+from shell_vars import shell_vars  # beside this script: its folder is on sys.path
 
 V = shell_vars()
 STATE = Path(os.environ.get("E2E_STATE", V["STATE"]))
