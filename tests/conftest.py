@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -37,6 +38,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+async def wait_until(predicate, timeout: float, what: str, poll: float = 0.02) -> float:
+    """Seconds it took for ``predicate()`` to hold; AssertionError after ``timeout``."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        await asyncio.sleep(poll)
+    return time.monotonic() - started
 
 
 def end_process(proc: subprocess.Popen | None, *, kill: bool = False, timeout: float = 10) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import fast_env, fast_settings, ready_server
+from conftest import fast_env, fast_settings, ready_server, wait_until
 from invariants import samples, scrape, wait_invariant
 from pricestream.api.server import Server
 from pricestream.codec import cluster_last_price_key, cluster_price_channel
@@ -173,15 +173,6 @@ async def all_fresh(streams: list[Stream], after_ns: int, timeout: float, what: 
     return time.monotonic() - started
 
 
-async def wait_for(predicate, timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
-
-
 def assert_subscribed_once(cluster: LocalCluster, tickers: list[str], pods: int = 1) -> None:
     """Each ticker's channel has exactly one subscriber per pod on the master owning its slot."""
     owners = cluster.slots()
@@ -217,7 +208,7 @@ async def test_streams_over_every_shard_on_two_pods(cluster: LocalCluster) -> No
         channel_b, on_b = await open_streams(pod_b, tickers, count=12, per_session=5)
         took = await all_fresh(on_a + on_b, time.time_ns(), 10, "first prices")
         print(f"24 streams over {len(tickers)} tickers on 3 shards fresh after {took:.2f}s")
-        await wait_for(
+        await wait_until(
             lambda: all(
                 gauges(p)["pricestream_redis_channels_unconfirmed"] == 0 for p in (pod_a, pod_b)
             ),
@@ -246,7 +237,7 @@ async def test_streams_over_every_shard_on_two_pods(cluster: LocalCluster) -> No
             await wait_invariant(pod, timeout=10)
             # Only the session-closed channel is left: one shard, one connection.
             assert gauges(pod)["pricestream_redis_shards_wanted"] == 1
-            await wait_for(
+            await wait_until(
                 lambda p=pod: gauges(p)["pricestream_redis_pubsub_connections_active"] == 1,
                 5,
                 "connections of idle shards closed",
@@ -304,7 +295,7 @@ async def settled(pod: Server, cluster: LocalCluster, tickers: list[str], timeou
             return False
         return True
 
-    await wait_for(done, timeout, "pod settled on the new topology")
+    await wait_until(done, timeout, "pod settled on the new topology")
     return time.monotonic() - started
 
 
@@ -363,7 +354,7 @@ async def test_killed_master_fails_over(cluster: LocalCluster) -> None:
     async with live_streams(cluster, tickers) as (pod, streams):
         victim.kill()  # SIGKILL
         started, started_ns = time.monotonic(), time.time_ns()
-        await wait_for(lambda: not pod.engine.ready, 10, "readiness drops with a shard")
+        await wait_until(lambda: not pod.engine.ready, 10, "readiness drops with a shard")
         unready = time.monotonic() - started
         # Before the replica takes over: sessions whose keys live on the other shards can still
         # be created, even when created together with ones on the dead shard (one batch).
@@ -490,7 +481,7 @@ async def test_cluster_unreachable_at_start_then_appears(tmp_path) -> None:
                     await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL"]), timeout=5)
                 assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
                 await asyncio.to_thread(cluster.start)
-                await wait_for(lambda: server.engine.ready, 20, "ready once the cluster is up")
+                await wait_until(lambda: server.engine.ready, 20, "ready once the cluster is up")
                 session = await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL"]))
                 assert session.session_id
     finally:

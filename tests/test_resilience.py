@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import grpc
 import pytest
-from conftest import RedisProcess, fast_settings, free_port, ready_server
+from conftest import RedisProcess, fast_settings, free_port, ready_server, wait_until
 from invariants import samples, wait_invariant
 from pricestream.api.server import Server
 from pricestream.v1 import pricestream_pb2 as pb
@@ -21,16 +21,6 @@ from tcp_proxy import stalling_proxy
 from test_api import Market, next_batch
 
 TICKERS = ["AAPL", "MSFT", "GOOG"]
-
-
-async def wait_until(predicate, timeout: float, what: str) -> float:
-    """Seconds it took for ``predicate()`` to hold; AssertionError after ``timeout``."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
 
 
 def pubsub_clients(redis: RedisProcess) -> int:

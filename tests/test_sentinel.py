@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
-from conftest import fast_env, fast_settings, ready_server
+from conftest import fast_env, fast_settings, ready_server, wait_until
 from invariants import read_metrics, samples, wait_invariant
 from pricestream.redis.broker import RedisPricePublisher
 from pricestream.redis.client import make_pool
@@ -87,15 +87,6 @@ def wait_publishing(deployment: SentinelDeployment, proc: subprocess.Popen[bytes
 
 def sentinel_settings(deployment: SentinelDeployment, **overrides: object):
     return fast_settings(URL, redis_outage_limit=30.0, **deployment.settings(), **overrides)
-
-
-async def wait_until(predicate, timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
 
 
 @dataclass
