@@ -6,6 +6,7 @@ from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from pricestream.redis.packing import with_hiredis_packing
 from pricestream.redis.sentinel import make_sentinel_pool
 from pricestream.settings import Settings
 
@@ -26,8 +27,11 @@ def make_pool(settings: Settings) -> ConnectionPool:
         protocol=2,
     )
     if settings.redis_mode == "sentinel":
-        return make_sentinel_pool(settings, **options)
-    return BlockingConnectionPool.from_url(settings.redis_url, **options)
+        pool: ConnectionPool = make_sentinel_pool(settings, **options)
+    else:
+        pool = BlockingConnectionPool.from_url(settings.redis_url, **options)
+    pool.connection_class = with_hiredis_packing(pool.connection_class)
+    return pool
 
 
 def make_client(pool: ConnectionPool) -> Redis:
