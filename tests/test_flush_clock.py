@@ -21,8 +21,9 @@ class RecordingSink:
         self.blocked_since: float | None = None
         self.sent: list[tuple[float, bytes]] = []
 
-    def send(self, payload: bytes) -> None:
+    def send(self, payload: bytes) -> bool:
         self.sent.append((time.monotonic(), payload))
+        return True
 
     def on_writable(self, callback: Callable[[], None]) -> None:
         pass

@@ -181,9 +181,14 @@ def test_batch_latency_histogram_matches_prometheus_client() -> None:
     reference = Histogram("x_seconds", "doc", buckets=LATENCY_BUCKETS, registry=reference_registry)
     rng = random.Random(3)
     delays = [rng.choice([*LATENCY_BUCKETS, 0.0004, 0.07, 42.0]) for _ in range(2000)]
+    delays += [-0.001, 0.0]  # a publisher clock ahead of ours, and a delay of exactly 0
     now_ns = 1_800_000_000 * 10**9
-    for start in range(0, len(delays), 5):
-        batch = delays[start : start + 5]
+    # Small calls take the search per update, large ones (a whole flush) the sorted path.
+    sizes = [5, 1, 700, 3, 16, 1277]
+    start = 0
+    for size in sizes:
+        batch = delays[start : start + size]
+        start += size
         ours.observe_batch(now_ns, [now_ns - round(d * 1e9) for d in batch])
         for delay in batch:
             reference.observe(delay)
@@ -192,5 +197,6 @@ def test_batch_latency_histogram_matches_prometheus_client() -> None:
         text = generate_latest(registry).decode()
         return sorted(line for line in text.splitlines() if "_bucket" in line or "_count" in line)
 
+    assert start == len(delays)
     assert bucket_lines(ours_registry) == bucket_lines(reference_registry)
     assert abs(ours._sum_ns / 1e9 - sum(delays)) < 1e-6

@@ -47,7 +47,9 @@ class BatchSink(Protocol):
     @property
     def flush_group(self) -> object: ...
 
-    def send(self, payload: bytes) -> None: ...
+    def send(self, payload: bytes) -> bool:
+        """Queue one batch; True if it is out now, False if it waits for the window."""
+        ...
 
     def on_writable(self, callback: Callable[[], None]) -> None: ...
 
@@ -58,7 +60,7 @@ class StreamWriter:
     __slots__ = (
         "_clock",
         "_ended",
-        "_max_bytes",
+        "_max_payload",
         "_queued",
         "_sent_at",
         "_sink",
@@ -71,13 +73,14 @@ class StreamWriter:
         "pending",
         "phase",
         "started",
+        "tick_queue",
         "updates_sent",
     )
 
     def __init__(self, clock: FlushClock, sink: BatchSink, max_bytes: int) -> None:
         self._clock = clock
         self._sink = sink
-        self._max_bytes = max_bytes
+        self._max_payload = max_bytes - MESSAGE_PREFIX_BYTES  # a batch's bytes, prefix aside
         self.pending: dict[str, Entry] = {}
         self.offered = 0
         self._queued = False
@@ -96,6 +99,7 @@ class StreamWriter:
         # then Pub/Sub news only coalesces, so the first batch carries all tickers at once.
         self.started = False
         self.phase = 0  # the clock's tick that flushes this writer, set by FlushClock.register
+        self.tick_queue = clock.phase_queue(0)  # that tick's list of writers with news
         sink.on_writable(self._writable)
 
     @property
@@ -107,7 +111,7 @@ class StreamWriter:
         self.offered += 1
         if not self._queued:
             self._queued = True
-            self._clock.queue(self)
+            self.tick_queue.append(self)
 
     def seed(self, ticker: str, entry: Entry) -> None:
         """Offer a last-known price unless a newer one already arrived through Pub/Sub."""
@@ -121,45 +125,43 @@ class StreamWriter:
 
         Appends the batch's publish times to ``published``; returns how many offers the batch
         took (0 when nothing was sent), so the clock can count coalesced updates per flush.
-        This is the hot path: one call per stream with news per flush.
+        This is the hot path: one call per stream with news per flush, written for the fewest
+        bytecodes (CPython spends about as much on each as on the rest of a batch's trip).
         """
         self._queued = False
         pending = self.pending
-        if (
-            not pending
-            or not self.started
-            or self.end_reason is not None
-            or self._sink.blocked_since is not None
-        ):
+        if not pending or not self.started or self.end_reason is not None:
             return 0
-        if len(pending) == 1:  # the common case at a short flush interval
-            for entry in pending.values():
-                payload = entry[0]
-                published_at = [entry[1]]
+        sink = self._sink
+        if sink.blocked_since is not None:
+            return 0
+        count = len(pending)
+        if count == 1:  # the common case at a short flush interval
+            ((payload, published_at, _),) = pending.values()
+            published.append(published_at)
         else:
-            payload = b"".join([entry[0] for entry in pending.values()])
-            published_at = [entry[1] for entry in pending.values()]
-        if len(payload) + MESSAGE_PREFIX_BYTES > self._max_bytes:
+            entries = pending.values()
+            payload = b"".join([entry[0] for entry in entries])
+            published += [entry[1] for entry in entries]
+        if len(payload) > self._max_payload:
+            del published[-count:]
             self.stop(
                 "send_error",
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"a batch of {len(payload)} bytes is over the send limit of "
-                f"{self._max_bytes} bytes",
+                f"{self._max_payload + MESSAGE_PREFIX_BYTES} bytes",
             )
             return 0
-        published += published_at
         offered = self.offered
         self.offered = 0
         self.batches_sent += 1
-        self.updates_sent += len(pending)
+        self.updates_sent += count
         # The same dict for the stream's life: a new one per batch, alive until the next flush,
         # outlived young collections and filled the old generation, whose full collections
         # then paused the loop for up to half a second at 10,000 streams.
         pending.clear()
-        sink = self._sink
-        sink.send(payload)
         self._sent_at = now
-        if sink.blocked_since is None:
+        if sink.send(payload):
             self.behind_since = None
         elif self.behind_since is None:
             self.behind_since = now
@@ -290,6 +292,7 @@ class FlushClock:
             membership = self._groups[group] = [counts.index(min(counts)), 0]
         membership[1] += 1
         writer.phase = membership[0]
+        writer.tick_queue = self._queued[writer.phase]
         self._phase_writers[membership[0]] += 1
         self._writers.add(writer)
 
@@ -311,6 +314,10 @@ class FlushClock:
 
     def queue(self, writer: StreamWriter) -> None:
         self._queued[writer.phase].append(writer)
+
+    def phase_queue(self, phase: int) -> list[StreamWriter]:
+        """The list of writers with news on ``phase``'s tick (each phase keeps its list)."""
+        return self._queued[phase]
 
     def flush_now(self, writer: StreamWriter) -> None:
         """Start a writer: send its pending batch at once (a stream's first batch), counted
@@ -364,8 +371,10 @@ class FlushClock:
             published: list[int] = []
             wrapped = False
             for _ in range(due):
-                queued = self._queued[phase]
-                self._queued[phase] = []
+                # A copy: writers appended meanwhile (by _writable) wait for the next round.
+                waiting = self._queued[phase]
+                queued = waiting.copy()
+                waiting.clear()
                 behind = 0
                 for writer in queued:
                     since = writer.behind_since

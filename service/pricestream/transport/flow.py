@@ -55,6 +55,7 @@ class ResponseStream:
         "flush_group",
         "headers_sent",
         "messages_sent",
+        "ready",
         "stream_id",
     )
 
@@ -74,6 +75,8 @@ class ResponseStream:
         self.blocked_since: float | None = None  # monotonic; None while nothing waits
         self.headers_sent = False
         self.closed = False
+        # Headers sent, not closed and nothing queued: a message may take the fast path.
+        self.ready = False
         self.messages_sent = 0
 
     # --- the BatchSink side (pricestream.engine.flush) -------------------------------------------
@@ -82,29 +85,31 @@ class ResponseStream:
         """Call ``callback`` each time the queue has drained after the stream was blocked."""
         self._on_writable = callback
 
-    def send(self, payload: bytes) -> None:
+    def send(self, payload: bytes) -> bool:
         """Queue one message (the serialized bytes); written now if the windows allow.
+        True if it is out (in the connection's next write), False if it waits.
 
         The hot path of every price stream: one call per batch, so it avoids calls and
         lookups it can (a message that fits goes out as one pre-packed DATA frame header).
         """
-        if self.closed:
-            return
+        if not self.ready:
+            if self.closed:
+                return True  # nothing waits: the stream is gone
+            if not self.headers_sent:
+                self._send_headers()
+                if self.closed:
+                    return True
         size = len(payload) + PREFIX_BYTES
+        h2s = self._h2s
         conn = self._conn
         h2 = self._h2
-        h2s = self._h2s
         if (
-            not self._queue
+            self.ready
             and size <= h2s.outbound_flow_control_window
             and size <= h2.outbound_flow_control_window
             and size <= h2.max_outbound_frame_size
             and not conn.paused
         ):
-            if not self.headers_sent:
-                self._send_headers()
-                if self.closed:
-                    return
             h2s.outbound_flow_control_window -= size
             h2.outbound_flow_control_window -= size
             out = conn.out
@@ -116,9 +121,11 @@ class ResponseStream:
             )
             out.append(payload)
             self.messages_sent += 1
-            return
+            return True
+        self.ready = False
         self._queue.append(memoryview(MESSAGE_PREFIX.pack(0, len(payload)) + payload))
         self.drain()
+        return self.blocked_since is None
 
     # --- the transport side -----------------------------------------------------------------
 
@@ -168,6 +175,7 @@ class ResponseStream:
             return
         was_blocked = self.blocked_since is not None
         self.blocked_since = None
+        self.ready = True
         if self._pending_end is not None:
             self._pending_end()
         elif was_blocked and self._on_writable is not None:
@@ -235,6 +243,7 @@ class ResponseStream:
 
     def _close(self) -> None:
         self.closed = True
+        self.ready = False
         self._queue.clear()
         self._pending_end = None
         self._on_writable = None
@@ -249,6 +258,7 @@ class ResponseStream:
         except ProtocolError:
             self._close()  # the peer reset the stream, or the connection is closing
             return
+        self.ready = not self._queue
         self._conn.h2_output()
 
     def _send_trailers(
