@@ -3,13 +3,11 @@ loopback ports in a temp dir, each process started and stopped by its PID."""
 
 from __future__ import annotations
 
-import ctypes
 import random
-import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from conftest import end_process, require_binary
@@ -39,15 +37,21 @@ def free_cluster_ports(count: int) -> list[int]:
     return ports
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the test process dies, even if it is killed
-    (a pytest-timeout abort skips fixture teardown)."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 class ClusterNode:
+    """One redis-server, started under ``setpriv --pdeathsig KILL``: it gets SIGKILL when the
+    thread that started it ends, so a test process that is killed (a pytest-timeout abort
+    skips fixture teardown) leaves no node behind. setpriv sets the signal and execs
+    redis-server, so ``proc.pid`` is the server's.
+
+    Not a ``preexec_fn`` doing the prctl: that makes subprocess fork (not vfork) and run
+    Python in the child of a process whose gRPC threads are busy (the tests' pods): such a
+    child can die of SIGSEGV or SIGABRT before exec (26 of 1500 with a gRPC server streaming
+    in the process), leaving an empty log and no nodes.conf: "cluster node N did not start",
+    most often in ``add_master``, which runs while a pod streams."""
+
     def __init__(self, binary: str, workdir: Path, port: int) -> None:
         self.binary = binary
+        self.setpriv = require_binary("setpriv")
         self.port = port
         self.dir = workdir / str(port)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -57,24 +61,37 @@ class ClusterNode:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def log_path(self) -> Path:
+        """The node's stdout and stderr (its log), appended to across restarts."""
+        return self.dir / "redis.log"
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError as exc:
+            return f"(no log: {exc})"
+        return "\n".join(text.splitlines()[-lines:])
+
     def start(self, node_timeout_ms: int) -> None:
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--cluster-enabled", "yes",
-                "--cluster-config-file", str(self.dir / "nodes.conf"),
-                "--cluster-node-timeout", str(node_timeout_ms),
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.dir),
-                "--daemonize", "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
-        )  # fmt: skip
+        with open(self.log_path, "ab") as log:  # the child has its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [
+                    self.setpriv, "--pdeathsig", "KILL",
+                    self.binary,
+                    "--port", str(self.port),
+                    "--bind", "127.0.0.1",
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", str(self.dir / "nodes.conf"),
+                    "--cluster-node-timeout", str(node_timeout_ms),
+                    "--save", "",
+                    "--appendonly", "no",
+                    "--dir", str(self.dir),
+                    "--daemonize", "no",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
 
     def client(self) -> Redis:
         return Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
@@ -87,8 +104,13 @@ class ClusterNode:
                     client.ping()
                 return
             except Exception:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"cluster node {self.port} did not start") from None
+                exited = self.proc is not None and self.proc.poll() is not None
+                if exited or time.monotonic() > deadline:
+                    how = f"exited with {self.proc.returncode}" if exited else "did not answer"
+                    raise RuntimeError(
+                        f"cluster node {self.port} did not start ({how} within {timeout}s); "
+                        f"its log ends:\n{self.log_tail()}"
+                    ) from None
                 time.sleep(0.05)
 
     @property
@@ -118,6 +140,27 @@ class LocalCluster:
         ]
         self.node_timeout_ms = 1000
 
+    def log_tails(self, nodes: Iterable[ClusterNode] | None = None, lines: int = 10) -> str:
+        """The end of each node's log (of ``nodes``, or all), for a failure message."""
+        chosen = self.nodes if nodes is None else list(nodes)
+        return "".join(
+            f"\n--- node {n.port} ({'running' if n.running else 'not running'}), log ends:\n"
+            f"{n.log_tail(lines)}"
+            for n in chosen
+        )
+
+    def run_cli(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        """``redis-cli`` with ``args``; a failure says what it printed and the nodes' logs."""
+        try:
+            return subprocess.run(
+                [self.cli, *args], check=True, capture_output=True, timeout=timeout, text=True
+            )
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            raise RuntimeError(
+                f"redis-cli {' '.join(args)} failed: {exc}\nstdout: {exc.stdout}\n"
+                f"stderr: {exc.stderr}{self.log_tails()}"
+            ) from None
+
     @property
     def url(self) -> str:
         """Seed URL naming the first two nodes (any node would do)."""
@@ -131,10 +174,9 @@ class LocalCluster:
         if self.replicas == 0 and self.masters == 1:
             self.redis_cli("CLUSTER", "ADDSLOTSRANGE", "0", "16383", port=self.nodes[0].port)
         else:
-            subprocess.run(
-                [self.cli, "--cluster", "create", *(n.address for n in self.nodes),
-                 "--cluster-replicas", str(self.replicas), "--cluster-yes"],
-                check=True, capture_output=True, timeout=60,
+            self.run_cli(
+                "--cluster", "create", *(n.address for n in self.nodes),
+                "--cluster-replicas", str(self.replicas), "--cluster-yes", timeout=60,
             )  # fmt: skip
         self.wait_healthy()
         self.wait_replicas_synced()
@@ -153,15 +195,14 @@ class LocalCluster:
             if not pending:
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"replicas {pending} did not sync with their masters")
+                raise RuntimeError(
+                    f"replicas {pending} did not sync with their masters"
+                    + self.log_tails(self.node(port) for port in pending)
+                )
             time.sleep(0.1)
 
     def redis_cli(self, *args: str, port: int) -> str:
-        done = subprocess.run(
-            [self.cli, "-h", "127.0.0.1", "-p", str(port), *args],
-            check=True, capture_output=True, timeout=30, text=True,
-        )  # fmt: skip
-        return done.stdout
+        return self.run_cli("-h", "127.0.0.1", "-p", str(port), *args, timeout=30).stdout
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -209,6 +250,7 @@ class LocalCluster:
     def wait_healthy(self, timeout: float = 30) -> None:
         """Until every live node reports cluster_state:ok and agrees on the slot owners."""
         deadline = time.monotonic() + timeout
+        problem = "no live node"
         while True:
             try:
                 views = []
@@ -225,10 +267,15 @@ class LocalCluster:
                         )
                 if views and all(v == views[0] for v in views):
                     return
-            except Exception:
-                pass
+                if views:
+                    problem = "the nodes disagree on the slot owners"
+            except Exception as exc:
+                problem = f"{exc!r}"
             if time.monotonic() > deadline:
-                raise RuntimeError("cluster did not become healthy")
+                raise RuntimeError(
+                    f"cluster did not become healthy within {timeout}s ({problem})"
+                    + self.log_tails()
+                )
             time.sleep(0.1)
 
     def add_master(self) -> ClusterNode:
@@ -241,10 +288,7 @@ class LocalCluster:
         node.start(self.node_timeout_ms)
         node.wait_up()
         seed = next(self.live_nodes())
-        subprocess.run(
-            [self.cli, "--cluster", "add-node", node.address, seed.address],
-            check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
+        self.run_cli("--cluster", "add-node", node.address, seed.address, timeout=60)
         deadline = time.monotonic() + 30
         while True:  # until every node has met it
             known = []
@@ -254,7 +298,7 @@ class LocalCluster:
             if all(count == len(self.nodes) for count in known):
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"node {port} did not join")
+                raise RuntimeError(f"node {port} did not join: {known}{self.log_tails()}")
             time.sleep(0.1)
         self.wait_healthy()
         return node
@@ -270,11 +314,10 @@ class LocalCluster:
     def reshard(self, source: ClusterNode, target: ClusterNode, count: int) -> None:
         """``redis-cli --cluster reshard``: move ``count`` slots (and their keys) from source
         to target, the way an operator does it."""
-        subprocess.run(
-            [self.cli, "--cluster", "reshard", source.address,
-             "--cluster-from", self.node_id(source), "--cluster-to", self.node_id(target),
-             "--cluster-slots", str(count), "--cluster-yes"],
-            check=True, capture_output=True, timeout=120,
+        self.run_cli(
+            "--cluster", "reshard", source.address,
+            "--cluster-from", self.node_id(source), "--cluster-to", self.node_id(target),
+            "--cluster-slots", str(count), "--cluster-yes", timeout=120,
         )  # fmt: skip
 
 
