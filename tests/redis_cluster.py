@@ -1,5 +1,6 @@
-"""A local Redis Cluster of real redis-server processes: 3 masters + 3 replicas on free
-loopback ports in a temp dir, each process started and stopped by its PID."""
+"""A local Redis Cluster of real redis-server processes: 3 masters + 3 replicas (by default) on
+free loopback ports in a temp dir, each process started and stopped by its PID. Used by
+tests/test_cluster.py and by scripts/bench_shards.py (masters only, pinned to a core)."""
 
 from __future__ import annotations
 
@@ -49,9 +50,12 @@ class ClusterNode:
     in the process), leaving an empty log and no nodes.conf: "cluster node N did not start",
     most often in ``add_master``, which runs while a pod streams."""
 
-    def __init__(self, binary: str, workdir: Path, port: int) -> None:
+    def __init__(
+        self, binary: str, workdir: Path, port: int, wrapper: tuple[str, ...] = ()
+    ) -> None:
         self.binary = binary
         self.setpriv = require_binary("setpriv")
+        self.wrapper = wrapper  # a command that execs the rest (taskset -c CPUS): same PID
         self.port = port
         self.dir = workdir / str(port)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +81,7 @@ class ClusterNode:
         with open(self.log_path, "ab") as log:  # the child has its own copy of the descriptor
             self.proc = subprocess.Popen(
                 [
-                    self.setpriv, "--pdeathsig", "KILL",
+                    self.setpriv, "--pdeathsig", "KILL", *self.wrapper,
                     self.binary,
                     "--port", str(self.port),
                     "--bind", "127.0.0.1",
@@ -128,17 +132,27 @@ class ClusterNode:
 
 
 class LocalCluster:
-    """``masters`` masters with ``replicas`` replicas each, created by ``redis-cli --cluster``."""
+    """``masters`` masters with ``replicas`` replicas each, created by ``redis-cli --cluster``.
+    ``node_timeout_ms``: cluster-node-timeout (1 s: quick failovers; Redis's default is
+    15000); ``cpus``: pin every redis-server to these cores (``taskset -c``)."""
 
-    def __init__(self, workdir: Path, masters: int = 3, replicas: int = 1) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        masters: int = 3,
+        replicas: int = 1,
+        node_timeout_ms: int = 1000,
+        cpus: str | None = None,
+    ) -> None:
         server = require_binary("redis-server")
         self.cli = require_binary("redis-cli")
+        self.wrapper = (require_binary("taskset"), "-c", cpus) if cpus is not None else ()
         self.masters, self.replicas = masters, replicas
         self.nodes = [
-            ClusterNode(server, workdir, port)
+            ClusterNode(server, workdir, port, self.wrapper)
             for port in free_cluster_ports(masters * (1 + replicas))
         ]
-        self.node_timeout_ms = 1000
+        self.node_timeout_ms = node_timeout_ms
 
     def log_tails(self, nodes: Iterable[ClusterNode] | None = None, lines: int = 10) -> str:
         """The end of each node's log (of ``nodes``, or all), for a failure message."""
@@ -283,7 +297,7 @@ class LocalCluster:
         owns no slot until a reshard gives it some."""
         taken = {n.port for n in self.nodes}
         port = next(p for p in free_cluster_ports(len(taken) + 1) if p not in taken)
-        node = ClusterNode(self.nodes[0].binary, self.nodes[0].dir.parent, port)
+        node = ClusterNode(self.nodes[0].binary, self.nodes[0].dir.parent, port, self.wrapper)
         self.nodes.append(node)
         node.start(self.node_timeout_ms)
         node.wait_up()
