@@ -29,110 +29,36 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+# The tests' local Redis Cluster (tests/redis_cluster.py), as probe_streams.py uses theirs.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
+from redis_cluster import LocalCluster
+
 ROOT = Path(__file__).resolve().parents[1]
 SMESSAGE = b"$8\r\nsmessage\r\n"
-SLOTS = 16384
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+def cpu_seconds(cluster: LocalCluster) -> list[float]:
+    """utime + stime of each redis-server (setpriv and taskset exec it: same PID)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = []
+    for node in cluster.nodes:
+        assert node.proc is not None
+        fields = Path(f"/proc/{node.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        out.append((int(fields[11]) + int(fields[12])) / ticks)
+    return out
 
 
-def cluster_ports(count: int) -> list[int]:
-    """Free ports P with P + 10000 (the cluster bus) free too."""
-    ports: list[int] = []
-    while len(ports) < count:
-        port = random.randrange(20000, 30000)
-        apart = all(abs(port - p) not in (0, 10000) for p in ports)
-        if apart and _bindable(port) and _bindable(port + 10000):
-            ports.append(port)
-    return ports
-
-
-def cli(*args: str) -> str:
-    return subprocess.run(
-        ["redis-cli", *args], check=True, capture_output=True, text=True, timeout=60
-    ).stdout
-
-
-class BenchCluster:
-    """``shards`` masters, no replicas, each redis-server pinned to ``cpus``; stopped by PID."""
-
-    def __init__(self, shards: int, workdir: Path, cpus: str) -> None:
-        self.ports = cluster_ports(shards)
-        self.procs: list[subprocess.Popen[bytes]] = []
-        for port in self.ports:
-            folder = workdir / str(port)
-            folder.mkdir()
-            command = [
-                "taskset", "-c", cpus, "redis-server", "--port", str(port),
-                "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                "--cluster-config-file", str(folder / "nodes.conf"), "--save", "",
-                "--appendonly", "no", "--dir", str(folder),
-            ]  # fmt: skip
-            self.procs.append(
-                subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            )
-
-    def start(self) -> None:
-        for port in self.ports:
-            for _ in range(200):
-                try:
-                    if cli("-p", str(port), "PING").strip() == "PONG":
-                        break
-                except subprocess.CalledProcessError:
-                    pass
-                time.sleep(0.05)
-        if len(self.ports) == 1:
-            cli("-p", str(self.ports[0]), "CLUSTER", "ADDSLOTSRANGE", "0", str(SLOTS - 1))
-        else:
-            nodes = [f"127.0.0.1:{p}" for p in self.ports]
-            cli("--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes")
-        deadline = time.monotonic() + 30
-        while not all(
-            "cluster_state:ok" in cli("-p", str(p), "CLUSTER", "INFO") for p in self.ports
-        ):
-            if time.monotonic() > deadline:
-                raise RuntimeError("bench cluster did not become healthy")
-            time.sleep(0.1)
-
-    def cpu_seconds(self) -> list[float]:
-        """utime + stime of each redis-server (the taskset wrapper execs it: same PID)."""
-        ticks = os.sysconf("SC_CLK_TCK")
-        out = []
-        for proc in self.procs:
-            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            out.append((int(fields[11]) + int(fields[12])) / ticks)
-        return out
-
-    @property
-    def url(self) -> str:
-        return ",".join(f"redis://127.0.0.1:{p}" for p in self.ports)
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+def seed_url(cluster: LocalCluster) -> str:
+    """Every master as a seed."""
+    return ",".join(f"redis://{node.address}" for node in cluster.nodes)
 
 
 # --- the subscriber process ------------------------------------------------------------
@@ -189,15 +115,6 @@ async def _subscriber_main(ports: list[int], pods: int, tickers: int) -> None:
 # --- one measurement --------------------------------------------------------------------
 
 
-def slot_owners(ports: list[int]) -> dict[int, int]:
-    owners: dict[int, int] = {}
-    reply = cli("-p", str(ports[0]), "--json", "CLUSTER", "SLOTS")
-    for start, end, master, *_ in json.loads(reply):
-        for slot in range(int(start), int(end) + 1):
-            owners[slot] = int(master[1])
-    return owners
-
-
 async def _publish(url: str, tickers: int, rate: float, seconds: float) -> int:
     from pricestream.redis.cluster_client import make_cluster_client
     from pricestream.redis.sharded_broker import ClusterPricePublisher
@@ -217,15 +134,18 @@ def measure(
 ) -> dict:
     cores = os.cpu_count() or 1
     load_cpus = f"1-{cores - 1}" if cores > 2 else "1"
-    cluster = BenchCluster(shards, workdir, "0")
+    # No replicas; Redis's default cluster-node-timeout (its cluster-bus chatter is part of
+    # the CPU measured); every redis-server on core 0.
+    cluster = LocalCluster(workdir, masters=shards, replicas=0, node_timeout_ms=15000, cpus="0")
+    ports = [node.port for node in cluster.nodes]
     subscriber = None
     try:
         cluster.start()
-        owners = slot_owners(cluster.ports)
+        owners = cluster.slots()
         env = {**os.environ, "PYTHONPATH": str(ROOT / "service")}
         subscriber = subprocess.Popen(
             ["taskset", "-c", load_cpus, sys.executable, __file__, "--subscriber",
-             "--ports", ",".join(map(str, cluster.ports)), "--pods", str(pods),
+             "--ports", ",".join(map(str, ports)), "--pods", str(pods),
              "--tickers", str(tickers)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
         )  # fmt: skip
@@ -235,11 +155,11 @@ def measure(
         if subscriber.stdout.readline().strip() != "subscribed":
             raise RuntimeError("bench subscriber did not start")
         time.sleep(0.5)  # SSUBSCRIBE replies
-        cpu_before, started = cluster.cpu_seconds(), time.monotonic()
-        published = asyncio.run(_publish(cluster.url, tickers, rate, seconds))
+        cpu_before, started = cpu_seconds(cluster), time.monotonic()
+        published = asyncio.run(_publish(seed_url(cluster), tickers, rate, seconds))
         time.sleep(0.3)  # the last deliveries
         elapsed = time.monotonic() - started
-        cpu = [b - a for a, b in zip(cpu_before, cluster.cpu_seconds(), strict=True)]
+        cpu = [b - a for a, b in zip(cpu_before, cpu_seconds(cluster), strict=True)]
         subscriber.send_signal(signal.SIGTERM)
         delivered = json.loads(subscriber.stdout.readline())["delivered"]
         subscriber.wait(timeout=10)
@@ -280,7 +200,8 @@ def table(rows: list[dict]) -> str:
 
 
 def run(shards: list[int], pods: list[int], tickers: int, rate: float, seconds: float) -> str:
-    missing = [t for t in ("taskset", "redis-server", "redis-cli") if shutil.which(t) is None]
+    tools = ("taskset", "setpriv", "redis-server", "redis-cli")
+    missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         raise SystemExit(f"bench_shards: needs {', '.join(missing)} (make setup)")
     rows = []

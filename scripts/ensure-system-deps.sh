@@ -23,6 +23,7 @@ command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(pro
 command -v prometheus-alertmanager >/dev/null && command -v amtool >/dev/null || need+=(prometheus-alertmanager)
 command -v go >/dev/null || need+=(golang-go)
 command -v openssl >/dev/null || need+=(openssl)
+command -v setpriv >/dev/null || need+=(util-linux)  # the cluster tests start redis-server under it
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

@@ -1,15 +1,14 @@
-"""A local Redis Cluster of real redis-server processes: 3 masters + 3 replicas on free
-loopback ports in a temp dir, each process started and stopped by its PID."""
+"""A local Redis Cluster of real redis-server processes: 3 masters + 3 replicas (by default) on
+free loopback ports in a temp dir, each process started and stopped by its PID. Used by
+tests/test_cluster.py and by scripts/bench_shards.py (masters only, pinned to a core)."""
 
 from __future__ import annotations
 
-import ctypes
 import random
-import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from conftest import end_process, require_binary
@@ -39,15 +38,24 @@ def free_cluster_ports(count: int) -> list[int]:
     return ports
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the test process dies, even if it is killed
-    (a pytest-timeout abort skips fixture teardown)."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 class ClusterNode:
-    def __init__(self, binary: str, workdir: Path, port: int) -> None:
+    """One redis-server, started under ``setpriv --pdeathsig KILL``: it gets SIGKILL when the
+    thread that started it ends, so a test process that is killed (a pytest-timeout abort
+    skips fixture teardown) leaves no node behind. setpriv sets the signal and execs
+    redis-server, so ``proc.pid`` is the server's.
+
+    Not a ``preexec_fn`` doing the prctl: that makes subprocess fork (not vfork) and run
+    Python in the child of a process whose gRPC threads are busy (the tests' pods): such a
+    child can die of SIGSEGV or SIGABRT before exec (26 of 1500 with a gRPC server streaming
+    in the process), leaving an empty log and no nodes.conf: "cluster node N did not start",
+    most often in ``add_master``, which runs while a pod streams."""
+
+    def __init__(
+        self, binary: str, workdir: Path, port: int, wrapper: tuple[str, ...] = ()
+    ) -> None:
         self.binary = binary
+        self.setpriv = require_binary("setpriv")
+        self.wrapper = wrapper  # a command that execs the rest (taskset -c CPUS): same PID
         self.port = port
         self.dir = workdir / str(port)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -57,24 +65,37 @@ class ClusterNode:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def log_path(self) -> Path:
+        """The node's stdout and stderr (its log), appended to across restarts."""
+        return self.dir / "redis.log"
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError as exc:
+            return f"(no log: {exc})"
+        return "\n".join(text.splitlines()[-lines:])
+
     def start(self, node_timeout_ms: int) -> None:
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--cluster-enabled", "yes",
-                "--cluster-config-file", str(self.dir / "nodes.conf"),
-                "--cluster-node-timeout", str(node_timeout_ms),
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.dir),
-                "--daemonize", "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
-        )  # fmt: skip
+        with open(self.log_path, "ab") as log:  # the child has its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [
+                    self.setpriv, "--pdeathsig", "KILL", *self.wrapper,
+                    self.binary,
+                    "--port", str(self.port),
+                    "--bind", "127.0.0.1",
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", str(self.dir / "nodes.conf"),
+                    "--cluster-node-timeout", str(node_timeout_ms),
+                    "--save", "",
+                    "--appendonly", "no",
+                    "--dir", str(self.dir),
+                    "--daemonize", "no",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
 
     def client(self) -> Redis:
         return Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
@@ -87,8 +108,13 @@ class ClusterNode:
                     client.ping()
                 return
             except Exception:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"cluster node {self.port} did not start") from None
+                exited = self.proc is not None and self.proc.poll() is not None
+                if exited or time.monotonic() > deadline:
+                    how = f"exited with {self.proc.returncode}" if exited else "did not answer"
+                    raise RuntimeError(
+                        f"cluster node {self.port} did not start ({how} within {timeout}s); "
+                        f"its log ends:\n{self.log_tail()}"
+                    ) from None
                 time.sleep(0.05)
 
     @property
@@ -106,17 +132,48 @@ class ClusterNode:
 
 
 class LocalCluster:
-    """``masters`` masters with ``replicas`` replicas each, created by ``redis-cli --cluster``."""
+    """``masters`` masters with ``replicas`` replicas each, created by ``redis-cli --cluster``.
+    ``node_timeout_ms``: cluster-node-timeout (1 s: quick failovers; Redis's default is
+    15000); ``cpus``: pin every redis-server to these cores (``taskset -c``)."""
 
-    def __init__(self, workdir: Path, masters: int = 3, replicas: int = 1) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        masters: int = 3,
+        replicas: int = 1,
+        node_timeout_ms: int = 1000,
+        cpus: str | None = None,
+    ) -> None:
         server = require_binary("redis-server")
         self.cli = require_binary("redis-cli")
+        self.wrapper = (require_binary("taskset"), "-c", cpus) if cpus is not None else ()
         self.masters, self.replicas = masters, replicas
         self.nodes = [
-            ClusterNode(server, workdir, port)
+            ClusterNode(server, workdir, port, self.wrapper)
             for port in free_cluster_ports(masters * (1 + replicas))
         ]
-        self.node_timeout_ms = 1000
+        self.node_timeout_ms = node_timeout_ms
+
+    def log_tails(self, nodes: Iterable[ClusterNode] | None = None, lines: int = 10) -> str:
+        """The end of each node's log (of ``nodes``, or all), for a failure message."""
+        chosen = self.nodes if nodes is None else list(nodes)
+        return "".join(
+            f"\n--- node {n.port} ({'running' if n.running else 'not running'}), log ends:\n"
+            f"{n.log_tail(lines)}"
+            for n in chosen
+        )
+
+    def run_cli(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        """``redis-cli`` with ``args``; a failure says what it printed and the nodes' logs."""
+        try:
+            return subprocess.run(
+                [self.cli, *args], check=True, capture_output=True, timeout=timeout, text=True
+            )
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            raise RuntimeError(
+                f"redis-cli {' '.join(args)} failed: {exc}\nstdout: {exc.stdout}\n"
+                f"stderr: {exc.stderr}{self.log_tails()}"
+            ) from None
 
     @property
     def url(self) -> str:
@@ -131,10 +188,9 @@ class LocalCluster:
         if self.replicas == 0 and self.masters == 1:
             self.redis_cli("CLUSTER", "ADDSLOTSRANGE", "0", "16383", port=self.nodes[0].port)
         else:
-            subprocess.run(
-                [self.cli, "--cluster", "create", *(n.address for n in self.nodes),
-                 "--cluster-replicas", str(self.replicas), "--cluster-yes"],
-                check=True, capture_output=True, timeout=60,
+            self.run_cli(
+                "--cluster", "create", *(n.address for n in self.nodes),
+                "--cluster-replicas", str(self.replicas), "--cluster-yes", timeout=60,
             )  # fmt: skip
         self.wait_healthy()
         self.wait_replicas_synced()
@@ -153,15 +209,14 @@ class LocalCluster:
             if not pending:
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"replicas {pending} did not sync with their masters")
+                raise RuntimeError(
+                    f"replicas {pending} did not sync with their masters"
+                    + self.log_tails(self.node(port) for port in pending)
+                )
             time.sleep(0.1)
 
     def redis_cli(self, *args: str, port: int) -> str:
-        done = subprocess.run(
-            [self.cli, "-h", "127.0.0.1", "-p", str(port), *args],
-            check=True, capture_output=True, timeout=30, text=True,
-        )  # fmt: skip
-        return done.stdout
+        return self.run_cli("-h", "127.0.0.1", "-p", str(port), *args, timeout=30).stdout
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -209,6 +264,7 @@ class LocalCluster:
     def wait_healthy(self, timeout: float = 30) -> None:
         """Until every live node reports cluster_state:ok and agrees on the slot owners."""
         deadline = time.monotonic() + timeout
+        problem = "no live node"
         while True:
             try:
                 views = []
@@ -225,10 +281,15 @@ class LocalCluster:
                         )
                 if views and all(v == views[0] for v in views):
                     return
-            except Exception:
-                pass
+                if views:
+                    problem = "the nodes disagree on the slot owners"
+            except Exception as exc:
+                problem = f"{exc!r}"
             if time.monotonic() > deadline:
-                raise RuntimeError("cluster did not become healthy")
+                raise RuntimeError(
+                    f"cluster did not become healthy within {timeout}s ({problem})"
+                    + self.log_tails()
+                )
             time.sleep(0.1)
 
     def add_master(self) -> ClusterNode:
@@ -236,15 +297,12 @@ class LocalCluster:
         owns no slot until a reshard gives it some."""
         taken = {n.port for n in self.nodes}
         port = next(p for p in free_cluster_ports(len(taken) + 1) if p not in taken)
-        node = ClusterNode(self.nodes[0].binary, self.nodes[0].dir.parent, port)
+        node = ClusterNode(self.nodes[0].binary, self.nodes[0].dir.parent, port, self.wrapper)
         self.nodes.append(node)
         node.start(self.node_timeout_ms)
         node.wait_up()
         seed = next(self.live_nodes())
-        subprocess.run(
-            [self.cli, "--cluster", "add-node", node.address, seed.address],
-            check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
+        self.run_cli("--cluster", "add-node", node.address, seed.address, timeout=60)
         deadline = time.monotonic() + 30
         while True:  # until every node has met it
             known = []
@@ -254,7 +312,7 @@ class LocalCluster:
             if all(count == len(self.nodes) for count in known):
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"node {port} did not join")
+                raise RuntimeError(f"node {port} did not join: {known}{self.log_tails()}")
             time.sleep(0.1)
         self.wait_healthy()
         return node
@@ -270,11 +328,10 @@ class LocalCluster:
     def reshard(self, source: ClusterNode, target: ClusterNode, count: int) -> None:
         """``redis-cli --cluster reshard``: move ``count`` slots (and their keys) from source
         to target, the way an operator does it."""
-        subprocess.run(
-            [self.cli, "--cluster", "reshard", source.address,
-             "--cluster-from", self.node_id(source), "--cluster-to", self.node_id(target),
-             "--cluster-slots", str(count), "--cluster-yes"],
-            check=True, capture_output=True, timeout=120,
+        self.run_cli(
+            "--cluster", "reshard", source.address,
+            "--cluster-from", self.node_id(source), "--cluster-to", self.node_id(target),
+            "--cluster-slots", str(count), "--cluster-yes", timeout=120,
         )  # fmt: skip
 
 
