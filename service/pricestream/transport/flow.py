@@ -107,8 +107,7 @@ class ResponseStream:
             self.ready
             and size <= h2s.outbound_flow_control_window
             and size <= h2.outbound_flow_control_window
-            and size <= h2.max_outbound_frame_size
-            and not conn.paused
+            and size <= conn.frame_room
         ):
             h2s.outbound_flow_control_window -= size
             h2.outbound_flow_control_window -= size
@@ -116,9 +115,7 @@ class ResponseStream:
             if not out:
                 conn.schedule_flush()
             conn.data_queued = True
-            out.append(
-                _PACK_HEADER(size >> 16, size & 0xFFFF, 0, 0, self.stream_id, 0, len(payload))
-            )
+            out.append(_PACK_HEADER(size << 8, self.stream_id, len(payload)))
             out.append(payload)
             self.messages_sent += 1
             return True

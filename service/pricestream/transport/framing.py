@@ -20,8 +20,10 @@ PREFIX_BYTES = 5
 MESSAGE_PREFIX = struct.Struct(">BI")  # compressed flag, message length
 _DATA_HEADER = struct.Struct(">BHBBI")  # length (24 bits as 8 + 16), type, flags, stream id
 # A DATA frame header followed by the message prefix, for a message sent whole in one frame:
-# pack (frame length >> 16, frame length & 0xFFFF, 0, 0, stream id, 0, message length).
-SINGLE_FRAME_HEADER = struct.Struct(">BHBBIBI")
+# pack (frame length << 8, stream id, message length): the frame's 24-bit length and type 0
+# (DATA) in one word, flags 0 (a pad byte), the stream id, the compressed flag 0 (a pad byte),
+# the message length.
+SINGLE_FRAME_HEADER = struct.Struct(">IxIxI")
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 
