@@ -24,6 +24,7 @@ from conftest import fast_env, fast_settings, ready_server, wait_until
 from invariants import read_metrics, samples, wait_invariant
 from pricestream.redis.broker import RedisPricePublisher
 from pricestream.redis.client import make_pool
+from pricestream.redis.packing import with_hiredis_packing
 from pricestream.redis.sentinel import SentinelPool
 from pricestream.settings import load_settings
 from pricestream.tasks import cancel_and_wait
@@ -443,7 +444,7 @@ def test_url_gives_credentials_tls_and_db_to_the_master_and_the_sentinels() -> N
     )
     pool = make_pool(settings)
     assert isinstance(pool, SentinelPool)
-    assert pool.connection_class is SentinelManagedSSLConnection
+    assert pool.connection_class is with_hiredis_packing(SentinelManagedSSLConnection)
     master = pool.connection_kwargs
     assert (master["username"], master["password"], master["db"]) == ("app", "pw", 3)
     assert master["ssl_ca_certs"] == "/etc/ca.pem"

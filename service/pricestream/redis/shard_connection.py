@@ -1,6 +1,6 @@
 """One sharded Pub/Sub connection to one cluster master: SSUBSCRIBE / SUNSUBSCRIBE / smessage.
 
-The discipline is ``broker.PubSubConnection``'s: a desired set and a sent set, a sync task that
+The discipline is ``pubsub_base.PubSubBase``'s: a desired set and a sent set, a sync task that
 sends the difference and waits (``probe_timeout``) until Redis has answered every command, a
 reader that owns the socket's input, a PING when the connection was quiet for
 ``probe_interval``, and after any failure the socket closed in one ``finally`` and a new one
@@ -30,19 +30,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from pricestream.engine.broker import MessageHandler
 from pricestream.observability.metrics import Metrics
-from pricestream.redis.broker import SUBSCRIBE_CHUNK, ProbeFailed, backoff_delay
 from pricestream.redis.cluster_client import Address, NodeOptions
+from pricestream.redis.pubsub_base import SUBSCRIBE_CHUNK, ProbeFailed, PubSubBase
 from pricestream.redis.slots import channel_slot
 from pricestream.settings import Settings
-from pricestream.tasks import run_until_first_failure
 
 log = logging.getLogger("pricestream.redis")
 
@@ -51,17 +50,8 @@ _SSUBSCRIBE = b"ssubscribe"
 _SUNSUBSCRIBE = b"sunsubscribe"
 _PONG = b"pong"
 
-
-class _Owed:
-    """A command written and not yet fully answered: its kind, its channels, replies left."""
-
-    __slots__ = ("channels", "done", "kind", "left")
-
-    def __init__(self, kind: bytes, channels: list[bytes], done: asyncio.Future[None]) -> None:
-        self.kind = kind
-        self.channels = channels
-        self.left = max(1, len(channels))
-        self.done = done
+# A command to write: the kind of its replies, its arguments, its channels.
+Command = tuple[bytes, tuple[bytes | str, ...], list[bytes]]
 
 
 def by_slot(channels: Iterable[bytes]) -> list[list[bytes]]:
@@ -76,8 +66,11 @@ def by_slot(channels: Iterable[bytes]) -> list[list[bytes]]:
     return commands
 
 
-class ShardConnection:
+class ShardConnection(PubSubBase):
     """The Pub/Sub connection of one pod to one master; owns its socket and its three tasks."""
+
+    LOST_LOG = "Redis Pub/Sub connection to shard %s lost: %s; reconnecting in %.2fs"
+    RESTORED_LOG = "Redis Pub/Sub connection to shard %s restored"
 
     def __init__(
         self,
@@ -90,93 +83,27 @@ class ShardConnection:
     ) -> None:
         self.address = address
         self.name = f"{address[0]}:{address[1]}"
+        super().__init__(settings, metrics, "shard", self.name, f"shard {self.name}")
         self._options = options
-        self._settings = settings
-        self._metrics = metrics
         self._handler = handler
         self._on_stale = on_stale  # "the slot map may have changed: read it again"
-        self.desired: set[bytes] = set()
         self._sent: set[bytes] = set()  # SSUBSCRIBE written (not refused), no SUNSUBSCRIBE since
         self.confirmed: set[bytes] = set()  # and Redis confirmed it
-        self._changed = asyncio.Event()
-        self._owed: deque[_Owed] = deque()
-        self._send_lock = asyncio.Lock()
-        self._last_confirmed = 0.0
-        self.connected = False
-        self.live = False
-        self._ever_connected = False
-
-    def want(self, channel: bytes) -> None:
-        if channel not in self.desired:
-            self.desired.add(channel)
-            self._changed.set()
-
-    def unwant(self, channel: bytes) -> None:
-        if channel in self.desired:
-            self.desired.discard(channel)
-            self._changed.set()
 
     def resync(self) -> None:
         """Send again whatever is desired and not subscribed (after a refusal or a lost slot)."""
         if self.desired - self._sent or self._sent - self.desired:
             self._changed.set()
 
-    async def run(self) -> None:
-        """Keep a connection up until cancelled."""
-        failures = 0
-        while True:
-            try:
-                await self._connect_and_serve()
-            except (TimeoutError, RedisError, OSError, ProbeFailed) as exc:
-                failures += 1
-                delay = backoff_delay(failures, self._settings.reconnect_max_backoff)
-                log.warning(
-                    "Redis Pub/Sub connection to shard %s lost: %s; reconnecting in %.2fs",
-                    self.name,
-                    exc or type(exc).__name__,
-                    delay,
-                    extra={"event": "redis_connection_lost", "shard": self.name},
-                )
-                self._on_stale()  # a failover, perhaps
-                await asyncio.sleep(delay)
-            else:
-                failures = 0
+    def _open(self) -> AbstractConnection:
+        return self._options.connection(self.address)
 
-    async def _connect_and_serve(self) -> None:
-        conn = self._options.connection(self.address)
-        opened = False
-        try:
-            await conn.connect()
-            opened = True
-            self._metrics.connections_opened.inc()
-            if self._ever_connected:
-                self._metrics.redis_reconnects.inc()
-                log.info(
-                    "Redis Pub/Sub connection to shard %s restored",
-                    self.name,
-                    extra={"event": "redis_connection_restored", "shard": self.name},
-                )
-            self._ever_connected = True
-            self.connected = True
-            self._sent = set()
-            self.confirmed = set()
-            self._owed.clear()
-            self._last_confirmed = asyncio.get_running_loop().time()
-            self._changed.set()
-            await run_until_first_failure(
-                self._read(conn), self._sync(conn), self._watch_liveness(conn)
-            )
-        finally:
-            self.connected = False
-            self.live = False
-            self._sent = set()
-            self.confirmed = set()
-            for owed in self._owed:
-                owed.done.cancel()
-            self._owed.clear()
-            if opened:
-                self._metrics.connections_closed.inc()
-            await conn.disconnect(nowait=True)
+    def _forget_subscriptions(self) -> None:
+        self._sent = set()
+        self.confirmed = set()
+
+    def _after_failure(self) -> None:
+        self._on_stale()  # a failover, perhaps
 
     async def _read(self, conn: AbstractConnection) -> None:
         while True:
@@ -206,16 +133,11 @@ class ShardConnection:
                 self._settle(kind)
 
     def _settle(self, kind: bytes) -> None:
-        """One reply to our commands arrived: it belongs to the oldest command still owed."""
-        self._last_confirmed = asyncio.get_running_loop().time()
+        """One reply to our commands arrived: it must belong to the oldest command still owed."""
         if not self._owed or self._owed[0].kind != kind:
+            self._last_confirmed = asyncio.get_running_loop().time()
             raise ProbeFailed(f"unexpected {kind.decode()} reply on shard {self.name}")
-        owed = self._owed[0]
-        owed.left -= 1
-        if owed.left <= 0:
-            self._owed.popleft()
-            if not owed.done.done():
-                owed.done.set_result(None)
+        self._confirmed()
 
     def _refused(self, error: ResponseError) -> None:
         """An error reply: the whole answer to the oldest command owed."""
@@ -245,43 +167,26 @@ class ShardConnection:
         self._on_stale()
 
     async def _send(
-        self,
-        conn: AbstractConnection,
-        commands: list[tuple[bytes, tuple[bytes | str, ...], list[bytes]]],
+        self, conn: AbstractConnection, commands: list[Command]
     ) -> list[asyncio.Future[None]]:
-        """Write (kind, args, channels) commands in one write; one future per command, settled
-        when Redis has answered it."""
-        loop = asyncio.get_running_loop()
+        """Write commands in one write; one future per command, settled when Redis has
+        answered it."""
         async with self._send_lock:
-            futures = []
-            for kind, _, channels in commands:
-                done: asyncio.Future[None] = loop.create_future()
-                self._owed.append(_Owed(kind, channels, done))
-                futures.append(done)
+            futures = [self._owe(kind, channels) for kind, _, channels in commands]
             packed = conn.pack_commands([args for _, args, _ in commands])
             await conn.send_packed_command(packed, check_health=False)
         return futures
 
-    async def _answered(self, owed: list[asyncio.Future[None]], what: str) -> None:
-        timeout = self._settings.probe_timeout
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.gather(*owed)
-        except TimeoutError:
-            raise ProbeFailed(
-                f"{what} on shard {self.name} not answered within {timeout:g}s"
-            ) from None
+    async def _ping(self, conn: AbstractConnection) -> asyncio.Future[None]:
+        (pong,) = await self._send(conn, [(_PONG, ("PING",), [])])
+        return pong
 
     async def _sync(self, conn: AbstractConnection) -> None:
-        hello = await self._send(conn, [(_PONG, ("PING",), [])])
-        await self._answered(hello, "PING")
+        await self._answered([await self._ping(conn)], "PING")
         self.live = True  # answered: the socket works both ways
         while True:
-            await self._changed.wait()
-            self._changed.clear()
-            if not conn.is_connected:
-                raise ConnectionError("Pub/Sub connection closed")
-            commands: list[tuple[bytes, tuple[bytes | str, ...], list[bytes]]] = []
+            await self._next_change(conn)
+            commands: list[Command] = []
             add = self.desired - self._sent
             for group in by_slot(add):
                 commands.append((_SSUBSCRIBE, ("SSUBSCRIBE", *group), group))
@@ -294,22 +199,3 @@ class ShardConnection:
             if commands:
                 owed = await self._send(conn, commands)
                 await self._answered(owed, "SSUBSCRIBE/SUNSUBSCRIBE")
-
-    async def _watch_liveness(self, conn: AbstractConnection) -> None:
-        loop = asyncio.get_running_loop()
-        interval = self._settings.probe_interval
-        while True:
-            quiet = loop.time() - self._last_confirmed
-            if quiet < interval:
-                await asyncio.sleep(interval - quiet)
-                continue
-            timeout = self._settings.probe_timeout
-            try:
-                async with asyncio.timeout(timeout):  # the write too: it may be what is stuck
-                    pong = await self._send(conn, [(_PONG, ("PING",), [])])
-                    await asyncio.gather(*pong)
-            except TimeoutError:
-                raise ProbeFailed(
-                    f"PING on the Pub/Sub connection to shard {self.name} not answered "
-                    f"within {timeout:g}s"
-                ) from None

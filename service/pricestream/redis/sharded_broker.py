@@ -7,9 +7,9 @@ connections on its own, so the counters of DESIGN.md (every connection opened is
 counted) and readiness ("Pub/Sub delivers") could not be derived from it. The standalone
 broker's discipline is proven by the resilience tests (a reader per connection, every
 (un)subscribe confirmed within a timeout, PING probes, close-in-``finally`` and resubscribe
-everything on reconnect); ``ShardConnection`` keeps it per shard, and this module adds the
-routing. redis-py is still used for commands (``RedisCluster``: sessions, last prices,
-SPUBLISH), where its MOVED/ASK handling is what we want.
+everything on reconnect: ``pubsub_base.PubSubBase``); ``ShardConnection`` keeps it per shard,
+and this module adds the routing. redis-py is still used for commands (``RedisCluster``:
+sessions, last prices, SPUBLISH), where its MOVED/ASK handling is what we want.
 
 Channels on the wire: ``price:{TICKER}`` (the ticker is the hash tag, so the channel shares
 its slot with ``price:last:{TICKER}``); the hub keeps the standalone names (``price:TICKER``),

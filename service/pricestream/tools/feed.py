@@ -18,7 +18,7 @@ from typing import Protocol
 
 from redis.exceptions import RedisError
 
-from pricestream.redis.broker import backoff_delay
+from pricestream.redis.pubsub_base import backoff_delay
 from pricestream.v1.pricestream_pb2 import PriceUpdate
 
 log = logging.getLogger("pricestream.feed")
