@@ -242,7 +242,13 @@ def test_feed_started_before_redis_retries_until_it_connects(tmp_path: Path) -> 
             pricestream_command("feed", "--tickers", "5", "--rate", "100"), env=env, stderr=log
         )
     try:
-        time.sleep(2.5)
+        # Until the feed has failed a few times (its start-up alone may take seconds on a busy
+        # machine, so no fixed sleep), then Redis comes up.
+        deadline = time.monotonic() + 30
+        while log_path.read_bytes().count(b'"feed_redis_unreachable"') < 5:
+            assert feed.poll() is None, "the feed exited while Redis was unreachable"
+            assert time.monotonic() < deadline, "the feed logged no failed attempts"
+            time.sleep(0.05)
         assert feed.poll() is None, "the feed exited while Redis was unreachable"
         redis.start()
         client = redis.client()
