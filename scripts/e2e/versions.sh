@@ -55,6 +55,8 @@ KUBE_PROXY_HEALTHZ_PORT=17256
 KUBECONFIG_ADMIN="$STATE/pki/admin.kubeconfig"
 CONTAINERD_SOCK="$STATE/containerd/containerd.sock"
 CTR=(ctr --address "$CONTAINERD_SOCK" -n k8s.io)
+# containerd's root (images and their snapshots) outlives a cluster: see cluster-up.sh.
+CONTAINERD_ROOT="$E2E_CACHE/containerd-root"
 PROM_OPERATOR_DIR="$E2E_CACHE/prometheus-operator-$PROM_OPERATOR_VERSION"
 METRICS_SERVER_DIR="$E2E_CACHE/metrics-server-$METRICS_SERVER_VERSION"
 # Keyed by its source too: an edit of the adapter rebuilds it.
