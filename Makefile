@@ -135,7 +135,8 @@ kind-down:  ## delete the kind cluster
 	kind delete cluster --name $(KIND_CLUSTER)
 
 # --- Kubernetes for real, without Docker: a single-node cluster built from Go modules (scripts/e2e/) ---
-# Binaries and images are cached under $(TOOLS), keyed by version; the cluster's state lives in
+# Binaries and images are cached in $E2E_CACHE (default ~/.cache/pricestream-e2e: outside the
+# clone, so a fresh clone reuses them), keyed by version or by a hash of the inputs; the cluster's state lives in
 # E2E_STATE (default /tmp/pricestream-e2e) and is removed by e2e-down, also after a failed start.
 
 e2e: venv helm  ## build (cached), start the e2e cluster, run tests/test_e2e.py on it, take it down

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -208,8 +209,48 @@ def release_objects(namespace: str, release: str) -> list[str]:
     ).split()
 
 
-@pytest.mark.parametrize("values_file", CI_VALUES)
-def test_chart_lifecycle(values_file: str, storage: str) -> None:
+# The lifecycles run side by side (one namespace each), E2E_LIFECYCLES_AT_ONCE at a time: every
+# step waits on pods starting, probes and drains, not on this host's CPU.
+LIFECYCLES_AT_ONCE = int(os.environ.get("E2E_LIFECYCLES_AT_ONCE", "7"))
+# Seven releases at once on a 2-CPU node: each demo feed publishes 50 updates/s instead of 500
+# (seven feeds at 500/s and the servers fanning them out took about a core), and the releases
+# whose files leave the CPU requests at the chart's defaults (250m per server) ask for less, so
+# that all of them and their surge pods can be scheduled together. Files with an HPA keep their
+# requests: its CPU target is a share of them. Nothing the lifecycle asserts depends on these.
+LIGHT_FEED = ["--set", "feed.rate=50"]
+SMALL_REQUESTS = [
+    "--set",
+    "resources.requests.cpu=25m,feed.resources.requests.cpu=10m,redis.resources.requests.cpu=10m",
+]
+LIFECYCLE_STEPS = [
+    "install",
+    "helm test",
+    "upgrade",
+    "helm test",
+    "rollback",
+    "uninstall",
+    "objects gone",
+    "namespace empty",
+]
+
+
+class Lifecycle:
+    """One ci file's lifecycle, as run in its thread: the steps done (with seconds) and the
+    failure, if any, that ended it."""
+
+    def __init__(self, values_file: str) -> None:
+        self.values_file = values_file
+        self.steps: list[tuple[str, float]] = []
+        self.error: BaseException | None = None
+        self._t0 = time.monotonic()
+
+    def step(self, name: str) -> None:
+        now = time.monotonic()
+        self.steps.append((name, now - self._t0))
+        self._t0 = now
+
+
+def chart_lifecycle(values_file: str, done: Lifecycle) -> None:
     """install --wait, `helm test`, upgrade, `helm test`, rollback, uninstall: all pass, the pods
     serve, and uninstall leaves nothing but what the chart documents it keeps."""
     name = values_file.removesuffix("-values.yaml")
@@ -219,7 +260,9 @@ def test_chart_lifecycle(values_file: str, storage: str) -> None:
     try:
         if name == "external-redis":
             external_redis_and_secrets(namespace)
-        values = ["-f", str(CHART / "ci" / values_file), *image_values()]
+        text = (CHART / "ci" / values_file).read_text()
+        small = [] if "autoscaling:" in text else SMALL_REQUESTS
+        values = ["-f", str(CHART / "ci" / values_file), *image_values(), *LIGHT_FEED, *small]
         helm(
             "install", release, str(CHART), "-n", namespace, *values, "--wait", "--timeout", "240s"
         )
@@ -230,7 +273,9 @@ def test_chart_lifecycle(values_file: str, storage: str) -> None:
             namespace, f"app.kubernetes.io/instance={release},app.kubernetes.io/component=server"
         )
         assert len(pods) == want
+        done.step("install")
         helm("test", release, "-n", namespace, "--timeout", "120s")
+        done.step("helm test")
 
         # An upgrade that changes the pods (a rollout), then a rollback to the first revision.
         helm(
@@ -250,7 +295,9 @@ def test_chart_lifecycle(values_file: str, storage: str) -> None:
             "template"
         ]["metadata"]
         assert annotations.get("annotations", {}).get("e2e/revision") == "2"
+        done.step("upgrade")
         helm("test", release, "-n", namespace, "--timeout", "120s")
+        done.step("helm test")
         helm("rollback", release, "1", "-n", namespace, "--wait", "--timeout", "240s")
         template = kubectl_json("-n", namespace, "get", "deployment", release)["spec"]["template"][
             "metadata"
@@ -258,8 +305,10 @@ def test_chart_lifecycle(values_file: str, storage: str) -> None:
         assert "e2e/revision" not in template.get("annotations", {})
         history = helm("history", release, "-n", namespace, "-o", "json")
         assert history.count('"revision"') == 3
+        done.step("rollback")
 
         helm("uninstall", release, "-n", namespace, "--wait", "--timeout", "120s")
+        done.step("uninstall")
         wait_until(
             f"{release} objects gone from {namespace}",
             lambda: (
@@ -274,9 +323,10 @@ def test_chart_lifecycle(values_file: str, storage: str) -> None:
         keep = [
             o for o in release_objects(namespace, release) if o.startswith("persistentvolumeclaim/")
         ]
-        persistent = "persistence" in (CHART / "ci" / values_file).read_text()
+        persistent = "persistence" in text
         # redis.persistence's claim is kept on purpose (resource-policy: keep), nothing else.
         assert keep == ([f"persistentvolumeclaim/{release}-redis"] if persistent else [])
+        done.step("objects gone")
         if keep:
             kubectl("-n", namespace, "delete", *keep, "--wait=true")
         if name == "external-redis":
@@ -297,8 +347,43 @@ def test_chart_lifecycle(values_file: str, storage: str) -> None:
             timeout=90,
         )
         assert helm("list", "-n", namespace, "-a", "-q").strip() == ""
+        done.step("namespace empty")
     finally:
         drop_namespace(namespace)
+
+
+@pytest.fixture(scope="session")
+def lifecycles(request: pytest.FixtureRequest, storage: str) -> dict[str, Lifecycle]:
+    """The lifecycle of every ci file selected (`-k`), run concurrently; each test below
+    reports one file's."""
+    selected = sorted(
+        {
+            item.callspec.params["values_file"]
+            for item in request.session.items
+            if getattr(item, "originalname", "") == "test_chart_lifecycle"
+        }
+    )
+    results = {f: Lifecycle(f) for f in selected}
+
+    def one(values_file: str) -> None:
+        try:
+            chart_lifecycle(values_file, results[values_file])
+        except BaseException as exc:  # re-raised by the file's test
+            results[values_file].error = exc
+
+    with ThreadPoolExecutor(max_workers=LIFECYCLES_AT_ONCE) as pool:
+        list(pool.map(one, selected))
+    return results
+
+
+@pytest.mark.parametrize("values_file", CI_VALUES)
+def test_chart_lifecycle(values_file: str, lifecycles: dict[str, Lifecycle]) -> None:
+    """The lifecycle of one ci file (chart_lifecycle), run by the `lifecycles` fixture."""
+    done = lifecycles[values_file]
+    print(", ".join(f"{step} {secs:.1f}s" for step, secs in done.steps))
+    if done.error is not None:
+        raise done.error
+    assert [step for step, _ in done.steps] == LIFECYCLE_STEPS
 
 
 # --- Monitoring, autoscaling and alerting on real pods (scripts/e2e/monitoring-up.sh) ---
@@ -330,13 +415,13 @@ def sre_values(*extra: str) -> list[str]:
         params,
         "--set",
         f"autoscaling.sessionsPerPod.averageValue={SESSIONS_PER_POD},autoscaling.maxReplicas=4",
-        # Scale down within the test: 20 s of stability, then one pod per 15 s.
+        # Scale down within the test: 10 s of stability, then one pod per 5 s.
         "--set",
-        "autoscaling.behavior.scaleDown.stabilizationWindowSeconds=20",
+        "autoscaling.behavior.scaleDown.stabilizationWindowSeconds=10",
         "--set",
         "autoscaling.behavior.scaleDown.policies[0].type=Pods,"
         "autoscaling.behavior.scaleDown.policies[0].value=1,"
-        "autoscaling.behavior.scaleDown.policies[0].periodSeconds=15",
+        "autoscaling.behavior.scaleDown.policies[0].periodSeconds=5",
         *extra,
     ]
 
@@ -491,7 +576,8 @@ def test_hpa_scales_up_and_down_on_sessions_per_pod(sre_release: None) -> None:
     raw = f"{api}/pods/*/pricestream_sessions_active"
 
     def served() -> bool:
-        items = json.loads(kubectl("get", "--raw", raw))["items"]
+        # "items": null until Prometheus has scraped a pod of the release
+        items = json.loads(kubectl("get", "--raw", raw))["items"] or []
         return {i["describedObject"]["name"] for i in items} == set(server_pods())
 
     wait_until("pricestream_sessions_active per pod from the custom-metrics API", served, 90)
@@ -507,7 +593,9 @@ def test_hpa_scales_up_and_down_on_sessions_per_pod(sre_release: None) -> None:
         ready = kubectl_json("-n", SRE_NAMESPACE, "get", "deployment", RELEASE)["status"]
         return ready.get("readyReplicas", 0) if ready.get("readyReplicas", 0) > 2 else 0
 
+    loaded_at = time.monotonic()
     peak = wait_until("the HPA to scale up on sessions per pod", scaled_up, timeout=90)
+    print(f"{peak} ready pods {time.monotonic() - loaded_at:.1f}s after the load started")
     metric = next(m for m in hpa_status()["currentMetrics"] if m["type"] == "Pods")
     assert metric["pods"]["metric"]["name"] == "pricestream_sessions_active"
     report = loadtest_report(load, timeout=200)
@@ -519,7 +607,9 @@ def test_hpa_scales_up_and_down_on_sessions_per_pod(sre_release: None) -> None:
         status = kubectl_json("-n", SRE_NAMESPACE, "get", "deployment", RELEASE)["status"]
         return status.get("replicas") == 2 and status.get("readyReplicas") == 2
 
+    unloaded_at = time.monotonic()
     wait_until("the HPA to scale back down to minReplicas", scaled_down, timeout=240, interval=5)
+    print(f"back to 2 pods {time.monotonic() - unloaded_at:.1f}s after the load ended")
     assert invariant_1_on_every_pod() == {pod: [] for pod in server_pods()}
 
 
@@ -611,7 +701,19 @@ async def test_rolling_update_under_load_loses_no_session(sre_release: None) -> 
     target = service_target()
     universe = ticker_universe(50)
     before = set(server_pods())
-    load = run_loadtest("10s:40,70s:40,5s:0", 0, "--keep-users", "--leave-mix", "close_session=1")
+    # The pod whose /metrics gives the load test its own leak verdict is replaced by the roll:
+    # do not wait 30 s for it (the checks below read every pod that is left).
+    # Load from before the upgrade (10 s in) to well after the roll (about 15 s) and the 10 s
+    # after it.
+    load = run_loadtest(
+        "10s:40,45s:40,5s:0",
+        0,
+        "--keep-users",
+        "--leave-mix",
+        "close_session=1",
+        "--leak-timeout",
+        "1",
+    )
     lost: list[str] = []
     resumes: list[int] = []
     last_batch: dict[str, float] = {}
@@ -654,6 +756,7 @@ async def test_rolling_update_under_load_loses_no_session(sre_release: None) -> 
 
     users = [asyncio.create_task(follow(i)) for i in range(20)]
     await asyncio.sleep(10)
+    upgrade_at = time.monotonic()
     await asyncio.to_thread(
         helm,
         "upgrade",
@@ -665,6 +768,8 @@ async def test_rolling_update_under_load_loses_no_session(sre_release: None) -> 
         "--wait",
     )
     rolled_at = time.time()
+    print(f"rolled in {time.monotonic() - upgrade_at:.1f}s")
+    assert load.poll() is None, "the load test ended before the roll did"
     after = set(server_pods())
     assert after and not before & after, (before, after)
     await asyncio.sleep(10)

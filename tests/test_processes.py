@@ -231,6 +231,24 @@ async def test_feed_publishes_per_ingestion_contract(redis) -> None:
     client.close()
 
 
+def test_feed_stops_on_sigterm(redis) -> None:
+    """In a pod the feed is PID 1, which ignores a signal it has no handler for: it handles
+    SIGTERM itself (exit 0), or every stop of its pod waits out the grace period for SIGKILL."""
+    feed = start_feed(redis.url, tickers=5, rate=100)
+    try:
+        client = redis.client()
+        deadline = time.monotonic() + 20
+        while client.get("price:last:AAPL") is None:  # publishing: the handler is in place
+            assert time.monotonic() < deadline and feed.poll() is None, "the feed never published"
+            time.sleep(0.05)
+        client.close()
+        feed.terminate()
+        assert feed.wait(timeout=10) == 0
+    finally:
+        if feed.poll() is None:
+            feed.kill()
+
+
 def test_feed_started_before_redis_retries_until_it_connects(tmp_path: Path) -> None:
     """A fresh install starts the feed while Redis is pending: it retries with the server's
     backoff (exponential, jittered), one log line per attempt, instead of exiting."""

@@ -9,7 +9,7 @@ if "${PODMAN[@]}" image exists "$BASE_IMAGE"; then
   echo "base image $BASE_IMAGE: cached"
   exit 0
 fi
-dir="$TOOLS/$BASE_KEY"
+dir="$E2E_CACHE/$BASE_KEY"
 tarball="$dir/rootfs.tar"
 if [ ! -f "$tarball" ]; then
   rm -rf "$dir" && mkdir -p "$dir"

@@ -8,7 +8,7 @@
 # v0.X.Y tags instead). A set whose stamp file exists is skipped: a second run is a no-op.
 set -euo pipefail
 source "$(dirname "$0")/versions.sh"
-mkdir -p "$TOOLS"
+mkdir -p "$E2E_CACHE"
 
 build_k8s() {
   local dest="$K8S_DIR" stamp="$K8S_DIR/.built"

@@ -8,18 +8,19 @@ source "$(dirname "$0")/versions.sh"
 source "$E2E_DIR/lib.sh"
 [ -d "$STATE" ] || { ip link show "$BRIDGE" >/dev/null 2>&1 && ip link del "$BRIDGE"; exit 0; }
 log "cluster down"
-# Host processes of the checks (monitoring stack, adapter, webhook) first, then the control loops.
+# Host processes of the checks (monitoring stack, adapter, webhook) first, then the control loops;
+# each group at once.
+others=()
 for f in "$STATE"/pids/*.pid; do
   [ -e "$f" ] || continue
   n="$(basename "$f" .pid)"
   case "$n" in
     etcd | kube-apiserver | kube-controller-manager | kube-scheduler | containerd | kubelet | kube-proxy | dnsmasq | dns-sync) ;;
-    *) stop "$n" 5 ;;
+    *) others+=("$n") ;;
   esac
 done
-stop dns-sync 2
-stop kubelet 10
-stop kube-proxy 5
+stop_all 5 dns-sync "${others[@]}"
+stop_all 10 kubelet kube-proxy
 
 # Every task containerd runs (pods' containers and sandboxes), then the shims, each by PID.
 if [ -S "$CONTAINERD_SOCK" ]; then
@@ -29,17 +30,19 @@ if [ -S "$CONTAINERD_SOCK" ]; then
   sleep 1
   for id in $("${CTR[@]}" tasks ls -q 2>/dev/null); do "${CTR[@]}" tasks delete -f "$id" >/dev/null 2>&1; done
   for id in $("${CTR[@]}" containers ls -q 2>/dev/null); do "${CTR[@]}" containers delete "$id" >/dev/null 2>&1; done
+  # No container left: the root may serve the next cluster (cluster-up.sh), with these images.
+  if containers="$("${CTR[@]}" containers ls -q 2>/dev/null)" && [ -z "$containers" ]; then
+    images_kept="$("${CTR[@]}" images ls -q 2>/dev/null | grep -v '^sha256:' | sort)"
+  fi
 fi
 stop containerd 10
 # A shim outlives containerd; each records its PID in containerd's state folder.
 for f in "$STATE"/containerd/state/io.containerd.runtime.v2.task/*/*/shim.pid; do
   [ -f "$f" ] && kill -KILL "$(cat "$f")" 2>/dev/null
 done
-stop kube-scheduler 5
-stop kube-controller-manager 5
+stop_all 5 kube-scheduler kube-controller-manager
 stop kube-apiserver 10
-stop etcd 10
-stop dnsmasq 5
+stop_all 10 etcd dnsmasq
 
 # Network namespaces the CRI plugin made for pods (not there before up).
 for ns in $(ls /run/netns 2>/dev/null); do
@@ -48,9 +51,10 @@ for ns in $(ls /run/netns 2>/dev/null); do
   ip netns delete "$ns" 2>/dev/null || { umount -l "/run/netns/$ns" 2>/dev/null; rm -f "/run/netns/$ns"; }
 done
 
-# Mounts under $STATE (pod volumes, overlay rootfs, shm), deepest first.
+# Mounts under $STATE (pod volumes, overlay rootfs, shm) or containerd's root, deepest first.
 for _ in 1 2 3; do
-  mapfile -t mnts < <(awk -v p="$STATE" 'index($5, p) == 1 {print $5}' /proc/self/mountinfo | sort -r)
+  mapfile -t mnts < <(awk -v p="$STATE/" -v r="$CONTAINERD_ROOT/" \
+    'index($5, p) == 1 || index($5, r) == 1 {print $5}' /proc/self/mountinfo | sort -r)
   [ ${#mnts[@]} -eq 0 ] && break
   for m in "${mnts[@]}"; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null; done
 done
@@ -90,6 +94,11 @@ if [ -f "$STATE/host-sysctl" ]; then
   [ -n "$v" ] && echo "$v" >/proc/sys/net/bridge/bridge-nf-call-iptables
 fi
 rm -rf "$STATE/cni/ipam"
+if [ -n "${images_kept:-}" ] && [ -d "$CONTAINERD_ROOT" ]; then
+  # The CRI plugin's per-pod files; its sandboxes went with the containers.
+  rm -rf "$CONTAINERD_ROOT/io.containerd.grpc.v1.cri"
+  printf '%s\n' "$images_kept" >"$CONTAINERD_ROOT/.clean"
+fi
 rm -rf "$STATE" 2>/dev/null || { sleep 1; rm -rf "$STATE"; }
 [ -d "$STATE" ] && { echo "could not remove $STATE" >&2; exit 1; }
 log "cluster down: done"

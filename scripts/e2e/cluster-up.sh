@@ -82,9 +82,18 @@ start kube-scheduler "$K/kube-scheduler" \
 
 log "containerd $(containerd --version | awk '{print $3}') (runc)"
 mkdir -p "$STATE/containerd"
+# containerd's root is kept across clusters, so the images it has are not imported again (about
+# 20 s a start). It is trusted only as a complete cluster-down left it: every container deleted
+# and .clean listing the images; anything else (a crash, other images) starts from an empty root.
+images_wanted="$(printf '%s\n' "$PAUSE_IMAGE" "$APP_IMAGE" "$REDIS_IMAGE" | sort)"
+if [ "$(cat "$CONTAINERD_ROOT/.clean" 2>/dev/null)" != "$images_wanted" ]; then
+  rm -rf "$CONTAINERD_ROOT"
+fi
+rm -f "$CONTAINERD_ROOT/.clean"
+mkdir -p "$CONTAINERD_ROOT"
 cat >"$STATE/containerd/config.toml" <<TOML
 version = 2
-root = "$STATE/containerd/root"
+root = "$CONTAINERD_ROOT"
 state = "$STATE/containerd/state"
 disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]

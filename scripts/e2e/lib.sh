@@ -33,17 +33,29 @@ wait_for() {
 }
 
 # stop NAME [SECONDS]: SIGTERM the recorded PID, SIGKILL after SECONDS (default 10).
-stop() {
-  local name="$1" secs="${2:-10}" f="$STATE/pids/$1.pid" pid
-  [ -f "$f" ] || return 0
-  pid="$(cat "$f")"
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM "$pid" 2>/dev/null || true
-    local end=$((SECONDS + secs))
-    while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 0.2; done
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  rm -f "$f"
+stop() { stop_all "${2:-10}" "$1"; }
+
+# stop_all SECONDS NAME...: SIGTERM every recorded PID at once, wait for all of them, SIGKILL
+# those still there after SECONDS: a group stops in the time of its slowest, not of their sum.
+stop_all() {
+  local secs="$1" name f pid pids=()
+  shift
+  for name in "$@"; do
+    f="$STATE/pids/$name.pid"
+    [ -f "$f" ] || continue
+    pid="$(cat "$f")"
+    kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
+  done
+  local end=$((SECONDS + secs)) alive
+  while :; do
+    alive=()
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive+=("$pid"); done
+    [ ${#alive[@]} -eq 0 ] || [ $SECONDS -ge $end ] && break
+    sleep 0.1
+  done
+  for pid in "${alive[@]}"; do kill -KILL "$pid" 2>/dev/null; done
+  for name in "$@"; do rm -f "$STATE/pids/$name.pid"; done
+  return 0
 }
 
 kubectl() { "$KUBECTL" --kubeconfig "$KUBECONFIG_ADMIN" "$@"; }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Certificates and kubeconfigs of the e2e cluster, by openssl, into $STATE/pki: one cluster CA
 # (serving and client certificates of every component), a front-proxy CA for the aggregation
-# layer (the custom-metrics API), and the service-account signing key.
+# layer (the custom-metrics API), and the service-account signing key. ECDSA P-256 keys: fourteen
+# RSA 2048 keys took 6 s of every `make e2e-up`, these take a fraction of one.
 set -euo pipefail
 source "$(dirname "$0")/versions.sh"
 pki="$STATE/pki"
@@ -9,17 +10,17 @@ mkdir -p "$pki"
 cd "$pki"
 
 ca() { # ca NAME CN
-  openssl req -x509 -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.crt" -days 2 \
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$1.key" -out "$1.crt" -days 2 \
     -subj "/CN=$2" -addext "basicConstraints=critical,CA:TRUE" \
     -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
 }
 
 cert() { # cert NAME CA SUBJECT [SAN]: a client+server certificate signed by CA
   local name="$1" ca="$2" subj="$3" san="${4:-}"
-  openssl req -newkey rsa:2048 -nodes -keyout "$name.key" -out "$name.csr" -subj "$subj" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$name.key" -out "$name.csr" -subj "$subj" 2>/dev/null
   {
     echo "basicConstraints=CA:FALSE"
-    echo "keyUsage=critical,digitalSignature,keyEncipherment"
+    echo "keyUsage=critical,digitalSignature"
     echo "extendedKeyUsage=serverAuth,clientAuth"
     [ -n "$san" ] && echo "subjectAltName=$san"
   } >"$name.ext"
@@ -68,5 +69,5 @@ cert monitoring ca "/O=system:masters/CN=pricestream-e2e-monitoring" "DNS:localh
 cert aggregated ca "/CN=pricestream-e2e-aggregated" \
   "DNS:e2e-metrics-adapter.monitoring.svc,DNS:e2e-metrics-server.monitoring.svc,IP:$NODE_IP"
 for n in admin controller-manager scheduler kube-proxy node monitoring; do kubeconfig "$n"; done
-openssl genrsa -out sa.key 2048 2>/dev/null
-openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+openssl ecparam -name prime256v1 -genkey -noout -out sa.key 2>/dev/null
+openssl ec -in sa.key -pubout -out sa.pub 2>/dev/null

@@ -3,26 +3,36 @@
 E2E_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$E2E_DIR/../.." && pwd)"
 TOOLS="${TOOLS:-$REPO/.tools}"
+# What the e2e builds (binaries, the base rootfs, the podman storage) is keyed by version or by a
+# hash of its inputs, never by the checkout, so it lives outside the clone as the Go caches do: a
+# fresh clone of an unchanged tree builds nothing. E2E_CACHE=$REPO/.tools keeps it in the clone.
+E2E_CACHE="${E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pricestream-e2e}"
 K8S_VERSION=v1.37.2
 K8S_STAGING_VERSION=v0.37.2
 ETCD_VERSION=v3.7.0
 PROM_OPERATOR_VERSION=v0.87.1
 CUSTOM_METRICS_APISERVER_VERSION=v1.37.0
 METRICS_SERVER_VERSION=v0.9.0
-K8S_DIR="$TOOLS/k8s-$K8S_VERSION"
-ETCD_DIR="$TOOLS/etcd-$ETCD_VERSION"
-PAUSE_DIR="$TOOLS/pause-1"
+K8S_DIR="$E2E_CACHE/k8s-$K8S_VERSION"
+ETCD_DIR="$E2E_CACHE/etcd-$ETCD_VERSION"
+PAUSE_DIR="$E2E_CACHE/pause-1"
 KUBECTL="$K8S_DIR/bin/kubectl"
 HELM="${HELM:-$TOOLS/bin/helm}"
 # The e2e image's base (scripts/e2e/build-base-image.sh) and the podman storage kept under .tools.
 BASE_KEY=base-bookworm-python3-1
 BASE_IMAGE=localhost/pricestream-e2e-base:bookworm-python3-1
-PODMAN_ROOT="$TOOLS/podman-storage"
+PODMAN_ROOT="$E2E_CACHE/podman-storage"
 PODMAN=(podman --root "$PODMAN_ROOT" --runroot /run/pricestream-e2e-podman --storage-driver overlay
   --cgroup-manager cgroupfs --events-backend none --runtime runc)
 APP_VERSION="$(sed -n 's/^appVersion: "\(.*\)"/\1/p' "$REPO/deploy/helm/pricestream/Chart.yaml")"
-APP_IMAGE="localhost/pricestream:$APP_VERSION"
-REDIS_IMAGE=localhost/pricestream-e2e-redis:bookworm-1
+# Image tags carry a hash of everything their build reads (the Dockerfile's context as
+# .dockerignore keeps it, and the base), so build-images.sh skips a tag podman already has.
+inputs_key() { # inputs_key DIR PATH...: a short hash of the files under PATH... (relative to DIR)
+  (cd "$1" && shift && find "$@" -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 |
+    LC_ALL=C sort -z | xargs -0 sha256sum && echo "$BASE_IMAGE") | sha256sum | cut -c1-12
+}
+APP_IMAGE="localhost/pricestream:$APP_VERSION-$(inputs_key "$REPO" Dockerfile .dockerignore pyproject.toml README.md service)"
+REDIS_IMAGE="localhost/pricestream-e2e-redis:bookworm-$(inputs_key "$E2E_DIR" redis.Containerfile)"
 PAUSE_IMAGE=localhost/pricestream-e2e-pause:1
 # The running cluster: state, network and ports. Ports are off every default a test or another
 # tool of this machine binds (6443, 2379, 10250, 9090, 9093, 6379, 50051, 9464 ...).
@@ -45,10 +55,12 @@ KUBE_PROXY_HEALTHZ_PORT=17256
 KUBECONFIG_ADMIN="$STATE/pki/admin.kubeconfig"
 CONTAINERD_SOCK="$STATE/containerd/containerd.sock"
 CTR=(ctr --address "$CONTAINERD_SOCK" -n k8s.io)
-PROM_OPERATOR_DIR="$TOOLS/prometheus-operator-$PROM_OPERATOR_VERSION"
-METRICS_SERVER_DIR="$TOOLS/metrics-server-$METRICS_SERVER_VERSION"
+# containerd's root (images and their snapshots) outlives a cluster: see cluster-up.sh.
+CONTAINERD_ROOT="$E2E_CACHE/containerd-root"
+PROM_OPERATOR_DIR="$E2E_CACHE/prometheus-operator-$PROM_OPERATOR_VERSION"
+METRICS_SERVER_DIR="$E2E_CACHE/metrics-server-$METRICS_SERVER_VERSION"
 # Keyed by its source too: an edit of the adapter rebuilds it.
-ADAPTER_DIR="$TOOLS/metrics-adapter-$CUSTOM_METRICS_APISERVER_VERSION-$(cat "$E2E_DIR"/metrics-adapter/go.mod "$E2E_DIR"/metrics-adapter/*.go 2>/dev/null | sha256sum | cut -c1-12)"
+ADAPTER_DIR="$E2E_CACHE/metrics-adapter-$CUSTOM_METRICS_APISERVER_VERSION-$(cat "$E2E_DIR"/metrics-adapter/go.mod "$E2E_DIR"/metrics-adapter/*.go 2>/dev/null | sha256sum | cut -c1-12)"
 # Monitoring stack: host processes (scripts/e2e/monitoring-up.sh).
 OPERATOR_PORT=17080
 PROMETHEUS_PORT=17090

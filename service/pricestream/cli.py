@@ -7,8 +7,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import uvloop
@@ -167,6 +168,18 @@ async def _feed_main(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _until_sigterm(coro: Coroutine[Any, Any, int]) -> int:
+    """Run ``coro``; SIGTERM cancels it (its ``finally`` blocks run) and the exit status is 0.
+    In a container the process is PID 1, which ignores a signal it has no handler for: without
+    this, each stop of a feed pod waited out terminationGracePeriodSeconds for the SIGKILL."""
+    task = asyncio.ensure_future(coro)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        return await task
+    log.info("feed: stopped by SIGTERM", extra={"event": "feed_stopped"})
+    return 0
+
+
 def _run(coro: Any) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         return int(uvloop.run(coro) or 0)
@@ -188,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             configure_logging(settings.log_level, settings.pod_name)
             if args.rate <= 0 or args.tickers <= 0:
                 raise SettingsError("--rate and --tickers must be positive")
-            return _run(_feed_main(args, settings))
+            return _run(_until_sigterm(_feed_main(args, settings)))
         if args.command == "loadtest":
             from pricestream.tools.loadtest.cli import main as loadtest_main
 
