@@ -188,7 +188,7 @@ class StreamWriter:
             self.behind_since = None
         if self.pending and not self._queued and self.end_reason is None:
             self._queued = True
-            self._clock.queue(self)
+            self.tick_queue.append(self)
 
     async def ended(self) -> None:
         """Return once the stream has been stopped (``stop``)."""
@@ -325,9 +325,6 @@ class FlushClock:
     def flush_groups(self) -> int:
         """Flush groups (connections) with a registered writer."""
         return len(self._groups)
-
-    def queue(self, writer: StreamWriter) -> None:
-        self._queued[writer.phase].append(writer)
 
     def phase_queue(self, phase: int) -> list[StreamWriter]:
         """The list of writers with news on ``phase``'s tick (each phase keeps its list)."""

@@ -203,7 +203,7 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused = True
-        self.frame_room = 0
+        self._update_frame_room()
         if self._transport is not None:
             self._transport.pause_reading()  # floods of PINGs or SETTINGS wait with the rest
 
@@ -216,7 +216,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.frame_room = 0
+        self._update_frame_room()
         for timer in (self._handshake_timer, self._keepalive_timer, self._age_timer):
             if timer is not None:
                 timer.cancel()
@@ -449,7 +449,7 @@ class Connection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        self.frame_room = 0
+        self._update_frame_room()
         transport = self._transport
         if transport is None:
             return
