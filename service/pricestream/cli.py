@@ -171,11 +171,27 @@ async def _feed_main(args: argparse.Namespace, settings: Settings) -> int:
 async def _until_sigterm(coro: Coroutine[Any, Any, int]) -> int:
     """Run ``coro``; SIGTERM cancels it (its ``finally`` blocks run) and the exit status is 0.
     In a container the process is PID 1, which ignores a signal it has no handler for: without
-    this, each stop of a feed pod waited out terminationGracePeriodSeconds for the SIGKILL."""
+    this, each stop of a feed pod waited out terminationGracePeriodSeconds for the SIGKILL.
+
+    The cancellation is repeated until the task has ended: one can be lost when it meets a
+    Redis timeout in the same turn (redis-py turns that into a TimeoutError, which the feed
+    survives as an outage), and a feed that ignored SIGTERM would wait for SIGKILL again."""
+    loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(coro)
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    stopping = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if not task.cancelled() and not stopping.is_set():
+        return task.result()
     with contextlib.suppress(asyncio.CancelledError):
-        return await task
+        task.result()  # an error the feed ended with while stopping is still raised
     log.info("feed: stopped by SIGTERM", extra={"event": "feed_stopped"})
     return 0
 
