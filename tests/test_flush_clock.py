@@ -8,7 +8,9 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import grpc
 import pytest
+from invariants import samples
 from pricestream.engine.flush import FlushClock, StreamWriter
 from pricestream.observability.metrics import Metrics
 
@@ -64,7 +66,7 @@ async def test_a_connection_has_one_phase_and_connections_are_spread() -> None:
             clock.unregister(writer)
             clock.unregister(writer)  # a second time changes nothing
     assert clock.flush_groups == 0
-    assert clock._phase_writers == [0, 0, 0]
+    assert clock.phase_writers == [0, 0, 0]
 
 
 async def test_every_update_is_flushed_within_an_interval_and_a_connection_at_once() -> None:
@@ -76,7 +78,7 @@ async def test_every_update_is_flushed_within_an_interval_and_a_connection_at_on
         await asyncio.sleep(0.15)
         offered_at = time.monotonic()
         for index, (writer, _) in enumerate(pairs):
-            writer.offer("AAPL", entry(index))
+            writer.pending["AAPL"] = entry(index)
         await asyncio.sleep(0.25)
     finally:
         task.cancel()
@@ -99,7 +101,7 @@ async def test_a_late_tick_flushes_every_phase_that_is_due() -> None:
     try:
         await asyncio.sleep(0.05)
         for index, (writer, _) in enumerate(pairs):
-            writer.offer("AAPL", entry(index))
+            writer.pending["AAPL"] = entry(index)
         time.sleep(0.3)  # noqa: ASYNC251 - blocking on purpose: the loop runs late
         unblocked = time.monotonic()
         await asyncio.sleep(0.02)
@@ -109,3 +111,40 @@ async def test_a_late_tick_flushes_every_phase_that_is_due() -> None:
     for _, sink in pairs:
         assert len(sink.sent) == 1
         assert sink.sent[0][0] - unblocked < 0.015
+
+
+async def test_every_stored_entry_is_sent_discarded_pending_or_coalesced() -> None:
+    stored = 0
+
+    def store(writer: StreamWriter, ticker: str, times: int) -> None:
+        nonlocal stored
+        for index in range(times):
+            writer.pending[ticker] = entry(index)  # as the hub does, one count per store
+            stored += 1
+
+    metrics = Metrics()
+    clock = FlushClock(0.1, 10.0, metrics, on_stall=lambda writer: None, offered=lambda: stored)
+
+    def coalesced() -> float:
+        clock.fold_counts()
+        clock.count_coalesced()
+        return samples(metrics.exposition().decode())["pricestream_price_updates_coalesced_total"]
+
+    (a, sink_a), (b, sink_b), (c, _) = (writer_on(clock, object()) for _ in range(3))
+    store(a, "AAPL", 3)  # 2 replaced before the flush
+    store(a, "MSFT", 1)
+    store(b, "AAPL", 2)  # 1 replaced
+    store(c, "AAPL", 1)
+    clock.flush_now(a)
+    clock.flush_now(b)
+    assert [len(sink_a.sent), len(sink_b.sent)] == [1, 1]
+    c.stop("closed", grpc.StatusCode.OK, "")  # its one entry is discarded, not coalesced
+    store(b, "MSFT", 2)  # 1 replaced, 1 still pending
+    assert coalesced() == 4
+    clock.unregister(b)  # its pending entry is discarded
+    clock.unregister(c)
+    store(a, "AAPL", 1)
+    assert coalesced() == 4
+    clock.flush_now(a)
+    assert coalesced() == 4
+    assert samples(metrics.exposition().decode())["pricestream_price_updates_sent_total"] == 4

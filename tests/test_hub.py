@@ -12,10 +12,7 @@ from pricestream.engine.engine import Engine
 
 class Sink:
     def __init__(self) -> None:
-        self.entries: dict[str, tuple[bytes, int, int]] = {}
-
-    def offer(self, ticker: str, entry: tuple[bytes, int, int]) -> None:
-        self.entries[ticker] = entry
+        self.pending: dict[str, tuple[bytes, int, int]] = {}
 
 
 async def numsub(redis, channel: str) -> int:

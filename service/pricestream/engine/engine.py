@@ -82,6 +82,7 @@ class Engine:
             self._cut_off,
             overload_lag=settings.overload_lag,
             overload_backlog=settings.overload_backlog,
+            offered=lambda: self.hub.offered,
         )
         self._streams_active = 0
         self._no_streams = asyncio.Event()

@@ -1,12 +1,12 @@
 """Coalescing per stream and one shared clock that flushes every stream with news.
 
-A ``StreamWriter`` keeps only the latest entry per ticker, so its memory is bounded by its
-ticker count whatever the tick rate. The ``FlushClock`` is the only timer: once per flush
-interval it hands the batch of every writer that received something to that writer's
-``BatchSink`` (the transport's side of the stream); once per second it cuts off writers that
-have not kept up with their client's window for longer than the stall timeout. A writer whose
-previous batch is still waiting sends nothing and keeps coalescing until its sink says the
-window opened again.
+A ``StreamWriter`` keeps only the latest entry per ticker (its ``pending`` dict, which the hub
+stores into), so its memory is bounded by its ticker count whatever the tick rate. The
+``FlushClock`` is the only timer: once per flush interval it hands the batch of every writer
+with something pending to that writer's ``BatchSink`` (the transport's side of the stream);
+once per second it cuts off writers that have not kept up with their client's window for
+longer than the stall timeout. A writer whose previous batch is still waiting sends nothing
+and keeps coalescing until its sink says the window opened again.
 
 The interval is divided into phases of about 33 ms (3 at the default 100 ms), and every sink's
 ``flush_group`` (for our transport: its connection) is given one phase, the least loaded when
@@ -24,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from itertools import compress
 from operator import itemgetter
 from typing import Protocol
 
@@ -58,13 +59,13 @@ class BatchSink(Protocol):
 
 
 class StreamWriter:
-    """The per-stream state between the hub (``offer``) and the stream's sink (``flush``)."""
+    """The per-stream state between the hub (which stores into ``pending``) and the stream's
+    sink (``flush_all``)."""
 
     __slots__ = (
         "_clock",
         "_ended",
         "_max_payload",
-        "_queued",
         "_sent_at",
         "_sink",
         "batches_sent",
@@ -72,11 +73,9 @@ class StreamWriter:
         "end_code",
         "end_message",
         "end_reason",
-        "offered",
         "pending",
         "phase",
         "started",
-        "tick_queue",
         "updates_sent",
     )
 
@@ -84,9 +83,10 @@ class StreamWriter:
         self._clock = clock
         self._sink = sink
         self._max_payload = max_bytes - MESSAGE_PREFIX_BYTES  # a batch's bytes, prefix aside
+        # The latest entry per ticker not sent yet. The hub stores into it directly (see
+        # Hub.on_message) and the clock finds the writers with news by it. The same dict for
+        # the writer's life (the hub and the clock hold it): emptied, never replaced.
         self.pending: dict[str, Entry] = {}
-        self.offered = 0
-        self._queued = False
         self._ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.end_reason: str | None = None
         self.end_code = grpc.StatusCode.OK
@@ -102,42 +102,26 @@ class StreamWriter:
         # then Pub/Sub news only coalesces, so the first batch carries all tickers at once.
         self.started = False
         self.phase = 0  # the clock's tick that flushes this writer, set by FlushClock.register
-        self.tick_queue = clock.phase_queue(0)  # that tick's list of writers with news
         sink.on_writable(self._writable)
 
     @property
     def flush_group(self) -> object:
         return self._sink.flush_group
 
-    def offer(self, ticker: str, entry: Entry) -> None:
-        self.pending[ticker] = entry
-        self.offered += 1
-        if not self._queued:
-            self._queued = True
-            self.tick_queue.append(self)
-
-    def seed(self, ticker: str, entry: Entry) -> None:
-        """Offer a last-known price unless a newer one already arrived through Pub/Sub."""
-        current = self.pending.get(ticker)
-        if current is None or current[2] < entry[2]:
-            self.offer(ticker, entry)
-
     @staticmethod
     def flush_all(
         writers: list[StreamWriter], now: float, grace: float, published: list[int]
-    ) -> tuple[int, int, int]:
+    ) -> tuple[int, int]:
         """Hand each writer's pending entries to its sink as one batch, unless the sink is
         still busy with the previous one (then they keep coalescing until it is writable).
 
-        Appends the batches' publish times to ``published``; returns the offers the batches
-        took (coalesced ones included), the batches sent, and how many writers were behind
-        (busy for longer than ``grace``). The hot path: one loop turn per stream with news
-        per flush, written for the fewest bytecodes (a call per stream cost as much as a
-        tenth of a batch's trip through the pod).
+        Appends the batches' publish times to ``published``; returns the batches sent and
+        how many writers were behind (busy for longer than ``grace``). The hot path: one
+        loop turn per stream with news per flush, written for the fewest bytecodes (a call
+        per stream cost as much as a tenth of a batch's trip through the pod).
         """
-        offered = batches = behind = 0
+        batches = behind = 0
         for writer in writers:
-            writer._queued = False
             since = writer.behind_since
             if since is not None and now - since > grace:
                 behind += 1
@@ -164,8 +148,6 @@ class StreamWriter:
                     f"{writer._max_payload + MESSAGE_PREFIX_BYTES} bytes",
                 )
                 continue
-            offered += writer.offered
-            writer.offered = 0
             batches += 1
             writer.batches_sent += 1
             writer.updates_sent += count
@@ -179,16 +161,13 @@ class StreamWriter:
                 writer._sent_at = now  # when the waiting batch was handed over (_writable)
                 if since is None:
                     writer.behind_since = now
-        return offered, batches, behind
+        return batches, behind
 
     def _writable(self) -> None:
         """The sink let its waiting batch out: caught up if that took no longer than the
-        clock's grace; then send what coalesced meanwhile at the next flush."""
+        clock's grace. What coalesced meanwhile goes at the writer's next tick."""
         if time.monotonic() - self._sent_at <= self._clock.grace:
             self.behind_since = None
-        if self.pending and not self._queued and self.end_reason is None:
-            self._queued = True
-            self.tick_queue.append(self)
 
     async def ended(self) -> None:
         """Return once the stream has been stopped (``stop``)."""
@@ -201,7 +180,7 @@ class StreamWriter:
         self.end_reason = reason
         self.end_code = code
         self.end_message = message
-        self.pending.clear()
+        self._clock.discard(self.pending)
         if not self._ended.done():
             self._ended.set_result(None)
 
@@ -239,7 +218,11 @@ class FlushClock:
         on_stall: Callable[[StreamWriter], None],
         overload_lag: float = 0.0,
         overload_backlog: float = 0.0,
+        offered: Callable[[], int] = lambda: 0,
     ) -> None:
+        """``offered`` tells how many entries have been stored into writers' ``pending`` so
+        far (the hub's count): what was neither sent, nor discarded, nor pending was coalesced.
+        """
         self._interval = interval
         self._overload_lag = overload_lag
         self._overload_backlog = overload_backlog
@@ -247,12 +230,18 @@ class FlushClock:
         self._metrics = metrics
         self._on_stall = on_stall
         self.phases = max(1, min(MAX_PHASES, round(interval / PHASE_SECONDS)))
-        self._queued: list[list[StreamWriter]] = [[] for _ in range(self.phases)]
-        self._phase_writers = [0] * self.phases  # writers registered per phase
+        # Per phase, its registered writers and their pending dicts: a tick flushes the writers
+        # whose dict is not empty, found in C (itertools.compress), so the hub's stores need no
+        # per-writer bookkeeping.
+        self._phase_pending: list[dict[StreamWriter, dict[str, Entry]]] = [
+            {} for _ in range(self.phases)
+        ]
         # flush group -> [its phase, its registered writers]; a group leaves with its last writer.
         self._groups: dict[object, list[int]] = {}
-        self._writers: set[StreamWriter] = set()
-        self._coalesced = 0
+        self._offered = offered
+        self._discarded = 0  # entries dropped unsent: a stopped or unregistered writer's
+        self._sent_total = 0  # entries sent, since the start
+        self._coalesced_counted = 0  # what the coalesced counter has been given so far
         self._updates_sent = 0
         self._batches_sent = 0
         self._observe_latency = metrics.delivery_latency.observe_batch
@@ -297,54 +286,55 @@ class FlushClock:
     def register(self, writer: StreamWriter) -> None:
         """Take a writer into the flushes, on its flush group's phase (a new group gets the
         phase with the fewest writers). Every registered writer is unregistered once."""
-        if writer in self._writers:
+        if writer in self._phase_pending[writer.phase]:
             return
         group = writer.flush_group
         membership = self._groups.get(group)
         if membership is None:
-            counts = self._phase_writers
+            counts = self.phase_writers
             membership = self._groups[group] = [counts.index(min(counts)), 0]
         membership[1] += 1
         writer.phase = membership[0]
-        writer.tick_queue = self._queued[writer.phase]
-        self._phase_writers[membership[0]] += 1
-        self._writers.add(writer)
+        self._phase_pending[writer.phase][writer] = writer.pending
 
     def unregister(self, writer: StreamWriter) -> None:
-        if writer not in self._writers:
+        """Take a writer out of the flushes; what it still had pending is discarded."""
+        if self._phase_pending[writer.phase].pop(writer, None) is None:
             return
-        self._writers.discard(writer)
+        self.discard(writer.pending)
         group = writer.flush_group
         membership = self._groups[group]
         membership[1] -= 1
-        self._phase_writers[membership[0]] -= 1
         if not membership[1]:
             del self._groups[group]
+
+    def discard(self, pending: dict[str, Entry]) -> None:
+        """Empty a writer's pending entries unsent (counted apart from the coalesced ones)."""
+        self._discarded += len(pending)
+        pending.clear()
+
+    @property
+    def phase_writers(self) -> list[int]:
+        """Writers registered per phase."""
+        return [len(members) for members in self._phase_pending]
 
     @property
     def flush_groups(self) -> int:
         """Flush groups (connections) with a registered writer."""
         return len(self._groups)
 
-    def phase_queue(self, phase: int) -> list[StreamWriter]:
-        """The list of writers with news on ``phase``'s tick (each phase keeps its list)."""
-        return self._queued[phase]
-
     def flush_now(self, writer: StreamWriter) -> None:
         """Start a writer: send its pending batch at once (a stream's first batch), counted
         as the flushes count theirs."""
         writer.started = True
         published: list[int] = []
-        offered, batches, _ = StreamWriter.flush_all(
-            [writer], time.monotonic(), self.grace, published
-        )
+        batches, _ = StreamWriter.flush_all([writer], time.monotonic(), self.grace, published)
         self._batches_sent += batches
-        self._account(offered, published, time.time_ns())
+        self._account(published, time.time_ns())
 
-    def _account(self, offered: int, published: list[int], now_ns: int) -> None:
-        if not offered:
+    def _account(self, published: list[int], now_ns: int) -> None:
+        if not published:
             return
-        self._coalesced += offered - len(published)
         self._updates_sent += len(published)
         self._observe_latency(now_ns, published)
 
@@ -378,17 +368,13 @@ class FlushClock:
             round_late = max(round_late, late)
             now = time.monotonic()
             grace = self.grace
-            offered = 0
             batches = 0
             published: list[int] = []
             wrapped = False
             for _ in range(due):
-                # A copy: writers appended meanwhile (by _writable) wait for the next round.
-                waiting = self._queued[phase]
-                queued = waiting.copy()
-                waiting.clear()
-                took, sent, behind = StreamWriter.flush_all(queued, now, grace, published)
-                offered += took
+                members = self._phase_pending[phase]
+                queued = list(compress(members, members.values()))  # the writers with news
+                sent, behind = StreamWriter.flush_all(queued, now, grace, published)
                 batches += sent
                 round_behind += behind
                 round_queued += len(queued)
@@ -404,27 +390,39 @@ class FlushClock:
                     round_late = 0.0
                     round_behind = round_queued = 0
             self._batches_sent += batches
-            self._account(offered, published, time.time_ns())
+            self._account(published, time.time_ns())
             if wrapped:
                 self.fold_counts()
             if next_tick >= next_stall_check:
                 next_stall_check = next_tick + 1.0
                 self._cut_off_stalled()
+                self.count_coalesced()
 
     def fold_counts(self) -> None:
         """Add what was sent since the last call to the Prometheus counters."""
         metrics = self._metrics
-        if self._coalesced:
-            metrics.updates_coalesced.inc(self._coalesced)
-            self._coalesced = 0
         if self._batches_sent:
             metrics.batches_sent.inc(self._batches_sent)
             metrics.updates_sent.inc(self._updates_sent)
+            self._sent_total += self._updates_sent
             self._batches_sent = self._updates_sent = 0
+
+    def count_coalesced(self) -> None:
+        """Add the entries coalesced since the last call to their counter (once a second:
+        it reads the length of every writer's pending dict)."""
+        # Every stored entry is sent, discarded, still pending, or was replaced by a newer one
+        # for its ticker before a flush (coalesced): so the last is counted from the others.
+        in_flight = sum(sum(map(len, members.values())) for members in self._phase_pending)
+        sent = self._sent_total + self._updates_sent
+        coalesced = self._offered() - sent - self._discarded - in_flight
+        if coalesced > self._coalesced_counted:
+            self._metrics.updates_coalesced.inc(coalesced - self._coalesced_counted)
+            self._coalesced_counted = coalesced
 
     def _cut_off_stalled(self) -> None:
         deadline = time.monotonic() - self._stall_timeout
-        for writer in list(self._writers):
+        writers = [w for members in self._phase_pending for w in members]
+        for writer in writers:
             since = writer.behind_since
             if since is not None and since < deadline and writer.end_reason is None:
                 self._on_stall(writer)

@@ -182,10 +182,11 @@ class StreamLifecycle:
         return self.writer.updates_sent if self.writer is not None else 0
 
     async def _seed_last_prices(self, writer: StreamWriter) -> None:
+        hub = self._engine.hub
         missing = []
         for topic in self._topics:
             if topic.last is not None:
-                writer.seed(topic.ticker, topic.last)
+                hub.seed(writer, topic.ticker, topic.last)
             else:
                 missing.append(topic.ticker)
         if not missing:
@@ -201,7 +202,7 @@ class StreamLifecycle:
                 continue
             entry = entry_from_payload(ticker, payload, max_bytes=max_bytes)
             if not isinstance(entry, str):
-                writer.seed(ticker, entry)
+                hub.seed(writer, ticker, entry)
 
 
 def finish_status(lifecycle: StreamLifecycle, context: StreamContext) -> None:
