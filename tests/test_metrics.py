@@ -183,7 +183,7 @@ def test_batch_latency_histogram_matches_prometheus_client() -> None:
     delays = [rng.choice([*LATENCY_BUCKETS, 0.0004, 0.07, 42.0]) for _ in range(2000)]
     delays += [-0.001, 0.0]  # a publisher clock ahead of ours, and a delay of exactly 0
     now_ns = 1_800_000_000 * 10**9
-    # Small calls take the search per update, large ones (a whole flush) the sorted path.
+    # Small calls take the search per update, large ones (a whole flush) the tallied path.
     sizes = [5, 1, 700, 3, 16, 1277]
     start = 0
     for size in sizes:
