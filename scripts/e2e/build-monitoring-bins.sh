@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Build (once) and cache the Go parts of the e2e monitoring stack under .tools/, keyed by version:
-#   .tools/prometheus-operator-$PROM_OPERATOR_VERSION/bin/operator
-#   .tools/metrics-server-$METRICS_SERVER_VERSION/bin/metrics-server (the HPA's CPU metric)
-#   .tools/metrics-adapter-$CUSTOM_METRICS_APISERVER_VERSION-<source hash>/bin/metrics-adapter
-# The operator's go.mod replaces two of its own submodules with local paths, so it is built in a
-# local module that requires it and points those at their published tags.
+# Build (once) and cache the Go parts of the e2e monitoring stack under $E2E_CACHE, keyed by version:
+#   prometheus-operator-$PROM_OPERATOR_VERSION/bin/operator
+#   metrics-server-$METRICS_SERVER_VERSION-set-$GO_SET/bin/metrics-server (the HPA's CPU metric)
+#   metrics-adapter-$CUSTOM_METRICS_APISERVER_VERSION-set-$GO_SET-<source hash>/bin/metrics-adapter
+# metrics-server and the adapter from the local module of scripts/e2e/go-module.sh, which
+# Kubernetes (build-cluster-bins.sh) is built from too: what they share (client-go, apiserver,
+# grpc ...) is compiled once. The operator does not compile in it and is built alone.
 set -euo pipefail
 source "$(dirname "$0")/versions.sh"
+source "$E2E_DIR/go-module.sh"
 
+# Alone, in a local module that requires it at its own versions (see go-module.sh for why), as its
+# go.mod replaces two of its own submodules with local paths: here they point at their tags.
 build_operator() {
   local dest="$PROM_OPERATOR_DIR" stamp="$PROM_OPERATOR_DIR/.built"
   [ -f "$stamp" ] && { echo "prometheus-operator $PROM_OPERATOR_VERSION: cached in $dest"; return; }
@@ -41,8 +45,7 @@ build_adapter() {
   [ -f "$stamp" ] && { echo "metrics-adapter: cached in $dest"; return; }
   mkdir -p "$dest/bin"
   echo "building metrics-adapter (custom-metrics-apiserver $CUSTOM_METRICS_APISERVER_VERSION)"
-  (cd "$E2E_DIR/metrics-adapter" && CGO_ENABLED=0 nice -n 19 go build -trimpath -ldflags "-s -w" \
-    -o "$dest/bin/metrics-adapter" .)
+  go_build -ldflags "-s -w" -o "$dest/bin/metrics-adapter" "$ADAPTER_MODULE"
   touch "$stamp"
 }
 
@@ -51,11 +54,13 @@ build_metrics_server() {
   [ -f "$stamp" ] && { echo "metrics-server $METRICS_SERVER_VERSION: cached in $dest"; return; }
   mkdir -p "$dest/bin"
   echo "building metrics-server $METRICS_SERVER_VERSION"
-  GOBIN="$dest/bin" CGO_ENABLED=0 nice -n 19 go install -trimpath -ldflags "-s -w" \
-    "sigs.k8s.io/metrics-server/cmd/metrics-server@$METRICS_SERVER_VERSION"
+  go_build -ldflags "-s -w" -o "$dest/bin/metrics-server" sigs.k8s.io/metrics-server/cmd/metrics-server
   touch "$stamp"
 }
 
-build_operator
+if [ ! -f "$ADAPTER_DIR/.built" ] || [ ! -f "$METRICS_SERVER_DIR/.built" ]; then
+  go_module
+fi
 build_adapter
 build_metrics_server
+build_operator

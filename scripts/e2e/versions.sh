@@ -13,8 +13,18 @@ ETCD_VERSION=v3.7.0
 PROM_OPERATOR_VERSION=v0.87.1
 CUSTOM_METRICS_APISERVER_VERSION=v1.37.0
 METRICS_SERVER_VERSION=v0.9.0
-K8S_DIR="$E2E_CACHE/k8s-$K8S_VERSION"
-ETCD_DIR="$E2E_CACHE/etcd-$ETCD_VERSION"
+# The Go binaries but the operator (Kubernetes, etcd, metrics-server, the adapter) are built from
+# ONE local module (scripts/e2e/go-module.sh), so they share one module graph: Go's build cache
+# reuses a compiled package only when it and all its dependencies are the same, and with one graph
+# client-go, apiserver, grpc, otel ... are compiled once instead of once per binary. A binary's
+# dependencies are then the whole set's, so each of them is keyed by the whole set (GO_SET), not
+# only by its own version; the adapter's go.mod is in it as its requirements are.
+GO_SET="$(printf '%s\n' go-set-1 "$K8S_VERSION" "$K8S_STAGING_VERSION" "$ETCD_VERSION" \
+  "$CUSTOM_METRICS_APISERVER_VERSION" "$METRICS_SERVER_VERSION" | cat - "$E2E_DIR/metrics-adapter/go.mod" |
+  sha256sum | cut -c1-8)"
+GO_MODULE_DIR="$E2E_CACHE/go-module-$GO_SET"
+K8S_DIR="$E2E_CACHE/k8s-$K8S_VERSION-set-$GO_SET"
+ETCD_DIR="$E2E_CACHE/etcd-$ETCD_VERSION-set-$GO_SET"
 PAUSE_DIR="$E2E_CACHE/pause-1"
 KUBECTL="$K8S_DIR/bin/kubectl"
 HELM="${HELM:-$TOOLS/bin/helm}"
@@ -58,9 +68,9 @@ CTR=(ctr --address "$CONTAINERD_SOCK" -n k8s.io)
 # containerd's root (images and their snapshots) outlives a cluster: see cluster-up.sh.
 CONTAINERD_ROOT="$E2E_CACHE/containerd-root"
 PROM_OPERATOR_DIR="$E2E_CACHE/prometheus-operator-$PROM_OPERATOR_VERSION"
-METRICS_SERVER_DIR="$E2E_CACHE/metrics-server-$METRICS_SERVER_VERSION"
-# Keyed by its source too: an edit of the adapter rebuilds it.
-ADAPTER_DIR="$E2E_CACHE/metrics-adapter-$CUSTOM_METRICS_APISERVER_VERSION-$(cat "$E2E_DIR"/metrics-adapter/go.mod "$E2E_DIR"/metrics-adapter/*.go 2>/dev/null | sha256sum | cut -c1-12)"
+METRICS_SERVER_DIR="$E2E_CACHE/metrics-server-$METRICS_SERVER_VERSION-set-$GO_SET"
+# Keyed by its source too: an edit of the adapter rebuilds it (and only it).
+ADAPTER_DIR="$E2E_CACHE/metrics-adapter-$CUSTOM_METRICS_APISERVER_VERSION-set-$GO_SET-$(cat "$E2E_DIR"/metrics-adapter/go.mod "$E2E_DIR"/metrics-adapter/*.go 2>/dev/null | sha256sum | cut -c1-12)"
 # Monitoring stack: host processes (scripts/e2e/monitoring-up.sh).
 OPERATOR_PORT=17080
 PROMETHEUS_PORT=17090
