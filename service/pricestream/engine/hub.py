@@ -84,7 +84,7 @@ class Hub:
         self._topics: dict[str, Topic] = {}
         self._by_channel: dict[bytes, Topic] = {}
         self._service_handlers: dict[bytes, Callable[[bytes], None]] = {}
-        self.offered = 0  # entries stored into subscribers since the start (sent or coalesced)
+        self.offered = 0  # entries stored into subscribers: each sent, coalesced or discarded
         broker.set_handler(self.on_message)
 
     @property
