@@ -15,16 +15,45 @@ from pricestream.engine.flush import FlushClock, StreamWriter
 from pricestream.observability.metrics import Metrics
 
 
+class LoopPasses:
+    """Counts the event loop's passes: a task that adds one and yields, again and again. Two
+    sends that read the same count came from one synchronous pass of the clock, with no other
+    task run between them; the tests judge "at once" and "within an interval" by passes, not by
+    wall-clock bounds that a busy machine breaks."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _spin(self) -> None:
+        while True:
+            self.count += 1
+            await asyncio.sleep(0)
+
+    async def __aenter__(self) -> LoopPasses:
+        self._task = asyncio.create_task(self._spin())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+PASSES = LoopPasses()
+
+
 class RecordingSink:
-    """A BatchSink that takes everything at once and remembers when each batch came."""
+    """A BatchSink that takes everything at once and remembers in which loop pass (PASSES)
+    each batch came."""
 
     def __init__(self, group: object) -> None:
         self.flush_group = group
         self.blocked_since: float | None = None
-        self.sent: list[tuple[float, bytes]] = []
+        self.sent: list[tuple[int, bytes]] = []
 
     def send(self, payload: bytes) -> bool:
-        self.sent.append((time.monotonic(), payload))
+        self.sent.append((PASSES.count, payload))
         return True
 
     def on_writable(self, callback: Callable[[], None]) -> None:
@@ -75,22 +104,25 @@ async def test_every_update_is_flushed_within_an_interval_and_a_connection_at_on
     pairs = [writer_on(clock, g) for g in groups for _ in range(5)]
     task = asyncio.create_task(clock.run())
     try:
-        await asyncio.sleep(0.15)
-        offered_at = time.monotonic()
-        for index, (writer, _) in enumerate(pairs):
-            writer.pending["AAPL"] = entry(index)
-        await asyncio.sleep(0.25)
+        async with PASSES:
+            await asyncio.sleep(0.15)
+            for index, (writer, _) in enumerate(pairs):
+                writer.pending["AAPL"] = entry(index)
+            offered_in = PASSES.count
+            # The clock's passes from here on: one per tick (its sleeps), the spinner's between.
+            await asyncio.sleep(0.25)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    for group in groups:
-        times = [sink.sent[0][0] for writer, sink in pairs if sink.flush_group is group]
-        assert len(times) == 5
-        assert max(times) - min(times) < 0.005  # one pass for the whole connection
-    first = [sink.sent[0][0] - offered_at for _, sink in pairs]
     assert all(len(sink.sent) == 1 for _, sink in pairs)
-    assert max(first) < 0.1 + 0.05  # an interval, with room for a busy machine
-    assert len({round(t, 2) for t in first}) >= 2  # the connections were not all flushed at once
+    for group in groups:
+        passes = {sink.sent[0][0] for _, sink in pairs if sink.flush_group is group}
+        assert len(passes) == 1  # one pass for the whole connection
+    flushed_in = sorted({sink.sent[0][0] for _, sink in pairs})
+    assert min(flushed_in) > offered_in
+    # Within an interval: each phase on its next tick (3 ticks of ~33 ms, one pass each, two
+    # of them at once if the loop ran late), so the connections were not all flushed at once.
+    assert 2 <= len(flushed_in) <= clock.phases == 3
 
 
 async def test_a_late_tick_flushes_every_phase_that_is_due() -> None:
@@ -99,18 +131,21 @@ async def test_a_late_tick_flushes_every_phase_that_is_due() -> None:
     assert sorted(w.phase for w, _ in pairs) == [0, 1, 2]
     task = asyncio.create_task(clock.run())
     try:
-        await asyncio.sleep(0.05)
-        for index, (writer, _) in enumerate(pairs):
-            writer.pending["AAPL"] = entry(index)
-        time.sleep(0.3)  # noqa: ASYNC251 - blocking on purpose: the loop runs late
-        unblocked = time.monotonic()
-        await asyncio.sleep(0.02)
+        async with PASSES:
+            await asyncio.sleep(0.05)
+            for index, (writer, _) in enumerate(pairs):
+                writer.pending["AAPL"] = entry(index)
+            time.sleep(0.3)  # noqa: ASYNC251 - blocking on purpose: the loop runs late
+            blocked_in = PASSES.count
+            await asyncio.sleep(0.02)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    for _, sink in pairs:
-        assert len(sink.sent) == 1
-        assert sink.sent[0][0] - unblocked < 0.015
+    assert all(len(sink.sent) == 1 for _, sink in pairs)
+    # All three phases were due: one pass of the clock flushed them together, among the loop's
+    # first passes after the block (waiting for their own ticks would take ~66 ms of passes).
+    (flushed_in,) = {sink.sent[0][0] for _, sink in pairs}
+    assert blocked_in < flushed_in <= blocked_in + 3
 
 
 async def test_every_stored_entry_is_sent_discarded_pending_or_coalesced() -> None:
