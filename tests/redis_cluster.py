@@ -90,6 +90,8 @@ class ClusterNode:
                     "--cluster-node-timeout", str(node_timeout_ms),
                     "--save", "",
                     "--appendonly", "no",
+                    # A replica's first sync at once (by default Redis waits 5 s for more).
+                    "--repl-diskless-sync-delay", "0",
                     "--dir", str(self.dir),
                     "--daemonize", "no",
                 ],

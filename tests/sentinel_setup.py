@@ -57,6 +57,8 @@ class Node:
             f"dir {self.workdir}",
             'save ""',
             "appendonly no",
+            # A replica's first sync starts at once (Redis waits 5 s for more replicas by default).
+            "repl-diskless-sync-delay 0",
             "daemonize no",
             f"logfile {self.workdir / 'log'}",
         ]
