@@ -1,5 +1,5 @@
 """Slow and stalled readers against a real `pricestream serve` process: a stalled client keeps the
-server's memory flat for a minute at a high tick rate, is cut off after the stall timeout, and
+server's memory flat for 40 s at a high tick rate, is cut off after the stall timeout, and
 does not slow the others; a server whose Pub/Sub reading stalls is disconnected by Redis's
 output-buffer limit and repairs itself."""
 
@@ -58,7 +58,7 @@ def p99(values: list[float]) -> float:
 async def test_stalled_client_keeps_memory_flat_is_cut_off_and_slows_nobody(
     own_redis: RedisProcess, tmp_path: Path
 ) -> None:
-    stall_timeout = 45.0
+    stall_timeout = 30.0
     feed = start_feed(own_redis.url, tickers=len(UNIVERSE), rate=5000)  # 100 ticks/s per ticker
     server = await asyncio.to_thread(
         ServeProcess,
@@ -71,7 +71,7 @@ async def test_stalled_client_keeps_memory_flat_is_cut_off_and_slows_nobody(
         async with grpc.aio.insecure_channel(server.target) as channel:
             stub = PriceStreamServiceStub(channel)
             readers = [asyncio.create_task(healthy_reader(stub, mine, stop)) for mine in received]
-            await asyncio.sleep(10)  # the others' latency without a stalled client
+            await asyncio.sleep(5)  # the others' latency without a stalled client
             stall_started = time.time()
             async with grpc.aio.insecure_channel(server.target, options=TINY_WINDOW) as slow:
                 slow_stub = PriceStreamServiceStub(slow)
@@ -83,7 +83,7 @@ async def test_stalled_client_keeps_memory_flat_is_cut_off_and_slows_nobody(
                 )
                 await next_batch(stalled)  # then never read again
                 rss: list[float] = []
-                while time.time() - stall_started < 60:
+                while time.time() - stall_started < stall_timeout + 10:
                     rss.append(
                         await asyncio.to_thread(metric, server, "process_resident_memory_bytes")
                     )
@@ -91,21 +91,23 @@ async def test_stalled_client_keeps_memory_flat_is_cut_off_and_slows_nobody(
                 cut_off = await asyncio.to_thread(
                     metric, server, "pricestream_slow_consumer_disconnects_total"
                 )
-                assert cut_off == 1, "the stalled client was not cut off within a minute"
+                assert cut_off == 1, "the stalled client was not cut off by the stall timeout"
                 assert await read_to_end(stalled, timeout=10) is grpc.StatusCode.RESOURCE_EXHAUSTED
             stop.set()
             await asyncio.gather(*readers, return_exceptions=True)
         # Slowing nobody, without comparing latencies (they depend on how busy the machine
         # is): every healthy reader got updates in every second of the stall, from 5 s in
-        # (the stalled stream's window is full) until the cut-off at 45 s.
-        stall_seconds = range(5, 45)
+        # (the stalled stream's window is full) until the cut-off at 30 s.
+        stall_seconds = range(5, int(stall_timeout))
         for index, updates in enumerate(received):
             seconds = {int(at - stall_started) for at, _ in updates}
             silent = [s for s in stall_seconds if s not in seconds]
             assert not silent, f"healthy reader {index} got nothing in second(s) {silent}"
         latencies = [update for updates in received for update in updates]
         before = [lat for at, lat in latencies if at < stall_started]
-        during = [lat for at, lat in latencies if stall_started + 5 < at < stall_started + 45]
+        during = [
+            lat for at, lat in latencies if stall_started + 5 < at < stall_started + stall_timeout
+        ]
         growth_mb = (max(rss) - rss[1]) / 2**20
         print(
             f"\nRSS MB every 5 s while stalled: {[round(r / 2**20, 1) for r in rss]} "
