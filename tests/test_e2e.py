@@ -12,7 +12,8 @@ import subprocess
 import sys
 import textwrap
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -209,8 +210,9 @@ def release_objects(namespace: str, release: str) -> list[str]:
     ).split()
 
 
-# The lifecycles run side by side (one namespace each), E2E_LIFECYCLES_AT_ONCE at a time: every
-# step waits on pods starting, probes and drains, not on this host's CPU.
+# The lifecycles run side by side (one namespace each), E2E_LIFECYCLES_AT_ONCE at a time, and
+# beside the monitoring checks (their own namespaces): every step waits on pods starting, probes
+# and drains, not on this host's CPU.
 LIFECYCLES_AT_ONCE = int(os.environ.get("E2E_LIFECYCLES_AT_ONCE", "7"))
 # Seven releases at once on a 2-CPU node: each demo feed publishes 50 updates/s instead of 500
 # (seven feeds at 500/s and the servers fanning them out took about a core), and the releases
@@ -235,13 +237,11 @@ LIFECYCLE_STEPS = [
 
 
 class Lifecycle:
-    """One ci file's lifecycle, as run in its thread: the steps done (with seconds) and the
-    failure, if any, that ended it."""
+    """One ci file's lifecycle, as run in its thread: the steps done (with seconds)."""
 
     def __init__(self, values_file: str) -> None:
         self.values_file = values_file
         self.steps: list[tuple[str, float]] = []
-        self.error: BaseException | None = None
         self._t0 = time.monotonic()
 
     def step(self, name: str) -> None:
@@ -352,10 +352,14 @@ def chart_lifecycle(values_file: str, done: Lifecycle) -> None:
         drop_namespace(namespace)
 
 
-@pytest.fixture(scope="session")
-def lifecycles(request: pytest.FixtureRequest, storage: str) -> dict[str, Lifecycle]:
-    """The lifecycle of every ci file selected (`-k`), run concurrently; each test below
-    reports one file's."""
+@pytest.fixture(scope="session", autouse=True)
+def lifecycles(
+    request: pytest.FixtureRequest, storage: str
+) -> Iterator[dict[str, tuple[Lifecycle, Future[None]]]]:
+    """The lifecycle of every ci file selected (`-k`), started in the background when the
+    session's first test starts and run concurrently with the monitoring, autoscaling and
+    alerting checks below (each in its own namespace); the tests at the end of this file
+    collect one file's result each. Waited for at the end of the session, pass or fail."""
     selected = sorted(
         {
             item.callspec.params["values_file"]
@@ -363,27 +367,15 @@ def lifecycles(request: pytest.FixtureRequest, storage: str) -> dict[str, Lifecy
             if getattr(item, "originalname", "") == "test_chart_lifecycle"
         }
     )
-    results = {f: Lifecycle(f) for f in selected}
-
-    def one(values_file: str) -> None:
-        try:
-            chart_lifecycle(values_file, results[values_file])
-        except BaseException as exc:  # re-raised by the file's test
-            results[values_file].error = exc
-
-    with ThreadPoolExecutor(max_workers=LIFECYCLES_AT_ONCE) as pool:
-        list(pool.map(one, selected))
-    return results
-
-
-@pytest.mark.parametrize("values_file", CI_VALUES)
-def test_chart_lifecycle(values_file: str, lifecycles: dict[str, Lifecycle]) -> None:
-    """The lifecycle of one ci file (chart_lifecycle), run by the `lifecycles` fixture."""
-    done = lifecycles[values_file]
-    print(", ".join(f"{step} {secs:.1f}s" for step, secs in done.steps))
-    if done.error is not None:
-        raise done.error
-    assert [step for step, _ in done.steps] == LIFECYCLE_STEPS
+    pool = ThreadPoolExecutor(max_workers=LIFECYCLES_AT_ONCE, thread_name_prefix="lifecycle")
+    try:
+        running = {}
+        for values_file in selected:
+            done = Lifecycle(values_file)
+            running[values_file] = (done, pool.submit(chart_lifecycle, values_file, done))
+        yield running
+    finally:
+        pool.shutdown(wait=True)
 
 
 # --- Monitoring, autoscaling and alerting on real pods (scripts/e2e/monitoring-up.sh) ---
@@ -784,3 +776,20 @@ async def test_rolling_update_under_load_loses_no_session(sre_release: None) -> 
     print(f"resumes per session {resumes}; loadtest totals {report['total']}")
     await asyncio.sleep(3)  # the hub's linger
     assert invariant_1_on_every_pod() == {pod: [] for pod in server_pods()}
+
+
+# --- The chart's lifecycles (run in the background since the session's first test) ---
+
+
+@pytest.mark.parametrize("values_file", CI_VALUES)
+def test_chart_lifecycle(
+    values_file: str, lifecycles: dict[str, tuple[Lifecycle, Future[None]]]
+) -> None:
+    """The lifecycle of one ci file (chart_lifecycle), started by the `lifecycles` fixture:
+    every step passed, in order."""
+    done, running = lifecycles[values_file]
+    try:
+        running.result(timeout=600)  # re-raises the lifecycle's failure
+    finally:
+        print(", ".join(f"{step} {secs:.1f}s" for step, secs in done.steps))
+    assert [step for step, _ in done.steps] == LIFECYCLE_STEPS
