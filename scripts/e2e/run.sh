@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make e2e`: build what is missing (cached under .tools/), start the cluster, run the e2e checks
 # (tests/test_e2e.py) against it, and take it all down again, on success, failure or Ctrl-C.
-# Each stage is timed; the times are printed at the end.
+# Each stage is timed; the times are printed at the end, and so is what each check printed (-rA:
+# the lifecycles' step times, how long the HPA took to scale, the roll's resumes).
 set -euo pipefail
 source "$(dirname "$0")/versions.sh"
 source "$E2E_DIR/lib.sh"
@@ -34,4 +35,4 @@ trap 'exit 130' INT TERM
 stage up "$E2E_DIR/cluster-up.sh"
 stage monitoring-up "$E2E_DIR/monitoring-up.sh"
 stage checks env PRICESTREAM_E2E=1 E2E_STATE="$STATE" HELM="$HELM" "$PYTHON" -m pytest \
-  -p no:cacheprovider -o addopts= -v --durations=0 "$REPO/tests/test_e2e.py" ${E2E_PYTEST_ARGS:-}
+  -p no:cacheprovider -o addopts= -v -rA --durations=0 "$REPO/tests/test_e2e.py" ${E2E_PYTEST_ARGS:-}
