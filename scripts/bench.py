@@ -169,6 +169,19 @@ def wait_ready(port: int, timeout: float = 20, path: str = "/readyz") -> None:
     raise RuntimeError("server not ready")
 
 
+def host_cpu() -> dict[str, float]:
+    """All CPUs' time and its steal share, in seconds, from /proc/stat's first line."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    # user nice system idle iowait irq softirq steal (guest time is inside user already)
+    return {"host_cpu_seconds": sum(ticks[:8]) / hz, "host_steal_seconds": ticks[7] / hz}
+
+
+def with_host_steal(sample: Sampler) -> Sampler:
+    """The server's sample plus the host's CPU and steal seconds, taken at the same moment."""
+    return lambda: {**sample(), **host_cpu()}
+
+
 def run_case(
     case: Case, client: str, ramp: int, hold: int, workdir: Path, client_cpus: str
 ) -> dict:
@@ -231,6 +244,7 @@ def run_case(
             wait_ready(http_port, path="/health" if case.centrifugo else "/readyz")
 
         time.sleep(2)
+        sample = with_host_steal(sample)
         before_run = sample()
         runner = GoClient(ROOT) if client == "go" else PythonLoadtest(ROOT, http_port, workdir)
         measured = runner.run(case, grpc_port, sample, ramp, hold, client_cpus)
@@ -254,6 +268,8 @@ def run_case(
         sent_per_s = delta("pricestream_price_updates_sent_total") / window
         batches_per_s = delta("pricestream_batches_sent_total") / window
     cores = delta("process_cpu_seconds_total") / window
+    host = delta("host_cpu_seconds")
+    steal = delta("host_steal_seconds") / host if host > 0 else None
     idle_rss = before_run["process_resident_memory_bytes"]
     loaded_rss = after["process_resident_memory_bytes"]
     server = "centrifugo" if case.centrifugo else "floor" if case.floor else "pricestream"
@@ -285,6 +301,9 @@ def run_case(
             (loaded_rss - idle_rss) / 1024 / max(measured.streams_held, 1), 1
         ),
         "client_cores": measured.client_cores,
+        # The hypervisor's share of this VM's CPU time over the hold (/proc/stat's steal):
+        # a noisy host inflates every server's CPU per update, so compare within one run.
+        "host_steal_pct": None if steal is None else round(steal * 100, 1),
         "slow_consumer_cutoffs": delta("pricestream_slow_consumer_disconnects_total"),
         "errors": measured.errors,
         "leak_verdict": verdict if isinstance(verdict, str) else _verdict_text(verdict),
@@ -336,8 +355,8 @@ def table(rows: list[dict]) -> str:
         "| server cores | server CPU µs per batch | CPU µs per delivered update "
         "| ratio to Centrifugo (same workload) | CPU s per 1M updates "
         "| RSS idle / loaded MB | KB per stream "
-        "| client cores | slow-consumer cut-offs | client errors | leak verdict |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| client cores | host steal % | slow-consumer cut-offs | client errors | leak verdict |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -352,7 +371,9 @@ def table(rows: list[dict]) -> str:
             f"| {r['cpu_us_per_batch']} | {r['cpu_us_per_update']} "
             f"| {centrifugo_ratio(r, rows)} | {r['cpu_s_per_million']} "
             f"| {r['rss_idle_mb']} / {r['rss_peak_mb']} "
-            f"| {r['rss_kb_per_stream']} | {r['client_cores']} | {r['slow_consumer_cutoffs']:.0f} "
+            f"| {r['rss_kb_per_stream']} | {r['client_cores']} "
+            f"| {'—' if r.get('host_steal_pct') is None else r['host_steal_pct']} "
+            f"| {r['slow_consumer_cutoffs']:.0f} "
             f"| {errors} | {r['leak_verdict']} |"
         )
     return head + "\n".join(lines) + "\n"

@@ -204,3 +204,35 @@ def test_loadclient_bad_flags_get_one_line_and_exit_2(
     result = subprocess.run([str(loadclient), *args], capture_output=True, text=True, timeout=10)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bench_reports_the_hosts_steal_share_over_the_hold() -> None:
+    """scripts/bench.py samples /proc/stat with the server's counters: the host's CPU seconds
+    grow, its steal seconds are a part of them, and the table shows the share (— when the
+    sample had none)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench  # scripts/bench.py, as `make bench` runs it
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    first = bench.with_host_steal(lambda: {"process_cpu_seconds_total": 1.0})()
+    deadline = time.monotonic() + 0.3
+    while time.monotonic() < deadline:  # some CPU time for the host's counters to count
+        pass
+    second = bench.host_cpu()
+    assert first["process_cpu_seconds_total"] == 1.0
+    assert second["host_cpu_seconds"] - first["host_cpu_seconds"] >= 0.2
+    steal = second["host_steal_seconds"] - first["host_steal_seconds"]
+    assert 0 <= steal <= second["host_cpu_seconds"] - first["host_cpu_seconds"]
+    row = {
+        "case": "c", "client": "go", "streams_held": 1, "delivered_per_s": 1.0,
+        "batches_per_s": 1.0, "server_sent_per_s": 1.0, "p50_ms": 1, "p99_ms": 2,
+        "server_p99_ms": None, "server_cores": 0.1, "cpu_us_per_batch": 1, "cpu_us_per_update": 1,
+        "cpu_s_per_million": 1, "rss_idle_mb": 1, "rss_peak_mb": 2, "rss_kb_per_stream": 1,
+        "client_cores": 0.1, "slow_consumer_cutoffs": 0.0, "errors": {}, "leak_verdict": "PASS",
+        "server": "pricestream", "workload": [1, 1, 1, 1],
+    }  # fmt: skip
+    head, rule, *lines = bench.table([{**row, "host_steal_pct": 12.5}, row]).splitlines()
+    steal_column = head.split(" | ").index("host steal %")
+    assert rule.count("---") == head.count("|") - 1
+    assert [line.split(" | ")[steal_column] for line in lines] == ["12.5", "—"]
