@@ -421,8 +421,14 @@ class FlushClock:
 
     def _cut_off_stalled(self) -> None:
         deadline = time.monotonic() - self._stall_timeout
-        writers = [w for members in self._phase_pending for w in members]
-        for writer in writers:
-            since = writer.behind_since
-            if since is not None and since < deadline and writer.end_reason is None:
+        # Picked first, then cut off: on_stall ends streams, which may take their writers out
+        # of the dicts walked here.
+        behind = [
+            writer
+            for members in self._phase_pending
+            for writer in members
+            if writer.behind_since is not None and writer.behind_since < deadline
+        ]
+        for writer in behind:
+            if writer.end_reason is None:
                 self._on_stall(writer)
