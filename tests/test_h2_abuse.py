@@ -57,6 +57,7 @@ from hyperframe.frame import (
     HeadersFrame,
     PingFrame,
     SettingsFrame,
+    WindowUpdateFrame,
 )
 from invariants import scrape, wait_invariant
 from pricestream.api.server import Server
@@ -585,6 +586,38 @@ async def test_connection_window_never_reopened_ends_every_stream(server: Server
             assert not list(server._grpc.calls())
             await market.aclose()
         print(f"peak while stalled: {memory.peak / 1024:.0f} KiB")
+
+
+async def test_stream_window_overflow_is_judged_on_the_exact_window(server: Server, redis) -> None:
+    """After the server has sent on a stream, a WINDOW_UPDATE that brings the stream's window
+    to exactly 2^31-1 is taken (the stream goes on) and one more byte of credit is a stream
+    error (RST_STREAM FLOW_CONTROL_ERROR): the window h2 checks is the one the sends used."""
+    max_window = (1 << 31) - 1
+    async with attacked(server, redis.url):
+        market = Market(redis.url, ["AAPL"])
+        await market.tick("AAPL")
+        session = await grpcio_session(server, ["AAPL"])
+        async with await H2Client.connect(HOST, server.grpc_port, auto_ack_data=False) as client:
+            stream_id = await client.send_grpc_request(
+                STREAM, pb.StreamPriceUpdatesRequest(session_id=session)
+            )
+            result = client.streams.setdefault(stream_id, StreamResult(stream_id))
+            await client.until(lambda: len(result.data) > 0)
+            first = len(result.data)
+            # Past the client's h2 (which would refuse to overflow a window itself).
+            await client.send_frame(
+                WindowUpdateFrame(stream_id, window_increment=max_window - (65_535 - first))
+            )
+            await market.tick("AAPL")
+            await client.until(lambda: len(result.data) > first)
+            assert result.reset is None and not result.finished
+            second = len(result.data) - first  # the window is now max_window - second
+            await client.send_frame(WindowUpdateFrame(stream_id, window_increment=second + 1))
+            await client.until(lambda: result.finished)
+            assert result.reset == ErrorCodes.FLOW_CONTROL_ERROR, result
+            assert client.goaway is None  # a stream error, not the connection's
+            await market.aclose()
+        await wait_invariant(server)  # the call ended and its session is released
 
 
 # --- more streams than allowed ------------------------------------------------------------------

@@ -36,7 +36,7 @@ from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 
 from pricestream.transport.calls import ServerCall
-from pricestream.transport.flow import ResponseStream
+from pricestream.transport.flow import OwnWindowStream, ResponseStream
 from pricestream.transport.framing import parse_timeout
 from pricestream.transport.limits import Budget, Limits, PingPolicy
 
@@ -74,6 +74,13 @@ class _ServerH2(H2Connection):
     """
 
     headers_sent = False  # HEADERS queued since the connection last flushed
+
+    def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> OwnWindowStream:
+        # Every stream h2 opens becomes an OwnWindowStream (the same layout: a subclass
+        # that only adds methods), whose send window its ResponseStream keeps.
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream.__class__ = OwnWindowStream
+        return stream  # type: ignore[return-value]  # its class was just set
 
     def send_headers(self, *args: Any, **kwargs: Any) -> None:
         super().send_headers(*args, **kwargs)
@@ -363,7 +370,7 @@ class Connection(asyncio.Protocol):
             if not self._early_resets.take():
                 self.go_away(ErrorCodes.ENHANCE_YOUR_CALM, b"too many streams reset early")
             return
-        stream = ResponseStream(self, h2_stream)
+        stream = ResponseStream(self, h2_stream)  # type: ignore[arg-type]  # see _ServerH2
         if self.goaway_sent:
             stream.reset(ErrorCodes.REFUSED_STREAM)
             return

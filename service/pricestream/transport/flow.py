@@ -4,9 +4,14 @@ trailers or a reset.
 A message goes out at once when both windows (the stream's and the connection's) have room
 for it; otherwise it waits whole in the stream's queue, and the stream is *blocked* from that
 moment (``blocked_since``) until the peer's WINDOW_UPDATE lets the queue out. A message larger
-than a window could ever hold whole is let out piece by piece. ``h2`` keeps the windows: the
-DATA frames written here by hand are charged to h2's own window counters, so its accounting
-of WINDOW_UPDATE and SETTINGS stays exact.
+than a window could ever hold whole is let out piece by piece.
+
+``h2`` keeps the connection's window, and the DATA frames written here by hand are charged to
+it. The stream's send window is this object's ``window``: h2's stream object reads and writes
+it there (``OwnWindowStream``), so h2's handling of WINDOW_UPDATE and SETTINGS (overflow checks
+included) stays exact while a batch's send never touches h2's stream object. Measured (make
+bench, 10,000 streams at 100 ms): reaching the window through h2's stream, an instance with a
+dict of its own read in every send, cost a fifth of the pod's CPU in cache misses.
 """
 
 from __future__ import annotations
@@ -39,6 +44,40 @@ _PACK_HEADER = SINGLE_FRAME_HEADER.pack
 _WHOLE_MESSAGE_CAP = 65535  # the initial connection window: larger messages go in pieces
 
 
+class OwnWindowStream(H2Stream):
+    """h2's stream whose send window, while a ``ResponseStream`` serves it, is that
+    ResponseStream's ``window`` (the connection gives h2 this class for every stream)."""
+
+    owner: ResponseStream | None = None
+
+    @property  # type: ignore[override]  # h2's plain attribute, kept elsewhere while owned
+    def outbound_flow_control_window(self) -> int:
+        owner = self.owner
+        if owner is None:
+            return self.__dict__["outbound_flow_control_window"]  # type: ignore[no-any-return]
+        return owner.window
+
+    @outbound_flow_control_window.setter
+    def outbound_flow_control_window(self, value: int) -> None:
+        owner = self.owner
+        if owner is None:
+            self.__dict__["outbound_flow_control_window"] = value
+        else:
+            owner.window = value
+
+    def adopt(self, owner: ResponseStream) -> None:
+        """From now on the window is ``owner.window`` (given the current value)."""
+        owner.window = self.__dict__["outbound_flow_control_window"]
+        self.owner = owner
+
+    def release(self) -> None:
+        """The window is h2's own again (with the owner's value): no reference back."""
+        owner = self.owner
+        if owner is not None:
+            self.__dict__["outbound_flow_control_window"] = owner.window
+            self.owner = None
+
+
 class ResponseStream:
     __slots__ = (
         "_conn",
@@ -57,13 +96,16 @@ class ResponseStream:
         "messages_sent",
         "ready",
         "stream_id",
+        "window",
     )
 
-    def __init__(self, conn: Connection, h2_stream: H2Stream) -> None:
+    def __init__(self, conn: Connection, h2_stream: OwnWindowStream) -> None:
         self._conn = conn
         self._h2 = conn.h2
         self._h2s = h2_stream
         self.stream_id = h2_stream.stream_id
+        self.window = 0  # the stream's send window (bytes), h2's from here on
+        h2_stream.adopt(self)
         # The streams of one connection flush on the same clock tick: one write for them all.
         self.flush_group: object = conn
         self._queue: deque[memoryview] = deque()
@@ -100,16 +142,15 @@ class ResponseStream:
                 if self.closed:
                     return True
         size = len(payload) + PREFIX_BYTES
-        h2s = self._h2s
         conn = self._conn
         h2 = self._h2
         if (
             self.ready
-            and size <= h2s.outbound_flow_control_window
+            and size <= self.window
             and size <= h2.outbound_flow_control_window
             and size <= conn.frame_room
         ):
-            h2s.outbound_flow_control_window -= size
+            self.window -= size
             h2.outbound_flow_control_window -= size
             out = conn.out
             if not out:
@@ -140,7 +181,6 @@ class ResponseStream:
             return
         conn = self._conn
         h2 = conn.h2
-        h2s = self._h2s
         if not self.headers_sent:
             self._send_headers()
             if self.closed:
@@ -150,7 +190,7 @@ class ResponseStream:
         while queue and not conn.paused:
             message = queue[0]
             remaining = len(message) - self._offset
-            window = min(h2s.outbound_flow_control_window, h2.outbound_flow_control_window)
+            window = min(self.window, h2.outbound_flow_control_window)
             if window <= 0 or (
                 self._offset == 0 and window < remaining <= whole_cap and not self._piecewise
             ):
@@ -158,7 +198,7 @@ class ResponseStream:
             n = min(remaining, window)
             chunk = message[self._offset : self._offset + n]
             conn.write(*data_frames(chunk, self.stream_id, h2.max_outbound_frame_size))
-            h2s.outbound_flow_control_window -= n
+            self.window -= n
             h2.outbound_flow_control_window -= n
             self._offset += n
             if self._offset == len(message):
@@ -241,6 +281,7 @@ class ResponseStream:
     def _close(self) -> None:
         self.closed = True
         self.ready = False
+        self._h2s.release()
         self._queue.clear()
         self._pending_end = None
         self._on_writable = None
