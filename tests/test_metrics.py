@@ -39,21 +39,26 @@ async def test_grpc_server_metrics_and_label_cardinality(
     await next_batch(call)
     await market.tick("AAPL")
     await next_batch(call)
-    await stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
-    await call.code()
-    await market.aclose()
-    await wait_invariant(server)
-
-    text = server.engine.metrics.exposition().decode()
     unary = {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": "CreateSession"}
     stream = {
         "grpc_type": "server_stream",
         "grpc_service": SERVICE,
         "grpc_method": "StreamPriceUpdates",
     }
+    live = server.engine.metrics.exposition().decode()
+    assert value(live, "grpc_server_msg_sent_total", **stream) == 2  # counted as they go
+    assert value(live, "grpc_server_msg_received_total", **stream) == 1  # its request
+    await stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
+    await call.code()
+    await market.aclose()
+    await wait_invariant(server)
+
+    text = server.engine.metrics.exposition().decode()
     assert value(text, "grpc_server_started_total", **unary) == 2
     assert value(text, "grpc_server_handled_total", **unary, grpc_code="OK") == 1
     assert value(text, "grpc_server_handled_total", **unary, grpc_code="INVALID_ARGUMENT") == 1
+    assert value(text, "grpc_server_msg_sent_total", **unary) == 1  # the refused call sent none
+    assert value(text, "grpc_server_msg_received_total", **unary) == 2
     assert value(text, "grpc_server_started_total", **stream) == 1
     assert value(text, "grpc_server_handled_total", **stream, grpc_code="OK") == 1
     assert value(text, "grpc_server_msg_sent_total", **stream) == 2

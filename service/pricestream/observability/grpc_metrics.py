@@ -4,9 +4,10 @@ Counters `grpc_server_started_total`, `grpc_server_handled_total{grpc_code}`,
 `grpc_server_msg_received_total`, `grpc_server_msg_sent_total` and the histogram
 `grpc_server_handling_seconds`, each labelled `grpc_type` (`unary`, `server_stream`,
 `client_stream`, `bidi_stream`), `grpc_service`, `grpc_method`. The transport counts a call
-when it starts and when it ends; messages are counted by the calls themselves as plain
-integers and read at scrape time (ended calls folded into a total per method, live calls
-summed), so a stream's hot path pays no metric update per message.
+when it starts and when it ends; messages are counted as plain integers read at scrape time,
+so a stream's hot path pays no metric update per message: a message sent is added to its
+method's total (``MethodStats.sent``) as it goes, a message received to its call's count
+(folded into the method's total when the call ends, live calls summed).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ HANDLING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 
 class MethodStats:
-    """The metric children of one method, and its message totals of ended calls."""
+    """The metric children of one method, and its message totals: every message sent by its
+    calls (counted as they go), and the messages received by its ended calls."""
 
     __slots__ = ("_handled", "_handling", "labels", "received", "sent", "started")
 
@@ -35,17 +37,14 @@ class MethodStats:
         self.sent = 0
         self.received = 0
 
-    def finished(
-        self, messages_sent: int, messages_received: int, code: grpc.StatusCode, seconds: float
-    ) -> None:
-        self.sent += messages_sent
+    def finished(self, messages_received: int, code: grpc.StatusCode, seconds: float) -> None:
         self.received += messages_received
         self._handled.labels(*self.labels, code.name).inc()
         self._handling.observe(seconds)
 
 
-# Message counts of the calls in progress: (method, sent, received) per call.
-LiveCounts = Callable[[], Iterable[tuple[MethodStats, int, int]]]
+# Messages received by the calls in progress: (method, received) per call.
+LiveCounts = Callable[[], Iterable[tuple[MethodStats, int]]]
 
 
 class GrpcMetrics:
@@ -78,17 +77,15 @@ class GrpcMetrics:
         return stats
 
     def count_live_messages(self, live: LiveCounts) -> None:
-        """Where the message counts of calls still in progress are read at scrape time."""
+        """Where the received-message counts of calls in progress are read at scrape time."""
         self._live = live
 
     def message_totals(self) -> Iterator[tuple[tuple[str, str, str], int, int]]:
-        sent = {stats: stats.sent for stats in self._methods.values()}
         received = {stats: stats.received for stats in self._methods.values()}
-        for stats, live_sent, live_received in self._live():
-            sent[stats] += live_sent
+        for stats, live_received in self._live():
             received[stats] += live_received
         for stats in self._methods.values():
-            yield stats.labels, sent[stats], received[stats]
+            yield stats.labels, stats.sent, received[stats]
 
 
 class _MessageCounts(Collector):

@@ -86,6 +86,7 @@ class ServerCall:
             return
         self._started_at = time.perf_counter()
         method.stats.started.inc()
+        self.stream.counts = method.stats
         refusal = self._server.refusal(self)
         if refusal is not None:
             self._code, self._details = refusal
@@ -389,7 +390,6 @@ class ServerCall:
             )
         if self.method is not None and self._started_at:
             self.method.stats.finished(
-                self.stream.messages_sent,
                 self.messages_received,
                 code,
                 time.perf_counter() - self._started_at,

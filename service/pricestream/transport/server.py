@@ -159,10 +159,10 @@ class GrpcServer:
         for conn in list(self._connections):
             yield from list(conn.calls.values())
 
-    def _live_message_counts(self) -> Iterator[tuple[MethodStats, int, int]]:
+    def _live_message_counts(self) -> Iterator[tuple[MethodStats, int]]:
         for call in self.calls():
             if call.method is not None:
-                yield call.method.stats, call.stream.messages_sent, call.messages_received
+                yield call.method.stats, call.messages_received
 
     async def stop(self, grace: float, message: str) -> None:
         """Stop listening, send GOAWAY, give calls ``grace`` seconds, end the rest with
