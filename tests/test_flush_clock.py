@@ -11,7 +11,7 @@ from collections.abc import Callable
 import grpc
 import pytest
 from invariants import samples
-from pricestream.engine.flush import FlushClock, StreamWriter
+from pricestream.engine.flush import TALLY_FOLD, FlushClock, StreamWriter
 from pricestream.observability.metrics import Metrics
 
 
@@ -183,3 +183,31 @@ async def test_every_stored_entry_is_sent_discarded_pending_or_coalesced() -> No
     clock.flush_now(a)
     assert coalesced() == 4
     assert samples(metrics.exposition().decode())["pricestream_price_updates_sent_total"] == 4
+
+
+async def test_a_writers_counts_stay_exact_past_the_tally_fold() -> None:
+    """The per-stream counts (kept small on the hot path, folded past TALLY_FOLD) add up to
+    every batch and update the sink was given, batches of 1 to 60 tickers, over and at the
+    send limit too."""
+    clock = new_clock()
+    writer, sink = writer_on(clock, object())
+    updates = 0
+    for batch in range(1, 400):
+        count = 1 + batch % 60
+        for n in range(count):
+            writer.pending[f"T{n}"] = entry(batch)
+        StreamWriter.flush_all([writer], time.monotonic(), clock.grace, [])
+        updates += count
+        assert writer.batches_sent == batch == len(sink.sent)
+        assert writer.updates_sent == updates
+    assert writer.batches_sent > TALLY_FOLD and writer.updates_sent > 10 * TALLY_FOLD
+    # A batch over the send limit ends the stream and is not counted.
+    small = StreamWriter(clock, RecordingSink(object()), 5 + 2 * len(entry(0)[0]))
+    small.started = True
+    small.pending.update({"A": entry(1), "B": entry(2)})
+    StreamWriter.flush_all([small], time.monotonic(), clock.grace, [])
+    assert (small.batches_sent, small.updates_sent, small.end_reason) == (1, 2, None)
+    small.pending.update({"A": entry(3), "B": entry(4), "C": entry(5)})
+    StreamWriter.flush_all([small], time.monotonic(), clock.grace, [])
+    assert (small.batches_sent, small.updates_sent) == (1, 2)
+    assert small.end_reason == "send_error" and small.end_code == grpc.StatusCode.RESOURCE_EXHAUSTED
