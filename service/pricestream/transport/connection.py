@@ -76,8 +76,8 @@ class _ServerH2(H2Connection):
     headers_sent = False  # HEADERS queued since the connection last flushed
 
     def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> OwnWindowStream:
-        # Every stream h2 opens becomes an OwnWindowStream (the same layout: a subclass
-        # that only adds methods), whose send window its ResponseStream keeps.
+        # Every stream h2 opens becomes an OwnWindowStream (the same layout: a subclass that
+        # adds only methods and a class default), whose send window its ResponseStream keeps.
         stream = super()._begin_new_stream(stream_id, allowed_ids)
         stream.__class__ = OwnWindowStream
         return stream  # type: ignore[return-value]  # its class was just set

@@ -51,12 +51,16 @@ class SentCount(Protocol):
 
 
 class _Uncounted:
-    """The count of streams that serve no method (refused, or plain HTTP answers)."""
+    """Where streams that serve no method (refused, or plain HTTP answers) count: read by
+    nobody, one for all of them."""
 
     __slots__ = ("sent",)
 
     def __init__(self) -> None:
         self.sent = 0
+
+
+_UNCOUNTED = _Uncounted()
 
 
 class OwnWindowStream(H2Stream):
@@ -119,8 +123,7 @@ class ResponseStream:
         self._h2 = conn.h2
         self._h2s = h2_stream
         self.stream_id = h2_stream.stream_id
-        self.window = 0  # the stream's send window (bytes), h2's from here on
-        h2_stream.adopt(self)
+        h2_stream.adopt(self)  # sets self.window: the stream's send window (bytes), h2's too
         # The streams of one connection flush on the same clock tick: one write for them all.
         self.flush_group: object = conn
         self._queue: deque[memoryview] = deque()
@@ -137,7 +140,7 @@ class ResponseStream:
         # Each message sent is counted here, in a total shared by every call of the method:
         # a count per stream, an int object of its own read by every send, cost a cache miss
         # per batch.
-        self.counts: SentCount = _Uncounted()
+        self.counts: SentCount = _UNCOUNTED
 
     # --- the BatchSink side (pricestream.engine.flush) -------------------------------------------
 
