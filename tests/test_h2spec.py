@@ -25,7 +25,7 @@ import pytest
 from conftest import fast_settings, ready_server, require_binary
 
 # The h2spec cases our gRPC port is allowed to fail, {case id: one-line reason}. Empty on purpose:
-# the h2 transport (service/pricestream/transport/) is to pass them all; name a case here only
+# the h2 transport (service/pricestream/transport/http2/) is to pass them all; name a case here only
 # with the reason it cannot or should not pass. One list for plaintext and TLS.
 EXPECTED_FAILURES: dict[str, str] = {}
 

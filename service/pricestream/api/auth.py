@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from pricestream.settings import Settings, SettingsError
-from pricestream.transport.calls import ServerCall
+from pricestream.transport.http2.calls import ServerCall
 
 PROTECTED_PREFIX = "/pricestream.v1.PriceStreamService/"
 MESSAGE = "missing or invalid bearer token"

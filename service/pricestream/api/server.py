@@ -21,8 +21,8 @@ from pricestream.engine.engine import Engine
 from pricestream.observability.grpc_metrics import GrpcMetrics
 from pricestream.settings import Settings
 from pricestream.tasks import cancel_and_wait
-from pricestream.transport.limits import Limits
-from pricestream.transport.server import Gate, GrpcServer
+from pricestream.transport.http2.limits import Limits
+from pricestream.transport.http2.server import Gate, GrpcServer
 
 log = logging.getLogger("pricestream.server")
 

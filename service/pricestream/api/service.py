@@ -25,7 +25,7 @@ from pricestream.errors import (
     unavailable,
 )
 from pricestream.observability.tracing import caller_context
-from pricestream.transport.calls import ServerCall
+from pricestream.transport.http2.calls import ServerCall
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.validation import check_session_id, normalise_tickers
 

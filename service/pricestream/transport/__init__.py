@@ -1,1 +1,3 @@
-"""Our own HTTP/2 gRPC server on h2: framing, flow control, connections, calls and limits."""
+"""The pod's transports: ``http2`` (gRPC on our own HTTP/2 server) and ``web`` (HTTP/1.1,
+WebSocket and SSE for browsers), and what they share: listening sockets, token buckets.
+"""

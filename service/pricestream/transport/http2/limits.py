@@ -36,27 +36,6 @@ class Limits:
     max_connection_age_grace: float = 10.0  # seconds streams get after that
 
 
-class Budget:
-    """A token bucket: ``take()`` is False once the burst is spent faster than the rate."""
-
-    __slots__ = ("_burst", "_rate", "_stamp", "_tokens")
-
-    def __init__(self, burst: int, rate: float) -> None:
-        self._burst = float(burst)
-        self._rate = rate
-        self._tokens = float(burst)
-        self._stamp = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
-        self._stamp = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
-
-
 class PingPolicy:
     """gRPC's ping-abuse rule: a client ping that comes less than ``min_interval`` after the
     previous one is a strike unless the server sent data in between; too many strikes and the

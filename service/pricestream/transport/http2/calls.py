@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 
-from pricestream.transport.flow import ResponseStream
-from pricestream.transport.framing import (
+from pricestream.transport.http2.flow import ResponseStream
+from pricestream.transport.http2.framing import (
     CompressedMessage,
     MessageReader,
     MessageTooLarge,
@@ -28,8 +28,8 @@ from pricestream.transport.framing import (
 )
 
 if TYPE_CHECKING:
-    from pricestream.transport.connection import Connection
-    from pricestream.transport.server import GrpcServer, Method
+    from pricestream.transport.http2.connection import Connection
+    from pricestream.transport.http2.server import GrpcServer, Method
 
 log = logging.getLogger("pricestream.transport")
 

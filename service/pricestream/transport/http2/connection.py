@@ -35,13 +35,14 @@ from h2.events import (
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 
-from pricestream.transport.calls import ServerCall
-from pricestream.transport.flow import OwnWindowStream, ResponseStream
-from pricestream.transport.framing import parse_timeout
-from pricestream.transport.limits import Budget, Limits, PingPolicy
+from pricestream.transport.budget import Budget
+from pricestream.transport.http2.calls import ServerCall
+from pricestream.transport.http2.flow import OwnWindowStream, ResponseStream
+from pricestream.transport.http2.framing import parse_timeout
+from pricestream.transport.http2.limits import Limits, PingPolicy
 
 if TYPE_CHECKING:
-    from pricestream.transport.server import GrpcServer
+    from pricestream.transport.http2.server import GrpcServer
 
 log = logging.getLogger("pricestream.transport")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,9 +19,10 @@ import grpc
 from h2.errors import ErrorCodes
 
 from pricestream.observability.grpc_metrics import GrpcMetrics, MethodStats
-from pricestream.transport.calls import ServerCall
-from pricestream.transport.connection import Connection
-from pricestream.transport.limits import Limits
+from pricestream.transport.http2.calls import ServerCall
+from pricestream.transport.http2.connection import Connection
+from pricestream.transport.http2.limits import Limits
+from pricestream.transport.sockets import listening_socket
 
 log = logging.getLogger("pricestream.transport")
 
@@ -47,30 +47,6 @@ def _rpc_type(handler: grpc.RpcMethodHandler) -> str:
     if handler.request_streaming:
         return "bidi_stream" if handler.response_streaming else "client_stream"
     return "server_stream" if handler.response_streaming else "unary"
-
-
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A bound socket; ``[::]`` (or ``::``, empty) means every address of both families
-    (one dual-stack socket, so port 0 picks one port for both), as gRPC servers read it."""
-    name = host.strip("[]")
-    if name in ("", "::"):
-        try:
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            address: tuple[str, int] = ("::", port)
-        except OSError:  # no IPv6 on this host
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            address = ("0.0.0.0", port)
-    else:
-        family, _, _, _, address = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 class GrpcServer:

@@ -27,7 +27,7 @@ from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 from h2.stream import H2Stream
 
-from pricestream.transport.framing import (
+from pricestream.transport.http2.framing import (
     MESSAGE_PREFIX,
     PREFIX_BYTES,
     RESPONSE_HEADERS,
@@ -38,7 +38,7 @@ from pricestream.transport.framing import (
 )
 
 if TYPE_CHECKING:
-    from pricestream.transport.connection import Connection
+    from pricestream.transport.http2.connection import Connection
 
 _PACK_HEADER = SINGLE_FRAME_HEADER.pack
 _WHOLE_MESSAGE_CAP = 65535  # the initial connection window: larger messages go in pieces
