@@ -7,7 +7,7 @@ import random
 
 from conftest import fast_settings
 from invariants import samples
-from pricestream.engine.engine import Engine
+from pricestream.wiring import build_engine
 
 
 class Sink:
@@ -34,7 +34,7 @@ async def wait_numsub(redis, channel: str, expected: int) -> int:
 
 async def test_first_and_last_subscriber_churn_never_races(redis) -> None:
     rng = random.Random(7)
-    async with Engine(fast_settings(redis.url, linger=0.05)) as engine:
+    async with build_engine(fast_settings(redis.url, linger=0.05)) as engine:
         hub = engine.hub
         sinks = [Sink() for _ in range(20)]
         held: dict[Sink, list] = {}
@@ -62,7 +62,7 @@ async def test_first_and_last_subscriber_churn_never_races(redis) -> None:
 
 
 async def test_linger_keeps_subscription_through_a_quick_return(redis) -> None:
-    async with Engine(fast_settings(redis.url, linger=0.5)) as engine:
+    async with build_engine(fast_settings(redis.url, linger=0.5)) as engine:
         sink = Sink()
         topics = engine.hub.add(sink, ["KO"])
         engine.hub.remove(sink, topics)

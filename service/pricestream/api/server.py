@@ -14,15 +14,16 @@ from grpc_health.v1._async import HealthServicer
 
 from pricestream.api.auth import BearerAuth, load_tokens
 from pricestream.api.http_api import HttpServer
+from pricestream.api.rate_limit import PeerRateLimiter
 from pricestream.api.reflection import add_reflection
 from pricestream.api.service import SERVICE_NAME, PriceStreamService
 from pricestream.api.tls import server_ssl_context
-from pricestream.engine.engine import Engine
 from pricestream.observability.grpc_metrics import GrpcMetrics
 from pricestream.settings import Settings
 from pricestream.tasks import cancel_and_wait
 from pricestream.transport.http2.limits import Limits
 from pricestream.transport.http2.server import Gate, GrpcServer
+from pricestream.wiring import build_engine
 
 log = logging.getLogger("pricestream.server")
 
@@ -57,7 +58,11 @@ class Server:
 
     def __init__(self, settings: Settings, *, in_memory: bool = False) -> None:
         self.settings = settings
-        self.engine = Engine(settings, in_memory=in_memory)
+        self.engine = build_engine(settings, in_memory=in_memory)
+        # CreateSession's per-peer token buckets (the service prunes idle peers' ones).
+        self.create_limiter = PeerRateLimiter(
+            settings.session_create_rate, settings.session_create_burst
+        )
         self.health = HealthServicer()
         self.grpc_port = settings.grpc_port
         self.grpc_metrics = GrpcMetrics(self.engine.metrics.registry)
@@ -82,7 +87,7 @@ class Server:
         await self.engine.__aenter__()
         try:
             self._grpc.add_generic_rpc_handlers(
-                (PriceStreamService(self.engine).generic_handler(),)
+                (PriceStreamService(self.engine, self.create_limiter).generic_handler(),)
             )
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
             add_reflection(

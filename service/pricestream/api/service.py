@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -13,7 +14,7 @@ from google.protobuf.message import DecodeError, Message
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
-from pricestream.api.rate_limit import peer_address
+from pricestream.api.rate_limit import PeerRateLimiter, peer_address
 from pricestream.engine.engine import Engine
 from pricestream.engine.stream import StreamLifecycle, finish_status
 from pricestream.errors import (
@@ -31,6 +32,9 @@ from pricestream.validation import check_session_id, normalise_tickers
 
 SERVICE_NAME = "pricestream.v1.PriceStreamService"
 DRAINING_MESSAGE = "server is draining; retry on another server"
+# How often CreateSession drops the rate limiter's buckets of idle peers (a dropped bucket is
+# a full one, so this bounds memory and changes no answer).
+LIMITER_PRUNE_INTERVAL = 1.0
 
 R = TypeVar("R")
 M = TypeVar("M", bound=Message)
@@ -91,8 +95,10 @@ def _traced(method: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[...
 
 
 class PriceStreamService:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, create_limiter: PeerRateLimiter) -> None:
         self._engine = engine
+        self._create_limiter = create_limiter
+        self._limiter_pruned_at = time.monotonic()
 
     @contextlib.contextmanager
     def _span(self, method: str, context: ServerCall) -> Iterator[trace.Span]:
@@ -118,6 +124,15 @@ class PriceStreamService:
         if self._engine.draining:
             raise unavailable(DRAINING_MESSAGE)
 
+    def _allow_create(self, peer: str) -> bool:
+        """A token from ``peer``'s bucket, if it has one; idle peers' buckets are pruned on
+        the way, at most every ``LIMITER_PRUNE_INTERVAL``."""
+        now = time.monotonic()
+        if now - self._limiter_pruned_at >= LIMITER_PRUNE_INTERVAL:
+            self._limiter_pruned_at = now
+            self._create_limiter.prune(now)
+        return self._create_limiter.allow(peer, now)
+
     @_traced("CreateSession")
     @_answers_errors
     async def create_session(
@@ -140,7 +155,7 @@ class PriceStreamService:
                     "retry on another server"
                 )
             peer = peer_address(context.peer() or "")
-            if not engine.create_limiter.allow(peer):
+            if not self._allow_create(peer):
                 raise resource_exhausted(
                     f"too many sessions created from {peer}: at most "
                     f"{engine.settings.session_create_rate:g} per second; retry later"

@@ -1,4 +1,4 @@
-"""What the hub needs from a Pub/Sub backend; implemented for Redis and in memory."""
+"""What the hub and the engine need from a Pub/Sub backend; implemented for Redis and in memory."""
 
 from __future__ import annotations
 
@@ -31,6 +31,28 @@ class Broker(Protocol):
 
     @property
     def connections_active(self) -> int: ...
+
+    # What the shard gauges read (pricestream_redis_shards_wanted, _shards_live and
+    # _channels_unconfirmed). A shard is a Redis master owning at least one channel this pod
+    # wants; a broker on one Redis (standalone, sentinel) or in memory has exactly one.
+
+    @property
+    def shards_wanted(self) -> int:
+        """Shards this pod needs a Pub/Sub connection to (one Redis: always 1)."""
+        ...
+
+    @property
+    def shards_live(self) -> int:
+        """Of those, the ones whose Pub/Sub connection is up and answered its probe (one
+        Redis: 1 while ``healthy``, else 0)."""
+        ...
+
+    @property
+    def channels_unconfirmed(self) -> int | None:
+        """Wanted channels no shard has confirmed a subscription for (yet, or any more); None
+        from a broker that does not track confirmations (then the gauge is not exported).
+        A broker answers None always or never."""
+        ...
 
     async def start(self) -> None: ...
 

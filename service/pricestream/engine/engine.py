@@ -1,7 +1,9 @@
 """The streaming engine of one pod: broker, hub, flush clock, session store and registry.
 
 ``Engine`` is the single owner of every background task and backend connection; entering it
-starts them and leaving it stops them in reverse order, whatever happened in between.
+starts them and leaving it stops them in reverse order, whatever happened in between. It is
+given its backends (``pricestream.wiring`` builds them from the settings) and knows them only
+through their ports (``Broker``, ``SessionStore``).
 """
 
 from __future__ import annotations
@@ -11,32 +13,20 @@ import contextlib
 import logging
 import math
 import secrets
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import grpc
-from redis.asyncio import ConnectionPool, Redis
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
-from pricestream.api.rate_limit import PeerRateLimiter
 from pricestream.codec import SESSION_CLOSED_CHANNEL
-from pricestream.engine.broker import Broker
+from pricestream.engine.backends import Backends
 from pricestream.engine.flush import FlushClock, StreamWriter
 from pricestream.engine.hub import Hub
 from pricestream.engine.registry import SessionRegistry
-from pricestream.engine.sessions import LeaseLoss, SessionStore
+from pricestream.engine.sessions import LeaseLoss
 from pricestream.errors import describe
-from pricestream.memory.broker import MemoryBroker
-from pricestream.memory.sessions import MemorySessionStore
 from pricestream.observability.metrics import LiveGauges, Metrics
 from pricestream.observability.tracing import Tracing
-from pricestream.redis.batch import CommandBatcher
-from pricestream.redis.broker import RedisBroker
-from pricestream.redis.client import make_client, make_pool, redis_target
-from pricestream.redis.cluster_client import make_cluster_client
-from pricestream.redis.sentinel import MasterWatch, SentinelPool
-from pricestream.redis.sessions import POD_ALIVE_INTERVAL, RedisSessionStore
-from pricestream.redis.sharded_broker import ShardedBroker
 from pricestream.settings import Settings
 from pricestream.tasks import cancel_and_wait
 
@@ -45,27 +35,18 @@ log = logging.getLogger("pricestream.engine")
 LEASE_REFRESH_SLICE = 200  # leases per refresh call: ~2 ms of Redis time each
 
 
-@dataclass
-class Backends:
-    broker: Broker
-    store: SessionStore
-    redis: Redis | RedisCluster | None = None
-    pool: ConnectionPool | None = None
-    batcher: CommandBatcher | None = None
-
-
 class Engine:
-    def __init__(self, settings: Settings, *, in_memory: bool = False) -> None:
+    def __init__(self, settings: Settings, make_backends: Callable[[Engine], Backends]) -> None:
+        """``make_backends`` is called once, here, with the engine as far as it is built: its
+        ``settings``, ``metrics`` and ``pod_instance`` are set, and ``on_closed`` may be bound
+        (it is only called once the engine runs). See ``pricestream.wiring.build_engine``."""
         self.settings = settings
         # This process among the pod's restarts: the liveness key and every lease name it.
         self.pod_instance = f"{settings.pod_name}:{secrets.token_hex(4)}"
         self.metrics = Metrics()
         self.tracing = Tracing(settings.pod_name)
         self.registry = SessionRegistry(self.metrics, settings.max_sessions)
-        self.create_limiter = PeerRateLimiter(
-            settings.session_create_rate, settings.session_create_burst
-        )
-        self.backends = self._make_backends(in_memory)
+        self.backends = make_backends(self)
         self.broker = self.backends.broker
         self.store = self.backends.store
         self.hub = Hub(
@@ -90,7 +71,9 @@ class Engine:
         self.draining = False
         self.redis_unhealthy_since: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        sharded = self.broker if isinstance(self.broker, ShardedBroker) else None
+        # A broker that does not track confirmations (one Redis, memory) never will: then the
+        # gauge is not exported at all.
+        tracks_confirmations = self.broker.channels_unconfirmed is not None
         self.metrics.register_live_gauges(
             LiveGauges(
                 sessions_active=lambda: len(self.registry),
@@ -101,56 +84,14 @@ class Engine:
                 ready=lambda: self.ready,
                 loop_lag=lambda: self.clock.lag,
                 flush_backlog=lambda: self.clock.backlog,
-                # Standalone: one Redis, one "shard", live when the broker delivers.
-                shards_wanted=(lambda: 1) if sharded is None else lambda: sharded.shards_wanted,
-                shards_live=(
-                    (lambda: int(self.broker.healthy))
-                    if sharded is None
-                    else lambda: sharded.shards_live
-                ),
+                shards_wanted=lambda: self.broker.shards_wanted,
+                shards_live=lambda: self.broker.shards_live,
                 channels_unconfirmed=(
-                    None if sharded is None else lambda: sharded.channels_unconfirmed
+                    (lambda: self.broker.channels_unconfirmed or 0)
+                    if tracks_confirmations
+                    else None
                 ),
             )
-        )
-
-    def _make_backends(self, in_memory: bool) -> Backends:
-        s = self.settings
-        if in_memory:
-            return Backends(
-                MemoryBroker(),
-                MemorySessionStore(s.session_ttl, s.lease_ttl, s.resume_grace, self.on_closed),
-            )
-        if s.redis_mode == "cluster":
-            cluster = make_cluster_client(s)
-            cluster_batcher = CommandBatcher(cluster, cluster=True)
-            return Backends(
-                ShardedBroker(cluster, s, self.metrics, cluster_batcher),
-                RedisSessionStore(
-                    cluster,
-                    cluster_batcher,
-                    s.session_ttl,
-                    s.lease_ttl,
-                    s.resume_grace,
-                    self.pod_instance,
-                    cluster=True,
-                ),
-                cluster,
-                None,
-                cluster_batcher,
-            )
-        pool = make_pool(s)
-        client = make_client(pool)
-        batcher = CommandBatcher(client)
-        watch = MasterWatch(pool, s) if isinstance(pool, SentinelPool) else None
-        return Backends(
-            RedisBroker(pool, client, s, self.metrics, batcher, watch),
-            RedisSessionStore(
-                client, batcher, s.session_ttl, s.lease_ttl, s.resume_grace, self.pod_instance
-            ),
-            client,
-            pool,
-            batcher,
         )
 
     @property
@@ -183,10 +124,8 @@ class Engine:
         return self.clock.overloaded
 
     async def __aenter__(self) -> Engine:
-        if self.backends.redis is not None:
-            log.info(
-                "using Redis (%s) at %s", self.settings.redis_mode, redis_target(self.settings)
-            )
+        if self.backends.redis_target is not None:
+            log.info("using Redis (%s) at %s", self.settings.redis_mode, self.backends.redis_target)
         self.hub.on_service_channel(SESSION_CLOSED_CHANNEL, self._on_closed_message)
         await self.broker.start()
         self._tasks = [
@@ -205,13 +144,7 @@ class Engine:
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             await asyncio.wait_for(self.store.forget_pod(), self.settings.redis_timeout)
         self.hub.close()
-        if self.backends.batcher is not None:
-            await self.backends.batcher.aclose()
-        await self.broker.aclose()
-        if self.backends.redis is not None:
-            await self.backends.redis.aclose()
-        if self.backends.pool is not None:
-            await self.backends.pool.disconnect()
+        await self.backends.aclose()
         await asyncio.to_thread(self.tracing.close)  # flushing must not block the loop
 
     def on_closed(self, session_id: str) -> None:
@@ -242,13 +175,12 @@ class Engine:
         )
 
     async def _maintain(self) -> None:
-        """Expire pending sessions, prune rate limits, watch for a Redis outage."""
+        """Expire pending sessions, watch for a Redis outage."""
         loop = asyncio.get_running_loop()
         period = min(1.0, self.settings.lease_ttl / 3)
         while True:
             await asyncio.sleep(period)
             self.registry.expire_pending()
-            self.create_limiter.prune()
             self._check_redis_outage(loop.time())
 
     async def _refresh_leases_forever(self) -> None:
@@ -326,7 +258,7 @@ class Engine:
                 failing = True
             else:
                 failing = False
-            await asyncio.sleep(POD_ALIVE_INTERVAL)
+            await asyncio.sleep(self.backends.keep_alive_interval)
 
     def _check_redis_outage(self, now: float) -> None:
         if self.broker.healthy:

@@ -36,6 +36,18 @@ class MemoryBroker:
     def connections_active(self) -> int:
         return 0
 
+    @property
+    def shards_wanted(self) -> int:
+        return 1  # like a standalone Redis: one "shard", live when the broker delivers
+
+    @property
+    def shards_live(self) -> int:
+        return int(self.healthy)
+
+    @property
+    def channels_unconfirmed(self) -> int | None:
+        return None
+
     async def start(self) -> None:
         self._open = True
 

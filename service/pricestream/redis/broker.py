@@ -197,6 +197,18 @@ class RedisBroker:
     def connections_active(self) -> int:
         return sum(1 for conn in self._connections if conn.connected)
 
+    @property
+    def shards_wanted(self) -> int:
+        return 1  # standalone or sentinel: one Redis, one "shard"
+
+    @property
+    def shards_live(self) -> int:
+        return int(self.healthy)  # live when every connection delivers
+
+    @property
+    def channels_unconfirmed(self) -> int | None:
+        return None  # not tracked outside cluster mode: the gauge is not exported
+
     def subscribed_channels(self) -> int:
         """Channels wanted across all connections, service channels excluded."""
         return sum(len(conn.desired) - 1 for conn in self._connections)
