@@ -33,6 +33,7 @@ FREE_FORM = {
     "autoscaling.behavior",
     "serviceAccount.annotations",
     "networkPolicy.grpcFrom",
+    "networkPolicy.httpFrom",
     "networkPolicy.metricsFrom",
     "networkPolicy.externalRedisTo",
     "networkPolicy.otlpTo",
@@ -43,6 +44,9 @@ FREE_FORM = {
     "redis.resources",
 }
 DURATION = {"type": "string", "pattern": r"^([0-9]+(ms|s|m|h|d|w|y))+$"}
+PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+# Annotations are strings to the API server: an unquoted `3600` would fail at install.
+STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 OVERRIDES: dict[str, dict[str, Any]] = {
     "image.tag": {"type": "string", "not": {"const": "latest"}},
     "image.pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
@@ -56,6 +60,12 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "redis.external.url": {"type": "string", "pattern": r"^$|^(redis|rediss)://"},
     "redis.mode": {"enum": ["standalone", "sentinel", "cluster"]},
     "monitoring.rules.runbookUrl": {"type": "string", "pattern": r"^https?://"},
+    "ports.grpc": PORT,
+    "ports.metrics": PORT,
+    "ports.http": PORT,
+    "ingress.path": {"type": "string", "pattern": "^/"},
+    "ingress.annotations": STRING_MAP,
+    "grpcIngress.annotations": STRING_MAP,
 }
 MINIMUM_ONE = {"replicaCount", "autoscaling.minReplicas", "autoscaling.maxReplicas"}
 # Settings that are counts; every other number under config is seconds or a rate (fractions ok).
@@ -64,6 +74,7 @@ WHOLE_NUMBERS = {
     "config.maxTickersPerSession",
     "config.sessionCreateBurst",
     "config.pubsubConnections",
+    "config.webAcceptBurst",
 }
 
 

@@ -13,7 +13,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from chart import CHART, find, helm, owned, render, render_against, rules_file
+from chart import CHART, escape, find, helm, owned, render, render_against, rules_file
 from fake_apiserver import FakeApiServer
 from metric_names import exported_names
 from pricestream.api.server import Server
@@ -118,6 +118,7 @@ def test_deployment_probes_drain_and_security() -> None:
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
         "grpc": 50051,
         "metrics": 9464,
+        "http": 8080,
     }
     assert container["livenessProbe"]["grpc"] == {"port": 50051, "service": ""}
     assert container["readinessProbe"]["grpc"] == {
@@ -128,8 +129,9 @@ def test_deployment_probes_drain_and_security() -> None:
     env = dict((e["name"], e.get("value")) for e in container["env"])
     (config,) = [c for c in find(objects, "ConfigMap") if "PRICESTREAM_DRAIN_TIMEOUT" in c["data"]]
     drain = float(config["data"]["PRICESTREAM_DRAIN_TIMEOUT"])
+    web_drain = float(config["data"]["PRICESTREAM_WEB_DRAIN_WINDOW"])
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + drain
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + drain + web_drain
     assert env["PRICESTREAM_REDIS_URL"] == "redis://pricestream-redis:6379/0"
     assert deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
     security = container["securityContext"]
@@ -411,6 +413,22 @@ def test_network_policy_admits_monitoring_and_redis_only() -> None:
         (["--set", "image.tag=latest"], "/image/tag"),
         (["--set", "readinessProbeMode=tcp"], "/readinessProbeMode"),
         (["--set", "terminationGracePeriodSeconds=5"], "must exceed preStopSleepSeconds"),
+        (
+            ["--set", "config.webDrainWindow=16"],
+            "terminationGracePeriodSeconds (30) must exceed preStopSleepSeconds + "
+            "config.drainTimeout + config.webDrainWindow (32)",
+        ),
+        (["--set-json", "config.webDrainWindow=15.5"], "config.webDrainWindow (32)"),
+        (["--set", "ports.http=x"], "/ports/http"),
+        (["--set", "ports.http=70000"], "/ports/http"),
+        (["--set", "config.webAcceptBurst=1.5"], "/config/webAcceptBurst"),
+        (["--set", "ingress.path=v1"], "/ingress/path"),
+        (["--set", "ingress.annotations.x=3600"], "/ingress/annotations/x"),
+        (["--set", "networkPolicy.httpFrom=x"], "/networkPolicy/httpFrom"),
+        (
+            ["--set", "grpcIngress.enabled=true,grpcIngress.host=g.example.com"],
+            "grpcIngress.enabled needs grpcIngress.host and grpcIngress.tls.secretName",
+        ),
         (["--set", "redis.enabled=false"], "set redis.external.existingSecret"),
         (
             [
@@ -716,3 +734,88 @@ def test_install_checks_the_redis_mode_secret(
     else:
         assert result.returncode != 0
         assert message in result.stderr
+
+
+def test_browser_port_reaches_container_service_and_network_policy() -> None:
+    """ports.http is the container port `http`, PRICESTREAM_WEB_PORT, and a Service port (the
+    headless one too); the NetworkPolicy admits it from networkPolicy.httpFrom (anyone when
+    empty); every config.web* value reaches the container's environment."""
+    args = [*values("tracing-headless-values.yaml"), "--set", "ports.http=8181"]
+    origins = escape("https://a.example,https://b.example")
+    objects = render(*args, "--set", f"config.webAllowedOrigins={origins}")
+    deployment = server_deployment(objects)
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert {"name": "http", "containerPort": 8181, "protocol": "TCP"} in container["ports"]
+    (config,) = [c for c in find(objects, "ConfigMap") if "PRICESTREAM_WEB_PORT" in c["data"]]
+    assert container["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
+    assert {k: v for k, v in config["data"].items() if k.startswith("PRICESTREAM_WEB_")} == {
+        "PRICESTREAM_WEB_PORT": "8181",
+        "PRICESTREAM_WEB_ALLOWED_ORIGINS": "https://a.example,https://b.example",
+        "PRICESTREAM_WEB_PING_INTERVAL": "25",
+        "PRICESTREAM_WEB_PONG_TIMEOUT": "10",
+        "PRICESTREAM_WEB_ACCEPT_RATE": "200",
+        "PRICESTREAM_WEB_ACCEPT_BURST": "400",
+        "PRICESTREAM_WEB_DRAIN_WINDOW": "5",
+    }
+    services = {s["metadata"]["name"]: s for s in find(objects, "Service")}
+    for name in ("pricestream", "pricestream-headless"):
+        ports = {p["name"]: p for p in services[name]["spec"]["ports"]}
+        assert ports["http"] == {
+            "name": "http",
+            "port": 8181,
+            "targetPort": "http",
+            "protocol": "TCP",
+            "appProtocol": "http",
+        }, name
+    (policy, *_) = find(objects, "NetworkPolicy")
+    (http_rule,) = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "http"]
+    assert "from" not in http_rule, "httpFrom empty: any peer"
+    (policy, *_) = find(render(*values("ingress-values.yaml")), "NetworkPolicy")
+    (http_rule,) = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "http"]
+    assert http_rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+    ]
+
+
+NGINX_STREAMING = {
+    "nginx.ingress.kubernetes.io/proxy-read-timeout": "3600",
+    "nginx.ingress.kubernetes.io/proxy-send-timeout": "3600",
+    "nginx.ingress.kubernetes.io/proxy-buffering": "off",
+}
+
+
+def backend_port(ingress: dict[str, Any]) -> tuple[str, str, str]:
+    (rule,) = ingress["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    service = path["backend"]["service"]
+    return path["path"], service["name"], service["port"]["name"]
+
+
+def test_ingresses_render_only_when_enabled() -> None:
+    assert not find(render(), "Ingress")
+    web, grpc = find(render(*values("ingress-values.yaml")), "Ingress")
+    assert web["metadata"]["name"] == "pricestream"
+    assert web["metadata"]["annotations"] == NGINX_STREAMING
+    assert web["spec"]["ingressClassName"] == "nginx"
+    assert web["spec"]["tls"] == [
+        {"secretName": "prices-example-com-tls", "hosts": ["prices.example.com"]}
+    ]
+    assert web["spec"]["rules"][0]["host"] == "prices.example.com"
+    assert backend_port(web) == ("/", "pricestream", "http")
+    assert grpc["metadata"]["name"] == "pricestream-grpc"
+    assert grpc["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == (
+        "GRPC"
+    )
+    assert grpc["spec"]["tls"] == [
+        {"secretName": "grpc-prices-example-com-tls", "hosts": ["grpc.prices.example.com"]}
+    ]
+    assert backend_port(grpc) == ("/", "pricestream", "grpc")
+    # the browser Ingress alone, no class, host or TLS: the class default, any host, plain HTTP
+    (bare,) = find(render("--set", "ingress.enabled=true"), "Ingress")
+    assert bare["metadata"]["annotations"] == NGINX_STREAMING
+    assert not {"ingressClassName", "tls"} & set(bare["spec"])
+    assert "host" not in bare["spec"]["rules"][0]
+    (plain,) = find(
+        render("--set", "ingress.enabled=true", "--set-json", "ingress.annotations=null"), "Ingress"
+    )
+    assert "annotations" not in plain["metadata"]
