@@ -37,6 +37,11 @@ class Pod:
     leaked_sessions: list[float] | None = None  # sessions kept after their stream ended
     leaked_subscriptions: list[float] | None = None
     restarts_at: list[int] = field(default_factory=list)  # counters reset on these minutes
+    # shares of the streams that are browser sockets (they count as streams too); their closes
+    # are split by close code: churn closes 1000, closes of a shrinking pod 1001
+    ws_share: float = 0
+    sse_share: float = 0
+    stuck_ws: list[float] | None = None  # closed (and counted) WebSockets the gauge still counts
 
     def labels(self) -> str:
         instance = f"{self.name}:9464"
@@ -54,6 +59,7 @@ class Pod:
             "updates": [0.0, 0.0],
             "handled": [0.0, 0.0],
         }
+        sockets = {kind: dict.fromkeys(_SOCKET_COUNTERS, 0.0) for kind in ("ws", "sse")}
         previous: dict[str, float] = {"streams": 0, "sessions": 0, "subscriptions": 0}
         for minute in range(n):
             streams = self.streams[minute]
@@ -61,10 +67,14 @@ class Pod:
                 for pair in counters.values():
                     pair[0] = pair[1] = 0.0
                 previous = {"streams": 0, "sessions": 0, "subscriptions": 0}
+                sockets = {kind: dict.fromkeys(_SOCKET_COUNTERS, 0.0) for kind in sockets}
             if streams is None:
-                for name in _ALL_SERIES:
+                for name in _ALL_SERIES + _SOCKET_SERIES:
                     out.setdefault(name, []).append(None)
                 continue
+            socket_values = self._sockets(sockets, streams, previous["streams"])
+            if self.stuck_ws:
+                socket_values["pricestream_ws_connections_active"] += self.stuck_ws[minute]
             subscriptions = min(self.universe, streams * self.tickers_per_stream)
             active = {
                 "streams": streams,
@@ -111,12 +121,33 @@ class Pod:
                     counters["handled"][0]
                 ),
             }
-            for name in _ALL_SERIES:
+            values.update(socket_values)
+            for name in _ALL_SERIES + _SOCKET_SERIES:
                 out.setdefault(name, []).append(values[name])
         return [
             {"series": _with_labels(name, self.labels()), "values": _expand(points)}
             for name, points in out.items()
+            if any(point is not None for point in points)
         ]
+
+    def _sockets(
+        self, counters: dict[str, dict[str, float]], streams: float, before: float
+    ) -> dict[str, float | None]:
+        """This minute's WebSocket and SSE series: a share of the streams, their counters
+        agreeing with the gauge. A closed_total{code} series exists from its first close on."""
+        values: dict[str, float | None] = {}
+        for kind, share in (("ws", self.ws_share), ("sse", self.sse_share)):
+            count = counters[kind]
+            churn = self.churn * share if streams else 0
+            count["opened"] += max(streams - before, 0) * share + churn
+            count["1000"] += churn
+            count["1001"] += max(before - streams, 0) * share
+            prefix = f"pricestream_{kind}_connections"
+            values[f"{prefix}_active"] = streams * share
+            values[f"{prefix}_opened_total"] = count["opened"]
+            for code in ("1000", "1001"):
+                values[f'{prefix}_closed_total{{code="{code}"}}'] = count[code] or None
+        return values
 
 
 _ALL_SERIES = [
@@ -143,6 +174,19 @@ _ALL_SERIES = [
     'pricestream_delivery_latency_seconds_bucket{le="1"}',
     'pricestream_delivery_latency_seconds_bucket{le="+Inf"}',
     f'grpc_server_handled_total{{grpc_service="{SERVICE}",grpc_code="OK"}}',
+]
+
+
+_SOCKET_COUNTERS = ("opened", "1000", "1001")
+_SOCKET_SERIES = [
+    f"pricestream_{kind}_connections_{suffix}"
+    for kind in ("ws", "sse")
+    for suffix in (
+        "active",
+        "opened_total",
+        'closed_total{code="1000"}',
+        'closed_total{code="1001"}',
+    )
 ]
 
 

@@ -36,7 +36,7 @@ def test_promtool_accepts_the_rules(shipped_rules: Path) -> None:
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 22 rules found" in result.stdout
+    assert "SUCCESS: 23 rules found" in result.stdout
 
 
 def test_every_alert_has_severity_annotations_and_a_runbook(shipped_rules: Path) -> None:
@@ -100,6 +100,33 @@ def zombies(pod: str, value: int) -> Expected:
     )
 
 
+def websocket_leak(pod: str, value: int) -> Expected:
+    return Expected(
+        "PriceStreamWebSocketSessionLeak",
+        labels(pod, "warning"),
+        {
+            "summary": "A pod holds sessions whose WebSockets have closed.",
+            "description": f"Pod {pod} in namespace {NAMESPACE} holds {value} sessions with no "
+            "stream and no open socket (threshold 50) while it closed at least as many "
+            "WebSockets in 1h: WebSocket closes are not reaching the session cleanup.",
+            "runbook_url": f"{RUNBOOKS}/PriceStreamWebSocketSessionLeak.md",
+        },
+    )
+
+
+def drift(pod: str, resource: str, value: int) -> Expected:
+    return Expected(
+        "PriceStreamBookkeepingDrift",
+        {**labels(pod, "warning"), "resource": resource},
+        {
+            "summary": "Opened minus closed counters disagree with the active gauge.",
+            "description": f"Pod {pod} in namespace {NAMESPACE}: opened minus closed {resource} "
+            f"differs from the live gauge by {value}.",
+            "runbook_url": f"{RUNBOOKS}/PriceStreamBookkeepingDrift.md",
+        },
+    )
+
+
 SPIKE = hold(100, 20) + ramp(100, 1000, 10) + hold(1000, 10) + ramp(1000, 0, 10) + hold(0, 100)
 SEED_SHAPE = [0.0, *ramp(0, 1000, 10), *hold(1000, 10), *ramp(1000, 0, 10), *hold(0, 60)]
 SEED_LEAK = [min(93, 93 * minute // 29) for minute in range(len(SEED_SHAPE))]
@@ -124,6 +151,62 @@ def seed_leak() -> Scenario:
             40: [zombies(LEAKY, 93)],  # 51+ zombies since minute 16, for 15m
             50: [orphaned(LEAKY, 93), zombies(LEAKY, 93)],  # no stream since 30, for 15m
             80: [orphaned(LEAKY, 93), zombies(LEAKY, 93)],
+        },
+    )
+
+
+BROWSER_SHAPE = [0.0, *ramp(0, 1000, 10), *hold(1000, 10), *ramp(1000, 0, 10), *hold(0, 100)]
+BROWSER_LEAK = [min(93, 93 * minute // 29) for minute in range(len(BROWSER_SHAPE))]
+WS_LEAKY = "pricestream-7d9f-wsleak"
+
+
+def browser_churn() -> Scenario:
+    """Browsers come and go: WebSocket and SSE sockets (with gRPC streams beside them) rise
+    tenfold and fall to zero, thousands of WebSockets close, and up to 40 sessions at a time
+    are created but not yet streaming. Below every threshold, counters agree: nothing fires."""
+    waiting = [40.0] * len(SPIKE)
+    return Scenario(
+        "healthy browser churn: WebSockets and SSE up tenfold and back to zero, nothing fires",
+        [
+            Pod("pricestream-a", list(SPIKE), ws_share=0.7, sse_share=0.2, leaked_sessions=waiting),
+            Pod("pricestream-b", list(SPIKE), churn=60, ws_share=1, leaked_sessions=waiting),
+        ],
+        check_minutes=[15, 25, 35, 45, 60, 90, 120, 150],
+    )
+
+
+def websocket_session_leak() -> Scenario:
+    """The original system's leak on the browser path (PRICESTREAM_FAULTS=
+    skip_cleanup_on_ws_close): each closing WebSocket leaves its session held, 93 in all, while
+    the stream and socket gauges go back to zero. A gRPC pod beside it stays quiet."""
+    leaky = Pod(WS_LEAKY, list(BROWSER_SHAPE), ws_share=1, leaked_sessions=BROWSER_LEAK)
+    grpc_only = Pod("pricestream-7d9f-grpc", hold(300, len(BROWSER_SHAPE)))
+    return Scenario(
+        "WebSocket session leak: fires 15m after 51+ sessions outlive their sockets, resolves "
+        "an hour after the last WebSocket closed while PriceStreamZombieSessions stays",
+        [leaky, grpc_only],
+        check_minutes=[15, 25, 30, 32, 40, 80, 100],
+        firing={
+            # from minute 16: 51+ sessions without stream or socket, 300+ WebSockets closed
+            32: [zombies(WS_LEAKY, 93), websocket_leak(WS_LEAKY, 93)],
+            40: [zombies(WS_LEAKY, 93), websocket_leak(WS_LEAKY, 93)],
+            80: [zombies(WS_LEAKY, 93), websocket_leak(WS_LEAKY, 93)],
+            100: [zombies(WS_LEAKY, 93)],  # no WebSocket closed since minute 30
+        },
+    )
+
+
+def websocket_gauge_drift() -> Scenario:
+    """From minute 5, 10 WebSockets are closed and counted but the gauge still holds them."""
+    stuck = [0.0] * 5 + [10.0] * 25
+    pod = Pod("pricestream-drift", hold(300, 30), ws_share=0.5, stuck_ws=stuck)
+    return Scenario(
+        "WebSocket gauge above opened - closed: drift of ws_connections fires after its 10m",
+        [pod],
+        check_minutes=[10, 16, 25],
+        firing={
+            16: [drift(pod.name, "ws_connections", 10)],
+            25: [drift(pod.name, "ws_connections", 10)],
         },
     )
 
@@ -193,6 +276,9 @@ SCENARIOS = {
         check_minutes=[15, 25, 35, 45, 60, 90, 120, 150],
     ),
     "seed_leak": seed_leak,
+    "browser_churn": browser_churn,
+    "websocket_session_leak": websocket_session_leak,
+    "websocket_gauge_drift": websocket_gauge_drift,
     "pod_restart": lambda: Scenario(
         "a pod restarts in place (counters reset) and another is replaced: nothing fires",
         restart_series(),
