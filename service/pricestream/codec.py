@@ -3,9 +3,15 @@
 A ``PriceUpdateBatch`` is ``repeated PriceUpdate updates = 1``, so its encoding is the
 concatenation of one length-delimited field-1 frame per update. The hub builds each frame
 once per received message and every stream reuses it: no re-encoding per client.
+
+Browsers get the same update as a JSON fragment (the proto3 JSON mapping of ``PriceUpdate``,
+64-bit integers as strings), also built once per received message, each ending in a comma so
+that a batch is the plain concatenation of its fragments, like the protobuf frames.
 """
 
 from __future__ import annotations
+
+import math
 
 from pricestream.v1.pricestream_pb2 import PriceUpdate
 
@@ -58,3 +64,27 @@ def decode_update(payload: bytes) -> PriceUpdate | None:
     except Exception:  # protobuf raises DecodeError, but also others on some garbage
         return None
     return update
+
+
+_JSON_FRAGMENT = b'{"ticker":"%s","price":%s,"publishedAtUnixNanos":"%d","sequence":"%d"},'
+_NON_FINITE = {math.inf: b'"Infinity"', -math.inf: b'"-Infinity"'}
+
+
+def json_price(price: float) -> bytes:
+    """A double as the proto3 JSON mapping writes it: a number, or a string when not finite."""
+    if math.isfinite(price):
+        return repr(price).encode()  # the shortest text that reads back as the same double
+    return _NON_FINITE.get(price, b'"NaN"')
+
+
+def json_fragment(update: PriceUpdate) -> bytes:
+    """``update`` in the proto3 JSON mapping, followed by a comma (see the module docstring).
+
+    The ticker needs no escaping: the hub accepts an update only for the ticker of its
+    channel, and tickers are validated to ``A-Z 0-9 . - _``."""
+    return _JSON_FRAGMENT % (
+        update.ticker.encode("ascii"),
+        json_price(update.price),
+        update.published_at_unix_nanos,
+        update.sequence,
+    )

@@ -17,13 +17,15 @@ from typing import Protocol
 
 from opentelemetry import trace
 
-from pricestream.codec import batch_frame, decode_update, price_channel
+from pricestream.codec import batch_frame, decode_update, json_fragment, price_channel
 from pricestream.engine.broker import Broker
 from pricestream.observability.metrics import Metrics
+from pricestream.v1.pricestream_pb2 import PriceUpdate
 
 log = logging.getLogger("pricestream.hub")
 
-# (batch frame, publisher timestamp in ns, sequence)
+# (batch frame, publisher timestamp in ns, sequence). The frame is the update's protobuf
+# field of a PriceUpdateBatch for gRPC streams, its JSON fragment for browser streams.
 Entry = tuple[bytes, int, int]
 
 
@@ -40,18 +42,51 @@ _exhaust = deque(maxlen=0).extend
 
 
 class Topic:
-    __slots__ = ("channel", "last", "linger", "subscribers", "ticker")
+    __slots__ = (
+        "_last_json",
+        "_last_update",
+        "channel",
+        "json_subscribers",
+        "last",
+        "linger",
+        "subscribers",
+        "ticker",
+    )
 
     def __init__(self, ticker: str) -> None:
         self.ticker = ticker
         self.channel = price_channel(ticker)
-        self.subscribers: dict[Subscriber, dict[str, Entry]] = {}  # -> its pending dict
+        # Each subscriber -> its pending dict: gRPC streams (protobuf frames) and browser
+        # streams (JSON fragments) apart, so each update is encoded once per form that has a
+        # subscriber, and never as JSON on a pod without browsers.
+        self.subscribers: dict[Subscriber, dict[str, Entry]] = {}
+        self.json_subscribers: dict[Subscriber, dict[str, Entry]] = {}
         self.last: Entry | None = None
+        self._last_update: PriceUpdate | None = None
+        self._last_json: Entry | None = None  # built from _last_update when first asked for
         self.linger: asyncio.TimerHandle | None = None
 
+    def remember(self, entry: Entry, update: PriceUpdate, json_entry: Entry | None) -> None:
+        self.last = entry
+        self._last_update = update
+        self._last_json = json_entry
 
-def entry_from_payload(ticker: str, payload: bytes, *, max_bytes: int) -> Entry | str:
-    """Validate a payload for ``ticker``; an ``Entry``, or the reason it must be dropped.
+    def last_for(self, json: bool) -> Entry | None:
+        """The last price in the form a subscriber of that kind takes, if one is known."""
+        if not json:
+            return self.last
+        if self._last_json is None and self._last_update is not None:
+            self._last_json = json_entry(self._last_update)
+        return self._last_json
+
+
+def json_entry(update: PriceUpdate) -> Entry:
+    return (json_fragment(update), update.published_at_unix_nanos, update.sequence)
+
+
+def decode_entry(ticker: str, payload: bytes, *, max_bytes: int) -> tuple[Entry, PriceUpdate] | str:
+    """Validate a payload for ``ticker``; its ``Entry`` (protobuf form) and the update, or the
+    reason it must be dropped.
 
     A payload over ``max_bytes`` is refused before it is parsed: a serialized PriceUpdate is
     under 100 bytes, and whatever is accepted is copied to every subscriber.
@@ -63,7 +98,18 @@ def entry_from_payload(ticker: str, payload: bytes, *, max_bytes: int) -> Entry 
         return "malformed"
     if update.ticker != ticker:
         return "wrong_ticker"
-    return (batch_frame(payload), update.published_at_unix_nanos, update.sequence)
+    return (batch_frame(payload), update.published_at_unix_nanos, update.sequence), update
+
+
+def entry_from_payload(
+    ticker: str, payload: bytes, *, max_bytes: int, json: bool = False
+) -> Entry | str:
+    """Validate a payload for ``ticker``; an ``Entry`` in the form asked for (JSON fragment or
+    protobuf frame), or the reason it must be dropped (see ``decode_entry``)."""
+    decoded = decode_entry(ticker, payload, max_bytes=max_bytes)
+    if isinstance(decoded, str):
+        return decoded
+    return json_entry(decoded[1]) if json else decoded[0]
 
 
 class Hub:
@@ -96,7 +142,11 @@ class Hub:
         self._service_handlers[channel.encode()] = handler
         self._broker.want(channel)
 
-    def add(self, subscriber: Subscriber, tickers: Iterable[str]) -> list[Topic]:
+    def add(
+        self, subscriber: Subscriber, tickers: Iterable[str], *, json: bool = False
+    ) -> list[Topic]:
+        """Subscribe to ``tickers``; ``json``: the subscriber takes JSON fragments (a browser
+        stream) instead of protobuf frames."""
         topics = []
         for ticker in tickers:
             topic = self._topics.get(ticker)
@@ -105,14 +155,15 @@ class Hub:
             elif topic.linger is not None:
                 topic.linger.cancel()
                 topic.linger = None
-            topic.subscribers[subscriber] = subscriber.pending
+            (topic.json_subscribers if json else topic.subscribers)[subscriber] = subscriber.pending
             topics.append(topic)
         return topics
 
     def remove(self, subscriber: Subscriber, topics: Iterable[Topic]) -> None:
         for topic in topics:
             topic.subscribers.pop(subscriber, None)
-            if topic.subscribers or topic.linger is not None:
+            topic.json_subscribers.pop(subscriber, None)
+            if topic.subscribers or topic.json_subscribers or topic.linger is not None:
                 continue
             if self._topics.get(topic.ticker) is not topic:
                 continue  # already released (hub closed)
@@ -137,18 +188,26 @@ class Hub:
             if handler is not None:
                 handler(payload)
             return  # a late message for a ticker just released
-        entry = entry_from_payload(topic.ticker, payload, max_bytes=self._max_update_bytes)
-        if isinstance(entry, str):
-            self._metrics.updates_dropped.labels(entry).inc()
-            log.debug("dropped %s payload on %s", entry, topic.channel)
+        decoded = decode_entry(topic.ticker, payload, max_bytes=self._max_update_bytes)
+        if isinstance(decoded, str):
+            self._metrics.updates_dropped.labels(decoded).inc()
+            log.debug("dropped %s payload on %s", decoded, topic.channel)
             return
+        entry, update = decoded
         self._metrics.updates_received.inc()
-        topic.last = entry
         pendings = topic.subscribers
         self.offered += len(pendings)
         # The fan-out, once per update per subscriber: a dict store each, all in C. A method
         # call per subscriber (store, count, queue the writer) was a fifth of the pod's CPU.
         _exhaust(map(setitem, pendings.values(), repeat(topic.ticker), repeat(entry)))
+        browsers = topic.json_subscribers
+        if browsers:
+            jentry = json_entry(update)  # once per update, shared by every browser stream
+            self.offered += len(browsers)
+            _exhaust(map(setitem, browsers.values(), repeat(topic.ticker), repeat(jentry)))
+            topic.remember(entry, update, jentry)
+        else:
+            topic.remember(entry, update, None)
 
     def seed(self, subscriber: Subscriber, ticker: str, entry: Entry) -> None:
         """Give a subscriber a last-known price unless a newer one is already pending."""

@@ -23,6 +23,7 @@ class SessionInfo:
     session_id: str
     tickers: tuple[str, ...]
     expires_at: float  # unix seconds; when the session expires if nobody streams it
+    streaming: bool = False  # a stream holds its lease now (on any pod)
 
 
 # Why a stream lost its session: closed (CloseSession on any pod) or taken by another stream.
@@ -45,6 +46,11 @@ def new_session_id() -> str:
 
 class SessionStore(Protocol):
     async def create(self, tickers: Sequence[str]) -> SessionInfo: ...
+
+    async def get(self, session_id: str) -> SessionInfo | None:
+        """The session as it is now (``expires_at``: when it expires unless streamed or
+        refreshed), or None when it does not exist, has expired or was closed."""
+        ...
 
     async def claim(self, session_id: str, owner: str) -> tuple[str, ...]:
         """Take the session's lease; its tickers, or SessionNotFound / SessionBusy."""

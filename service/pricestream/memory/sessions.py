@@ -50,6 +50,16 @@ class MemorySessionStore:
         self._records[session_id] = _Record(tuple(tickers), time.monotonic() + self._session_ttl)
         return SessionInfo(session_id, tuple(tickers), time.time() + self._session_ttl)
 
+    async def get(self, session_id: str) -> SessionInfo | None:
+        record = self._live(session_id)
+        if record is None:
+            return None
+        now = time.monotonic()
+        streaming = record.owner is not None and record.lease_expires > now
+        return SessionInfo(
+            session_id, record.tickers, time.time() + record.expires - now, streaming=streaming
+        )
+
     async def claim(self, session_id: str, owner: str) -> tuple[str, ...]:
         record = self._live(session_id)
         if record is None:

@@ -55,6 +55,14 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {1, tickers, taken_over}
 """
 
+# A session as it is: {0} when gone (closed, expired), else {1, tickers, ms left, leased}.
+_GET = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return {0} end
+local tickers = redis.call('HGET', KEYS[1], 'tickers')
+if not tickers then return {0} end
+return {1, tickers, redis.call('PTTL', KEYS[1]), redis.call('EXISTS', KEYS[2])}
+"""
+
 POD_KEY_PREFIX = "pricestream:pod:"
 # A pod instance refreshes its liveness key every POD_ALIVE_INTERVAL; it lives POD_ALIVE_TTL.
 # After a crash, other pods take its leases once the key has expired: at most POD_ALIVE_TTL
@@ -150,6 +158,7 @@ class RedisSessionStore:
         self._batcher = batcher
         self._create = client.register_script(_CREATE)
         self._claim = client.register_script(_CLAIM)
+        self._get = client.register_script(_GET)
         self._refresh = client.register_script(_REFRESH)
         self._release = client.register_script(_RELEASE)
         self._close = client.register_script(_CLOSE)
@@ -162,6 +171,14 @@ class RedisSessionStore:
             [",".join(tickers), str(time.time()), _ms(self._session_ttl)],
         )
         return SessionInfo(session_id, tuple(tickers), time.time() + self._session_ttl)
+
+    async def get(self, session_id: str) -> SessionInfo | None:
+        reply = await self._batcher.script(self._get, _keys(session_id, self._cluster), [])
+        if reply[0] == 0:
+            return None
+        tickers = tuple(reply[1].decode().split(","))
+        expires_at = time.time() + max(int(reply[2]), 0) / 1000
+        return SessionInfo(session_id, tickers, expires_at, streaming=bool(reply[3]))
 
     async def claim(self, session_id: str, owner: str) -> tuple[str, ...]:
         reply = await self._claim_script(session_id, owner, "")
