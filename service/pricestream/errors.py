@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol
 
 import grpc
 
@@ -14,13 +14,19 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+# Why a request was refused, beyond its status code: the REST API answers 429 for a client's
+# own rate and 503 for the pod's state, where gRPC has RESOURCE_EXHAUSTED for both.
+Refusal = Literal["", "rate_limited", "pod_full", "overloaded", "draining", "backend"]
+
+
 class RequestError(Exception):
     """A request cannot be served; ``code`` and ``message`` go to the client as they are."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, refusal: Refusal = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.refusal: Refusal = refusal
 
 
 def invalid_argument(message: str) -> RequestError:
@@ -35,12 +41,12 @@ def failed_precondition(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.FAILED_PRECONDITION, message)
 
 
-def resource_exhausted(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+def resource_exhausted(message: str, refusal: Refusal = "") -> RequestError:
+    return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, refusal)
 
 
-def unavailable(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.UNAVAILABLE, message)
+def unavailable(message: str, refusal: Refusal = "") -> RequestError:
+    return RequestError(grpc.StatusCode.UNAVAILABLE, message, refusal)
 
 
 _CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}

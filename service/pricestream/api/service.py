@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -14,27 +13,21 @@ from google.protobuf.message import DecodeError, Message
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
-from pricestream.api.rate_limit import PeerRateLimiter, peer_address
+from pricestream.api.rate_limit import peer_address
+from pricestream.api.sessions import SessionOps
 from pricestream.engine.engine import Engine
 from pricestream.engine.stream import StreamLifecycle, finish_status
 from pricestream.errors import (
     RequestError,
     call_status,
     invalid_argument,
-    not_found,
-    resource_exhausted,
-    unavailable,
 )
 from pricestream.observability.tracing import caller_context
 from pricestream.transport.http2.calls import ServerCall
 from pricestream.v1 import pricestream_pb2 as pb
-from pricestream.validation import check_session_id, normalise_tickers
+from pricestream.validation import check_session_id
 
 SERVICE_NAME = "pricestream.v1.PriceStreamService"
-DRAINING_MESSAGE = "server is draining; retry on another server"
-# How often CreateSession drops the rate limiter's buckets of idle peers (a dropped bucket is
-# a full one, so this bounds memory and changes no answer).
-LIMITER_PRUNE_INTERVAL = 1.0
 
 R = TypeVar("R")
 M = TypeVar("M", bound=Message)
@@ -95,10 +88,9 @@ def _traced(method: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[...
 
 
 class PriceStreamService:
-    def __init__(self, engine: Engine, create_limiter: PeerRateLimiter) -> None:
+    def __init__(self, engine: Engine, sessions: SessionOps) -> None:
         self._engine = engine
-        self._create_limiter = create_limiter
-        self._limiter_pruned_at = time.monotonic()
+        self._sessions = sessions
 
     @contextlib.contextmanager
     def _span(self, method: str, context: ServerCall) -> Iterator[trace.Span]:
@@ -120,51 +112,15 @@ class PriceStreamService:
             if code is not None:
                 span.set_attribute("rpc.grpc.status_code", code.value[0])
 
-    def _refuse_if_draining(self) -> None:
-        if self._engine.draining:
-            raise unavailable(DRAINING_MESSAGE)
-
-    def _allow_create(self, peer: str) -> bool:
-        """A token from ``peer``'s bucket, if it has one; idle peers' buckets are pruned on
-        the way, at most every ``LIMITER_PRUNE_INTERVAL``."""
-        now = time.monotonic()
-        if now - self._limiter_pruned_at >= LIMITER_PRUNE_INTERVAL:
-            self._limiter_pruned_at = now
-            self._create_limiter.prune(now)
-        return self._create_limiter.allow(peer, now)
-
     @_traced("CreateSession")
     @_answers_errors
     async def create_session(
         self, request: pb.CreateSessionRequest, context: ServerCall
     ) -> pb.Session:
-        self._refuse_if_draining()
         request = _require(request, pb.CreateSessionRequest)
-        engine = self._engine
-        tickers = normalise_tickers(list(request.tickers), engine.settings.max_tickers_per_session)
-        # The slot is held from here, before any await, so calls waiting for their Redis write
-        # cannot together overfill the pod; every refusal or failure below gives it back.
-        if not engine.registry.reserve():
-            raise resource_exhausted(
-                f"this server holds its maximum of {engine.settings.max_sessions} sessions"
-            )
-        try:
-            if engine.overloaded:
-                raise resource_exhausted(
-                    f"this server is overloaded ({engine.clock.overload_reason()}); "
-                    "retry on another server"
-                )
-            peer = peer_address(context.peer() or "")
-            if not self._allow_create(peer):
-                raise resource_exhausted(
-                    f"too many sessions created from {peer}: at most "
-                    f"{engine.settings.session_create_rate:g} per second; retry later"
-                )
-            info = await engine.store.create(tickers)
-        except BaseException:
-            engine.registry.unreserve()
-            raise
-        engine.registry.add_pending(info.session_id, info.tickers, engine.settings.session_ttl)
+        info = await self._sessions.create(
+            list(request.tickers), peer_address(context.peer() or "")
+        )
         expires_at = timestamp_pb2.Timestamp()
         expires_at.FromNanoseconds(int(info.expires_at * 1e9))
         return pb.Session(session_id=info.session_id, tickers=info.tickers, expires_at=expires_at)
@@ -174,13 +130,7 @@ class PriceStreamService:
     async def close_session(
         self, request: pb.CloseSessionRequest, context: ServerCall
     ) -> empty_pb2.Empty:
-        session_id = check_session_id(_require(request, pb.CloseSessionRequest).session_id)
-        existed = await self._engine.store.close(session_id)
-        # A session this pod holds counts even if Redis lost it (a restart without
-        # persistence); the lease refresh would have written it back moments later.
-        if not existed and session_id not in self._engine.registry:
-            raise not_found(f"session {session_id} does not exist or has expired")
-        self._engine.on_closed(session_id)  # at once here; other pods hear it via Pub/Sub
+        await self._sessions.close(_require(request, pb.CloseSessionRequest).session_id)
         return empty_pb2.Empty()
 
     async def stream_price_updates(
@@ -211,7 +161,7 @@ class PriceStreamService:
         request: pb.StreamPriceUpdatesRequest,
         context: ServerCall,
     ) -> None:
-        self._refuse_if_draining()
+        self._sessions.refuse_if_draining()
         request = _require(request, pb.StreamPriceUpdatesRequest)
         lifecycle.session_id = check_session_id(request.session_id)
         async with lifecycle:
