@@ -225,6 +225,8 @@ def run_case(
                     PRICESTREAM_GRPC_PORT=str(grpc_port),
                     PRICESTREAM_HTTP_HOST="127.0.0.1",
                     PRICESTREAM_HTTP_PORT=str(http_port),
+                    PRICESTREAM_WEB_HOST="127.0.0.1",
+                    PRICESTREAM_WEB_PORT="0",
                     PRICESTREAM_FLUSH_INTERVAL=str(case.flush),
                     PRICESTREAM_LOG_LEVEL="WARNING",
                     # The pod's session limit is not what a case measures (CPU and memory are).

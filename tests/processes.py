@@ -27,6 +27,7 @@ class ServeProcess:
         )
         self.grpc_port = 0
         self.http_port = 0
+        self.web_port = 0
         try:
             started = self.wait_for_event("server_started", timeout=20)
         except BaseException:
@@ -34,6 +35,7 @@ class ServeProcess:
             raise
         self.grpc_port = started["grpc_port"]
         self.http_port = started["http_port"]
+        self.web_port = started["web_port"]
 
     @property
     def target(self) -> str:

@@ -197,6 +197,8 @@ def test_unknown_setting_stops_the_start_but_service_links_do_not(command: str) 
         "PRICESTREAM_GRPC_PORT": "0",
         "PRICESTREAM_HTTP_HOST": "127.0.0.1",
         "PRICESTREAM_HTTP_PORT": "0",
+        "PRICESTREAM_WEB_HOST": "127.0.0.1",
+        "PRICESTREAM_WEB_PORT": "0",
         "PRICESTREAM_SERVICE_HOST": "10.96.14.2",  # a Service "pricestream" in the namespace
         "PRICESTREAM_PORT": "tcp://10.96.14.2:50051",
         "PRICESTREAM_PORT_50051_TCP_ADDR": "10.96.14.2",

@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "PRICESTREAM_"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-KNOWN_FAULTS = frozenset({"skip_cleanup_on_send_error"})
+KNOWN_FAULTS = frozenset({"skip_cleanup_on_send_error", "skip_cleanup_on_ws_close"})
 
 Seconds = Annotated[float, Field(gt=0)]
 
@@ -46,6 +46,38 @@ class Settings(BaseSettings):
         "0.0.0.0", description="Address of the /metrics, /healthz, /readyz server."
     )
     http_port: int = Field(9464, ge=0, le=65535, description="HTTP port (0 picks a free one).")
+    web_host: str = Field(
+        "[::]", description="Address of the browser port (REST, WebSocket, SSE, the live page)."
+    )
+    web_port: int = Field(
+        8080, ge=0, le=65535, description="Browser port: HTTP/1.1 (0 picks a free one)."
+    )
+    web_allowed_origins: str = Field(
+        "",
+        description="Comma-separated origins (scheme://host[:port]) whose pages may open "
+        "streams and call REST; '*' allows any; empty: the page's own host only.",
+    )
+    web_ping_interval: Seconds = Field(
+        25.0, description="Seconds between the server's WebSocket pings."
+    )
+    web_pong_timeout: Seconds = Field(
+        10.0, description="Seconds a pong may take before the socket closes with 4001."
+    )
+    web_accept_rate: float = Field(
+        200.0,
+        ge=0.0,
+        description="New browser streams per second this pod admits (reconnect storms); "
+        "0: no limit.",
+    )
+    web_accept_burst: int = Field(
+        400, ge=1, description="New browser streams this pod admits at once."
+    )
+    web_drain_window: float = Field(
+        5.0,
+        ge=0.0,
+        description="Seconds over which SIGTERM closes open browser streams (1001), jittered, "
+        "so their clients do not reconnect elsewhere all at once.",
+    )
     flush_interval: float = Field(0.1, ge=0.01, le=10.0, description="Seconds between batches.")
     session_ttl: Seconds = Field(60.0, description="Seconds a never-streamed session lives.")
     resume_grace: Seconds = Field(
@@ -159,6 +191,12 @@ class Settings(BaseSettings):
         sentinel_addresses(value)  # raises on a malformed address
         return value
 
+    @field_validator("web_allowed_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        allowed_origins(value)  # raises on a malformed origin
+        return value
+
     @field_validator("faults")
     @classmethod
     def _known_faults(cls, value: str) -> str:
@@ -216,6 +254,21 @@ def sentinel_addresses(value: str) -> list[tuple[str, int]]:
             raise ValueError(f"{item!r} is not host:port")
         pairs.append((host, int(port)))
     return pairs
+
+
+_ORIGIN = re.compile(
+    r"https?://[A-Za-z0-9.\-]+(?::[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?"
+)
+
+
+def allowed_origins(value: str) -> frozenset[str]:
+    """The origins of ``web_allowed_origins`` (lower-case), ``*`` alone meaning any; ValueError
+    names a malformed one."""
+    origins = {item.strip().lower().rstrip("/") for item in value.split(",") if item.strip()}
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise ValueError(f"{origin!r} is not an origin like https://example.com[:port] or *")
+    return frozenset(origins)
 
 
 def cluster_seed_nodes(url: str) -> list[tuple[str, int]]:

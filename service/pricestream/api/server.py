@@ -17,12 +17,17 @@ from pricestream.api.http_api import HttpServer
 from pricestream.api.rate_limit import PeerRateLimiter
 from pricestream.api.reflection import add_reflection
 from pricestream.api.service import SERVICE_NAME, PriceStreamService
+from pricestream.api.sessions import SessionOps
 from pricestream.api.tls import server_ssl_context
+from pricestream.api.web import WebApi
 from pricestream.observability.grpc_metrics import GrpcMetrics
+from pricestream.observability.web_metrics import WebMetrics
 from pricestream.settings import Settings
 from pricestream.tasks import cancel_and_wait
 from pricestream.transport.http2.limits import Limits
 from pricestream.transport.http2.server import Gate, GrpcServer
+from pricestream.transport.web.limits import WebLimits
+from pricestream.transport.web.server import WebServer
 from pricestream.wiring import build_engine
 
 log = logging.getLogger("pricestream.server")
@@ -53,8 +58,15 @@ def transport_limits(settings: Settings) -> Limits:
     )
 
 
+def web_limits(settings: Settings) -> WebLimits:
+    return WebLimits(
+        ping_interval=settings.web_ping_interval, pong_timeout=settings.web_pong_timeout
+    )
+
+
 class Server:
-    """Owns the engine, the gRPC server and the HTTP server of one pod."""
+    """Owns the engine, the gRPC server, the browser (web) server and the HTTP server of one
+    pod."""
 
     def __init__(self, settings: Settings, *, in_memory: bool = False) -> None:
         self.settings = settings
@@ -63,6 +75,7 @@ class Server:
         self.create_limiter = PeerRateLimiter(
             settings.session_create_rate, settings.session_create_burst
         )
+        self.sessions = SessionOps(self.engine, self.create_limiter)
         self.health = HealthServicer()
         self.grpc_port = settings.grpc_port
         self.grpc_metrics = GrpcMetrics(self.engine.metrics.registry)
@@ -71,6 +84,13 @@ class Server:
         self._ssl = server_ssl_context(settings) if settings.tls else None
         self._grpc = GrpcServer(transport_limits(settings), self.grpc_metrics, gates)
         self._http = HttpServer(self.engine, settings.http_host, settings.http_port)
+        self.web_metrics = WebMetrics(self.engine.metrics.registry)
+        self.web_api = WebApi(self.engine, self.sessions, self.web_metrics, settings, tokens)
+        self._web = WebServer(self.web_api, web_limits(settings), self.web_metrics)
+        self.web_metrics.register_live(
+            lambda: len(self._web.websockets), lambda: len(self._web.event_streams)
+        )
+        self.web_port = settings.web_port
         self._health_task: asyncio.Task[None] | None = None
         self._drained = False
 
@@ -87,7 +107,7 @@ class Server:
         await self.engine.__aenter__()
         try:
             self._grpc.add_generic_rpc_handlers(
-                (PriceStreamService(self.engine, self.create_limiter).generic_handler(),)
+                (PriceStreamService(self.engine, self.sessions).generic_handler(),)
             )
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
             add_reflection(
@@ -97,20 +117,24 @@ class Server:
             self.grpc_port = await self._grpc.start(
                 self.settings.grpc_host, self.settings.grpc_port, self._ssl
             )
+            self.web_port = await self._web.start(self.settings.web_host, self.settings.web_port)
             await self._http.__aenter__()
             await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
             self._health_task = asyncio.create_task(self._track_readiness(), name="readiness")
         except BaseException:
             await self._grpc.stop(0, SHUTDOWN_MESSAGE)
+            await self._web.stop(0)
             await self.engine.__aexit__(None, None, None)
             raise
         log.info(
-            "serving gRPC on port %d, HTTP on port %d",
+            "serving gRPC on port %d, browsers on port %d, HTTP on port %d",
             self.grpc_port,
+            self.web_port,
             self.http_port,
             extra={
                 "event": "server_started",
                 "grpc_port": self.grpc_port,
+                "web_port": self.web_port,
                 "http_port": self.http_port,
                 "tls": self.settings.tls,
             },
@@ -134,7 +158,8 @@ class Server:
             await asyncio.sleep(0.25)
 
     async def drain(self) -> None:
-        """Refuse new work, end every stream with UNAVAILABLE, wait for them to finish."""
+        """Refuse new work, end every gRPC stream with UNAVAILABLE and every browser stream
+        with 1001 (spread over ``web_drain_window``), wait for them to finish."""
         if self._drained:
             return
         self._drained = True
@@ -144,9 +169,16 @@ class Server:
             self._health_task.cancel()
         await self.health.enter_graceful_shutdown()
         log.info("draining %d streams", engine.streams_active, extra={"event": "drain_started"})
-        engine.stop_all_streams("shutdown", grpc.StatusCode.UNAVAILABLE, SHUTDOWN_MESSAGE)
+        self._web.stop_listening()
+        self._web.close_idle()
+        self.web_api.drain(self.settings.web_drain_window)
+        for session in engine.registry.streaming():
+            writer = session.writer
+            if writer is not None and not self.web_api.owns(writer):
+                writer.stop("shutdown", grpc.StatusCode.UNAVAILABLE, SHUTDOWN_MESSAGE)
+        timeout = max(self.settings.drain_timeout, self.settings.web_drain_window + 1.0)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(engine.streams_finished(), self.settings.drain_timeout)
+            await asyncio.wait_for(engine.streams_finished(), timeout)
         log.info(
             "drain finished with %d streams left",
             engine.streams_active,
@@ -160,6 +192,7 @@ class Server:
         finally:
             if self._health_task is not None:
                 await cancel_and_wait([self._health_task])
+            await self._web.stop(1.0)
             await self._http.__aexit__(None, None, None)
             await self.engine.__aexit__(None, None, None)
             log.info(

@@ -55,8 +55,10 @@ class StreamContext(Protocol):
 
 
 class StreamLifecycle:
-    def __init__(self, engine: Engine, context: StreamContext) -> None:
+    def __init__(self, engine: Engine, context: StreamContext, *, json: bool = False) -> None:
+        """``json``: the stream's batches are JSON fragments (a browser stream), not protobuf."""
         self._engine = engine
+        self._json = json
         self.session_id = ""
         self._context = context
         self._owner = f"{engine.pod_instance}/{secrets.token_hex(6)}"
@@ -69,7 +71,8 @@ class StreamLifecycle:
         engine = self._engine
         if engine.registry.full and self.session_id not in engine.registry:
             raise resource_exhausted(
-                f"this server holds its maximum of {engine.settings.max_sessions} sessions"
+                f"this server holds its maximum of {engine.settings.max_sessions} sessions",
+                "pod_full",
             )
         try:
             self.tickers = await engine.store.claim(self.session_id, self._owner)
@@ -80,7 +83,7 @@ class StreamLifecycle:
                 f"session {self.session_id} is already streaming; one stream per session"
             ) from None
         except (RedisError, OSError, TimeoutError) as exc:
-            raise unavailable(f"session store unreachable: {describe(exc)}") from None
+            raise unavailable(f"session store unreachable: {describe(exc)}", "backend") from None
         # From here on nothing awaits until the stream is fully registered.
         writer = StreamWriter(
             engine.clock, self._context.batch_sink(), engine.settings.max_send_message_bytes
@@ -90,7 +93,7 @@ class StreamLifecycle:
         self._context.on_terminate(lambda code, message, reason: writer.stop(reason, code, message))
         engine.registry.start_streaming(self.session_id, self.tickers, self._owner, writer)
         engine.clock.register(writer)
-        self._topics = engine.hub.add(writer, self.tickers)
+        self._topics = engine.hub.add(writer, self.tickers, json=self._json)
         self.writer = writer
         log.info(
             "stream started for session %s",
@@ -108,11 +111,11 @@ class StreamLifecycle:
         writer = self.writer
         assert writer is not None
         self.reason, suppress = self._classify(writer, exc)
-        if self.reason in _CLIENT_GONE_REASONS and self._engine.settings.has_fault(
-            "skip_cleanup_on_send_error"
-        ):
+        fault = self._fault()
+        if fault:
             log.warning(
-                "FAULT skip_cleanup_on_send_error: leaving session %s and its subscriptions",
+                "FAULT %s: leaving session %s and its subscriptions",
+                fault,
                 self.session_id,
                 extra={"event": "fault_injected", "session_id": self.session_id},
             )
@@ -120,6 +123,18 @@ class StreamLifecycle:
         self._release_local(writer)
         await self._release_lease()
         return suppress
+
+    def _fault(self) -> str:
+        """The injected fault (detection tests only) that skips this stream's cleanup, if any:
+        the original system's bug, on a send error (gRPC) or a WebSocket's close."""
+        if self.reason not in _CLIENT_GONE_REASONS:
+            return ""
+        settings = self._engine.settings
+        if settings.has_fault("skip_cleanup_on_send_error"):
+            return "skip_cleanup_on_send_error"
+        if self._json and settings.has_fault("skip_cleanup_on_ws_close"):
+            return "skip_cleanup_on_ws_close"
+        return ""
 
     def _classify(self, writer: StreamWriter, exc: BaseException | None) -> tuple[str, bool]:
         """Why the stream ended, and whether its exception is handled here."""
@@ -167,11 +182,17 @@ class StreamLifecycle:
     async def pump(self) -> None:
         """Send the last known prices at once, then leave the batches to the flush clock
         until the stream is stopped (or the call cancelled)."""
+        await self.start()
+        assert self.writer is not None
+        await self.writer.ended()
+
+    async def start(self) -> None:
+        """Send the last known prices at once (the stream's first batch, if any is known);
+        the flush clock sends the rest."""
         writer = self.writer
         assert writer is not None
         await self._seed_last_prices(writer)
         self._engine.clock.flush_now(writer)
-        await writer.ended()
 
     @property
     def batches_sent(self) -> int:
@@ -185,8 +206,9 @@ class StreamLifecycle:
         hub = self._engine.hub
         missing = []
         for topic in self._topics:
-            if topic.last is not None:
-                hub.seed(writer, topic.ticker, topic.last)
+            last = topic.last_for(self._json)
+            if last is not None:
+                hub.seed(writer, topic.ticker, last)
             else:
                 missing.append(topic.ticker)
         if not missing:
@@ -200,7 +222,7 @@ class StreamLifecycle:
         for ticker, payload in zip(missing, payloads, strict=True):
             if payload is None:
                 continue
-            entry = entry_from_payload(ticker, payload, max_bytes=max_bytes)
+            entry = entry_from_payload(ticker, payload, max_bytes=max_bytes, json=self._json)
             if not isinstance(entry, str):
                 hub.seed(writer, ticker, entry)
 

@@ -1,0 +1,94 @@
+"""Metrics of the browser port: WebSocket and SSE streams counted where their sockets start
+and end, handshakes refused by reason, REST requests by route and status.
+
+``pricestream_ws_connections_active`` is the original system's first gauge
+(``bc11_active_ws_sessions``); like every gauge here it reads live state at scrape time, so
+opened minus closed minus active is zero unless the bookkeeping is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+StreamKind = Literal["websocket", "sse"]
+_PREFIX = {"websocket": "pricestream_ws_connections", "sse": "pricestream_sse_connections"}
+_LABEL = {"websocket": "ws", "sse": "sse"}
+
+
+class _LiveStreams(Collector):
+    def __init__(self, websockets: Callable[[], int], event_streams: Callable[[], int]) -> None:
+        self._websockets = websockets
+        self._event_streams = event_streams
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "pricestream_ws_connections_active",
+            "Open WebSocket price streams of browsers on this pod.",
+            value=self._websockets(),
+        )
+        yield GaugeMetricFamily(
+            "pricestream_sse_connections_active",
+            "Open Server-Sent Events price streams of browsers on this pod.",
+            value=self._event_streams(),
+        )
+
+
+class WebMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+        self._opened = {
+            kind: Counter(
+                f"{prefix}_opened",
+                f"{_LABEL[kind].upper()} price streams accepted (after the handshake).",
+                registry=registry,
+            )
+            for kind, prefix in _PREFIX.items()
+        }
+        self._closed = {
+            kind: Counter(
+                f"{prefix}_closed",
+                f"{_LABEL[kind].upper()} price streams ended, by WebSocket close code (SSE: the "
+                "code a WebSocket would have carried; 1006: the connection dropped).",
+                ["code"],
+                registry=registry,
+            )
+            for kind, prefix in _PREFIX.items()
+        }
+        self._refused = Counter(
+            "pricestream_web_handshakes_refused",
+            "Browser stream requests refused, by transport (ws, sse) and reason.",
+            ["transport", "reason"],
+            registry=registry,
+        )
+        self._requests = Counter(
+            "pricestream_http_requests",
+            "Requests of the browser port answered without a stream, by route and status.",
+            ["route", "status"],
+            registry=registry,
+        )
+
+    def register_live(
+        self, websockets: Callable[[], int], event_streams: Callable[[], int]
+    ) -> None:
+        self._registry.register(_LiveStreams(websockets, event_streams))
+
+    # --- transport.web.server.StreamObserver ------------------------------------------------
+
+    def opened(self, kind: StreamKind) -> None:
+        self._opened[kind].inc()
+
+    def closed(self, kind: StreamKind, code: int) -> None:
+        self._closed[kind].labels(str(code)).inc()
+
+    # --- the application's counts ------------------------------------------------------------
+
+    def refused(self, kind: StreamKind, reason: str) -> None:
+        self._refused.labels(_LABEL[kind], reason).inc()
+
+    def request(self, route: str, status: int) -> None:
+        self._requests.labels(route, str(status)).inc()

@@ -1,0 +1,569 @@
+"""One browser-side TCP connection: HTTP/1.1 requests (h11), then possibly one stream.
+
+A connection starts in HTTP mode: h11 parses each request (head within ``head_timeout``, head
+and body bounded), the application answers it in a task of its own, and keep-alive moves on to
+the next one. A request may turn the connection into a stream for the rest of its life:
+
+- a WebSocket (``accept_websocket``): wsproto validates the upgrade, writes the 101 and from
+  then on parses the client's frames (pings answered within a budget, pongs awaited, data
+  frames ignored up to ``max_client_message`` bytes, a close answered); the server's frames are
+  written by the stream's sink (``sinks.py``);
+- an event stream (``start_event_stream``): the SSE head is written, the body is the sink's
+  events until the connection closes.
+
+Every way out of a stream (the peer's close frame, a lost connection, a missed pong, a
+protocol error, the server's own close) ends in ``_end_stream`` once, which cancels the
+application's task of that stream: the task's ``finally`` (the stream's lifecycle) is the one
+place its session is given back, whatever ended it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal, Protocol, cast
+
+import h11
+from wsproto.connection import Connection as WsConnection
+from wsproto.connection import ConnectionState, ConnectionType
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    TextMessage,
+)
+from wsproto.events import (
+    Request as WsRequest,
+)
+from wsproto.handshake import H11Handshake
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from pricestream.transport.budget import Budget
+from pricestream.transport.web.frames import close_reason
+from pricestream.transport.web.http import Request, Response, reason_phrase
+from pricestream.transport.web.limits import WebLimits
+from pricestream.transport.web.sinks import EventStreamSink, StreamSink, WebSocketSink
+
+log = logging.getLogger("pricestream.web")
+
+Mode = Literal["http", "websocket", "sse", "closed"]
+ABNORMAL_CLOSURE = 1006  # no close frame was received (RFC 6455 section 7.1.5)
+PROTOCOL_ERROR = 1002
+POLICY_VIOLATION = 1008
+MESSAGE_TOO_BIG = 1009
+NO_PONG = 4001
+
+
+class WebApplication(Protocol):
+    """What answers the requests of the web port (``pricestream.api.web``)."""
+
+    async def handle(self, request: Request, exchange: WebConnection) -> None:
+        """Answer ``request``: ``exchange.respond`` once, or turn the connection into a stream
+        (``accept_websocket`` / ``start_event_stream``) and serve it until it ends."""
+        ...
+
+
+class ConnectionOwner(Protocol):
+    """What a connection needs of its server (``server.WebServer``)."""
+
+    @property
+    def app(self) -> WebApplication: ...
+
+    @property
+    def limits(self) -> WebLimits: ...
+
+    def connection_opened(self, conn: WebConnection) -> None: ...
+
+    def connection_closed(self, conn: WebConnection) -> None: ...
+
+    def stream_opened(self, conn: WebConnection, kind: Literal["websocket", "sse"]) -> None: ...
+
+    def stream_closed(
+        self, conn: WebConnection, kind: Literal["websocket", "sse"], code: int
+    ) -> None: ...
+
+
+def _peer_ip(peername: object) -> str:
+    if isinstance(peername, tuple) and peername:
+        return str(peername[0])
+    return "unknown"
+
+
+class WebConnection(asyncio.Protocol):
+    def __init__(self, owner: ConnectionOwner) -> None:
+        self._owner = owner
+        self._limits = owner.limits
+        self.mode: Mode = "http"
+        self.transport: asyncio.Transport | None = None
+        self.peer = "unknown"
+        self._h11: h11.Connection | None = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=self._limits.max_head_bytes
+        )
+        self._head: h11.Request | None = None
+        self._handshake: H11Handshake | None = None  # of a validated upgrade request
+        self._body = bytearray()
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._reading_paused = False
+        # Stream state (a WebSocket or an event stream).
+        self.sink: StreamSink | None = None
+        self._ws: WsConnection | None = None
+        self._pings: Budget | None = None
+        self._pong_timer: asyncio.TimerHandle | None = None
+        self._client_message_bytes = 0
+        self.close_code: int | None = None  # the stream's close code, once it is ending
+        self._stream_ended = False
+
+    # --- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not subclasses of asyncio.Transport, but have its methods.
+        self.transport = cast(asyncio.Transport, transport)
+        transport = self.transport
+        self.peer = _peer_ip(transport.get_extra_info("peername"))
+        transport.set_write_buffer_limits(
+            high=self._limits.write_buffer_high, low=self._limits.write_buffer_low
+        )
+        self._owner.connection_opened(self)
+        self._arm_timer(self._limits.head_timeout, self._head_timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        if self.mode == "http":
+            self._http_data(data)
+        elif self.mode == "websocket":
+            self._ws_data(data)
+        elif self.mode == "sse" and len(data) > self._limits.max_client_message:
+            self._abort()  # an event stream's client has nothing to say
+
+    def eof_received(self) -> bool | None:
+        if self.mode == "http" and self._h11 is not None:
+            self._http_data(b"")
+        return None  # close the transport
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.pause()
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.resume()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.mode_closed()
+        self._cancel_timer()
+        if self._pong_timer is not None:
+            self._pong_timer.cancel()
+            self._pong_timer = None
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._owner.connection_closed(self)
+        self.transport = None
+
+    def mode_closed(self) -> None:
+        if self.mode in ("websocket", "sse"):
+            self._end_stream(ABNORMAL_CLOSURE if self.close_code is None else self.close_code)
+        self.mode = "closed"
+
+    # --- HTTP/1.1 -------------------------------------------------------------------------
+
+    def _http_data(self, data: bytes) -> None:
+        conn = self._h11
+        assert conn is not None
+        if data and conn.their_state is h11.IDLE and self._head is None and self._task is None:
+            # The first bytes of a request: its head must follow within head_timeout.
+            self._arm_timer(self._limits.head_timeout, self._head_timed_out)
+        try:
+            conn.receive_data(data)
+            self._next_events()
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            if status == 400 and "buffer" in str(exc).lower():
+                status = 431
+            self._refuse_malformed(status, str(exc))
+
+    def _next_events(self) -> None:
+        conn = self._h11
+        while conn is not None and self._task is None and self.mode == "http":
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                return
+            if event is h11.PAUSED:
+                if not self._reading_paused and self.transport is not None:
+                    self.transport.pause_reading()  # pipelined requests wait their turn
+                    self._reading_paused = True
+                return
+            if isinstance(event, h11.Request):
+                self._on_head(event)
+            elif isinstance(event, h11.Data):
+                self._body += event.data
+                if len(self._body) > self._limits.max_body_bytes:
+                    self._refuse_malformed(413, "request body is too large")
+                    return
+            elif isinstance(event, h11.EndOfMessage):
+                self._on_request()
+            elif isinstance(event, h11.ConnectionClosed):
+                self._close()
+                return
+
+    def _on_head(self, head: h11.Request) -> None:
+        self._cancel_timer()  # the head is complete; the body is bounded by its size
+        self._head = head
+        self._body = bytearray()
+        for name, value in head.headers:
+            if name == b"content-length" and int(value) > self._limits.max_body_bytes:
+                self._refuse_malformed(413, "request body is too large")
+                return
+
+    def _on_request(self) -> None:
+        head = self._head
+        assert head is not None and self._h11 is not None
+        self._head = None
+        websocket = _is_websocket_upgrade(head)
+        request = Request.from_target(
+            head.method,
+            head.target,
+            list(head.headers),
+            bytes(self._body),
+            self.peer,
+            websocket=websocket,
+        )
+        self._body = bytearray()
+        if websocket:
+            handshake = _validated_handshake(head)
+            if isinstance(handshake, tuple):
+                status, message, extra = handshake
+                self.respond(Response.error(status, "bad_handshake", message, extra))
+                return
+            self._handshake = handshake
+        self._run(self._owner.app.handle(request, self))
+
+    def _run(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._task = task
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if self._task is task:
+            self._task = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("web request handler failed", exc_info=task.exception())
+        if self.mode == "http":
+            if self._h11 is not None and self._h11.our_state is h11.SEND_RESPONSE:
+                self.respond(Response.error(500, "internal", "the request was not answered"))
+            return
+        if self.mode in ("websocket", "sse") and not self._stream_ended:
+            # The application's stream ended without closing it: an internal error.
+            self.close_stream(1011, "internal error")
+
+    def respond(self, response: Response) -> None:
+        """Answer the current request (HTTP mode); keep-alive goes on to the next one."""
+        conn = self._h11
+        if conn is None or self.transport is None or conn.our_state is not h11.SEND_RESPONSE:
+            return
+        headers = [
+            (b"content-type", response.content_type),
+            (b"content-length", b"%d" % len(response.body)),
+            *response.headers,
+        ]
+        if not response.content_type:
+            headers = headers[1:]
+        try:
+            out = conn.send(
+                h11.Response(
+                    status_code=response.status,
+                    headers=headers,
+                    reason=reason_phrase(response.status),
+                )
+            )
+            if response.body:
+                out += conn.send(h11.Data(data=response.body))
+            out += conn.send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:
+            log.warning("could not answer a web request: %s", exc)
+            self._abort()
+            return
+        self.transport.write(out)
+        if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+            self._close()
+            return
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+            self._arm_timer(self._limits.idle_timeout, self._close)
+            if self._reading_paused and self.transport is not None:
+                self._reading_paused = False
+                self.transport.resume_reading()
+            # Pipelined bytes already received are parsed once this task has ended.
+            asyncio.get_running_loop().call_soon(self._resume_http)
+
+    def _resume_http(self) -> None:
+        if self.mode == "http" and self._task is None and self._h11 is not None:
+            try:
+                self._next_events()
+            except h11.RemoteProtocolError as exc:
+                self._refuse_malformed(exc.error_status_hint, str(exc))
+
+    def _refuse_malformed(self, status: int, detail: str) -> None:
+        """Answer a request h11 could not take with its status and one sentence, then close."""
+        message = {
+            413: "request body is too large",
+            431: "request head is too large",
+        }.get(status, f"malformed HTTP request: {detail}")
+        body = Response.error(status, "bad_request", message)
+        if self.transport is not None:
+            self.transport.write(
+                b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n"
+                % (status, reason_phrase(status), len(body.body))
+                + body.body
+            )
+        self._close()
+
+    def _head_timed_out(self) -> None:
+        self._timer = None
+        if self.mode == "http" and self._task is None:
+            log.debug("closing a web connection that sent no request in time")
+            self._close()
+
+    # --- streams ----------------------------------------------------------------------------
+
+    def accept_websocket(
+        self, request: Request, subprotocol: str | None, extra_headers: list[tuple[bytes, bytes]]
+    ) -> WebSocketSink:
+        """Write the 101 for the current (validated) upgrade request; the connection is a
+        WebSocket from now on and ``WebSocketSink`` its server side."""
+        handshake = self._handshake
+        assert self.mode == "http" and self._h11 is not None and self.transport is not None
+        assert request.websocket and handshake is not None
+        self._handshake = None
+        accept = AcceptConnection(subprotocol=subprotocol, extra_headers=extra_headers)
+        self.transport.write(handshake.send(accept))
+        ws = handshake.connection
+        assert ws is not None
+        trailing, _ = self._h11.trailing_data
+        self._h11 = None  # HTTP is over on this connection
+        self._ws = ws
+        self._pings = Budget(self._limits.client_ping_burst, self._limits.client_pings_per_second)
+        self.mode = "websocket"
+        self._cancel_timer()
+        sink = WebSocketSink(self)
+        self.sink = sink
+        self._owner.stream_opened(self, "websocket")
+        self._arm_timer(self._limits.ping_interval, self._ping)
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        if trailing:
+            self._ws_data(bytes(trailing))
+        return sink
+
+    def start_event_stream(self, extra_headers: list[tuple[bytes, bytes]]) -> EventStreamSink:
+        """Write the head of an SSE response (read until close); the connection carries that
+        stream from now on and ``EventStreamSink`` writes its events."""
+        assert self.mode == "http" and self._h11 is not None and self.transport is not None
+        head = [
+            b"HTTP/1.1 200 OK",
+            b"content-type: text/event-stream; charset=utf-8",
+            b"cache-control: no-cache, no-store",
+            b"x-accel-buffering: no",  # nginx: do not buffer this response
+            b"connection: close",
+        ]
+        head += [name + b": " + value for name, value in extra_headers]
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n")
+        self._h11 = None
+        self.mode = "sse"
+        self._cancel_timer()
+        sink = EventStreamSink(self, self._limits.sse_retry_ms)
+        self.sink = sink
+        self._owner.stream_opened(self, "sse")
+        self._arm_timer(self._limits.sse_heartbeat, self._heartbeat)
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return sink
+
+    def close_stream(self, code: int, reason: str) -> None:
+        """End the stream with ``code`` (WebSocket: a close frame, then the TCP close once the
+        peer answered or ``close_timeout`` passed; SSE: a last ``close`` event). A client
+        that does not read (its output over the high-water mark) cannot receive either: its
+        connection is dropped at once, and its buffered output freed with it."""
+        if self._stream_ended or self.transport is None:
+            return
+        sink = self.sink
+        stalled = sink is not None and sink.blocked_since is not None
+        if self.mode == "websocket" and self._ws is not None:
+            try:
+                data = self._ws.send(CloseConnection(code=code, reason=close_reason(reason)))
+            except LocalProtocolError:
+                data = b""  # closing already
+            self._end_stream(code)
+            if stalled:
+                self._abort()
+                return
+            if data:
+                self.transport.write(data)
+            if self._ws.state is ConnectionState.CLOSED:
+                self._close()
+            else:
+                self._arm_timer(self._limits.close_timeout, self._abort)
+        elif self.mode == "sse":
+            assert isinstance(sink, EventStreamSink)
+            self._end_stream(code)
+            if stalled:
+                self._abort()
+                return
+            sink.write_close(code, reason)
+            self._close()
+
+    def _end_stream(self, code: int) -> None:
+        """The one place a stream ends: its code recorded and counted, its sink closed, the
+        application's stream task cancelled (its lifecycle gives the session back)."""
+        if self._stream_ended:
+            return
+        self._stream_ended = True
+        self.close_code = code
+        kind: Literal["websocket", "sse"] = "websocket" if self.mode == "websocket" else "sse"
+        if self.sink is not None:
+            self.sink.close()
+        if self._pong_timer is not None:
+            self._pong_timer.cancel()
+            self._pong_timer = None
+        self._owner.stream_closed(self, kind, code)
+        task = self._task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+
+    # --- WebSocket: the client's frames, pings ------------------------------------------------
+
+    def _ws_data(self, data: bytes) -> None:
+        ws = self._ws
+        if ws is None or ws.state is ConnectionState.CLOSED:
+            return
+        try:
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, (TextMessage, BytesMessage)):
+                    self._client_message_bytes += len(event.data)
+                    if self._client_message_bytes > self._limits.max_client_message:
+                        self.close_stream(MESSAGE_TOO_BIG, "client messages are ignored; too big")
+                        return
+                    if event.message_finished:
+                        self._client_message_bytes = 0
+                elif isinstance(event, Ping):
+                    assert self._pings is not None
+                    if not self._pings.take():
+                        self.close_stream(POLICY_VIOLATION, "too many pings")
+                        return
+                    if self.transport is not None and ws.state is ConnectionState.OPEN:
+                        self.transport.write(ws.send(event.response()))
+                elif isinstance(event, Pong):
+                    if self._pong_timer is not None:
+                        self._pong_timer.cancel()
+                        self._pong_timer = None
+                        self._arm_timer(self._limits.ping_interval, self._ping)
+                elif isinstance(event, CloseConnection):
+                    self._peer_closed(ws, event)
+                    return
+        except (RemoteProtocolError, LocalProtocolError) as exc:
+            log.debug("WebSocket protocol error from %s: %s", self.peer, exc)
+            self.close_stream(PROTOCOL_ERROR, "protocol error")
+
+    def _peer_closed(self, ws: WsConnection, event: CloseConnection) -> None:
+        if ws.state is ConnectionState.REMOTE_CLOSING:
+            # The client closed first: answer with its code, then end the TCP connection.
+            if self.transport is not None:
+                self.transport.write(ws.send(event.response()))
+            self._end_stream(int(event.code))
+            self._close()
+        else:
+            # The answer to our close frame: the closing handshake is complete.
+            self._close()
+
+    def _ping(self) -> None:
+        self._timer = None
+        ws = self._ws
+        if ws is None or ws.state is not ConnectionState.OPEN or self.transport is None:
+            return
+        self.transport.write(ws.send(Ping(payload=b"pricestream")))
+        self._pong_timer = asyncio.get_running_loop().call_later(
+            self._limits.pong_timeout, self._no_pong
+        )
+
+    def _no_pong(self) -> None:
+        self._pong_timer = None
+        self.close_stream(NO_PONG, "no pong")
+
+    def _heartbeat(self) -> None:
+        self._timer = None
+        sink = self.sink
+        if self.mode != "sse" or sink is None or self._stream_ended:
+            return
+        assert isinstance(sink, EventStreamSink)
+        sink.heartbeat()
+        self._arm_timer(self._limits.sse_heartbeat, self._heartbeat)
+
+    # --- timers and closing ---------------------------------------------------------------
+
+    def _arm_timer(self, delay: float, callback: Callable[[], None]) -> None:
+        self._cancel_timer()
+        self._timer = asyncio.get_running_loop().call_later(delay, callback)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()  # after what is buffered has been written
+
+    def _abort(self) -> None:
+        self._timer = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    def abort(self) -> None:
+        """Drop the connection now (server shutdown)."""
+        self._abort()
+
+    @property
+    def idle(self) -> bool:
+        """In HTTP mode between requests: nothing is lost by closing it."""
+        return self.mode == "http" and self._task is None and self._head is None
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+
+def _is_websocket_upgrade(head: h11.Request) -> bool:
+    upgrade = connection = False
+    for name, value in head.headers:
+        if name == b"upgrade" and value.lower() == b"websocket":
+            upgrade = True
+        elif name == b"connection" and b"upgrade" in value.lower():
+            connection = True
+    return upgrade and connection
+
+
+def _validated_handshake(
+    head: h11.Request,
+) -> H11Handshake | tuple[int, str, list[tuple[bytes, bytes]]]:
+    """wsproto's server handshake for an upgrade request, or why the request is not a valid
+    WebSocket handshake (status, sentence, headers). wsproto's own validation decides."""
+    if head.method != b"GET":
+        return 405, "a WebSocket handshake is a GET request", [(b"allow", b"GET")]
+    handshake = H11Handshake(ConnectionType.SERVER)
+    try:
+        handshake.initiate_upgrade_connection(list(head.headers), head.target)
+        events = list(handshake.events())
+    except RemoteProtocolError as exc:
+        hint = exc.event_hint
+        status = getattr(hint, "status_code", 400) or 400
+        extra = [(b"sec-websocket-version", b"13")] if status == 426 else []
+        return status, f"invalid WebSocket handshake: {exc}", extra
+    if len(events) != 1 or not isinstance(events[0], WsRequest):
+        return 400, "invalid WebSocket handshake", []
+    return handshake

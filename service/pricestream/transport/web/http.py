@@ -1,0 +1,81 @@
+"""A request as the application sees it, and the plain responses it answers with."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from urllib.parse import unquote
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str  # percent-decoded, without the query
+    query: str
+    headers: Headers  # names lower-case, as h11 gives them
+    body: bytes
+    peer: str  # the client's IP address
+    websocket: bool = False  # a valid WebSocket upgrade request (checked by the transport)
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of a header (lower-case name), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    @classmethod
+    def from_target(
+        cls,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        body: bytes,
+        peer: str,
+        *,
+        websocket: bool = False,
+    ) -> Request:
+        raw_path, _, query = target.decode("ascii", "replace").partition("?")
+        return cls(
+            method.decode("ascii", "replace"),
+            unquote(raw_path),
+            query,
+            headers,
+            body,
+            peer,
+            websocket,
+        )
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: bytes = b"application/json"
+    headers: Headers = field(default_factory=list)
+
+    @classmethod
+    def json(cls, status: int, value: object, headers: Headers | None = None) -> Response:
+        body = json.dumps(value, separators=(",", ":")).encode()
+        return cls(status, body, b"application/json", headers or [])
+
+    @classmethod
+    def error(
+        cls, status: int, code: str, message: str, headers: Headers | None = None
+    ) -> Response:
+        """``{"error": {"code", "message"}}``: ``code`` a stable word, ``message`` one sentence."""
+        return cls.json(status, {"error": {"code": code, "message": message}}, headers)
+
+    @classmethod
+    def empty(cls, status: int, headers: Headers | None = None) -> Response:
+        return cls(status, b"", b"", headers or [])
+
+
+def reason_phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""

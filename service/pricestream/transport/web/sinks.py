@@ -1,0 +1,109 @@
+"""The server side of a browser stream: the ``BatchSink`` the flush clock hands batches to.
+
+One socket per stream, so each sink is its own flush group (the clock spreads them over its
+phases). A batch is packed by hand (``frames.py``) and written with one ``transport.write``;
+``send`` returns False once the socket's unsent output is over the high-water mark (the
+transport's ``pause_writing``): the writer then keeps coalescing until ``resume_writing``
+says the socket drained, and a socket that stays behind is cut off by the flush clock's stall
+check like any stream.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from pricestream.transport.web.frames import (
+    SSE_HEARTBEAT,
+    sse_batch,
+    sse_close_event,
+    sse_retry,
+    websocket_batch,
+)
+
+
+class Wire(Protocol):
+    """Where a sink's bytes go (the connection)."""
+
+    def write(self, data: bytes) -> None: ...
+
+
+class StreamSink:
+    """What the WebSocket and SSE sinks share: seq, back-pressure, close."""
+
+    __slots__ = ("_on_writable", "_wire", "blocked_since", "closed", "seq")
+
+    def __init__(self, wire: Wire) -> None:
+        self._wire = wire
+        self._on_writable: Callable[[], None] | None = None
+        self.blocked_since: float | None = None
+        self.closed = False
+        self.seq = 0  # the last frame's seq: 1 is the snapshot
+
+    @property
+    def flush_group(self) -> object:
+        return self
+
+    def on_writable(self, callback: Callable[[], None]) -> None:
+        self._on_writable = callback
+
+    def send(self, payload: bytes) -> bool:
+        """Write one batch (comma-terminated JSON fragments); the first is the snapshot."""
+        if self.closed:
+            return True  # nothing waits: the stream is gone
+        seq = self.seq + 1
+        self.seq = seq
+        self._wire.write(self._pack(seq, payload, seq == 1))
+        return self.blocked_since is None
+
+    def send_snapshot(self, payload: bytes) -> None:
+        """The first frame even when no ticker has a known price yet (an empty snapshot)."""
+        if self.seq == 0:
+            self.send(payload)
+
+    @staticmethod
+    def _pack(seq: int, payload: bytes, snapshot: bool) -> bytes:
+        raise NotImplementedError
+
+    def pause(self) -> None:
+        if self.blocked_since is None:
+            self.blocked_since = time.monotonic()
+
+    def resume(self) -> None:
+        if self.blocked_since is None:
+            return
+        self.blocked_since = None
+        if self._on_writable is not None and not self.closed:
+            self._on_writable()
+
+    def close(self) -> None:
+        self.closed = True
+        self._on_writable = None
+
+
+class WebSocketSink(StreamSink):
+    __slots__ = ()
+
+    @staticmethod
+    def _pack(seq: int, payload: bytes, snapshot: bool) -> bytes:
+        return websocket_batch(seq, payload, snapshot=snapshot)
+
+
+class EventStreamSink(StreamSink):
+    __slots__ = ()
+
+    def __init__(self, wire: Wire, retry_ms: int) -> None:
+        super().__init__(wire)
+        wire.write(sse_retry(retry_ms))
+
+    @staticmethod
+    def _pack(seq: int, payload: bytes, snapshot: bool) -> bytes:
+        return sse_batch(seq, payload, snapshot=snapshot)
+
+    def heartbeat(self) -> None:
+        if not self.closed and self.blocked_since is None:
+            self._wire.write(SSE_HEARTBEAT)
+
+    def write_close(self, code: int, reason: str) -> None:
+        self._wire.write(sse_close_event(code, reason))
