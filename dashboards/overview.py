@@ -1,5 +1,5 @@
-"""The pricestream overview dashboard: lifecycle (leaks), prices, latency, errors, Redis,
-saturation."""
+"""The pricestream overview dashboard: lifecycle (leaks), the browser path, prices, latency,
+errors, Redis, saturation."""
 
 from __future__ import annotations
 
@@ -21,18 +21,24 @@ UID = "pricestream-overview"
 SEL = 'namespace="$namespace", pod=~"$pod"'
 RATE = "$__rate_interval"
 FIRING_ALERTS = 'ALERTS{alertstate="firing", alertname=~"PriceStream.*", namespace="$namespace"}'
-LIFECYCLE = "pricestream_(sessions|streams|pubsub_subscriptions|redis_pubsub_connections)"
+LIFECYCLE = (
+    "pricestream_(sessions|streams|pubsub_subscriptions|redis_pubsub_connections"
+    "|ws_connections|sse_connections)"
+)
 
 # Each row and the metrics its panels may query (full-match regular expressions): a panel whose
 # queries name a metric outside its row's topic sits under the wrong row (tests check it).
 NOW = "Now"
 LIFECYCLE_ROW = "Lifecycle: opened must equal closed once clients are gone"
+BROWSER = "Browser path: WebSocket, SSE, REST"
 PRICES = "Prices"
 ERRORS = "Errors and Redis"
 SATURATION = "Saturation: flush lag, backlog, CPU, memory"
 ROW_TOPICS = {
     NOW: rf"{LIFECYCLE}_active|pricestream_ready|ALERTS",
     LIFECYCLE_ROW: rf"{LIFECYCLE}_(active|opened_total|closed_total)",
+    BROWSER: r"pricestream_(ws|sse)_connections_(active|opened_total|closed_total)"
+    r"|pricestream_web_handshakes_refused_total|pricestream_http_requests_total",
     PRICES: r"pricestream_(price_updates_[a-z]+_total|batches_sent_total"
     r"|delivery_latency_seconds_bucket)",
     ERRORS: r"grpc_server_handled_total|pricestream_slow_consumer_disconnects_total"
@@ -56,15 +62,18 @@ def rate(metric: str, by: str = "pod", extra: str = "") -> str:
     return f"sum{grouping} (rate({metric}{{{selector}}}[{RATE}]))"
 
 
-def drift(resource: str) -> Query:
+def drift(resource: str, closes_labelled: bool = False) -> Query:
     """opened - closed - active of one resource over the selected pods: 0 when they agree,
-    negative when more closed than opened (itself a bug signal)."""
+    negative when more closed than opened (itself a bug signal). A closed counter with a label
+    (a browser socket's close `code`) has no series before its first close: 0 until then."""
 
     def total(name: str) -> str:
         return f"sum({name}{{{SEL}}})"
 
     opened = total(f"pricestream_{resource}_opened_total")
     closed = total(f"pricestream_{resource}_closed_total")
+    if closes_labelled:
+        closed = f"({closed} or vector(0))"
     active = total(f"pricestream_{resource}_active")
     return Query(f"{opened} - {closed} - {active}", resource.replace("_", " "))
 
@@ -160,6 +169,8 @@ def build() -> dict[str, Any]:
                 drift("streams"),
                 drift("pubsub_subscriptions"),
                 drift("redis_pubsub_connections"),
+                drift("ws_connections", closes_labelled=True),
+                drift("sse_connections", closes_labelled=True),
                 Query(
                     f"sum(pricestream_sessions_active{{{SEL}}})"
                     f" - sum(pricestream_streams_active{{{SEL}}})",
@@ -172,6 +183,71 @@ def build() -> dict[str, Any]:
             signed=True,
         ),
         8,
+        8,
+    )
+
+    layout.row(BROWSER)
+    for title, metric, what in [
+        ("WebSocket connections", "pricestream_ws_connections_active", "WebSocket"),
+        ("SSE connections", "pricestream_sse_connections_active", "Server-Sent Events"),
+    ]:
+        description = f"Open {what} price streams of browsers ({metric}) per pod and in total."
+        layout.add(timeseries(title, "short", per_pod_and_total(metric), description), 6, 8)
+    for title, kind, what in [
+        ("WebSocket opened vs closed by code", "ws", "WebSockets"),
+        ("SSE opened vs closed by code", "sse", "SSE streams"),
+    ]:
+        layout.add(
+            timeseries(
+                title,
+                per_second("connections"),
+                [
+                    Query(rate(f"pricestream_{kind}_connections_opened_total", ""), "opened"),
+                    Query(
+                        rate(f"pricestream_{kind}_connections_closed_total", "code"),
+                        "closed {{code}}",
+                    ),
+                ],
+                f"{what} accepted and ended per second over the selected pods, ends by close "
+                "code: 1000 session closed, 1001 pod draining, 1006 connection dropped, 1008 "
+                "origin, 1009 frame too big, 1011 internal error, 1013 pod at its limit, 4001 no "
+                "pong, 4004 unknown session, 4008 slow consumer, 4009 already streaming.",
+            ),
+            6,
+            8,
+        )
+    layout.add(
+        timeseries(
+            "Refused handshakes by reason",
+            per_second("handshakes"),
+            [
+                Query(
+                    rate("pricestream_web_handshakes_refused_total", "transport, reason"),
+                    "{{transport}} {{reason}}",
+                )
+            ],
+            "WebSocket and SSE requests refused before streaming, per second by transport and "
+            "reason: origin (not in PRICESTREAM_WEB_ALLOWED_ORIGINS), unknown_session, busy "
+            "(already streaming), limit (sessions per pod), rate (accept rate, reconnect "
+            "storms), draining, overloaded, bad_request.",
+        ),
+        12,
+        8,
+    )
+    layout.add(
+        timeseries(
+            "REST requests by status",
+            per_second("requests"),
+            [
+                Query(
+                    rate("pricestream_http_requests_total", "route, status"),
+                    "{{route}} {{status}}",
+                )
+            ],
+            "Requests of the browser port answered without a stream (sessions REST API, the "
+            "live page), per second by route and HTTP status.",
+        ),
+        12,
         8,
     )
 
@@ -355,7 +431,8 @@ def build() -> dict[str, Any]:
     return {
         "uid": UID,
         "title": "pricestream / overview",
-        "description": "Sessions, streams, Pub/Sub subscriptions and their drift; prices, latency.",
+        "description": "Sessions, streams, browser sockets, Pub/Sub subscriptions and their "
+        "drift; prices, latency.",
         "tags": ["pricestream", "grpc", "redis"],
         "timezone": "browser",
         "editable": True,

@@ -201,3 +201,44 @@ def test_every_panel_sits_under_the_row_of_its_topic() -> None:
     for title in ["Flush lag (overload)", "CPU per pod", "Memory per pod (RSS)"]:
         assert rows[title] != "Errors and Redis"
     assert rows["Stream backlog (overload)"] != "Errors and Redis"
+
+
+def test_browser_path_has_its_panels() -> None:
+    """The browser port's sockets, their closes by code, refused handshakes by reason and REST
+    requests by status sit under their own row; WebSocket and SSE drift join the other
+    resources' (0 before the first close, whose counter has a `code` label)."""
+    placed = {panel["title"]: (row, panel) for row, panel in rows_of_panels(overview.build())}
+    expected = {
+        "WebSocket connections": {"pricestream_ws_connections_active"},
+        "SSE connections": {"pricestream_sse_connections_active"},
+        "WebSocket opened vs closed by code": {
+            "pricestream_ws_connections_opened_total",
+            "pricestream_ws_connections_closed_total",
+        },
+        "SSE opened vs closed by code": {
+            "pricestream_sse_connections_opened_total",
+            "pricestream_sse_connections_closed_total",
+        },
+        "Refused handshakes by reason": {"pricestream_web_handshakes_refused_total"},
+        "REST requests by status": {"pricestream_http_requests_total"},
+    }
+    for title, metrics in expected.items():
+        row, panel = placed[title]
+        assert row == overview.BROWSER, title
+        assert set().union(*map(referenced_names, exprs(panel))) == metrics, title
+        assert panel["fieldConfig"]["defaults"]["min"] == 0, title
+    legends = {
+        title: [t["legendFormat"] for t in placed[title][1]["targets"]]
+        for title in ["WebSocket opened vs closed by code", "Refused handshakes by reason"]
+    }
+    assert legends["WebSocket opened vs closed by code"] == ["opened", "closed {{code}}"]
+    assert legends["Refused handshakes by reason"] == ["{{transport}} {{reason}}"]
+    assert "by (route, status)" in exprs(placed["REST requests by status"][1])[0]
+    drift_legends = [
+        t["legendFormat"] for t in placed["Net drift (opened - closed - active)"][1]["targets"]
+    ]
+    assert {"ws connections", "sse connections"} <= set(drift_legends)
+    drift_exprs = exprs(placed["Net drift (opened - closed - active)"][1])
+    assert any(
+        "pricestream_ws_connections_closed_total" in e and "or vector(0)" in e for e in drift_exprs
+    )
