@@ -24,6 +24,10 @@ command -v prometheus-alertmanager >/dev/null && command -v amtool >/dev/null ||
 command -v go >/dev/null || need+=(golang-go)
 command -v openssl >/dev/null || need+=(openssl)
 command -v setpriv >/dev/null || need+=(util-linux)  # the cluster tests start redis-server under it
+# The browser path's tests: a real Chromium (driven by Playwright, never downloaded by it) and a
+# real nginx in front of the web port.
+[ -x /usr/bin/chromium ] || need+=(chromium)
+command -v nginx >/dev/null || need+=(nginx-light)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

@@ -169,7 +169,8 @@ class Server:
             self._health_task.cancel()
         await self.health.enter_graceful_shutdown()
         log.info("draining %d streams", engine.streams_active, extra={"event": "drain_started"})
-        self._web.stop_listening()
+        # The web port keeps listening while it drains: a browser that still reaches it (before
+        # its Service drops this pod) is told 1001 (reconnect elsewhere), not refused bare.
         self._web.close_idle()
         self.web_api.drain(self.settings.web_drain_window)
         for session in engine.registry.streaming():

@@ -239,7 +239,10 @@ class WebApi:
                     await self._sessions.close(session_id)
                     response = Response.empty(204)
             except RequestError as exc:
-                response = error_response(exc)
+                if exc.code == grpc.StatusCode.INVALID_ARGUMENT:  # a malformed id: none such
+                    response = Response.error(404, "not_found", exc.message)
+                else:
+                    response = error_response(exc)
             except (RedisError, OSError, TimeoutError) as exc:
                 response = _redis_down(exc)
         response.headers += cors

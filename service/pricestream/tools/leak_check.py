@@ -14,11 +14,15 @@ PAIRS = (
         "pricestream_pubsub_subscriptions_opened_total",
         "pricestream_pubsub_subscriptions_closed_total",
     ),
+    ("pricestream_ws_connections_opened_total", "pricestream_ws_connections_closed_total"),
+    ("pricestream_sse_connections_opened_total", "pricestream_sse_connections_closed_total"),
 )
 MUST_BE_ZERO = (
     "pricestream_sessions_active",
     "pricestream_streams_active",
     "pricestream_pubsub_subscriptions_active",
+    "pricestream_ws_connections_active",
+    "pricestream_sse_connections_active",
 )
 
 

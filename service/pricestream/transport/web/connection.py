@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, Protocol, cast
 
@@ -124,6 +125,10 @@ class WebConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         transport = self.transport
         self.peer = _peer_ip(transport.get_extra_info("peername"))
+        if self._limits.send_buffer_bytes is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._limits.send_buffer_bytes)
         transport.set_write_buffer_limits(
             high=self._limits.write_buffer_high, low=self._limits.write_buffer_low
         )
@@ -210,6 +215,11 @@ class WebConnection(asyncio.Protocol):
 
     def _on_head(self, head: h11.Request) -> None:
         self._cancel_timer()  # the head is complete; the body is bounded by its size
+        # h11 bounds a head still arriving; one that arrived whole in a read is measured here.
+        size = len(head.target) + sum(len(n) + len(v) + 4 for n, v in head.headers)
+        if size > self._limits.max_head_bytes:
+            self._refuse_malformed(431, "request head is too large")
+            return
         self._head = head
         self._body = bytearray()
         for name, value in head.headers:

@@ -23,3 +23,4 @@ class WebLimits:
     # in its writer) until it drained to the low mark.
     write_buffer_high: int = 64 * 1024
     write_buffer_low: int = 16 * 1024
+    send_buffer_bytes: int | None = None  # the kernel's SO_SNDBUF per socket (None: its own)

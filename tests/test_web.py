@@ -1,0 +1,515 @@
+"""The browser port against a real redis-server: the REST contract, WebSocket streams through
+a stock client (`websockets`), SSE, close codes, origins, limits and the drain (issue 26)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+from dataclasses import replace
+
+import aiohttp
+import grpc
+import pytest
+import websockets
+from conftest import fast_settings, ready_server, wait_until
+from google.protobuf import json_format
+from invariants import read_metrics, samples, wait_invariant
+from pricestream.api.server import Server
+from pricestream.v1 import pricestream_pb2 as pb
+from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
+from test_api import Market, next_batch
+from web_clients import RawWebSocket, SseReader, create_session, in_thread, rest
+
+SUBPROTOCOL = "pricestream.v1.json"
+
+
+def ws_url(server: Server, session_id: str) -> str:
+    return f"ws://127.0.0.1:{server.web_port}/v1/sessions/{session_id}/ws"
+
+
+async def recv_json(ws: websockets.ClientConnection, timeout: float = 5.0) -> dict:
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+async def closed_with(ws: websockets.ClientConnection, timeout: float = 5.0) -> int:
+    """Read until the server closes; its close code."""
+    with pytest.raises(websockets.ConnectionClosed):
+        while True:
+            await asyncio.wait_for(ws.recv(), timeout)
+    assert ws.close_code is not None
+    return ws.close_code
+
+
+def metric(server: Server, name: str) -> float:
+    return samples(read_metrics(server)).get(name, 0.0)
+
+
+# --- REST -------------------------------------------------------------------------------
+
+
+async def test_rest_create_get_delete(server: Server) -> None:
+    port = server.web_port
+    status, headers, body = await rest(port, "POST", "/v1/sessions", {"tickers": ["aapl", "MSFT"]})
+    assert status == 201
+    assert set(body) == {
+        "session_id", "tickers", "expires_at", "streaming", "stream_url", "events_url"
+    }  # fmt: skip
+    session_id = body["session_id"]
+    assert len(session_id) == 22 and body["tickers"] == ["AAPL", "MSFT"]
+    assert headers["Location"] == f"/v1/sessions/{session_id}"
+    expires = datetime.datetime.fromisoformat(body["expires_at"].replace("Z", "+00:00"))
+    assert expires > datetime.datetime.now(datetime.UTC)
+    assert body["stream_url"] == f"ws://127.0.0.1:{port}/v1/sessions/{session_id}/ws"
+    assert body["events_url"] == f"http://127.0.0.1:{port}/v1/sessions/{session_id}/events"
+
+    status, _, got = await rest(port, "GET", f"/v1/sessions/{session_id}")
+    assert status == 200 and got["tickers"] == ["AAPL", "MSFT"] and got["streaming"] is False
+
+    status, _, nothing = await rest(port, "DELETE", f"/v1/sessions/{session_id}")
+    assert (status, nothing) == (204, None)
+    for method in ("GET", "DELETE"):
+        status, _, error = await rest(port, method, f"/v1/sessions/{session_id}")
+        assert status == 404 and error["error"]["code"] == "not_found"
+    await wait_invariant(server, timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "word"),
+    [
+        ("POST", "/v1/sessions", {"raw": b"{}", "headers": {"Content-Type": "text/plain"}}, 415,
+         "unsupported_media_type"),
+        ("POST", "/v1/sessions", {"raw": b"{", "headers": {"Content-Type": "application/json"}},
+         400, "invalid_json"),
+        ("POST", "/v1/sessions", {"body": {"tickers": []}}, 400, "invalid_argument"),
+        ("POST", "/v1/sessions", {"body": {"tickers": ["A$"]}}, 400, "invalid_argument"),
+        ("POST", "/v1/sessions", {"body": {"tickers": ["A"], "x": 1}}, 400, "invalid_argument"),
+        ("POST", "/v1/sessions", {"body": {"tickers": "AAPL"}}, 400, "invalid_argument"),
+        ("POST", "/v1/sessions", {"body": [1]}, 400, "invalid_argument"),
+        ("POST", "/v1/sessions", {"raw": b"x" * 70_000,
+                                  "headers": {"Content-Type": "application/json"}}, 413,
+         "bad_request"),
+        ("PUT", "/v1/sessions", {}, 405, "method_not_allowed"),
+        ("GET", "/v1/sessions/short", {}, 404, "not_found"),
+        ("GET", "/v2/anything", {}, 404, "not_found"),
+        ("GET", "/v1/sessions/AAAAAAAAAAAAAAAAAAAAAA/ws", {}, 426, "upgrade_required"),
+    ],
+)  # fmt: skip
+async def test_rest_bad_input_gets_its_status_and_one_sentence(
+    server: Server, method: str, path: str, kwargs: dict, status: int, word: str
+) -> None:
+    got, _, body = await rest(server.web_port, method, path, **kwargs)
+    assert got == status
+    assert body["error"]["code"] == word
+    assert body["error"]["message"] and "\n" not in body["error"]["message"]
+    await wait_invariant(server, timeout=5)  # nothing held by a refused request
+
+
+async def test_oversized_head_gets_431_and_malformed_http_400(server: Server) -> None:
+    async def exchange(data: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.web_port)
+        writer.write(data)
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return answer
+
+    big = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"
+    assert (await exchange(big)).startswith(b"HTTP/1.1 431 ")
+    assert (await exchange(b"NONSENSE\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+    assert (await exchange(b"GET / HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 400 ")  # no Host
+    # The server is unharmed.
+    assert (await rest(server.web_port, "GET", "/v1/sessions/AAAAAAAAAAAAAAAAAAAAAA"))[0] == 404
+
+
+async def test_slow_request_head_is_cut_off(redis) -> None:
+    """A client that never finishes its request head is dropped (slowloris)."""
+    async with ready_server(fast_settings(redis.url)) as server:
+        server._web.limits = type(server._web.limits)(head_timeout=0.3)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.web_port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+        writer.close()
+
+
+# --- WebSocket --------------------------------------------------------------------------
+
+
+async def test_websocket_snapshot_then_prices_in_proto3_json(server: Server, redis) -> None:
+    market = Market(redis.url, ["AAPL", "MSFT"])
+    await market.tick("AAPL", "MSFT")
+    session = await create_session(server.web_port, ["AAPL", "MSFT"])
+    async with websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL]) as ws:
+        assert ws.subprotocol == SUBPROTOCOL
+        snapshot = await recv_json(ws)
+        assert snapshot["type"] == "snapshot" and snapshot["seq"] == 1
+        assert sorted(u["ticker"] for u in snapshot["updates"]) == ["AAPL", "MSFT"]
+        for update in snapshot["updates"]:
+            assert isinstance(update["publishedAtUnixNanos"], str)  # 64-bit: a string
+            assert isinstance(update["sequence"], str)
+            parsed = json_format.ParseDict(update, pb.PriceUpdate())
+            assert parsed.sequence == 1 and parsed.price > 0
+        await market.tick("MSFT")
+        prices = await recv_json(ws)
+        assert prices["type"] == "prices" and prices["seq"] == 2
+        assert [(u["ticker"], u["sequence"]) for u in prices["updates"]] == [("MSFT", "2")]
+        _, _, got = await rest(server.web_port, "GET", f"/v1/sessions/{session['session_id']}")
+        assert got["streaming"] is True
+        # The client's own data frames are ignored; the stream goes on.
+        await ws.send("hello")
+        await market.tick("AAPL")
+        assert (await recv_json(ws))["seq"] == 3
+    await market.aclose()
+    values = await wait_invariant(server, timeout=5)
+    assert values["pricestream_ws_connections_opened_total"] == 1
+
+
+async def test_empty_snapshot_when_no_price_is_known(server: Server) -> None:
+    session = await create_session(server.web_port, ["NOPRICE"])
+    async with websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL]) as ws:
+        assert await recv_json(ws) == {"type": "snapshot", "seq": 1, "updates": []}
+
+
+async def test_a_session_streams_over_either_transport(
+    server: Server, stub: PriceStreamServiceStub, redis
+) -> None:
+    market = Market(redis.url, ["AAPL"])
+    await market.tick("AAPL")
+    # Created over gRPC, streamed over WebSocket.
+    created = await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL"]))
+    async with websockets.connect(
+        ws_url(server, created.session_id), subprotocols=[SUBPROTOCOL]
+    ) as ws:
+        assert (await recv_json(ws))["updates"][0]["ticker"] == "AAPL"
+    # Created over REST, streamed over gRPC.
+    session = await create_session(server.web_port, ["AAPL"])
+    call = stub.StreamPriceUpdates(pb.StreamPriceUpdatesRequest(session_id=session["session_id"]))
+    assert [u.ticker for u in (await next_batch(call)).updates] == ["AAPL"]
+    # One stream per session, whichever the transport: the socket is refused with 4009.
+    async with websockets.connect(
+        ws_url(server, session["session_id"]), subprotocols=[SUBPROTOCOL]
+    ) as ws:
+        assert await closed_with(ws) == 4009
+    call.cancel()
+    await market.aclose()
+    await wait_invariant(server, timeout=5)
+
+
+async def test_delete_closes_the_socket_with_1000(
+    server: Server, stub: PriceStreamServiceStub
+) -> None:
+    for close in ("rest", "grpc"):
+        session = await create_session(server.web_port, ["AAPL"])
+        async with websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL]) as ws:
+            await recv_json(ws)
+            if close == "rest":
+                status, _, _ = await rest(
+                    server.web_port, "DELETE", f"/v1/sessions/{session['session_id']}"
+                )
+                assert status == 204
+            else:
+                await stub.CloseSession(pb.CloseSessionRequest(session_id=session["session_id"]))
+            assert await closed_with(ws) == 1000
+            assert ws.close_reason == "session closed"
+    values = await wait_invariant(server, timeout=5)
+    assert values["pricestream_ws_connections_closed_total"] == 2
+
+
+async def test_unknown_session_closes_4004(server: Server) -> None:
+    for session_id in ("AAAAAAAAAAAAAAAAAAAAAA", "not-a-session-id"):
+        async with websockets.connect(ws_url(server, session_id), subprotocols=[SUBPROTOCOL]) as ws:
+            assert await closed_with(ws) == 4004
+    assert metric(server, "pricestream_web_handshakes_refused_total") == 2
+    await wait_invariant(server, timeout=5)
+
+
+async def test_pod_at_its_limit_closes_1013(redis) -> None:
+    async with ready_server(fast_settings(redis.url)) as other:
+        async with ready_server(fast_settings(redis.url, max_sessions=1)) as full:
+            held = await create_session(full.web_port, ["AAPL"])  # the pod's one slot
+            status, headers, body = await rest(
+                full.web_port, "POST", "/v1/sessions", {"tickers": ["AAPL"]}
+            )
+            assert status == 503 and headers["Retry-After"] == "1"
+            assert body["error"]["code"] == "pod_full"
+            elsewhere = await create_session(other.web_port, ["MSFT"])
+            async with websockets.connect(
+                ws_url(full, elsewhere["session_id"]), subprotocols=[SUBPROTOCOL]
+            ) as ws:
+                assert await closed_with(ws) == 1013
+            async with websockets.connect(held["stream_url"], subprotocols=[SUBPROTOCOL]) as ws:
+                assert (await recv_json(ws))["type"] == "snapshot"
+
+
+async def test_new_streams_are_admitted_at_a_bounded_rate(redis) -> None:
+    settings = fast_settings(redis.url, web_accept_rate=0.1, web_accept_burst=2)
+    async with ready_server(settings) as server:
+        codes = []
+        for _ in range(3):
+            session = await create_session(server.web_port, ["AAPL"])
+            async with websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL]) as ws:
+                try:
+                    await recv_json(ws, timeout=2)
+                    codes.append("streamed")
+                except websockets.ConnectionClosed:
+                    codes.append(ws.close_code)
+        assert codes == ["streamed", "streamed", 1013]
+        status, headers, body = await rest(server.web_port, "GET", "/v1/sessions/x/events")
+        assert (status, headers.get("Retry-After"), body["error"]["code"]) == (503, "1", "rate")
+
+
+async def test_client_frames_over_4k_close_1009_and_ping_floods_1008(server: Server) -> None:
+    session = await create_session(server.web_port, ["AAPL"])
+    ws = await in_thread(RawWebSocket, server.web_port, f"/v1/sessions/{session['session_id']}/ws")
+    assert ws.status == 101
+    assert (await in_thread(ws.read_frame))[0] == 0x1  # the snapshot: the stream is up
+    ws.send_frame(0x1, b"x" * 3000, fin=False)  # one message in two frames: 6,000 bytes
+    ws.send_frame(0x0, b"y" * 3000)
+    assert (await in_thread(ws.read_until_close))[0] == 1009
+    ws.close()
+
+    session = await create_session(server.web_port, ["AAPL"])
+    ws = await in_thread(RawWebSocket, server.web_port, f"/v1/sessions/{session['session_id']}/ws")
+    assert (await in_thread(ws.read_frame))[0] == 0x1
+    for _ in range(50):
+        ws.send_frame(0x9, b"p")
+    pongs = 0
+    while True:
+        opcode, payload = await in_thread(ws.read_frame)
+        pongs += opcode == 0xA
+        if opcode == 0x8:
+            assert int.from_bytes(payload[:2]) == 1008
+            break
+    assert 1 <= pongs <= 11  # the burst answered, the flood cut off
+    ws.close()
+    await wait_invariant(server, timeout=5)
+
+
+async def test_no_pong_closes_4001(redis) -> None:
+    settings = fast_settings(redis.url, web_ping_interval=0.2, web_pong_timeout=0.3)
+    async with ready_server(settings) as server:
+        session = await create_session(server.web_port, ["AAPL"])
+        path = f"/v1/sessions/{session['session_id']}/ws"
+        ws = await in_thread(RawWebSocket, server.web_port, path)
+        pings = 0
+        while True:  # never answers a ping
+            opcode, payload = await in_thread(ws.read_frame)
+            pings += opcode == 0x9
+            if opcode == 0x8:
+                assert int.from_bytes(payload[:2]) == 4001
+                break
+        assert pings == 1
+        ws.close()
+        # A stock client answers the pings and keeps streaming past several of them.
+        session = await create_session(server.web_port, ["AAPL"])
+        async with websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL]) as ok:
+            await recv_json(ok)
+            await asyncio.sleep(1.5)
+            assert ok.close_code is None
+        await wait_invariant(server, timeout=5)
+        assert metric(server, "pricestream_ws_connections_closed_total") == 2
+
+
+async def test_slow_consumer_is_cut_off_4008_and_others_keep_streaming(redis) -> None:
+    tickers = [f"T{i}" for i in range(100)]
+    settings = fast_settings(redis.url, stall_timeout=1.0)
+    async with ready_server(settings) as server:
+        # The kernel's send buffer of these sockets kept small, so the stall shows in seconds.
+        server._web.limits = replace(server._web.limits, send_buffer_bytes=16384)
+        market = Market(redis.url, tickers)
+        slow = await create_session(server.web_port, tickers)
+        fast = await create_session(server.web_port, tickers)
+        # A client that reads nothing, on a small receive buffer.
+        stalled = await in_thread(
+            lambda: RawWebSocket(
+                server.web_port, f"/v1/sessions/{slow['session_id']}/ws", rcvbuf=4096
+            )
+        )
+        async with websockets.connect(fast["stream_url"], subprotocols=[SUBPROTOCOL]) as ws:
+            frames = 0
+            for _ in range(150):  # up to 7.5 s of ticks at 20 per second
+                await market.tick(*tickers)
+                while True:
+                    try:
+                        await asyncio.wait_for(ws.recv(), 0.01)
+                        frames += 1
+                    except TimeoutError:
+                        break
+                if metric(server, "pricestream_slow_consumer_disconnects_total"):
+                    break
+                await asyncio.sleep(0.04)
+            assert metric(server, "pricestream_slow_consumer_disconnects_total") == 1
+            assert frames >= 20  # the reader kept getting its batches meanwhile
+            assert ws.close_code is None
+        stalled.close()
+        await market.aclose()
+        values = await wait_invariant(server, timeout=5)
+        exposition = read_metrics(server)
+        assert 'pricestream_ws_connections_closed_total{code="4008"} 1.0' in exposition
+        assert values["pricestream_streams_closed_total"] == 2
+
+
+async def test_foreign_origins_are_refused_before_the_upgrade(redis) -> None:
+    async with ready_server(fast_settings(redis.url)) as server:
+        session = await create_session(server.web_port, ["AAPL"])
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await websockets.connect(
+                session["stream_url"], subprotocols=[SUBPROTOCOL], origin="http://evil.example"
+            )
+        assert refused.value.response.status_code == 403
+        # The page's own host is allowed by default.
+        own = f"http://127.0.0.1:{server.web_port}"
+        async with websockets.connect(
+            session["stream_url"], subprotocols=[SUBPROTOCOL], origin=own
+        ) as ws:
+            assert (await recv_json(ws))["type"] == "snapshot"
+        status, _, body = await rest(
+            server.web_port, "POST", "/v1/sessions", {"tickers": ["A"]},
+            headers={"Origin": "http://evil.example"},
+        )  # fmt: skip
+        assert status == 403 and body["error"]["code"] == "forbidden_origin"
+        assert metric(server, "pricestream_web_handshakes_refused_total") == 1
+
+    settings = fast_settings(redis.url, web_allowed_origins="https://app.example.com")
+    async with ready_server(settings) as server:
+        status, headers, _ = await rest(
+            server.web_port, "OPTIONS", "/v1/sessions",
+            headers={"Origin": "https://app.example.com",
+                     "Access-Control-Request-Method": "POST"},
+        )  # fmt: skip
+        assert status == 204
+        assert headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+        assert "POST" in headers["Access-Control-Allow-Methods"]
+        status, headers, _ = await rest(
+            server.web_port, "POST", "/v1/sessions", {"tickers": ["A"]},
+            headers={"Origin": "https://app.example.com"},
+        )  # fmt: skip
+        assert status == 201 and headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+
+
+async def test_bearer_tokens_guard_rest_not_the_capability_urls(redis) -> None:
+    async with ready_server(fast_settings(redis.url, auth_tokens="s3cret")) as server:
+        status, headers, _ = await rest(server.web_port, "POST", "/v1/sessions", {"tickers": ["A"]})
+        assert status == 401 and headers["WWW-Authenticate"] == "Bearer"
+        status, _, session = await rest(
+            server.web_port, "POST", "/v1/sessions", {"tickers": ["A"]},
+            headers={"Authorization": "Bearer s3cret"},
+        )  # fmt: skip
+        assert status == 201
+        async with websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL]) as ws:
+            assert (await recv_json(ws))["type"] == "snapshot"
+
+
+# --- SSE --------------------------------------------------------------------------------
+
+
+async def test_event_stream_snapshot_prices_close_and_fresh_snapshot_on_reconnect(
+    server: Server, redis
+) -> None:
+    market = Market(redis.url, ["AAPL"])
+    await market.tick("AAPL")
+    session = await create_session(server.web_port, ["AAPL"])
+    async with aiohttp.ClientSession() as http:
+        async with http.get(session["events_url"]) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            events = SseReader(response)
+            assert (await events.event()) == {"retry": "2000"}
+            first = await events.event()
+            assert first["id"] == "1" and json.loads(first["data"])["type"] == "snapshot"
+            await market.tick("AAPL")
+            second = await events.event()
+            assert (
+                second["id"] == "2" and json.loads(second["data"])["updates"][0]["sequence"] == "2"
+            )
+        # A reconnect, with Last-Event-ID, gets a fresh snapshot: prices are state.
+        await wait_until(
+            lambda: metric(server, "pricestream_sse_connections_active") == 0, 5, "first closed"
+        )
+        async with http.get(session["events_url"], headers={"Last-Event-ID": "2"}) as response:
+            events = SseReader(response)
+            await events.event()
+            again = await events.event()
+            assert again["id"] == "1" and json.loads(again["data"])["type"] == "snapshot"
+            await rest(server.web_port, "DELETE", f"/v1/sessions/{session['session_id']}")
+            closing = await events.event()
+            assert closing["event"] == "close"
+            assert json.loads(closing["data"])["code"] == 1000
+            assert await asyncio.wait_for(response.content.read(), 5) == b""  # ended
+        async with http.get(session["events_url"]) as response:
+            assert response.status == 404
+    await market.aclose()
+    values = await wait_invariant(server, timeout=5)
+    assert values["pricestream_sse_connections_opened_total"] == 2
+
+
+# --- drain and the fault switch ---------------------------------------------------------
+
+
+async def test_drain_closes_sockets_1001_spread_over_the_window(redis) -> None:
+    settings = fast_settings(redis.url, web_drain_window=1.0)
+    async with ready_server(settings) as server:
+        sockets = []
+        for _ in range(6):
+            session = await create_session(server.web_port, ["AAPL"])
+            ws = await websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL])
+            await recv_json(ws)
+            sockets.append(ws)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        drain = asyncio.create_task(server.drain())
+        closed_at = []
+        for ws in sockets:
+            assert await closed_with(ws) == 1001
+            closed_at.append(loop.time() - started)
+        await drain
+        assert max(closed_at) <= 2.0
+        assert len({round(t, 2) for t in closed_at}) > 1  # not all at one instant
+        # New sockets are refused while draining: 1001, reconnect elsewhere.
+        async with websockets.connect(
+            ws_url(server, "AAAAAAAAAAAAAAAAAAAAAA"), subprotocols=[SUBPROTOCOL]
+        ) as ws:
+            assert await closed_with(ws) == 1001
+        assert server.engine.ready is False
+
+
+async def test_fault_skip_cleanup_on_ws_close_leaks_the_session(redis) -> None:
+    """The original system's bug, on purpose: the socket's close skips the session cleanup;
+    the counters at the socket boundary stay right, so the drift shows."""
+    settings = fast_settings(redis.url, faults="skip_cleanup_on_ws_close")
+    async with ready_server(settings) as server:
+        session = await create_session(server.web_port, ["AAPL"])
+        async with websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL]) as ws:
+            await recv_json(ws)
+        await wait_until(
+            lambda: metric(server, "pricestream_ws_connections_active") == 0, 5, "socket closed"
+        )
+        await asyncio.sleep(0.5)
+        values = samples(read_metrics(server))
+        assert values["pricestream_ws_connections_active"] == 0
+        assert values["pricestream_streams_active"] == 0
+        assert values["pricestream_sessions_active"] == 1  # leaked
+        assert values["pricestream_pubsub_subscriptions_active"] == 1  # leaked
+
+
+async def test_grpc_streams_unchanged_beside_browsers(
+    server: Server, stub: PriceStreamServiceStub, redis
+) -> None:
+    """A browser and a gRPC client on the same ticker each get every update in their form."""
+    market = Market(redis.url, ["AAPL"])
+    grpc_session = await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL"]))
+    call = stub.StreamPriceUpdates(pb.StreamPriceUpdatesRequest(session_id=grpc_session.session_id))
+    web_session = await create_session(server.web_port, ["AAPL"])
+    async with websockets.connect(web_session["stream_url"], subprotocols=[SUBPROTOCOL]) as ws:
+        await recv_json(ws)
+        for expected in (1, 2, 3):
+            await market.tick("AAPL")
+            batch = await next_batch(call)
+            frame = await recv_json(ws)
+            while frame["updates"] == []:
+                frame = await recv_json(ws)
+            assert batch.updates[-1].sequence == expected
+            assert frame["updates"][-1]["sequence"] == str(expected)
+    call.cancel()
+    assert await call.code() == grpc.StatusCode.CANCELLED
+    await market.aclose()
+    await wait_invariant(server, timeout=5)
