@@ -320,13 +320,14 @@ async def test_demo_shows_live_prices(redis, backend: str) -> None:
     url = redis.url if backend == "redis" else "redis://127.0.0.1:1/0"
     env = env_without_pricestream()
     args = ["demo", "AAPL", "--duration", "3", "--no-clear", "--redis-url", url]
-    args += ["--grpc-port", "0", "--http-port", "0"]
+    args += ["--grpc-port", "0", "--http-port", "0", "--web-port", "0"]
     result = await asyncio.to_thread(
         subprocess.run, pricestream_command(*args), env=env, capture_output=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
     expected = "using Redis" if backend == "redis" else "using the in-memory broker"
     assert expected in result.stderr.decode()
+    assert re.search(rb"the live page is at http://localhost:\d+/\?tickers=AAPL", result.stderr)
     prices = re.findall(rb"AAPL\s+(\d+\.\d\d)\s", result.stdout)
     assert len(prices) >= 5
     assert len(set(prices)) >= 2  # the price moves

@@ -66,6 +66,8 @@ async def run_demo(
             publisher = server.engine.broker
         universe = ticker_universe(universe_size)
         feed = asyncio.create_task(run_feed(publisher, universe, rate))
+        page = f"http://localhost:{server.web_port}/?tickers={','.join(tickers)}"
+        print(f"demo: the live page is at {page}", file=sys.stderr)
         try:
             target = f"127.0.0.1:{server.grpc_port}"
             return await watch(target, tickers, duration=duration, clear=clear)
