@@ -23,12 +23,13 @@ ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/pricestream/bin:$PATH \
     PRICESTREAM_GRPC_HOST=[::] \
-    PRICESTREAM_HTTP_HOST=0.0.0.0
+    PRICESTREAM_HTTP_HOST=0.0.0.0 \
+    PRICESTREAM_WEB_HOST=[::]
 RUN groupadd --system --gid 10001 pricestream \
     && useradd --system --uid 10001 --gid pricestream --no-create-home --shell /usr/sbin/nologin pricestream
 COPY --from=build /opt/pricestream /opt/pricestream
 USER 10001:10001
-EXPOSE 50051 9464
+EXPOSE 50051 8080 9464
 # Healthy when the gRPC health service answers SERVING for the process (Kubernetes uses its own
 # native gRPC probes; this serves `docker run` users). Shell form, so the port follows
 # PRICESTREAM_GRPC_PORT as the server does.

@@ -45,6 +45,8 @@ FREE_FORM = {
 }
 DURATION = {"type": "string", "pattern": r"^([0-9]+(ms|s|m|h|d|w|y))+$"}
 PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+# Settings the server requires above zero (pydantic `gt=0`): the schema says so too.
+POSITIVE = frozenset({"config.webPingInterval", "config.webPongTimeout"})
 # Annotations are strings to the API server: an unquoted `3600` would fail at install.
 STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 OVERRIDES: dict[str, dict[str, Any]] = {
@@ -96,6 +98,8 @@ def schema_for(value: Any, path: str) -> dict[str, Any]:
         }
     if isinstance(value, bool):
         return {"type": "boolean"}
+    if path in POSITIVE:
+        return {"type": "number", "exclusiveMinimum": 0}
     if path.startswith("config.") and isinstance(value, int | float) and path not in WHOLE_NUMBERS:
         return {"type": "number", "minimum": 0}
     if isinstance(value, int):

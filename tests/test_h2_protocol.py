@@ -293,13 +293,6 @@ async def test_http1_request_on_the_grpc_port_is_505(harness):
     assert harness.transport.closed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: connection.py's _HTTP1_ANSWER says Content-Length: 50, its body "
-        "'this port serves gRPC over HTTP/2 (h2 or h2c) only\\n' is 51 bytes"
-    ),
-)
 async def test_http1_answer_content_length_is_its_body(harness):
     harness.conn.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     answer = bytes(harness.transport.data)

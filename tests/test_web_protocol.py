@@ -255,15 +255,6 @@ async def test_get_is_answered_and_keep_alive_serves_the_next_request(harnesses)
     assert h.owner.calls == [("connection_opened",)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: respond() schedules _resume_http with call_soon from inside the handler's task; "
-        "it runs before the task's done callback (_task_done) has cleared self._task, so it "
-        "does nothing, and nothing parses the pipelined requests h11 holds: they wait for "
-        "the client's next bytes or the idle timeout"
-    ),
-)
 async def test_pipelined_requests_are_answered_in_order(harnesses):
     h = Harness(echo_path)
     harnesses.append(h)
@@ -299,23 +290,9 @@ async def test_malformed_request_line_is_400_and_closes(harnesses):
     assert h.app.requests == []
 
 
-REFUSAL_DOES_NOT_STOP_PARSING = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "bug: after _on_head refuses a request (_refuse_malformed: 431/413 written, "
-        "transport.close()) the connection stays in mode 'http', so _next_events goes on "
-        "with the events h11 already holds: a body's Data is refused again (a second 413 "
-        "written) and its EndOfMessage reaches _on_request with no head, whose assert "
-        "escapes data_received (asyncio logs a fatal error and force-closes the socket, "
-        "dropping any unsent answer)"
-    ),
-)
-
-
 @pytest.mark.parametrize(
     "pieces",
-    [pytest.param(False, marks=REFUSAL_DOES_NOT_STOP_PARSING), True],
+    [False, True],
     ids=["whole", "in-pieces"],
 )
 async def test_head_over_max_head_bytes_is_431(harnesses, pieces):
@@ -349,7 +326,6 @@ async def test_body_over_max_body_bytes_is_413(harnesses):
     assert h.app.requests == []
 
 
-@REFUSAL_DOES_NOT_STOP_PARSING
 async def test_body_over_max_body_bytes_arriving_with_its_head_is_one_413(harnesses):
     h = Harness(echo_path, WebLimits(max_body_bytes=100))
     harnesses.append(h)
@@ -548,16 +524,6 @@ async def test_small_client_messages_are_ignored(harnesses):
     assert h.owner.closed_streams() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: wsproto reports a frame it cannot parse (an unmasked client frame, "
-        "invalid UTF-8, ...) as a CloseConnection event with state still OPEN, not as a "
-        "RemoteProtocolError; _peer_closed takes it for the answer to our own close and "
-        "drops the TCP connection with no close frame, so the stream is counted 1006, "
-        "not 1002, and the except-branch with PROTOCOL_ERROR is never reached"
-    ),
-)
 async def test_unmasked_client_frame_is_closed_1002(harnesses):
     h = WsHarness()
     harnesses.append(h)
@@ -567,19 +533,6 @@ async def test_unmasked_client_frame_is_closed_1002(harnesses):
     assert h.owner.closed_streams() == [("stream_closed", "websocket", 1002)]
     [event] = h.events()
     assert isinstance(event, CloseConnection) and event.code == 1002
-
-
-async def test_unmasked_client_frame_ends_the_connection(harnesses):
-    """What the transport does today with an unmasked frame (see the xfail above): the
-    connection is closed and the application's stream task cancelled."""
-    h = WsHarness()
-    harnesses.append(h)
-    await h.upgrade()
-    h.feed(b"\x81\x05hello")
-    await settle()
-    assert h.transport.closed and h.transport.lost
-    assert h.stream.cancelled
-    assert len(h.owner.closed_streams()) == 1
 
 
 # --- WebSocket: the server's frames ------------------------------------------------------------

@@ -18,6 +18,10 @@ from prometheus_client.registry import Collector
 StreamKind = Literal["websocket", "sse"]
 _PREFIX = {"websocket": "pricestream_ws_connections", "sse": "pricestream_sse_connections"}
 _LABEL = {"websocket": "ws", "sse": "sse"}
+# The close codes the server gives (and 1006, a dropped connection): exported at 0 from the
+# start, so the first closes of a new pod are an increase like any other (a series that
+# appears at 8 counts as no increase in Prometheus).
+KNOWN_CLOSE_CODES = (1000, 1001, 1002, 1006, 1008, 1009, 1011, 1013, 4001, 4004, 4008, 4009)
 
 
 class _LiveStreams(Collector):
@@ -59,6 +63,9 @@ class WebMetrics:
             )
             for kind, prefix in _PREFIX.items()
         }
+        for closed in self._closed.values():
+            for code in KNOWN_CLOSE_CODES:
+                closed.labels(str(code))
         self._refused = Counter(
             "pricestream_web_handshakes_refused",
             "Browser stream requests refused, by transport (ws, sse) and reason.",

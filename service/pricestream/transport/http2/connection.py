@@ -54,10 +54,10 @@ _CONFIG = H2Configuration(
 )
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _HTTP1_METHODS = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ")
+_HTTP1_BODY = b"this port serves gRPC over HTTP/2 (h2 or h2c) only\n"
 _HTTP1_ANSWER = (
     b"HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: text/plain\r\n"
-    b"Connection: close\r\nContent-Length: 50\r\n\r\n"
-    b"this port serves gRPC over HTTP/2 (h2 or h2c) only\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(_HTTP1_BODY) + _HTTP1_BODY
 )
 _KEEPALIVE_PING = b"keepaliv"
 

@@ -229,7 +229,8 @@ class WebConnection(asyncio.Protocol):
 
     def _on_request(self) -> None:
         head = self._head
-        assert head is not None and self._h11 is not None
+        if head is None or self._h11 is None:
+            return  # the request was refused already
         self._head = None
         websocket = _is_websocket_upgrade(head)
         request = Request.from_target(
@@ -263,6 +264,8 @@ class WebConnection(asyncio.Protocol):
         if self.mode == "http":
             if self._h11 is not None and self._h11.our_state is h11.SEND_RESPONSE:
                 self.respond(Response.error(500, "internal", "the request was not answered"))
+            else:
+                self._resume_http()  # requests pipelined behind this one
             return
         if self.mode in ("websocket", "sse") and not self._stream_ended:
             # The application's stream ended without closing it: an internal error.
@@ -305,8 +308,10 @@ class WebConnection(asyncio.Protocol):
             if self._reading_paused and self.transport is not None:
                 self._reading_paused = False
                 self.transport.resume_reading()
-            # Pipelined bytes already received are parsed once this task has ended.
-            asyncio.get_running_loop().call_soon(self._resume_http)
+            if self._task is None:  # answered outside a handler's task: parse on now
+                asyncio.get_running_loop().call_soon(self._resume_http)
+            # Otherwise pipelined bytes already received are parsed once the task has ended
+            # (_task_done): one request at a time.
 
     def _resume_http(self) -> None:
         if self.mode == "http" and self._task is None and self._h11 is not None:
@@ -322,6 +327,8 @@ class WebConnection(asyncio.Protocol):
             431: "request head is too large",
         }.get(status, f"malformed HTTP request: {detail}")
         body = Response.error(status, "bad_request", message)
+        self.mode = "closed"  # nothing more is parsed or answered on this connection
+        self._h11 = None
         if self.transport is not None:
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
@@ -481,6 +488,11 @@ class WebConnection(asyncio.Protocol):
             self.close_stream(PROTOCOL_ERROR, "protocol error")
 
     def _peer_closed(self, ws: WsConnection, event: CloseConnection) -> None:
+        if ws.state is ConnectionState.OPEN:
+            # wsproto's report of a frame it could not parse (unmasked, bad UTF-8, ...): the
+            # close it wants sent, with its code (1002, 1007, ...).
+            self.close_stream(int(event.code), "protocol error")
+            return
         if ws.state is ConnectionState.REMOTE_CLOSING:
             # The client closed first: answer with its code, then end the TCP connection.
             if self.transport is not None:
