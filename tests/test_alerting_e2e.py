@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import random
 import re
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import websockets
 from chart import rules_file
 from conftest import RedisProcess, fast_env, free_port
 from monitoring import Alertmanager, Prometheus, WebhookReceiver
@@ -29,6 +31,7 @@ from pricestream.tools.feed import ticker_universe
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from processes import ServeProcess, start_feed
+from web_clients import create_session, rest
 
 from dashboards import generate
 from dashboards.grafana import promql_queries
@@ -46,6 +49,9 @@ SHORT_WINDOWS = {
     "leakFor": "20s",
     "zombieSessionsMin": "5",
     "zombieFor": "8s",
+    "wsLeakSessionsMin": "5",
+    "wsLeakWindow": "30s",
+    "wsLeakFor": "8s",
     "driftFor": "15s",
     "redisDownFor": "10s",
     "reconnectWindow": "30s",
@@ -294,6 +300,38 @@ async def test_leak_alert_reaches_alertmanager_and_healthy_churn_stays_silent(st
     print(
         f"scenario 2: orphaned-subscriptions alert fired {fired_after:.1f}s and was delivered "
         f"{delivered_after:.1f}s after the clients vanished (for: {SHORT_WINDOWS['orphanFor']})"
+    )
+
+    # Scenario 3: replica B runs the original bug on the browser path: a WebSocket's close
+    # skips the session cleanup (the missed exit of the system pricestream follows).
+    await asyncio.to_thread(replica_b.restart, "skip_cleanup_on_ws_close")
+    assert replica_b.proc is not None
+    web_port = replica_b.proc.web_port
+    unknown = f"ws://127.0.0.1:{web_port}/v1/sessions/AAAAAAAAAAAAAAAAAAAAAA/ws"
+    async with websockets.connect(unknown, subprotocols=["pricestream.v1.json"]) as refused:
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await asyncio.wait_for(refused.recv(), 5)
+        assert refused.close_code == 4004
+    for _ in range(8):
+        session = await create_session(web_port, rng.sample(UNIVERSE, 3))
+        async with websockets.connect(
+            session["stream_url"], subprotocols=["pricestream.v1.json"]
+        ) as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "snapshot"
+    ws_fault_at = time.time()
+    # A session closed over REST is cleaned up even here (only a socket's close skips it): the
+    # restarted replica has closed sessions again, which the dashboard's drift panel reads.
+    closed = await create_session(web_port, ["AAPL"])
+    status, _, _ = await rest(web_port, "DELETE", f"/v1/sessions/{closed['session_id']}")
+    assert status == 204
+    notification, alert = await receiver.wait_for("PriceStreamWebSocketSessionLeak", timeout=90)
+    assert alert["labels"]["pod"] == "replica-b"
+    assert alert["labels"]["severity"] == "warning"
+    assert alert["annotations"]["runbook_url"].endswith("PriceStreamWebSocketSessionLeak.md")
+    print(
+        f"scenario 3: WebSocket session-leak alert delivered "
+        f"{notification.received_at - ws_fault_at:.1f}s after 8 sockets closed "
+        f"(for: {SHORT_WINDOWS['wsLeakFor']})"
     )
 
     # Every dashboard query, variables substituted, runs and returns data.
