@@ -15,8 +15,10 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import aiohttp
 import grpc
 import pytest
+import websockets
 from e2e_kube import (
     CHART,
     REDIS_IMAGE,
@@ -471,6 +473,48 @@ def test_prometheusrule_alerts_loaded(sre_release: None) -> None:
         if r.get("health") == "err"
     ]
     assert health == []
+
+
+def service_address(port_name: str) -> str:
+    """``clusterIP:port`` of the SRE release's Service port ``port_name`` (via kube-proxy)."""
+    svc = kubectl_json("-n", SRE_NAMESPACE, "get", "service", RELEASE)
+    port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == port_name)
+    return f"{svc['spec']['clusterIP']}:{port}"
+
+
+async def test_browser_path_through_the_service(sre_release: None) -> None:
+    """The original system's two flows through the cluster Service's `http` port: REST creates
+    a session, a WebSocket streams it (snapshot, then live prices from the chart's feed), DELETE
+    closes it with 1000; a socket for an unknown session is refused with 4004. Runs before the
+    dashboard check, whose browser panels need this traffic."""
+    address = service_address("http")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"http://{address}/v1/sessions", json={"tickers": ticker_universe(3)}
+        ) as response:
+            assert response.status == 201, await response.text()
+            session = await response.json()
+        assert session["stream_url"] == f"ws://{address}/v1/sessions/{session['session_id']}/ws"
+        async with websockets.connect(
+            session["stream_url"], subprotocols=["pricestream.v1.json"]
+        ) as ws:
+            first = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert (first["type"], first["seq"]) == ("snapshot", 1)
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert frame["type"] == "prices" and frame["seq"] == 2 and frame["updates"]
+            async with http.delete(
+                f"http://{address}/v1/sessions/{session['session_id']}"
+            ) as response:
+                assert response.status == 204
+            with pytest.raises(websockets.ConnectionClosedOK):
+                while True:
+                    await asyncio.wait_for(ws.recv(), 10)
+            assert ws.close_code == 1000
+        unknown = f"ws://{address}/v1/sessions/AAAAAAAAAAAAAAAAAAAAAA/ws"
+        async with websockets.connect(unknown, subprotocols=["pricestream.v1.json"]) as ws:
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+            assert ws.close_code == 4004
 
 
 def dashboard_queries(namespace: str) -> list[tuple[str, str]]:
