@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# The tests' local Redis Cluster (tests/redis_cluster.py), as probe_streams.py uses theirs.
+# The tests' local Redis Cluster (tests/redis_cluster.py), reused here.
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
 from redis_cluster import LocalCluster
 
