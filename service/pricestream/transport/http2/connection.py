@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -37,8 +36,9 @@ from h2.settings import SettingCodes, Settings
 
 from pricestream.transport.budget import Budget
 from pricestream.transport.http2.calls import ServerCall
-from pricestream.transport.http2.flow import OwnWindowStream, ResponseStream
+from pricestream.transport.http2.flow import ResponseStream
 from pricestream.transport.http2.framing import parse_timeout
+from pricestream.transport.http2.h2_internals import ServerH2
 from pricestream.transport.http2.limits import Limits, PingPolicy
 
 if TYPE_CHECKING:
@@ -62,37 +62,15 @@ _HTTP1_ANSWER = (
 _KEEPALIVE_PING = b"keepaliv"
 
 
-class _ServerH2(H2Connection):
-    """h2's connection with an O(1) count of open inbound streams, and a note of the HEADERS
-    it sends (for the ping-abuse rule).
-
-    h2 counts them by walking every stream whenever a new one opens (quadratic with thousands
-    of streams on one connection); here closed streams are removed as they close
-    (``Connection.forget``), so the dict holds the open ones, and those closed by frames of
-    the read h2 is parsing (a client's RST_STREAM), not forgotten until its events are
-    handled. Only at the limit are those told apart, so a client that resets and opens
-    streams in one read is not taken for one over the limit.
-    """
+class _ServerH2(ServerH2):
+    """h2's connection (with the uses of its internals, see h2_internals) and a note of the
+    HEADERS it sends (for the ping-abuse rule)."""
 
     headers_sent = False  # HEADERS queued since the connection last flushed
-
-    def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> OwnWindowStream:
-        # Every stream h2 opens becomes an OwnWindowStream (the same layout: a subclass that
-        # adds only methods and a class default), whose send window its ResponseStream keeps.
-        stream = super()._begin_new_stream(stream_id, allowed_ids)
-        stream.__class__ = OwnWindowStream
-        return stream  # type: ignore[return-value]  # its class was just set
 
     def send_headers(self, *args: Any, **kwargs: Any) -> None:
         super().send_headers(*args, **kwargs)
         self.headers_sent = True
-
-    @property
-    def open_inbound_streams(self) -> int:
-        count = len(self.streams)
-        if count >= self.local_settings.max_concurrent_streams:
-            count = sum(1 for stream in self.streams.values() if not stream.closed)
-        return count
 
 
 class Connection(asyncio.Protocol):
@@ -200,11 +178,10 @@ class Connection(asyncio.Protocol):
         """Whether the frame h2 waits to complete announces more than our MAX_FRAME_SIZE.
 
         h2 checks a frame's length only once the whole frame is in, so a header announcing
-        16 MiB would have it buffer 16 MiB of the peer's bytes first. After ``receive_data``
-        its buffer starts at a frame boundary: the first 3 bytes are the next frame's length.
+        16 MiB would have it buffer 16 MiB of the peer's bytes first.
         """
-        pending = self.h2.incoming_buffer._data  # h2 has no public view of it
-        return len(pending) >= 9 and int.from_bytes(pending[:3]) > self.h2.max_inbound_frame_size
+        length = self.h2.pending_frame_length()
+        return length is not None and length > self.h2.max_inbound_frame_size
 
     def _update_frame_room(self) -> None:
         self.frame_room = 0 if self.paused or self.closed else self.h2.max_outbound_frame_size
@@ -270,11 +247,8 @@ class Connection(asyncio.Protocol):
             self._transport.write(b"".join(out))
 
     def forget(self, stream_id: int) -> None:
-        """Drop h2's state of a stream once it is closed both ways (see ``_ServerH2``)."""
-        stream = self.h2.streams.get(stream_id)
-        if stream is not None and stream.closed:
-            del self.h2.streams[stream_id]
-            self.h2._closed_streams[stream_id] = stream.closed_by
+        """Drop h2's state of a stream once it is closed both ways (see ``ServerH2``)."""
+        self.h2.forget(stream_id)
 
     # --- flow control -------------------------------------------------------------------
 
@@ -371,7 +345,7 @@ class Connection(asyncio.Protocol):
             if not self._early_resets.take():
                 self.go_away(ErrorCodes.ENHANCE_YOUR_CALM, b"too many streams reset early")
             return
-        stream = ResponseStream(self, h2_stream)  # type: ignore[arg-type]  # see _ServerH2
+        stream = ResponseStream(self, h2_stream)  # type: ignore[arg-type]  # see ServerH2
         if self.goaway_sent:
             stream.reset(ErrorCodes.REFUSED_STREAM)
             return

@@ -1,0 +1,126 @@
+"""Every use this transport makes of ``h2``'s private state, in one place.
+
+Checked against ``h2==4.4.1`` (the version pyproject.toml pins). ``tests/test_h2_internals.py``
+checks each item below on the installed h2 (names, signatures, behaviour on an in-memory pair
+of connections) and names the one that changed; run it first after any h2 upgrade.
+
+What is touched, and why:
+
+``H2Connection._begin_new_stream(stream_id, allowed_ids)``
+    h2 creates every stream here. ``ServerH2`` overrides it to give each new stream the class
+    ``OwnWindowStream`` (an ``H2Stream`` subclass adding methods and one class default only,
+    so swapping ``__class__`` is safe): the stream's send window then lives on our
+    ``ResponseStream`` while one serves it (see flow.py for the measured reason).
+
+``H2Stream.__dict__["outbound_flow_control_window"]``
+    h2 keeps a stream's send window as a plain instance attribute, read and written by its
+    own WINDOW_UPDATE and SETTINGS handling. ``OwnWindowStream`` turns the name into a
+    property and keeps h2's value in the instance dict while no ``ResponseStream`` owns it.
+
+``H2Connection._closed_streams`` (a ``SizeLimitDict`` of ``stream id -> StreamClosedBy``)
+    h2 moves a closed stream out of ``streams`` into it only while counting open streams
+    (``_open_streams``, a walk of every stream at every new stream: quadratic with thousands
+    of streams). ``ServerH2.forget`` moves a stream as soon as it is closed, as h2 would, so
+    h2 still tells a frame on a closed stream apart by how the stream was closed.
+
+``H2Connection.open_inbound_streams`` (public, but what h2 calls it from is not)
+    h2's ``_receive_headers_frame`` enforces our SETTINGS_MAX_CONCURRENT_STREAMS with it.
+    ``ServerH2`` answers in O(1) from ``len(streams)`` (closed streams are forgotten as they
+    close) and walks the streams only at the limit, when a client's RST_STREAM in the same
+    read may have closed a stream not forgotten yet.
+
+``H2Connection.incoming_buffer._data`` (the ``FrameBuffer``'s unparsed bytes)
+    h2 checks a frame's length only once the whole frame is in, so a header announcing 16 MiB
+    would have it buffer 16 MiB first. ``pending_frame_length`` reads the next frame's length
+    from the buffer so the connection can refuse it at its header.
+
+Public attributes used in a way h2 does not document, kept here for the record:
+``H2Connection.outbound_flow_control_window`` is decremented by flow.py for the DATA frames it
+writes itself (h2 checks WINDOW_UPDATE overflow against it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from h2.connection import H2Connection
+from h2.stream import H2Stream
+
+H2_VERSION_CHECKED = "4.4.1"
+
+
+class WindowOwner(Protocol):
+    """What keeps a stream's send window while it serves the stream (a ResponseStream)."""
+
+    window: int
+
+
+class OwnWindowStream(H2Stream):
+    """h2's stream whose send window, while a ``WindowOwner`` serves it, is that owner's
+    ``window`` (``ServerH2`` gives h2 this class for every stream)."""
+
+    owner: WindowOwner | None = None
+
+    @property  # type: ignore[override]  # h2's plain attribute, kept elsewhere while owned
+    def outbound_flow_control_window(self) -> int:
+        owner = self.owner
+        if owner is None:
+            return self.__dict__["outbound_flow_control_window"]  # type: ignore[no-any-return]
+        return owner.window
+
+    @outbound_flow_control_window.setter
+    def outbound_flow_control_window(self, value: int) -> None:
+        owner = self.owner
+        if owner is None:
+            self.__dict__["outbound_flow_control_window"] = value
+        else:
+            owner.window = value
+
+    def adopt(self, owner: WindowOwner) -> None:
+        """From now on the window is ``owner.window`` (given the current value)."""
+        owner.window = self.__dict__["outbound_flow_control_window"]
+        self.owner = owner
+
+    def release(self) -> None:
+        """The window is h2's own again (with the owner's value): no reference back."""
+        owner = self.owner
+        if owner is not None:
+            self.__dict__["outbound_flow_control_window"] = owner.window
+            self.owner = None
+
+
+class ServerH2(H2Connection):
+    """h2's server connection with the uses of its internals listed in the module docstring."""
+
+    def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> OwnWindowStream:
+        # Every stream h2 opens becomes an OwnWindowStream (the same layout: a subclass that
+        # adds only methods and a class default), whose send window its ResponseStream keeps.
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream.__class__ = OwnWindowStream
+        return stream  # type: ignore[return-value]  # its class was just set
+
+    @property
+    def open_inbound_streams(self) -> int:
+        count = len(self.streams)
+        if count >= self.local_settings.max_concurrent_streams:
+            count = sum(1 for stream in self.streams.values() if not stream.closed)
+        return count
+
+    def forget(self, stream_id: int) -> None:
+        """Drop h2's state of a stream once it is closed both ways, as h2 itself would when
+        next counting streams: it keeps how the stream was closed."""
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.closed:
+            del self.streams[stream_id]
+            self._closed_streams[stream_id] = stream.closed_by
+
+    def pending_frame_length(self) -> int | None:
+        """The length the next, incomplete frame announces; None before its 9-byte header.
+
+        After ``receive_data`` h2's buffer starts at a frame boundary: its first 3 bytes are
+        the next frame's length.
+        """
+        pending = self.incoming_buffer._data
+        if len(pending) < 9:
+            return None
+        return int.from_bytes(pending[:3])
