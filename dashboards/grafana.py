@@ -1,203 +1,119 @@
-"""Small builders for Grafana dashboard JSON (schema 39+): panels, queries and variables.
-
-Plain data structures: the dashboard model is JSON, and these helpers only fill in the parts
-every panel repeats (datasource variable, grid position, unit, legend, thresholds).
-"""
+"""What a dashboard needs beyond its panels, on Grafana's own types (grafana-foundation-sdk,
+Grafana 11.6 schema): variables, annotations, panel ids, the JSON Grafana loads, and the PromQL a
+dashboard makes Prometheus run. The panels' look is `dashboards.style`."""
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
-DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-FULL_WIDTH = 24
-# Threshold steps of a stat panel: (from value, colour), the first from None (the base colour).
-Steps = list[tuple[float | None, str]]
+from grafana_foundation_sdk.builders import dashboard as builders
+from grafana_foundation_sdk.cog import builder as cogbuilder
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import dashboard as model
+
+from dashboards.style import DATASOURCE
 
 
-def per_second(thing: str) -> str:
-    """A Grafana custom unit that reads "1.2 K updates/s" (`cps` would read "c/s")."""
-    return f"count:{thing}/s"
-
-
-@dataclass(frozen=True)
-class Query:
-    expr: str
-    legend: str = ""
-    instant: bool = False
-
-    def target(self, ref_id: str) -> dict[str, Any]:
-        return {
-            "datasource": DATASOURCE,
-            "expr": self.expr,
-            "legendFormat": self.legend or "__auto",
-            "range": not self.instant,
-            "instant": self.instant,
-            "refId": ref_id,
-        }
-
-
-@dataclass
-class Layout:
-    """Places panels left to right, wrapping at the dashboard width; rows start a new line."""
-
-    y: int = 0
-    x: int = 0
-    row_height: int = 0
-    next_id: int = 1
-    panels: list[dict[str, Any]] = field(default_factory=list)
-
-    def add(self, panel: dict[str, Any], width: int, height: int) -> None:
-        if self.x + width > FULL_WIDTH:
-            self.y, self.x, self.row_height = self.y + self.row_height, 0, 0
-        panel["id"] = self.next_id
-        panel["gridPos"] = {"h": height, "w": width, "x": self.x, "y": self.y}
-        self.next_id += 1
-        self.x += width
-        self.row_height = max(self.row_height, height)
-        self.panels.append(panel)
-
-    def row(self, title: str) -> None:
-        """Start a row; the panels added after it, up to the next row, sit under it."""
-        if self.x:
-            self.y, self.x, self.row_height = self.y + self.row_height, 0, 0
-        self.add({"type": "row", "title": title, "collapsed": False, "panels": []}, FULL_WIDTH, 1)
-        self.y, self.x, self.row_height = self.y + 1, 0, 0
-
-
-def _targets(queries: list[Query]) -> list[dict[str, Any]]:
-    return [q.target(chr(ord("A") + i)) for i, q in enumerate(queries)]
-
-
-def timeseries(
-    title: str,
-    unit: str,
-    queries: list[Query],
-    description: str,
-    *,
-    stack: bool = False,
-    signed: bool = False,
-    max_value: float | None = None,
-) -> dict[str, Any]:
-    """A time series panel. Its y axis starts at 0 unless `signed` (a series that can go below
-    zero, e.g. a difference of counters: `min: 0` would hide exactly the values that matter)."""
-    defaults: dict[str, Any] = {
-        "unit": unit,
-        "custom": {
-            "drawStyle": "line",
-            "lineWidth": 1,
-            "fillOpacity": 0 if signed else 10,
-            "showPoints": "never",
-            "stacking": {"mode": "normal" if stack else "none", "group": "A"},
-        },
-    }
-    if not signed:
-        defaults["min"] = 0
-    if max_value is not None:
-        defaults["max"] = max_value
-    return {
-        "type": "timeseries",
-        "title": title,
-        "description": description,
-        "datasource": DATASOURCE,
-        "targets": _targets(queries),
-        "fieldConfig": {"defaults": defaults, "overrides": []},
-        "options": {
-            "legend": {"displayMode": "table", "placement": "bottom", "calcs": ["lastNotNull"]},
-            "tooltip": {"mode": "multi", "sort": "desc"},
-        },
-    }
-
-
-def stat(title: str, unit: str, query: Query, description: str, steps: Steps) -> dict[str, Any]:
-    """A stat panel coloured by `steps`: without them Grafana paints everything red from 80."""
-    if not steps or steps[0][0] is not None:
-        raise ValueError(f"{title}: threshold steps start with the base colour (None, colour)")
-    return {
-        "type": "stat",
-        "title": title,
-        "description": description,
-        "datasource": DATASOURCE,
-        "targets": _targets([query]),
-        "fieldConfig": {
-            "defaults": {
-                "unit": unit,
-                "decimals": 0,
-                "color": {"mode": "thresholds"},
-                "thresholds": {
-                    "mode": "absolute",
-                    "steps": [{"value": value, "color": color} for value, color in steps],
-                },
-            },
-            "overrides": [],
-        },
-        "options": {
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-            "colorMode": "value",
-            "graphMode": "area",
-            "textMode": "auto",
-        },
-    }
-
-
-def datasource_variable() -> dict[str, Any]:
-    return {
-        "name": "datasource",
-        "label": "Data source",
-        "type": "datasource",
-        "query": "prometheus",
-        "current": {},
-        "hide": 0,
-        "refresh": 1,
-    }
+def datasource_variable() -> builders.DatasourceVariable:
+    return (
+        builders.DatasourceVariable("datasource")
+        .label("Data source")
+        .type("prometheus")
+        .hide(model.VariableHide.DONT_HIDE)
+    )
 
 
 def query_variable(
     name: str, label: str, query: str, *, multi: bool, all_value: str | None = None
-) -> dict[str, Any]:
-    variable: dict[str, Any] = {
-        "name": name,
-        "label": label,
-        "type": "query",
-        "datasource": DATASOURCE,
-        "query": {"query": query, "refId": f"{name}-variable"},
-        "definition": query,
-        "refresh": 2,
-        "sort": 1,
-        "multi": multi,
-        "includeAll": all_value is not None,
-        "current": {},
-        "hide": 0,
-    }
+) -> builders.QueryVariable:
+    """A variable of `label_values(...)`, refreshed with the time range, sorted."""
+    variable = (
+        builders.QueryVariable(name)
+        .label(label)
+        .datasource(DATASOURCE)
+        .query({"query": query, "refId": f"{name}-variable"})
+        .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(model.VariableSort.ALPHABETICAL_ASC)
+        .multi(multi)
+        .include_all(all_value is not None)
+        .hide(model.VariableHide.DONT_HIDE)
+    )
     if all_value is not None:
-        variable["allValue"] = all_value
+        variable = variable.all_value(all_value)
     return variable
 
 
-def alerts_annotation(expr: str) -> dict[str, Any]:
+def builtin_annotation() -> builders.AnnotationQuery:
+    """Grafana's own annotations and alerts, as every dashboard has them."""
+    return (
+        builders.AnnotationQuery()
+        .name("Annotations & Alerts")
+        .datasource(model.DataSourceRef(type_val="grafana", uid="-- Grafana --"))
+        .enable(True)
+        .hide(True)
+        .icon_color("rgba(0, 211, 255, 1)")
+        .type("dashboard")
+        .built_in(1)
+    )
+
+
+class PrometheusAnnotationQuery(model.AnnotationQuery):
+    """An annotation of a Prometheus query. The SDK's model holds the fields every datasource
+    shares; the Prometheus datasource also reads its own (step, title and text templates, the
+    labels that become tags) from the annotation, so they are added to its JSON here."""
+
+    def __init__(self, name: str, expr: str, title: str, text: str, tag_keys: list[str]) -> None:
+        super().__init__(name=name, datasource=DATASOURCE, enable=True, expr=expr)
+        self.title_format, self.text_format, self.tag_keys = title, text, tag_keys
+
+    def to_json(self) -> dict[str, object]:
+        return super().to_json() | {
+            "step": "30s",
+            "titleFormat": self.title_format,
+            "textFormat": self.text_format,
+            "tagKeys": ",".join(self.tag_keys),
+            "useValueForTime": False,
+        }
+
+
+class AlertsAnnotation(cogbuilder.Builder[model.AnnotationQuery]):
     """Firing alerts drawn on every time series panel."""
-    return {
-        "name": "Firing alerts",
-        "datasource": DATASOURCE,
-        "enable": True,
-        "iconColor": "red",
-        "expr": expr,
-        "step": "30s",
-        "titleFormat": "{{alertname}}",
-        "textFormat": "{{pod}} ({{severity}})",
-        "tagKeys": "severity,pod",
-        "useValueForTime": False,
-    }
+
+    def __init__(self, expr: str) -> None:
+        self._internal = PrometheusAnnotationQuery(
+            "Firing alerts", expr, "{{alertname}}", "{{pod}} ({{severity}})", ["severity", "pod"]
+        )
+        self._internal.icon_color = "red"
+
+    def build(self) -> model.AnnotationQuery:
+        return self._internal
+
+
+def build_model(board: builders.Dashboard) -> model.Dashboard:
+    """The SDK's dashboard with its panels numbered in order (the builder places them on the
+    grid, left to right and row by row, but leaves every id unset)."""
+    dashboard = board.build()
+    for number, panel in enumerate(dashboard.panels or [], start=1):
+        panel.id_val = number
+    return dashboard
+
+
+def to_json(dashboard: model.Dashboard) -> dict[str, Any]:
+    """The dashboard as Grafana loads it, by the SDK's own encoder."""
+    return json.loads(json.dumps(dashboard, cls=JSONEncoder))
 
 
 def promql_queries(dashboard: dict[str, Any]) -> list[str]:
-    """Every PromQL expression the dashboard makes Prometheus run: panel targets, annotations,
-    and the series selector inside each `label_values(selector, label)` variable."""
+    """Every PromQL expression a dashboard's JSON makes Prometheus run: panel targets,
+    annotations, and the series selector inside each `label_values(selector, label)` variable."""
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     exprs += [a["expr"] for a in dashboard["annotations"]["list"] if "expr" in a]
     for variable in dashboard["templating"]["list"]:
-        match = re.fullmatch(r"label_values\((.+), *\w+\)", variable.get("definition", ""))
+        query = variable.get("query", "")
+        query = query.get("query", "") if isinstance(query, dict) else query
+        match = re.fullmatch(r"label_values\((.+), *\w+\)", query)
         if match:
             exprs.append(match.group(1))
     return exprs

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from grafana_foundation_sdk.builders import dashboard as builders
+from grafana_foundation_sdk.builders.prometheus import Dataquery
+from grafana_foundation_sdk.models import dashboard as model
+
 from dashboards.grafana import (
-    Layout,
-    Query,
-    Steps,
-    alerts_annotation,
+    AlertsAnnotation,
+    build_model,
+    builtin_annotation,
     datasource_variable,
-    per_second,
     query_variable,
-    stat,
-    timeseries,
+    to_json,
 )
+from dashboards.style import PanelBuilder, Steps, per_second, query, stat, timeseries
 
 UID = "pricestream-overview"
 SEL = 'namespace="$namespace", pod=~"$pod"'
@@ -48,10 +50,10 @@ ROW_TOPICS = {
 GREEN: Steps = [(None, "green")]
 
 
-def per_pod_and_total(metric: str) -> list[Query]:
+def per_pod_and_total(metric: str) -> list[Dataquery]:
     return [
-        Query(f"sum by (pod) ({metric}{{{SEL}}})", "{{pod}}"),
-        Query(f"sum({metric}{{{SEL}}})", "total"),
+        query(f"sum by (pod) ({metric}{{{SEL}}})", "{{pod}}"),
+        query(f"sum({metric}{{{SEL}}})", "total"),
     ]
 
 
@@ -62,7 +64,7 @@ def rate(metric: str, by: str = "pod", extra: str = "") -> str:
     return f"sum{grouping} (rate({metric}{{{selector}}}[{RATE}]))"
 
 
-def drift(resource: str, closes_labelled: bool = False) -> Query:
+def drift(resource: str, closes_labelled: bool = False) -> Dataquery:
     """opened - closed - active of one resource over the selected pods: 0 when they agree,
     negative when more closed than opened (itself a bug signal). A closed counter with a label
     (a browser socket's close `code`) has no series before its first close: 0 until then."""
@@ -75,18 +77,56 @@ def drift(resource: str, closes_labelled: bool = False) -> Query:
     if closes_labelled:
         closed = f"({closed} or vector(0))"
     active = total(f"pricestream_{resource}_active")
-    return Query(f"{opened} - {closed} - {active}", resource.replace("_", " "))
+    return query(f"{opened} - {closed} - {active}", resource.replace("_", " "))
 
 
-def latency_quantile(q: float) -> Query:
+def latency_quantile(q: float) -> Dataquery:
     buckets = f"sum by (le) (rate(pricestream_delivery_latency_seconds_bucket{{{SEL}}}[{RATE}]))"
-    return Query(f"histogram_quantile({q}, {buckets})", f"p{round(q * 100)}")
+    return query(f"histogram_quantile({q}, {buckets})", f"p{round(q * 100)}")
 
 
-def build() -> dict[str, Any]:
-    layout = Layout()
+def dashboard() -> model.Dashboard:
+    """The overview as the SDK's dashboard model: panels placed left to right, row by row."""
+    board = (
+        builders.Dashboard("pricestream / overview")
+        .uid(UID)
+        .description(
+            "Sessions, streams, browser sockets, Pub/Sub subscriptions and their drift; "
+            "prices, latency."
+        )
+        .tags(["pricestream", "grpc", "redis"])
+        .timezone("browser")
+        .editable()
+        .tooltip(model.DashboardCursorSync.CROSSHAIR)
+        .refresh("30s")
+        .version(1)
+        .time("now-1h", "now")
+        .with_variable(datasource_variable())
+        .with_variable(
+            query_variable(
+                "namespace",
+                "Namespace",
+                "label_values(pricestream_sessions_active, namespace)",
+                multi=False,
+            )
+        )
+        .with_variable(
+            query_variable(
+                "pod",
+                "Pod",
+                'label_values(pricestream_sessions_active{namespace="$namespace"}, pod)',
+                multi=True,
+                all_value=".*",
+            )
+        )
+        .annotation(builtin_annotation())
+        .annotation(AlertsAnnotation(FIRING_ALERTS))
+    )
 
-    layout.row(NOW)
+    def add(panel: PanelBuilder, width: int, height: int) -> None:
+        board.with_panel(panel.span(width).height(height))
+
+    board.with_row(builders.Row(NOW))
     for title, metric, description, steps in [
         ("Sessions", "pricestream_sessions_active", "Sessions held by the selected pods.", GREEN),
         ("Streams", "pricestream_streams_active", "StreamPriceUpdates calls in progress.", GREEN),
@@ -109,14 +149,14 @@ def build() -> dict[str, Any]:
             [(None, "red"), (1, "green")],
         ),
     ]:
-        query = Query(f"sum({metric}{{{SEL}}})")
-        layout.add(stat(title, "short", query, description, steps), 4, 4)
+        q = query(f"sum({metric}{{{SEL}}})")
+        add(stat(title, "short", q, description, steps), 4, 4)
     firing = f"count({FIRING_ALERTS}) or vector(0)"
-    layout.add(
+    add(
         stat(
             "Firing alerts",
             "short",
-            Query(firing),
+            query(firing),
             "PriceStream alerts firing.",
             [(None, "green"), (1, "red")],
         ),
@@ -124,7 +164,7 @@ def build() -> dict[str, Any]:
         4,
     )
 
-    layout.row(LIFECYCLE_ROW)
+    board.with_row(builders.Row(LIFECYCLE_ROW))
     for title, metric in [
         ("Active sessions", "pricestream_sessions_active"),
         ("Active streams", "pricestream_streams_active"),
@@ -132,14 +172,14 @@ def build() -> dict[str, Any]:
         ("Redis Pub/Sub connections", "pricestream_redis_pubsub_connections_active"),
     ]:
         description = f"{metric} per pod and in total."
-        layout.add(timeseries(title, "short", per_pod_and_total(metric), description), 6, 8)
-    layout.add(
+        add(timeseries(title, "short", per_pod_and_total(metric), description), 6, 8)
+    add(
         timeseries(
             "Sessions opened vs closed",
             per_second("sessions"),
             [
-                Query(rate("pricestream_sessions_opened_total", ""), "opened"),
-                Query(rate("pricestream_sessions_closed_total", "reason"), "closed {{reason}}"),
+                query(rate("pricestream_sessions_opened_total", ""), "opened"),
+                query(rate("pricestream_sessions_closed_total", "reason"), "closed {{reason}}"),
             ],
             "Sessions entering and leaving the selected pods' registries per second, closes by "
             "reason.",
@@ -147,20 +187,20 @@ def build() -> dict[str, Any]:
         8,
         8,
     )
-    layout.add(
+    add(
         timeseries(
             "Subscriptions opened vs closed",
             per_second("subscriptions"),
             [
-                Query(rate("pricestream_pubsub_subscriptions_opened_total", ""), "opened"),
-                Query(rate("pricestream_pubsub_subscriptions_closed_total", ""), "closed"),
+                query(rate("pricestream_pubsub_subscriptions_opened_total", ""), "opened"),
+                query(rate("pricestream_pubsub_subscriptions_closed_total", ""), "closed"),
             ],
             "SUBSCRIBE and UNSUBSCRIBE of ticker channels per second on the selected pods.",
         ),
         8,
         8,
     )
-    layout.add(
+    add(
         timeseries(
             "Net drift (opened - closed - active)",
             "short",
@@ -171,7 +211,7 @@ def build() -> dict[str, Any]:
                 drift("redis_pubsub_connections"),
                 drift("ws_connections", closes_labelled=True),
                 drift("sse_connections", closes_labelled=True),
-                Query(
+                query(
                     f"sum(pricestream_sessions_active{{{SEL}}})"
                     f" - sum(pricestream_streams_active{{{SEL}}})",
                     "sessions without stream",
@@ -186,24 +226,24 @@ def build() -> dict[str, Any]:
         8,
     )
 
-    layout.row(BROWSER)
+    board.with_row(builders.Row(BROWSER))
     for title, metric, what in [
         ("WebSocket connections", "pricestream_ws_connections_active", "WebSocket"),
         ("SSE connections", "pricestream_sse_connections_active", "Server-Sent Events"),
     ]:
         description = f"Open {what} price streams of browsers ({metric}) per pod and in total."
-        layout.add(timeseries(title, "short", per_pod_and_total(metric), description), 6, 8)
+        add(timeseries(title, "short", per_pod_and_total(metric), description), 6, 8)
     for title, kind, what in [
         ("WebSocket opened vs closed by code", "ws", "WebSockets"),
         ("SSE opened vs closed by code", "sse", "SSE streams"),
     ]:
-        layout.add(
+        add(
             timeseries(
                 title,
                 per_second("connections"),
                 [
-                    Query(rate(f"pricestream_{kind}_connections_opened_total", ""), "opened"),
-                    Query(
+                    query(rate(f"pricestream_{kind}_connections_opened_total", ""), "opened"),
+                    query(
                         rate(f"pricestream_{kind}_connections_closed_total", "code"),
                         "closed {{code}}",
                     ),
@@ -216,12 +256,12 @@ def build() -> dict[str, Any]:
             6,
             8,
         )
-    layout.add(
+    add(
         timeseries(
             "Refused handshakes by reason",
             per_second("handshakes"),
             [
-                Query(
+                query(
                     rate("pricestream_web_handshakes_refused_total", "transport, reason"),
                     "{{transport}} {{reason}}",
                 )
@@ -234,12 +274,12 @@ def build() -> dict[str, Any]:
         12,
         8,
     )
-    layout.add(
+    add(
         timeseries(
             "REST requests by status",
             per_second("requests"),
             [
-                Query(
+                query(
                     rate("pricestream_http_requests_total", "route, status"),
                     "{{route}} {{status}}",
                 )
@@ -251,15 +291,15 @@ def build() -> dict[str, Any]:
         8,
     )
 
-    layout.row(PRICES)
-    layout.add(
+    board.with_row(builders.Row(PRICES))
+    add(
         timeseries(
             "Price updates in / out",
             per_second("updates"),
             [
-                Query(rate("pricestream_price_updates_received_total", ""), "received"),
-                Query(rate("pricestream_price_updates_sent_total", ""), "sent"),
-                Query(rate("pricestream_batches_sent_total", ""), "batches"),
+                query(rate("pricestream_price_updates_received_total", ""), "received"),
+                query(rate("pricestream_price_updates_sent_total", ""), "sent"),
+                query(rate("pricestream_batches_sent_total", ""), "batches"),
             ],
             "Updates received from Redis, updates and batches handed to streams, per second, "
             "over the selected pods.",
@@ -269,18 +309,18 @@ def build() -> dict[str, Any]:
     )
     coalesced = rate("pricestream_price_updates_coalesced_total")
     sent = rate("pricestream_price_updates_sent_total")
-    layout.add(
+    add(
         timeseries(
             "Coalescing ratio",
             "percentunit",
-            [Query(f"{coalesced} / ({coalesced} + {sent})", "{{pod}}")],
+            [query(f"{coalesced} / ({coalesced} + {sent})", "{{pod}}")],
             "Share of updates replaced by a newer price of the same ticker before a flush.",
             max_value=1,
         ),
         8,
         8,
     )
-    layout.add(
+    add(
         timeseries(
             "Delivery latency (publish to stream)",
             "s",
@@ -291,13 +331,13 @@ def build() -> dict[str, Any]:
         8,
     )
 
-    layout.row(ERRORS)
-    layout.add(
+    board.with_row(builders.Row(ERRORS))
+    add(
         timeseries(
             "gRPC calls by code",
             per_second("calls"),
             [
-                Query(
+                query(
                     rate(
                         "grpc_server_handled_total",
                         "grpc_method, grpc_code",
@@ -311,33 +351,33 @@ def build() -> dict[str, Any]:
         6,
         8,
     )
-    layout.add(
+    add(
         timeseries(
             "Slow-consumer disconnects",
             per_second("disconnects"),
-            [Query(rate("pricestream_slow_consumer_disconnects_total"), "{{pod}}")],
+            [query(rate("pricestream_slow_consumer_disconnects_total"), "{{pod}}")],
             "Streams cut off because their client stopped reading.",
         ),
         6,
         8,
     )
-    layout.add(
+    add(
         timeseries(
             "Redis up",
             "none",
-            [Query(f"max by (pod) (pricestream_redis_up{{{SEL}}})", "{{pod}}")],
+            [query(f"max by (pod) (pricestream_redis_up{{{SEL}}})", "{{pod}}")],
             "1 while Pub/Sub delivers (liveness probe included), 0 while it does not.",
             max_value=1,
         ),
         6,
         8,
     )
-    layout.add(
+    add(
         timeseries(
             "Redis reconnects",
             "short",
             [
-                Query(
+                query(
                     f"sum by (pod) (increase(pricestream_redis_reconnects_total{{{SEL}}}[{RATE}]))",
                     "{{pod}}",
                 )
@@ -347,12 +387,12 @@ def build() -> dict[str, Any]:
         6,
         8,
     )
-    layout.add(
+    add(
         timeseries(
             "Redis shards: wanted - live",
             "short",
             [
-                Query(
+                query(
                     f"sum by (pod) (pricestream_redis_shards_wanted{{{SEL}}})"
                     f" - sum by (pod) (pricestream_redis_shards_live{{{SEL}}})",
                     "{{pod}}",
@@ -366,12 +406,12 @@ def build() -> dict[str, Any]:
         12,
         8,
     )
-    layout.add(
+    add(
         timeseries(
             "Channels moved between shards",
             "short",
             [
-                Query(
+                query(
                     f"sum by (pod) (increase(pricestream_redis_slot_moves_total{{{SEL}}}[{RATE}]))",
                     "{{pod}}",
                 )
@@ -383,22 +423,22 @@ def build() -> dict[str, Any]:
         8,
     )
 
-    layout.row(SATURATION)
-    layout.add(
+    board.with_row(builders.Row(SATURATION))
+    add(
         timeseries(
             "Flush lag (overload)",
             "s",
-            [Query(f"max by (pod) (pricestream_flush_lag_seconds{{{SEL}}})", "{{pod}}")],
+            [query(f"max by (pod) (pricestream_flush_lag_seconds{{{SEL}}})", "{{pod}}")],
             "How late the flushes run; above PRICESTREAM_OVERLOAD_LAG new sessions are refused.",
         ),
         6,
         8,
     )
-    layout.add(
+    add(
         timeseries(
             "Stream backlog (overload)",
             "percentunit",
-            [Query(f"max by (pod) (pricestream_flush_backlog_ratio{{{SEL}}})", "{{pod}}")],
+            [query(f"max by (pod) (pricestream_flush_backlog_ratio{{{SEL}}})", "{{pod}}")],
             "Share of streams with news still writing the previous flush's batch: the pod "
             "writes fewer batches than its streams need. Above PRICESTREAM_OVERLOAD_BACKLOG "
             "new sessions are refused.",
@@ -407,71 +447,30 @@ def build() -> dict[str, Any]:
         6,
         8,
     )
-    layout.add(
+    add(
         timeseries(
             "CPU per pod",
             "percentunit",
-            [Query(rate("process_cpu_seconds_total"), "{{pod}}")],
+            [query(rate("process_cpu_seconds_total"), "{{pod}}")],
             "CPU seconds per second (100% = one full core).",
         ),
         6,
         8,
     )
-    layout.add(
+    add(
         timeseries(
             "Memory per pod (RSS)",
             "bytes",
-            [Query(f"sum by (pod) (process_resident_memory_bytes{{{SEL}}})", "{{pod}}")],
+            [query(f"sum by (pod) (process_resident_memory_bytes{{{SEL}}})", "{{pod}}")],
             "Resident memory of each server process.",
         ),
         6,
         8,
     )
 
-    return {
-        "uid": UID,
-        "title": "pricestream / overview",
-        "description": "Sessions, streams, browser sockets, Pub/Sub subscriptions and their "
-        "drift; prices, latency.",
-        "tags": ["pricestream", "grpc", "redis"],
-        "timezone": "browser",
-        "editable": True,
-        "graphTooltip": 1,
-        "refresh": "30s",
-        "schemaVersion": 39,
-        "version": 1,
-        "time": {"from": "now-1h", "to": "now"},
-        "templating": {
-            "list": [
-                datasource_variable(),
-                query_variable(
-                    "namespace",
-                    "Namespace",
-                    "label_values(pricestream_sessions_active, namespace)",
-                    multi=False,
-                ),
-                query_variable(
-                    "pod",
-                    "Pod",
-                    'label_values(pricestream_sessions_active{namespace="$namespace"}, pod)',
-                    multi=True,
-                    all_value=".*",
-                ),
-            ]
-        },
-        "annotations": {
-            "list": [
-                {
-                    "builtIn": 1,
-                    "datasource": {"type": "grafana", "uid": "-- Grafana --"},
-                    "enable": True,
-                    "hide": True,
-                    "iconColor": "rgba(0, 211, 255, 1)",
-                    "name": "Annotations & Alerts",
-                    "type": "dashboard",
-                },
-                alerts_annotation(FIRING_ALERTS),
-            ]
-        },
-        "panels": layout.panels,
-    }
+    return build_model(board)
+
+
+def build() -> dict[str, Any]:
+    """The overview's JSON, as the chart ships it."""
+    return to_json(dashboard())
