@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import yaml
 from chart import rules_file
+from grafana_foundation_sdk.models import dashboard as model
 from metric_names import PROMETHEUS_SERIES, exported_names, referenced_names
 from pricestream.api.server import Server
 
-from dashboards import generate, overview
-from dashboards.grafana import promql_queries
+from dashboards import generate, overview, style
+from dashboards.grafana import promql_queries, to_json
 
 
 def panels(dashboard: dict) -> list[dict]:
@@ -38,6 +40,16 @@ def test_committed_json_is_fresh() -> None:
         assert committed == build()
 
 
+def test_dashboards_are_built_with_grafanas_sdk() -> None:
+    """The JSON is the SDK's own model encoded by the SDK, of the pinned Grafana 11.6 schema
+    (an unpinned install gives a Grafana 10.1 build, schema 36)."""
+    board = overview.dashboard()
+    assert isinstance(board, model.Dashboard)
+    assert board.schema_version == 41
+    assert overview.build() == to_json(board)
+    assert overview.build()["schemaVersion"] == 41
+
+
 def test_every_panel_has_a_unit_a_query_and_the_datasource_variable() -> None:
     dashboard = overview.build()
     assert dashboard["uid"] == "pricestream-overview"
@@ -50,10 +62,18 @@ def test_every_panel_has_a_unit_a_query_and_the_datasource_variable() -> None:
         assert len(set(ref_ids)) == len(ref_ids) and all(ref_ids)
         for target in panel["targets"]:
             assert target["expr"].strip()
+            assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
             if "rate(" in target["expr"] or "increase(" in target["expr"]:
                 assert "[$__rate_interval]" in target["expr"], panel["title"]
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert set(variables) == {"datasource", "namespace", "pod"}
+    assert variables["datasource"]["query"] == "prometheus"
+    for name in ["namespace", "pod"]:
+        assert variables[name]["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert variables[name]["query"]["refId"], name
+    assert variables["pod"]["includeAll"] and variables["pod"]["allValue"] == ".*"
+    alerts = dashboard["annotations"]["list"][-1]
+    assert alerts["titleFormat"] == "{{alertname}}" and alerts["tagKeys"] == "severity,pod"
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(set(ids)) == len(ids)
 
@@ -242,3 +262,32 @@ def test_browser_path_has_its_panels() -> None:
     assert any(
         "pricestream_ws_connections_closed_total" in e and "or vector(0)" in e for e in drift_exprs
     )
+
+
+@pytest.mark.parametrize("steps", [[], [(1, "red")]])
+def test_house_style_refuses_a_stat_or_gauge_without_a_base_colour(steps: style.Steps) -> None:
+    q = style.query("sum(up)")
+    with pytest.raises(ValueError, match="base colour"):
+        style.stat("Up", "short", q, "d", steps)
+    with pytest.raises(ValueError, match="base colour"):
+        style.gauge("Up", "short", q, "d", steps, max_value=1)
+
+
+def test_house_style_gauge() -> None:
+    """No dashboard has a gauge yet; the first one gets the same unit, refId, thresholds and
+    `min: 0` as every other panel."""
+    panel = to_json(
+        style.gauge(
+            "Backlog",
+            "percentunit",
+            style.query("max(pricestream_flush_backlog_ratio)"),
+            "Share of streams behind.",
+            [(None, "green"), (0.5, "red")],
+            max_value=1,
+        ).build()
+    )
+    defaults = panel["fieldConfig"]["defaults"]
+    assert panel["type"] == "gauge"
+    assert (defaults["unit"], defaults["min"], defaults["max"]) == ("percentunit", 0, 1)
+    assert [t["refId"] for t in panel["targets"]] == ["A"]
+    assert colour_at(panel, 0.2) == "green" and colour_at(panel, 0.7) == "red"
