@@ -15,7 +15,9 @@ GRPCURL_VERSION := v1.9.4
 GRPCURL := $(TOOLS)/bin/grpcurl
 # The grpc-go conformance client of tests/test_grpc_clients.py (its own module, tests/grpcgo).
 GRPCGO := $(TOOLS)/bin/grpcgo
-GRPCGO_SOURCES := $(wildcard tests/grpcgo/*.go) tests/grpcgo/go.mod tests/grpcgo/go.sum
+# Its own source and the wire helpers it shares with bench/loadclient (bench/grpcwire).
+GRPCGO_SOURCES := $(wildcard tests/grpcgo/*.go) tests/grpcgo/go.mod tests/grpcgo/go.sum \
+	$(filter-out %_test.go,$(wildcard bench/grpcwire/*.go)) bench/grpcwire/go.mod bench/grpcwire/go.sum
 PROTO := proto/pricestream/v1/pricestream.proto
 CHART := deploy/helm/pricestream
 APP_VERSION := $(shell sed -n 's/^appVersion: "\(.*\)"/\1/p' $(CHART)/Chart.yaml)

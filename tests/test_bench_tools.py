@@ -23,6 +23,9 @@ from scripts import bench_centrifugo
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADCLIENT = ROOT / "bench/loadclient"
+# The wire helpers both Go clients import (a local module, by a replace in their go.mod).
+GRPCWIRE = ROOT / "bench/grpcwire"
+GRPCGO = ROOT / "tests/grpcgo"
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +55,21 @@ def wait_listening(port: int, timeout: float = 20) -> None:
     raise AssertionError(f"nothing listens on port {port} after {timeout} s")
 
 
-def test_go_sources_are_formatted_and_vetted() -> None:
+@pytest.mark.parametrize("module", [LOADCLIENT, GRPCWIRE, GRPCGO], ids=lambda p: p.name)
+def test_go_sources_are_formatted_and_vetted(module: Path) -> None:
     go = require_binary("go")
     unformatted = subprocess.run(
-        ["gofmt", "-l", "."], cwd=LOADCLIENT, capture_output=True, text=True, check=True
+        ["gofmt", "-l", "."], cwd=module, capture_output=True, text=True, check=True
     )
     assert unformatted.stdout == ""
-    subprocess.run([go, "vet", "./..."], cwd=LOADCLIENT, check=True)
+    subprocess.run([go, "vet", "./..."], cwd=module, check=True)
+
+
+def test_grpcwire_lean_readers_and_full_decoders_agree() -> None:
+    """bench/grpcwire, the one Go source of the wire helpers of the load client and of
+    tests/grpcgo: its own Go tests."""
+    go = require_binary("go")
+    subprocess.run([go, "test", "-count=1", "./..."], cwd=GRPCWIRE, check=True)
 
 
 @pytest.mark.timeout(150)

@@ -22,6 +22,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protowire"
+
+	"pricestream/bench/grpcwire"
 )
 
 const methodConsume = "/centrifugal.centrifugo.unistream.CentrifugoUniStream/Consume"
@@ -236,7 +238,7 @@ func (r *run) consume(ctx context.Context, conn *grpc.ClientConn, request *[]byt
 			return connected
 		case p.publication != nil && r.measuring.Load():
 			now := time.Now().UnixNano()
-			r.latency.observe(time.Duration(now - updatePublishedAt(p.publication)))
+			r.latency.observe(time.Duration(now - grpcwire.UpdatePublishedAt(p.publication)))
 			r.updates.Add(1)
 			r.batches.Add(1)
 		}

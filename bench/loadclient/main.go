@@ -7,6 +7,9 @@
 // centrifugo it holds Centrifugo's uni-directional gRPC streams instead (centrifugo.go), with
 // the same measurements and the same JSON.
 //
+// The pricestream messages are encoded and decoded by hand with bench/grpcwire (no generated
+// code), the module tests/grpcgo uses too.
+//
 // `pricestream loadtest` is the full-featured load tester (stages, leave mixes, slow
 // readers, reports); this client does the one thing the benchmark needs, cheaply.
 package main
@@ -30,6 +33,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
+
+	"pricestream/bench/grpcwire"
 )
 
 // closeAttempts is how often a user tries CloseSession before it cancels its stream instead.
@@ -113,15 +118,15 @@ func (r *run) user(index int, createBy time.Time, leave <-chan struct{}, rng *ra
 	for _, i := range rng.Perm(len(r.cfg.tickers))[:r.cfg.tickersPerSession] {
 		tickers = append(tickers, r.cfg.tickers[i])
 	}
-	request := createSessionRequest(tickers)
+	request := grpcwire.CreateSessionRequest(tickers)
 	var id string
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		var reply []byte
-		err := conn.Invoke(ctx, methodCreateSession, &request, &reply)
+		err := conn.Invoke(ctx, grpcwire.MethodCreateSession, &request, &reply)
 		cancel()
 		if err == nil {
-			if id, err = sessionID(reply); err == nil {
+			if id, err = grpcwire.SessionID(reply); err == nil {
 				r.created.Add(1)
 				break
 			}
@@ -160,12 +165,12 @@ func (r *run) user(index int, createBy time.Time, leave <-chan struct{}, rng *ra
 
 func (r *run) stream(ctx context.Context, conn *grpc.ClientConn, id string) {
 	desc := &grpc.StreamDesc{StreamName: "StreamPriceUpdates", ServerStreams: true}
-	stream, err := conn.NewStream(ctx, desc, methodStream)
+	stream, err := conn.NewStream(ctx, desc, grpcwire.MethodStream)
 	if err != nil {
 		r.fail("stream", err)
 		return
 	}
-	request := sessionIDRequest(id)
+	request := grpcwire.SessionIDRequest(id)
 	if err := stream.SendMsg(&request); err != nil {
 		if !errors.Is(err, io.EOF) {
 			r.fail("stream", err)
@@ -190,7 +195,7 @@ func (r *run) stream(ctx context.Context, conn *grpc.ClientConn, id string) {
 			continue
 		}
 		now := time.Now().UnixNano()
-		n, err := publishTimes(batch, func(published int64) {
+		n, err := grpcwire.PublishTimes(batch, func(published int64) {
 			r.latency.observe(time.Duration(now - published))
 		})
 		if err != nil {
@@ -204,11 +209,11 @@ func (r *run) stream(ctx context.Context, conn *grpc.ClientConn, id string) {
 // closeSession ends the session, retrying what a saturated server may answer with; false
 // when it did not succeed.
 func (r *run) closeSession(conn *grpc.ClientConn, id string) bool {
-	request := sessionIDRequest(id)
+	request := grpcwire.SessionIDRequest(id)
 	for attempt := 1; ; attempt++ {
 		ctx, cancel := context.WithTimeout(context.Background(), r.cfg.leaveTimeout)
 		var reply []byte
-		err := conn.Invoke(ctx, methodCloseSession, &request, &reply)
+		err := conn.Invoke(ctx, grpcwire.MethodCloseSession, &request, &reply)
 		cancel()
 		if err == nil {
 			return true
@@ -237,7 +242,7 @@ func execute(cfg config) (result, error) {
 	for i := 0; i < cfg.connections; i++ {
 		conn, err := grpc.NewClient(cfg.target,
 			grpc.WithTransportCredentials(insecure.NewCredentials()),
-			grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{})),
+			grpc.WithDefaultCallOptions(grpc.ForceCodec(grpcwire.RawCodec{})),
 			grpc.WithSharedWriteBuffer(true),
 		)
 		if err != nil {

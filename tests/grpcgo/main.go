@@ -3,7 +3,7 @@
 // exits 0 when every check passed and 1 otherwise. tests/test_grpc_clients.py runs it against
 // in-process servers, plaintext, TLS (-ca, -server-name) and mutual TLS (-cert, -key).
 //
-// The pricestream messages are encoded by hand (wire.go: no generated code); health and
+// The pricestream messages are encoded by hand (bench/grpcwire: no generated code); health and
 // reflection use grpc-go's own clients, as kubelet's native gRPC probe and grpcurl do.
 package main
 
@@ -32,6 +32,8 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/descriptorpb"
+
+	"pricestream/bench/grpcwire"
 )
 
 // kubeProbeAgent is the user agent kubelet's gRPC probe sends (k8s.io/kubernetes/pkg/probe/grpc).
@@ -45,7 +47,7 @@ const unknownSession = "AAAAAAAAAAAAAAAAAAAAAA"
 const drainReady = "grpcgo: drain check streaming; drain the server now"
 
 type client struct {
-	raw     *grpc.ClientConn // pricestream calls, bytes through rawCodec
+	raw     *grpc.ClientConn // pricestream calls, bytes through grpcwire.RawCodec
 	std     *grpc.ClientConn // health and reflection with grpc-go's generated clients
 	tickers []string
 }
@@ -113,7 +115,7 @@ func main() {
 		os.Exit(2)
 	}
 	raw, err := grpc.NewClient(*target, grpc.WithTransportCredentials(creds),
-		grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{})))
+		grpc.WithDefaultCallOptions(grpc.ForceCodec(grpcwire.RawCodec{})))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "grpcgo:", err)
 		os.Exit(2)
@@ -210,19 +212,19 @@ func wantStatus(err error, code codes.Code, part string) error {
 	return nil
 }
 
-func (c *client) createSession(ctx context.Context, tickers []string) (session, error) {
-	request := createSessionRequest(tickers)
+func (c *client) createSession(ctx context.Context, tickers []string) (grpcwire.Session, error) {
+	request := grpcwire.CreateSessionRequest(tickers)
 	var reply []byte
-	if err := c.raw.Invoke(ctx, methodCreateSession, &request, &reply); err != nil {
-		return session{}, fmt.Errorf("CreateSession: %w", err)
+	if err := c.raw.Invoke(ctx, grpcwire.MethodCreateSession, &request, &reply); err != nil {
+		return grpcwire.Session{}, fmt.Errorf("CreateSession: %w", err)
 	}
-	return decodeSession(reply)
+	return grpcwire.DecodeSession(reply)
 }
 
 func (c *client) closeSession(ctx context.Context, id string) error {
-	request := sessionIDRequest(id)
+	request := grpcwire.SessionIDRequest(id)
 	var reply []byte
-	if err := c.raw.Invoke(ctx, methodCloseSession, &request, &reply); err != nil {
+	if err := c.raw.Invoke(ctx, grpcwire.MethodCloseSession, &request, &reply); err != nil {
 		return fmt.Errorf("CloseSession: %w", err)
 	}
 	if len(reply) != 0 {
@@ -234,11 +236,11 @@ func (c *client) closeSession(ctx context.Context, id string) error {
 // openStream starts StreamPriceUpdates for a session (request sent, send side closed).
 func (c *client) openStream(ctx context.Context, id string) (grpc.ClientStream, error) {
 	desc := &grpc.StreamDesc{StreamName: "StreamPriceUpdates", ServerStreams: true}
-	stream, err := c.raw.NewStream(ctx, desc, methodStream)
+	stream, err := c.raw.NewStream(ctx, desc, grpcwire.MethodStream)
 	if err != nil {
 		return nil, err
 	}
-	request := sessionIDRequest(id)
+	request := grpcwire.SessionIDRequest(id)
 	if err := stream.SendMsg(&request); err != nil && !errors.Is(err, io.EOF) {
 		return nil, err
 	}
@@ -249,12 +251,12 @@ func (c *client) openStream(ctx context.Context, id string) (grpc.ClientStream, 
 }
 
 // nextBatch receives one PriceUpdateBatch and checks it against the session's tickers.
-func nextBatch(stream grpc.ClientStream, tickers []string) ([]priceUpdate, error) {
+func nextBatch(stream grpc.ClientStream, tickers []string) ([]grpcwire.PriceUpdate, error) {
 	var raw []byte
 	if err := stream.RecvMsg(&raw); err != nil {
 		return nil, err
 	}
-	updates, err := decodeBatch(raw)
+	updates, err := grpcwire.DecodeBatch(raw)
 	if err != nil {
 		return nil, fmt.Errorf("PriceUpdateBatch does not decode: %w", err)
 	}
@@ -286,14 +288,14 @@ func recvEnd(stream grpc.ClientStream) error {
 
 func checkCreateSession(ctx context.Context, c *client) (string, error) {
 	// Lower case upper-cased, duplicates dropped, first-occurrence order kept.
-	request := createSessionRequest(append([]string{strings.ToLower(c.tickers[0])}, c.tickers...))
+	request := grpcwire.CreateSessionRequest(append([]string{strings.ToLower(c.tickers[0])}, c.tickers...))
 	var reply []byte
 	var header, trailer metadata.MD
-	err := c.raw.Invoke(ctx, methodCreateSession, &request, &reply, grpc.Header(&header), grpc.Trailer(&trailer))
+	err := c.raw.Invoke(ctx, grpcwire.MethodCreateSession, &request, &reply, grpc.Header(&header), grpc.Trailer(&trailer))
 	if err != nil {
 		return "", fmt.Errorf("CreateSession: %w", err)
 	}
-	s, err := decodeSession(reply)
+	s, err := grpcwire.DecodeSession(reply)
 	if err != nil {
 		return "", fmt.Errorf("Session does not decode: %w", err)
 	}
@@ -461,7 +463,7 @@ func checkNotFound(ctx context.Context, c *client) (string, error) {
 
 func checkUnimplemented(ctx context.Context, c *client) (string, error) {
 	var details []string
-	for _, method := range []string{"/" + service + "/NoSuchMethod", "/no.such.Service/Call"} {
+	for _, method := range []string{"/" + grpcwire.Service + "/NoSuchMethod", "/no.such.Service/Call"} {
 		request := []byte{}
 		var reply []byte
 		err := c.raw.Invoke(ctx, method, &request, &reply)
@@ -490,12 +492,12 @@ func checkLargeUnderLimit(ctx context.Context, c *client) (string, error) {
 	if err := wantStatus(err, codes.InvalidArgument, "too many tickers"); err != nil {
 		return "", err
 	}
-	return fmt.Sprintf("%d bytes: %s", len(createSessionRequest(tickers)), status.Convert(errors.Unwrap(err)).Message()), nil
+	return fmt.Sprintf("%d bytes: %s", len(grpcwire.CreateSessionRequest(tickers)), status.Convert(errors.Unwrap(err)).Message()), nil
 }
 
 func checkLargeOverLimit(ctx context.Context, c *client) (string, error) {
 	tickers := manyTickers(70 * 1024)
-	size := len(createSessionRequest(tickers))
+	size := len(grpcwire.CreateSessionRequest(tickers))
 	_, err := c.createSession(ctx, tickers)
 	if err := wantStatus(err, codes.ResourceExhausted, ""); err != nil {
 		return "", err
@@ -515,7 +517,7 @@ func checkLargeOverLimit(ctx context.Context, c *client) (string, error) {
 func checkHealth(ctx context.Context, c *client) (string, error) {
 	health := healthpb.NewHealthClient(c.std)
 	var details []string
-	for _, name := range []string{"", service} {
+	for _, name := range []string{"", grpcwire.Service} {
 		started := time.Now()
 		for {
 			reply, err := health.Check(ctx, &healthpb.HealthCheckRequest{Service: name})
@@ -547,7 +549,7 @@ func checkHealthWatch(ctx context.Context, c *client) (string, error) {
 	watchCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	health := healthpb.NewHealthClient(c.std)
-	watch, err := health.Watch(watchCtx, &healthpb.HealthCheckRequest{Service: service})
+	watch, err := health.Watch(watchCtx, &healthpb.HealthCheckRequest{Service: grpcwire.Service})
 	if err != nil {
 		return "", err
 	}
@@ -580,7 +582,7 @@ type reflectionStream[Req, Resp any] interface {
 }
 
 var wantServices = []string{
-	service, "grpc.health.v1.Health",
+	grpcwire.Service, "grpc.health.v1.Health",
 	"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection",
 }
 
@@ -625,7 +627,7 @@ func reflect[Req, Resp any](
 			return "", fmt.Errorf("a FileDescriptorProto does not decode: %w", err)
 		}
 		for _, svc := range file.GetService() {
-			if file.GetPackage()+"."+svc.GetName() == service {
+			if file.GetPackage()+"."+svc.GetName() == grpcwire.Service {
 				for _, m := range svc.GetMethod() {
 					methods = append(methods, m.GetName())
 				}
@@ -634,7 +636,7 @@ func reflect[Req, Resp any](
 	}
 	slices.Sort(methods)
 	if !slices.Equal(methods, []string{"CloseSession", "CreateSession", "StreamPriceUpdates"}) {
-		return "", fmt.Errorf("%s has methods %v", service, methods)
+		return "", fmt.Errorf("%s has methods %v", grpcwire.Service, methods)
 	}
 	if err := stream.CloseSend(); err != nil {
 		return "", err
@@ -642,7 +644,7 @@ func reflect[Req, Resp any](
 	if _, err := stream.Recv(); !errors.Is(err, io.EOF) {
 		return "", fmt.Errorf("after CloseSend the stream ended with %v, want OK", err)
 	}
-	return fmt.Sprintf("services %v; %s has %v (%d files)", services, service, methods, len(raw)), nil
+	return fmt.Sprintf("services %v; %s has %v (%d files)", services, grpcwire.Service, methods, len(raw)), nil
 }
 
 func checkReflectionV1(ctx context.Context, c *client) (string, error) {
@@ -654,7 +656,7 @@ func checkReflectionV1(ctx context.Context, c *client) (string, error) {
 	}
 	return reflect[req, resp](stream,
 		&req{MessageRequest: &reflectionv1.ServerReflectionRequest_ListServices{}},
-		&req{MessageRequest: &reflectionv1.ServerReflectionRequest_FileContainingSymbol{FileContainingSymbol: service}},
+		&req{MessageRequest: &reflectionv1.ServerReflectionRequest_FileContainingSymbol{FileContainingSymbol: grpcwire.Service}},
 		func(r *resp) ([]string, error) {
 			if e := r.GetErrorResponse(); e != nil {
 				return nil, fmt.Errorf("error response %d %q", e.GetErrorCode(), e.GetErrorMessage())
@@ -682,7 +684,7 @@ func checkReflectionV1alpha(ctx context.Context, c *client) (string, error) {
 	}
 	return reflect[req, resp](stream,
 		&req{MessageRequest: &reflectionv1alpha.ServerReflectionRequest_ListServices{}},
-		&req{MessageRequest: &reflectionv1alpha.ServerReflectionRequest_FileContainingSymbol{FileContainingSymbol: service}},
+		&req{MessageRequest: &reflectionv1alpha.ServerReflectionRequest_FileContainingSymbol{FileContainingSymbol: grpcwire.Service}},
 		func(r *resp) ([]string, error) {
 			if e := r.GetErrorResponse(); e != nil {
 				return nil, fmt.Errorf("error response %d %q", e.GetErrorCode(), e.GetErrorMessage())
