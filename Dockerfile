@@ -10,7 +10,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/pricestream
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
+COPY docs/package.md ./docs/
 COPY service ./service
 RUN /opt/pricestream/bin/pip install --no-cache-dir .
 
