@@ -126,22 +126,22 @@ grafana:  ## port-forward Grafana and print where to look
 kind-down:  ## delete the kind cluster
 	kind delete cluster --name $(KIND_CLUSTER)
 
-# --- Kubernetes for real, without Docker: a single-node cluster built from Go modules (scripts/e2e/) ---
+# --- Kubernetes for real, without Docker: a single-node cluster built from Go modules (tests/e2e/cluster/) ---
 # Binaries and images are cached in $E2E_CACHE (default ~/.cache/pricestream-e2e: outside the
 # clone, so a fresh clone reuses them), keyed by version or by a hash of the inputs; the cluster's state lives in
 # E2E_STATE (default /tmp/pricestream-e2e) and is removed by e2e-down, also after a failed start.
 
 e2e: venv helm  ## build (cached), start the e2e cluster, run tests/test_e2e.py on it, take it down
-	scripts/e2e/run.sh
+	tests/e2e/cluster/run.sh
 
 e2e-build: helm  ## only build and cache the cluster binaries, the monitoring stack and the images
 	scripts/ensure-system-deps.sh e2e
-	scripts/e2e/build-cluster-bins.sh
-	scripts/e2e/build-monitoring-bins.sh
-	scripts/e2e/build-images.sh
+	tests/e2e/cluster/build-cluster-bins.sh
+	tests/e2e/cluster/build-monitoring-bins.sh
+	tests/e2e/cluster/build-images.sh
 
 e2e-up:  ## start the e2e cluster (after e2e-build) and leave it running; KUBECONFIG is printed
-	scripts/e2e/cluster-up.sh
+	tests/e2e/cluster/cluster-up.sh
 
 e2e-down:  ## stop the e2e cluster and remove everything it made
-	scripts/e2e/cluster-down.sh
+	tests/e2e/cluster/cluster-down.sh

@@ -1,4 +1,4 @@
-"""Helpers of tests/test_e2e.py: kubectl and helm against the e2e cluster of scripts/e2e/."""
+"""Helpers of tests/test_e2e.py: kubectl and helm against the e2e cluster of tests/e2e/cluster/."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-E2E = REPO / "scripts" / "e2e"
+E2E = REPO / "tests" / "e2e" / "cluster"
 CHART = REPO / "deploy" / "helm" / "pricestream"
 sys.path.insert(0, str(E2E))
-from shell_vars import shell_vars  # noqa: E402 - scripts/e2e is not a package
+from shell_vars import shell_vars  # noqa: E402 - the cluster folder is not a package
 
 V = shell_vars()
 STATE = Path(os.environ.get("E2E_STATE", V["STATE"]))
@@ -66,7 +66,7 @@ def helm(*args: str, check: bool = True, timeout: float = 400) -> str:
 
 
 def image_values() -> list[str]:
-    """--set flags naming the images built by scripts/e2e/build-images.sh."""
+    """--set flags naming the images built by tests/e2e/cluster/build-images.sh."""
     repo, tag = APP_IMAGE.rsplit(":", 1)
     redis_repo, redis_tag = REDIS_IMAGE.rsplit(":", 1)
     return [

@@ -1,6 +1,6 @@
-"""End-to-end checks on a real single-node Kubernetes cluster (scripts/e2e/), run by `make e2e`
-only: the chart installed on real containers, its `helm test`, upgrade, rollback and uninstall
-for every file in the chart's ci/ folder, and nothing left behind."""
+"""End-to-end checks on a real single-node Kubernetes cluster (tests/e2e/cluster/), run by
+`make e2e` only: the chart installed on real containers, its `helm test`, upgrade, rollback and
+uninstall for every file in the chart's ci/ folder, and nothing left behind."""
 
 from __future__ import annotations
 
@@ -70,9 +70,9 @@ CI_VALUES = sorted(
 
 @pytest.fixture(scope="session", autouse=True)
 def cluster() -> None:
-    """The cluster of scripts/e2e/cluster-up.sh is up and its node Ready."""
+    """The cluster of tests/e2e/cluster/cluster-up.sh is up and its node Ready."""
     assert (STATE / "pki" / "admin.kubeconfig").exists(), (
-        "no e2e cluster: scripts/e2e/cluster-up.sh"
+        "no e2e cluster: tests/e2e/cluster/cluster-up.sh"
     )
     node = kubectl_json("get", "nodes")["items"]
     assert len(node) == 1
@@ -380,7 +380,7 @@ def lifecycles(
         pool.shutdown(wait=True)
 
 
-# --- Monitoring, autoscaling and alerting on real pods (scripts/e2e/monitoring-up.sh) ---
+# --- Monitoring, autoscaling and alerting on real pods (tests/e2e/cluster/monitoring-up.sh) ---
 
 SRE_NAMESPACE = "e2e-sre"
 RELEASE = "pricestream"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the images the e2e cluster runs, with podman (buildah inside) into the e2e storage:
 #   $APP_IMAGE   from the project's Dockerfile, BASE_IMAGE = the debootstrap base
-#   $REDIS_IMAGE Debian's redis-server on the same base (scripts/e2e/redis.Containerfile)
+#   $REDIS_IMAGE Debian's redis-server on the same base (tests/e2e/cluster/redis.Containerfile)
 #   $PAUSE_IMAGE the pod sandbox, the tiny Go pause program alone
 # The tags carry a hash of the build's inputs (versions.sh): a tag the storage has is not rebuilt,
 # so a run with nothing changed builds nothing; a new tag replaces the older ones of its name.

@@ -26,7 +26,13 @@ GO_MODULE_CMDS=(
 
 go_module() { # make $GO_MODULE_DIR (once): go.mod, go.sum and every module it needs downloaded
   local mod="$GO_MODULE_DIR" stamp="$GO_MODULE_DIR/.ready"
-  [ -f "$stamp" ] && return
+  if [ -f "$stamp" ]; then
+    # The module is cached outside the clone, keyed by versions, not by the checkout: its replace
+    # names the adapter by absolute path, so point it at this checkout's (the clone, or this
+    # folder, may have moved since the module was made).
+    (cd "$mod" && go mod edit -replace="$ADAPTER_MODULE=$E2E_DIR/metrics-adapter")
+    return
+  fi
   mkdir -p "$mod"
   rm -f "$mod/go.mod" "$mod/go.sum"
   # The staging modules are read from kubernetes' own go.mod, so a version bump needs no list edit.
@@ -52,7 +58,7 @@ go_module() { # make $GO_MODULE_DIR (once): go.mod, go.sum and every module it n
     echo ")"
     echo
     for m in $staging; do echo "replace $m => $m $K8S_STAGING_VERSION"; done
-    # scripts/e2e/metrics-adapter keeps its own go.mod (for working on it alone).
+    # tests/e2e/cluster/metrics-adapter keeps its own go.mod (for working on it alone).
     echo "replace $ADAPTER_MODULE => $E2E_DIR/metrics-adapter"
   } >"$mod/go.mod"
   {

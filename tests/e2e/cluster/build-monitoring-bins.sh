@@ -3,7 +3,7 @@
 #   prometheus-operator-$PROM_OPERATOR_VERSION/bin/operator
 #   metrics-server-$METRICS_SERVER_VERSION-set-$GO_SET/bin/metrics-server (the HPA's CPU metric)
 #   metrics-adapter-$CUSTOM_METRICS_APISERVER_VERSION-set-$GO_SET-<source hash>/bin/metrics-adapter
-# metrics-server and the adapter from the local module of scripts/e2e/go-module.sh, which
+# metrics-server and the adapter from the local module of tests/e2e/cluster/go-module.sh, which
 # Kubernetes (build-cluster-bins.sh) is built from too: what they share (client-go, apiserver,
 # grpc ...) is compiled once. The operator does not compile in it and is built alone.
 set -euo pipefail

@@ -1,7 +1,7 @@
-# Versions and paths of the e2e cluster, sourced by every script in scripts/e2e/.
+# Versions and paths of the e2e cluster, sourced by every script in tests/e2e/cluster/.
 # shellcheck shell=bash
 E2E_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO="$(cd "$E2E_DIR/../.." && pwd)"
+REPO="$(cd "$E2E_DIR/../../.." && pwd)"  # E2E_DIR is tests/e2e/cluster
 TOOLS="${TOOLS:-$REPO/.tools}"
 # What the e2e builds (binaries, the base rootfs, the podman storage) is keyed by version or by a
 # hash of its inputs, never by the checkout, so it lives outside the clone as the Go caches do: a
@@ -14,7 +14,7 @@ PROM_OPERATOR_VERSION=v0.87.1
 CUSTOM_METRICS_APISERVER_VERSION=v1.37.0
 METRICS_SERVER_VERSION=v0.9.0
 # The Go binaries but the operator (Kubernetes, etcd, metrics-server, the adapter) are built from
-# ONE local module (scripts/e2e/go-module.sh), so they share one module graph: Go's build cache
+# ONE local module (go-module.sh here), so they share one module graph: Go's build cache
 # reuses a compiled package only when it and all its dependencies are the same, and with one graph
 # client-go, apiserver, grpc, otel ... are compiled once instead of once per binary. A binary's
 # dependencies are then the whole set's, so each of them is keyed by the whole set (GO_SET), not
@@ -28,7 +28,7 @@ ETCD_DIR="$E2E_CACHE/etcd-$ETCD_VERSION-set-$GO_SET"
 PAUSE_DIR="$E2E_CACHE/pause-1"
 KUBECTL="$K8S_DIR/bin/kubectl"
 HELM="${HELM:-$TOOLS/bin/helm}"
-# The e2e image's base (scripts/e2e/build-base-image.sh) and the podman storage kept under .tools.
+# The e2e image's base (build-base-image.sh here) and the podman storage kept under .tools.
 BASE_KEY=base-bookworm-python3-1
 BASE_IMAGE=localhost/pricestream-e2e-base:bookworm-python3-1
 PODMAN_ROOT="$E2E_CACHE/podman-storage"
@@ -71,7 +71,7 @@ PROM_OPERATOR_DIR="$E2E_CACHE/prometheus-operator-$PROM_OPERATOR_VERSION"
 METRICS_SERVER_DIR="$E2E_CACHE/metrics-server-$METRICS_SERVER_VERSION-set-$GO_SET"
 # Keyed by its source too: an edit of the adapter rebuilds it (and only it).
 ADAPTER_DIR="$E2E_CACHE/metrics-adapter-$CUSTOM_METRICS_APISERVER_VERSION-set-$GO_SET-$(cat "$E2E_DIR"/metrics-adapter/go.mod "$E2E_DIR"/metrics-adapter/*.go 2>/dev/null | sha256sum | cut -c1-12)"
-# Monitoring stack: host processes (scripts/e2e/monitoring-up.sh).
+# Monitoring stack: host processes (monitoring-up.sh here).
 OPERATOR_PORT=17080
 PROMETHEUS_PORT=17090
 ALERTMANAGER_PORT=17093

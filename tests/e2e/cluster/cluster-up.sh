@@ -7,7 +7,7 @@ set -euo pipefail
 source "$(dirname "$0")/versions.sh"
 source "$E2E_DIR/lib.sh"
 if [ -d "$STATE" ]; then
-  echo "$STATE exists: a cluster is up or was not cleaned; run scripts/e2e/cluster-down.sh" >&2
+  echo "$STATE exists: a cluster is up or was not cleaned; run tests/e2e/cluster/cluster-down.sh" >&2
   exit 1
 fi
 for b in etcd; do [ -x "$ETCD_DIR/bin/$b" ] || { echo "no $ETCD_DIR/bin/$b: make e2e-build" >&2; exit 1; }; done

@@ -3,7 +3,7 @@
 #   k8s-$K8S_VERSION-set-$GO_SET/bin/{kube-apiserver,kube-controller-manager,kube-scheduler,kubelet,kube-proxy,kubectl}
 #   etcd-$ETCD_VERSION-set-$GO_SET/bin/etcd
 #   pause-1/bin/pause
-# Kubernetes and etcd are built from the local module of scripts/e2e/go-module.sh, with the
+# Kubernetes and etcd are built from the local module of tests/e2e/cluster/go-module.sh, with the
 # monitoring stack's Go parts (build-monitoring-bins.sh), so they share compiled packages. A set
 # whose stamp file exists is skipped: a second run is a no-op.
 set -euo pipefail
