@@ -41,7 +41,7 @@ inputs_key() { # inputs_key DIR PATH...: a short hash of the files under PATH...
   (cd "$1" && shift && find "$@" -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 |
     LC_ALL=C sort -z | xargs -0 sha256sum && echo "$BASE_IMAGE") | sha256sum | cut -c1-12
 }
-APP_IMAGE="localhost/pricestream:$APP_VERSION-$(inputs_key "$REPO" Dockerfile .dockerignore pyproject.toml README.md service)"
+APP_IMAGE="localhost/pricestream:$APP_VERSION-$(inputs_key "$REPO" Dockerfile .dockerignore pyproject.toml docs/package.md service)"
 REDIS_IMAGE="localhost/pricestream-e2e-redis:bookworm-$(inputs_key "$E2E_DIR" redis.Containerfile)"
 PAUSE_IMAGE=localhost/pricestream-e2e-pause:1
 # The running cluster: state, network and ports. Ports are off every default a test or another
