@@ -112,3 +112,18 @@ def test_the_readme_is_a_front_page() -> None:
     assert len(text.splitlines()) <= 160
     assert "make demo" in text and "make test" in text
     assert "gRPC clients" in text and "browsers" in text  # the diagram's two kinds of client
+
+
+REPO_PATH = re.compile(r"`((?:bench|dashboards|deploy|docs|proto|scripts|service|tests)/[\w./-]*)`")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_repository_path_named_in_code_exists(page: Path) -> None:
+    """A path such as `tests/e2e/cluster/run.sh` in a page names a file or folder of this
+    repository: when one moves, its pages say where it went."""
+    missing = [
+        path
+        for path in REPO_PATH.findall(FENCE.sub("", page.read_text()))
+        if not (ROOT / path).exists() and ROOT / path not in PENDING
+    ]
+    assert not missing, missing
