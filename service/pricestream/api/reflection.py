@@ -7,8 +7,8 @@ by the same servicer with the same (wire-identical) messages.
 
 The file descriptors it serves carry every field's ``json_name``, as protoc hands them to its
 plugins and as grpc-go servers serve them: Python's generated descriptors leave it out, and
-clients such as grpcurl 1.9 then print ``session_id`` where the proto3 JSON mapping (and our
-README) says ``sessionId``.
+clients such as grpcurl 1.9 then print ``session_id`` where the proto3 JSON mapping (and the
+README's grpcurl example) says ``sessionId``.
 """
 
 from __future__ import annotations

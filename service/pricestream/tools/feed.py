@@ -3,7 +3,7 @@
 It follows the ingestion contract any real producer can follow: each update is a serialized
 ``PriceUpdate`` (publish timestamp, per-ticker increasing sequence) stored at
 ``price:last:{TICKER}`` and published on ``price:{TICKER}``; in cluster mode the braces are
-literal (the ticker is the hash tag) and the publish is SPUBLISH (README, "Redis modes").
+literal (the ticker is the hash tag) and the publish is SPUBLISH (docs/redis-modes.md).
 """
 
 from __future__ import annotations
