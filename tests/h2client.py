@@ -96,6 +96,55 @@ class StreamResult:
         return split_grpc_messages(bytes(self.data))
 
 
+@dataclass(frozen=True)
+class FrameSeen:
+    """One frame as it came off the wire, before `h2` judged it (h2 hides repeats: a second
+    RST_STREAM on a stream already reset raises no event)."""
+
+    type: int  # 0x0 DATA, 0x1 HEADERS, 0x3 RST_STREAM, 0x8 WINDOW_UPDATE, ...
+    stream_id: int
+    value: int | None = None  # RST_STREAM's error code, WINDOW_UPDATE's increment
+
+
+RST_STREAM = 0x3
+WINDOW_UPDATE = 0x8
+
+
+class FrameLog:
+    """Frame headers (and RST_STREAM/WINDOW_UPDATE payloads) parsed from the raw bytes read."""
+
+    def __init__(self) -> None:
+        self.frames: list[FrameSeen] = []
+        self._pending = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        pending = self._pending
+        pending += data
+        offset = 0
+        while len(pending) - offset >= 9:
+            length = int.from_bytes(pending[offset : offset + 3])
+            if len(pending) - offset < 9 + length:
+                break
+            kind = pending[offset + 3]
+            stream_id = int.from_bytes(pending[offset + 5 : offset + 9]) & 0x7FFFFFFF
+            value = None
+            if kind in (RST_STREAM, WINDOW_UPDATE) and length == 4:
+                value = int.from_bytes(pending[offset + 9 : offset + 13]) & 0x7FFFFFFF
+            self.frames.append(FrameSeen(kind, stream_id, value))
+            offset += 9 + length
+        del pending[:offset]
+
+    def resets(self, stream_id: int) -> list[int]:
+        """The error codes of every RST_STREAM received on ``stream_id``."""
+        return [
+            f.value or 0 for f in self.frames if f.type == RST_STREAM and f.stream_id == stream_id
+        ]
+
+    def connection_credit(self) -> int:
+        """The sum of the WINDOW_UPDATE increments received for the connection."""
+        return sum(f.value or 0 for f in self.frames if f.type == WINDOW_UPDATE and not f.stream_id)
+
+
 @dataclass
 class GoAway:
     error_code: int
@@ -129,6 +178,7 @@ class H2Client:
         self.settings_acks = 0
         self.goaway: GoAway | None = None
         self.closed = False  # the server closed the TCP connection (or it broke)
+        self.frame_log: FrameLog | None = None  # set one to see every frame as received
 
     @classmethod
     async def connect(
@@ -303,6 +353,8 @@ class H2Client:
             return []
         if not data:
             return []
+        if self.frame_log is not None:
+            self.frame_log.feed(data)
         events = self.conn.receive_data(data)
         for event in events:
             self._record(event)

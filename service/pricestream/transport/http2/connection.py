@@ -100,6 +100,9 @@ class Connection(asyncio.Protocol):
         self.frame_room = 0
         self._waiting: dict[int, ResponseStream] = {}  # blocked streams by id, in arrival order
         self.calls: dict[int, ServerCall] = {}
+        # Streams the client reset whose call's handler has not ended yet: still in ``calls``
+        # (its work bounded by Limits.max_calls), no longer a stream the client counts.
+        self._ending: set[int] = set()
         self.peer = ""
         self._started = False  # first bytes seen
         self._handshake_timer: asyncio.TimerHandle | None = None
@@ -208,6 +211,7 @@ class Connection(asyncio.Protocol):
         self.out.clear()
         self._waiting.clear()
         calls, self.calls = list(self.calls.values()), {}
+        self._ending.clear()
         for call in calls:
             call.peer_gone()
         self._server.connection_closed(self)
@@ -318,14 +322,17 @@ class Connection(asyncio.Protocol):
             self._drain_waiting()
 
     def _on_reset(self, event: StreamReset) -> None:
-        # The call stays in ``calls`` until its handler has ended (``call_finished``): a reset
-        # frees no slot of max_concurrent_streams while the handler still runs.
+        # The stream is closed: it frees its slot of max_concurrent_streams at once, as the
+        # client counts it. Its call stays in ``calls`` until the handler has ended
+        # (``call_finished``), counted among the ending ones (bounded by Limits.max_calls).
         call = self.calls.get(event.stream_id)
         self.forget(event.stream_id)
         if call is None:
             return
         early = not call.stream.headers_sent and call.age() < self._limits.early_reset_age
         call.peer_gone()
+        if not call.finished:
+            self._ending.add(event.stream_id)
         if early and not self._early_resets.take():
             # Rapid reset (CVE-2023-44487): streams opened and cancelled at once, unanswered.
             # A client cancelling calls the server was slow to answer (its deadlines under
@@ -349,8 +356,14 @@ class Connection(asyncio.Protocol):
         if self.goaway_sent:
             stream.reset(ErrorCodes.REFUSED_STREAM)
             return
-        if len(self.calls) >= self._limits.max_concurrent_streams:
-            # Calls of reset streams count until they end: a client cannot pile up handlers.
+        calls = len(self.calls)
+        if (
+            calls - len(self._ending) >= self._limits.max_concurrent_streams
+            or calls >= self._limits.max_calls
+        ):
+            # The first cannot happen (h2 enforces the advertised limit on open streams); the
+            # second only when the client has reset more streams than the limit whose handlers
+            # are still ending: resetting and reopening cannot pile up handlers.
             stream.reset(ErrorCodes.REFUSED_STREAM)
             return
         pseudo: dict[bytes, bytes] = {}
@@ -378,8 +391,10 @@ class Connection(asyncio.Protocol):
     def call_finished(self, call: ServerCall) -> None:
         """Every call that ``_on_request`` counted ends here exactly once."""
         self._server.call_ended()
-        if self.calls.get(call.stream.stream_id) is call:
-            del self.calls[call.stream.stream_id]
+        stream_id = call.stream.stream_id
+        if self.calls.get(stream_id) is call:
+            del self.calls[stream_id]
+            self._ending.discard(stream_id)
         if self.goaway_sent and not self.calls:
             self.close()
 

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Limits:
-    max_concurrent_streams: int = 20_000  # advertised; reset streams count until their call ends
+    # Advertised as SETTINGS_MAX_CONCURRENT_STREAMS and enforced as advertised: a stream the
+    # client reset no longer counts (RFC 9113 §5.1.2), even while its handler still ends.
+    max_concurrent_streams: int = 20_000
+    # Handlers of client-reset streams still ending, on top of max_concurrent_streams (None:
+    # as many again): past it a new stream is refused (REFUSED_STREAM) until some have ended,
+    # so resets never run more than max_concurrent_streams + this many handlers at once.
+    max_ending_calls: int | None = None
     max_request_bytes: int = 64 * 1024  # one request message
     max_send_message_bytes: int = 4 * 1024 * 1024  # one response message
     max_header_list_size: int = 16 * 1024  # decoded request headers (HPACK bombs)
@@ -34,6 +40,14 @@ class Limits:
     write_buffer_low: int = 512 * 1024  # batches (and reading) until it drained to this
     max_connection_age: float = 900.0  # seconds before GOAWAY, so clients spread to new pods
     max_connection_age_grace: float = 10.0  # seconds streams get after that
+
+    @property
+    def max_calls(self) -> int:
+        """Handlers one connection may run at once: its streams and those still ending."""
+        ending = (
+            self.max_concurrent_streams if self.max_ending_calls is None else self.max_ending_calls
+        )
+        return self.max_concurrent_streams + ending
 
 
 class PingPolicy:

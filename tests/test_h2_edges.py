@@ -1,0 +1,103 @@
+"""Edges a strict HTTP/2 client finds (issue 29), against a real in-process server from the
+raw client of tests/h2client.py, every frame counted as it came off the wire (``FrameLog``):
+
+- a client that cancels a stream and opens another at once, at the advertised
+  SETTINGS_MAX_CONCURRENT_STREAMS, is never refused (a stream it reset no longer counts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import grpc
+from conftest import fast_settings, ready_server
+from h2.errors import ErrorCodes
+from h2client import FrameLog, H2Client, grpc_message
+from invariants import wait_invariant
+from pricestream.v1 import pricestream_pb2 as pb
+from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
+
+SERVICE = "/pricestream.v1.PriceStreamService"
+CREATE = f"{SERVICE}/CreateSession"
+STREAM = f"{SERVICE}/StreamPriceUpdates"
+CLOSE = f"{SERVICE}/CloseSession"
+HOST = "127.0.0.1"
+
+
+async def sync(client: H2Client) -> None:
+    """PING and wait for its ACK: the server has read everything sent before it."""
+    data = random.randbytes(8)
+    await client.ping(data)
+    await client.until(lambda: data in client.ping_acks)
+
+
+async def test_a_slot_reused_at_once_is_never_refused(redis) -> None:
+    """At the advertised limit (5 streams, all streaming), the client cancels one stream and in
+    the same write opens another (resuming that stream's session), 30 times: no stream is ever
+    refused, though the cancelled handler is still ending when the new stream arrives."""
+    async with ready_server(fast_settings(redis.url, max_sessions=5)) as server:
+        async with grpc.aio.insecure_channel(f"{HOST}:{server.grpc_port}") as channel:
+            stub = PriceStreamServiceStub(channel)
+            request = pb.CreateSessionRequest(tickers=["AAPL"])
+            sessions = [(await stub.CreateSession(request)).session_id for _ in range(5)]
+        async with await H2Client.connect(HOST, server.grpc_port) as client:
+            log = client.frame_log = FrameLog()
+            await client.until(lambda: client.conn.remote_settings.max_concurrent_streams == 5)
+            streams = {
+                s: await client.send_grpc_request(
+                    STREAM, pb.StreamPriceUpdatesRequest(session_id=s)
+                )
+                for s in sessions
+            }
+            await client.until(lambda: all(client.streams[i].headers for i in streams.values()))
+            (conn,) = server._grpc._connections
+            on_request = conn._on_request
+            ending_at_request: list[int] = []  # handlers of reset streams still ending, each time
+
+            def counting_on_request(event: Any) -> None:
+                ending_at_request.append(len(conn._ending))
+                on_request(event)
+
+            conn._on_request = counting_on_request  # type: ignore[method-assign]
+            statuses: dict[int | None, int] = {}
+            cancelled = 0
+            for round_ in range(30):
+                session_id = sessions[round_ % 5]
+                if not client.streams[streams[session_id]].finished:
+                    client.conn.reset_stream(streams[session_id], ErrorCodes.CANCEL)
+                    cancelled += 1
+                stream_id = client.conn.get_next_available_stream_id()
+                message = pb.StreamPriceUpdatesRequest(session_id=session_id)
+                client.conn.send_headers(stream_id, client.grpc_headers(STREAM))
+                client.conn.send_data(stream_id, grpc_message(message), end_stream=True)
+                await client.flush()  # one write: RST_STREAM and the new stream
+                streams[session_id] = stream_id
+                result = client.streams.setdefault(stream_id, type(client.streams[1])(stream_id))
+                await client.until(lambda r=result: r.headers is not None or r.finished)
+                statuses[result.grpc_status] = statuses.get(result.grpc_status, 0) + 1
+            refused = [
+                f for f in log.frames if f.type == 3 and f.value == ErrorCodes.REFUSED_STREAM
+            ]
+            print(
+                f"30 slots reused at once ({cancelled} after a cancel): {len(refused)} refused; "
+                f"a cancelled handler still ending at {sum(1 for n in ending_at_request if n)} "
+                f"of the 30 new streams; statuses {statuses} (9: the session's cancelled "
+                "stream had not let go of it yet)"
+            )
+            assert not refused
+            ending_seen = sum(1 for n in ending_at_request if n)
+            assert cancelled >= 10 and ending_seen >= 1
+            assert client.goaway is None and not client.closed
+            for stream_id in streams.values():
+                if not client.streams[stream_id].finished:
+                    client.conn.reset_stream(stream_id, ErrorCodes.CANCEL)
+            await client.flush()
+            await sync(client)
+        async with grpc.aio.insecure_channel(f"{HOST}:{server.grpc_port}") as channel:
+            stub = PriceStreamServiceStub(channel)
+            for session_id in sessions:
+                await stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
+        await asyncio.sleep(0)
+        await wait_invariant(server)
