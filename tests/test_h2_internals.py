@@ -16,9 +16,10 @@ import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import Event, RequestReceived, WindowUpdated
+from h2.events import Event, RequestReceived, StreamReset, WindowUpdated
 from h2.settings import SettingCodes, Settings
 from h2.stream import H2Stream, StreamClosedBy
+from hyperframe.frame import DataFrame, Frame, RstStreamFrame
 from pricestream.transport.http2.h2_internals import (
     H2_VERSION_CHECKED,
     OwnWindowStream,
@@ -197,3 +198,73 @@ def test_pending_frame_length_reads_the_next_frame_header() -> None:
     assert pair.server.pending_frame_length() == announced, (
         f"{CHANGED} h2's incoming_buffer._data does not start at the next frame's header"
     )
+
+
+def test_frame_hooks_signatures() -> None:
+    for name, wanted in (
+        ("_stream_closed_by", ["self", "stream_id"]),
+        ("_receive_frame", ["self", "frame"]),
+        ("_prepare_for_sending", ["self", "frames"]),
+    ):
+        method = getattr(H2Connection, name, None)
+        assert method is not None, f"{CHANGED} H2Connection.{name} is gone"
+        assert parameters(method) == wanted, (
+            f"{CHANGED} H2Connection.{name}{inspect.signature(method)}"
+        )
+    assert "_receive_frame" in inspect.getsource(H2Connection.receive_data), (
+        f"{CHANGED} H2Connection.receive_data no longer hands frames to _receive_frame"
+    )
+
+
+def sent_frames(data: bytes) -> list[Frame]:
+    frames = []
+    offset = 0
+    while offset < len(data):
+        frame, length = Frame.parse_frame_header(memoryview(data[offset : offset + 9]))
+        frame.parse_body(memoryview(data[offset + 9 : offset + 9 + length]))
+        frames.append(frame)
+        offset += 9 + length
+    return frames
+
+
+def test_frames_on_a_stream_we_reset_are_ignored_and_still_charged() -> None:
+    """RFC 9113 §5.1: DATA and HEADERS the client sent before it saw our RST_STREAM get no
+    RST_STREAM(STREAM_CLOSED) each; DATA still costs connection window, and h2 gives it back."""
+    pair = Pair(max_streams=1)
+    refused = pair.open()
+    pair.server.reset_stream(refused, ErrorCodes.REFUSED_STREAM)
+    pair.server.forget(refused)  # as the connection does once a stream is closed
+    ours = sent_frames(pair.server.data_to_send())
+    assert [type(f) for f in ours] == [RstStreamFrame]
+    # The client has not read our reset yet: it sends 60 KiB (most of the stream's window)
+    # and trailers on the stream.
+    window = pair.client.outbound_flow_control_window
+    for _ in range(15):
+        pair.client.send_data(refused, b"x" * 4096)
+        events = pair.to_server()
+        assert not any(isinstance(e, StreamReset) for e in events)
+        answer = sent_frames(pair.server.data_to_send())
+        assert not [f for f in answer if isinstance(f, RstStreamFrame)], (
+            f"{CHANGED} h2 answers DATA on a stream we reset in a way ServerH2 does not drop"
+        )
+        pair.client.receive_data(b"".join(f.serialize() for f in answer))
+    assert pair.client.outbound_flow_control_window > window - 15 * 4096, (
+        f"{CHANGED} DATA on a stream we reset is no longer given back to the connection window"
+    )
+    pair.client.send_headers(refused, [("grpc-status", "0")], end_stream=True)
+    pair.to_server()  # at the stream limit of 1: still no stream opened, no connection error
+    assert not [f for f in sent_frames(pair.server.data_to_send()) if isinstance(f, RstStreamFrame)]
+    pair.client.receive_data(b"".join(f.serialize() for f in ours))  # now it sees the reset
+    pair.open(end_stream=True)  # the connection serves on
+
+
+def test_data_on_a_stream_closed_by_end_stream_still_gets_stream_closed() -> None:
+    """Unchanged h2 behaviour where the stream was not reset by us: RST_STREAM(STREAM_CLOSED)."""
+    pair = Pair()
+    stream_id = pair.open(end_stream=True)
+    pair.server.send_headers(stream_id, [(b":status", b"200")], end_stream=True)
+    pair.server.forget(stream_id)
+    pair.server.data_to_send()
+    pair.server.receive_data(DataFrame(stream_id, b"late").serialize())
+    resets = [f for f in sent_frames(pair.server.data_to_send()) if isinstance(f, RstStreamFrame)]
+    assert [(f.stream_id, f.error_code) for f in resets] == [(stream_id, ErrorCodes.STREAM_CLOSED)]

@@ -29,6 +29,15 @@ What is touched, and why:
     close) and walks the streams only at the limit, when a client's RST_STREAM in the same
     read may have closed a stream not forgotten yet.
 
+``H2Connection._stream_closed_by(stream_id)``, ``_receive_frame(frame)`` and
+``_prepare_for_sending(frames)``
+    h2 answers a DATA or HEADERS frame on a stream it has *sent* RST_STREAM on with one more
+    RST_STREAM(STREAM_CLOSED) each. RFC 9113 section 5.1 says such frames (the peer may have
+    sent them before it saw our reset) are to be ignored. ``ServerH2._receive_frame`` lets h2
+    process the frame as ever (HPACK decoding, the connection's flow-control window and its
+    WINDOW_UPDATE, state checks) and only drops the RST_STREAM it would queue for that stream.
+    While it does, the frame opens no stream, so it is not counted against the stream limit.
+
 ``H2Connection.incoming_buffer._data`` (the ``FrameBuffer``'s unparsed bytes)
     h2 checks a frame's length only once the whole frame is in, so a header announcing 16 MiB
     would have it buffer 16 MiB first. ``pending_frame_length`` reads the next frame's length
@@ -44,7 +53,9 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from h2.connection import H2Connection
-from h2.stream import H2Stream
+from h2.events import Event
+from h2.stream import H2Stream, StreamClosedBy
+from hyperframe.frame import DataFrame, Frame, HeadersFrame, RstStreamFrame
 
 H2_VERSION_CHECKED = "4.4.1"
 
@@ -89,8 +100,19 @@ class OwnWindowStream(H2Stream):
             self.owner = None
 
 
+# Frames h2 answers with RST_STREAM(STREAM_CLOSED) on a stream it reset, which RFC 9113 §5.1
+# has the endpoint ignore (WINDOW_UPDATE, RST_STREAM and PRIORITY h2 already ignores there).
+_IGNORED_AFTER_OUR_RESET = (DataFrame, HeadersFrame)
+
+
+def _resets(frame: Frame, stream_id: int) -> bool:
+    return isinstance(frame, RstStreamFrame) and frame.stream_id == stream_id
+
+
 class ServerH2(H2Connection):
     """h2's server connection with the uses of its internals listed in the module docstring."""
+
+    _ignoring = 0  # the stream id of a frame being ignored (see _receive_frame), or 0
 
     def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> OwnWindowStream:
         # Every stream h2 opens becomes an OwnWindowStream (the same layout: a subclass that
@@ -101,6 +123,8 @@ class ServerH2(H2Connection):
 
     @property
     def open_inbound_streams(self) -> int:
+        if self._ignoring:
+            return 0  # a frame on a stream we reset opens none
         count = len(self.streams)
         if count >= self.local_settings.max_concurrent_streams:
             count = sum(1 for stream in self.streams.values() if not stream.closed)
@@ -113,6 +137,31 @@ class ServerH2(H2Connection):
         if stream is not None and stream.closed:
             del self.streams[stream_id]
             self._closed_streams[stream_id] = stream.closed_by
+
+    def reset_by_us(self, stream_id: int) -> bool:
+        """Whether we closed the stream with RST_STREAM (and h2 still remembers it)."""
+        return self._stream_closed_by(stream_id) == StreamClosedBy.SEND_RST_STREAM
+
+    def _receive_frame(self, frame: Frame) -> list[Event]:
+        stream_id = frame.stream_id
+        if (
+            stream_id
+            and isinstance(frame, _IGNORED_AFTER_OUR_RESET)
+            and stream_id <= self.highest_inbound_stream_id
+            and self.reset_by_us(stream_id)
+        ):
+            self._ignoring = stream_id
+            try:
+                return super()._receive_frame(frame)
+            finally:
+                self._ignoring = 0
+        return super()._receive_frame(frame)
+
+    def _prepare_for_sending(self, frames: list[Frame]) -> None:
+        ignoring = self._ignoring
+        if ignoring:
+            frames = [f for f in frames if not _resets(f, ignoring)]
+        super()._prepare_for_sending(frames)
 
     def pending_frame_length(self) -> int | None:
         """The length the next, incomplete frame announces; None before its 9-byte header.
