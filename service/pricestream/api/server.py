@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import signal
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -43,6 +44,48 @@ MAX_REQUEST_BYTES = 64 * 1024
 # 84 ms). Memory is unchanged: the streams' objects are freed by reference counting.
 GC_THRESHOLDS = (10_000, 4, 10)
 SHUTDOWN_MESSAGE = "server is shutting down; resume the session on another server"
+READINESS_POLL = 0.1  # seconds between looks at readiness for Watch streams and the log
+
+
+class ReadinessHealth(HealthServicer):
+    """grpc's health service, whose status for ``service`` is ``ready()`` at the moment it
+    is asked: the engine's readiness, the one /readyz answers from, so the two never differ.
+    Watch streams for that service wake on ``notify`` (called on every readiness change)
+    and answer from ``ready()`` too. Other services (the server's "") keep grpc's table."""
+
+    def __init__(self, service: str, ready: Callable[[], bool]) -> None:
+        super().__init__()
+        self._service = service
+        self._ready = ready
+        self._changed = asyncio.Event()
+
+    def status(self) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+        if self._ready():
+            return health_pb2.HealthCheckResponse.SERVING
+        return health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def Check(self, request, context):  # type: ignore[no-untyped-def]
+        if request.service == self._service:
+            return health_pb2.HealthCheckResponse(status=self.status())
+        return await super().Check(request, context)
+
+    async def Watch(self, request, context):  # type: ignore[no-untyped-def]
+        if request.service != self._service:
+            await super().Watch(request, context)
+            return
+        last = None
+        while True:
+            changed = self._changed
+            status = self.status()
+            if status != last:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                last = status
+            await changed.wait()
+
+    def notify(self) -> None:
+        """Readiness may have changed: every Watch of the service reads it again."""
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
 
 def transport_limits(settings: Settings) -> Limits:
@@ -76,7 +119,7 @@ class Server:
             settings.session_create_rate, settings.session_create_burst
         )
         self.sessions = SessionOps(self.engine, self.create_limiter)
-        self.health = HealthServicer()
+        self.health = ReadinessHealth(SERVICE_NAME, lambda: self.engine.ready)
         self.grpc_port = settings.grpc_port
         self.grpc_metrics = GrpcMetrics(self.engine.metrics.registry)
         tokens = load_tokens(settings)
@@ -142,20 +185,20 @@ class Server:
         return self
 
     async def _track_readiness(self) -> None:
-        serving = health_pb2.HealthCheckResponse.SERVING
-        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        """Log readiness changes and wake health Watch streams; Check and /readyz need no
+        copy of it: both read ``engine.ready`` when asked."""
         was_ready: bool | None = None
         while True:
             ready = self.engine.ready
             if ready != was_ready:
-                await self.health.set(SERVICE_NAME, serving if ready else not_serving)
+                self.health.notify()
                 log.info(
                     "readiness changed: %s",
                     "ready" if ready else "not ready",
                     extra={"event": "readiness", "ready": ready},
                 )
                 was_ready = ready
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(READINESS_POLL)
 
     async def drain(self) -> None:
         """Refuse new work, end every gRPC stream with UNAVAILABLE and every browser stream
@@ -168,6 +211,7 @@ class Server:
         if self._health_task is not None:
             self._health_task.cancel()
         await self.health.enter_graceful_shutdown()
+        self.health.notify()  # engine.draining: NOT_SERVING from now on, Check and Watch
         log.info("draining %d streams", engine.streams_active, extra={"event": "drain_started"})
         # The web port keeps listening while it drains: a browser that still reaches it (before
         # its Service drops this pod) is told 1001 (reconnect elsewhere), not refused bare.
