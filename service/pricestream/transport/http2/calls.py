@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import grpc
 
@@ -34,6 +34,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("pricestream.transport")
 
 _END = object()  # end of a request stream
+
+# Why the transport cancelled a call's handler: the client went away (RST_STREAM or a lost
+# connection), its deadline passed, or the server ended it (a transport failure, its age).
+EndedBy = Literal["peer", "deadline", "server"]
+# Why the server ended a call from its side, as the servicer is told (``on_terminate``).
+TerminateReason = Literal["client_gone", "max_connection_age", "shutdown"]
 
 
 class AbortError(Exception):
@@ -67,9 +73,9 @@ class ServerCall:
         self._code: grpc.StatusCode | None = None
         self._details = ""
         self._trailing: Sequence[tuple[str, str | bytes]] = ()
-        self._ended_by: str | None = None  # why the transport cancelled the handler
-        self._on_terminate: Callable[[grpc.StatusCode, str, str], None] | None = None
-        self._terminated: tuple[grpc.StatusCode, str, str] | None = None
+        self._ended_by: EndedBy | None = None  # why the transport cancelled the handler
+        self._on_terminate: Callable[[grpc.StatusCode, str, TerminateReason], None] | None = None
+        self._terminated: tuple[grpc.StatusCode, str, TerminateReason] | None = None
         self._discard_unsent = False
         self._writable: asyncio.Future[None] | None = None
         self._started_at = 0.0
@@ -155,7 +161,7 @@ class ServerCall:
         """Seconds since the request arrived."""
         return time.monotonic() - self._opened_at
 
-    def terminate(self, code: grpc.StatusCode, message: str, reason: str) -> None:
+    def terminate(self, code: grpc.StatusCode, message: str, reason: TerminateReason) -> None:
         """End the call from the server's side (connection age, shutdown)."""
         if self.finished:
             return
@@ -168,7 +174,9 @@ class ServerCall:
         else:
             self._end_now(code, message)
 
-    def _notify_terminate(self, code: grpc.StatusCode, message: str, reason: str) -> None:
+    def _notify_terminate(
+        self, code: grpc.StatusCode, message: str, reason: TerminateReason
+    ) -> None:
         if self._terminated is None:
             self._terminated = (code, message, reason)
         if self._on_terminate is not None:
@@ -250,7 +258,9 @@ class ServerCall:
         self.stream.send_headers()
         return self.stream
 
-    def on_terminate(self, callback: Callable[[grpc.StatusCode, str, str], None]) -> None:
+    def on_terminate(
+        self, callback: Callable[[grpc.StatusCode, str, TerminateReason], None]
+    ) -> None:
         """How the servicer ends this call when the server must, or the client has gone
         (callback(code, message, reason)); called at once if that already happened."""
         self._on_terminate = callback

@@ -35,7 +35,7 @@ from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 
 from pricestream.transport.budget import Budget
-from pricestream.transport.http2.calls import ServerCall
+from pricestream.transport.http2.calls import ServerCall, TerminateReason
 from pricestream.transport.http2.flow import ResponseStream
 from pricestream.transport.http2.framing import parse_timeout
 from pricestream.transport.http2.h2_internals import ServerH2
@@ -436,7 +436,7 @@ class Connection(asyncio.Protocol):
         elif not self.calls:
             self.close()
 
-    def terminate_calls(self, code: grpc.StatusCode, message: str, reason: str) -> None:
+    def terminate_calls(self, code: grpc.StatusCode, message: str, reason: TerminateReason) -> None:
         """End every call on this connection now with ``code`` (age grace over, shutdown)."""
         for call in list(self.calls.values()):
             call.terminate(code, message, reason)
