@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from invariants import wait_invariant
 from pricestream.api.server import Server
 from pricestream.codec import batch_frame
-from pricestream.engine.hub import entry_from_payload
+from pricestream.engine.hub import Dropped, entry_from_payload
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 
@@ -85,9 +85,9 @@ async def test_raw_bytes_through_a_generic_call(server: Server) -> None:
 @given(payload=st.binary(max_size=512), ticker=st.sampled_from(["AAPL", "BRK.B", "T0001"]))
 def test_fuzz_pubsub_payloads_never_raise(payload: bytes, ticker: str) -> None:
     entry = entry_from_payload(ticker, payload, max_bytes=256)
-    if isinstance(entry, str):
-        assert entry in ("malformed", "wrong_ticker", "oversized")
-        assert (entry == "oversized") == (len(payload) > 256)
+    if isinstance(entry, Dropped):
+        assert entry.reason in ("malformed", "wrong_ticker", "oversized")
+        assert (entry.reason == "oversized") == (len(payload) > 256)
     else:
         assert entry[0] == batch_frame(payload)
         parsed = pb.PriceUpdateBatch.FromString(entry[0])  # the frame is a valid batch alone

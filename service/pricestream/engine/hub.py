@@ -11,9 +11,10 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from itertools import repeat
 from operator import setitem
-from typing import Protocol
+from typing import Literal, Protocol
 
 from opentelemetry import trace
 
@@ -84,30 +85,50 @@ def json_entry(update: PriceUpdate) -> Entry:
     return (json_fragment(update), update.published_at_unix_nanos, update.sequence)
 
 
-def decode_entry(ticker: str, payload: bytes, *, max_bytes: int) -> tuple[Entry, PriceUpdate] | str:
-    """Validate a payload for ``ticker``; its ``Entry`` (protobuf form) and the update, or the
-    reason it must be dropped.
+DropReason = Literal["oversized", "malformed", "wrong_ticker"]
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """Why a payload was not taken: the ``reason`` label of the dropped-updates counter."""
+
+    reason: DropReason
+
+
+# One of each, shared: a dropped payload costs no allocation.
+OVERSIZED, MALFORMED, WRONG_TICKER = (
+    Dropped("oversized"),
+    Dropped("malformed"),
+    Dropped("wrong_ticker"),
+)
+
+
+def decode_entry(
+    ticker: str, payload: bytes, *, max_bytes: int
+) -> tuple[Entry, PriceUpdate] | Dropped:
+    """Validate a payload for ``ticker``; its ``Entry`` (protobuf form) and the update, or why
+    it is dropped.
 
     A payload over ``max_bytes`` is refused before it is parsed: a serialized PriceUpdate is
     under 100 bytes, and whatever is accepted is copied to every subscriber.
     """
     if len(payload) > max_bytes:
-        return "oversized"
+        return OVERSIZED
     update = decode_update(payload)
     if update is None:
-        return "malformed"
+        return MALFORMED
     if update.ticker != ticker:
-        return "wrong_ticker"
+        return WRONG_TICKER
     return (batch_frame(payload), update.published_at_unix_nanos, update.sequence), update
 
 
 def entry_from_payload(
     ticker: str, payload: bytes, *, max_bytes: int, json: bool = False
-) -> Entry | str:
+) -> Entry | Dropped:
     """Validate a payload for ``ticker``; an ``Entry`` in the form asked for (JSON fragment or
-    protobuf frame), or the reason it must be dropped (see ``decode_entry``)."""
+    protobuf frame), or why it is dropped (see ``decode_entry``)."""
     decoded = decode_entry(ticker, payload, max_bytes=max_bytes)
-    if isinstance(decoded, str):
+    if isinstance(decoded, Dropped):
         return decoded
     return json_entry(decoded[1]) if json else decoded[0]
 
@@ -189,9 +210,9 @@ class Hub:
                 handler(payload)
             return  # a late message for a ticker just released
         decoded = decode_entry(topic.ticker, payload, max_bytes=self._max_update_bytes)
-        if isinstance(decoded, str):
-            self._metrics.updates_dropped.labels(decoded).inc()
-            log.debug("dropped %s payload on %s", decoded, topic.channel)
+        if isinstance(decoded, Dropped):
+            self._metrics.updates_dropped.labels(decoded.reason).inc()
+            log.debug("dropped %s payload on %s", decoded.reason, topic.channel)
             return
         entry, update = decoded
         self._metrics.updates_received.inc()

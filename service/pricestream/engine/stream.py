@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from pricestream.engine.engine import Engine
 from pricestream.engine.flush import BatchSink, StreamWriter
-from pricestream.engine.hub import Topic, entry_from_payload
+from pricestream.engine.hub import Dropped, Topic, entry_from_payload
 from pricestream.engine.sessions import SessionBusy, SessionNotFound
 from pricestream.errors import (
     describe,
@@ -223,7 +223,7 @@ class StreamLifecycle:
             if payload is None:
                 continue
             entry = entry_from_payload(ticker, payload, max_bytes=max_bytes, json=self._json)
-            if not isinstance(entry, str):
+            if not isinstance(entry, Dropped):
                 hub.seed(writer, ticker, entry)
 
 
