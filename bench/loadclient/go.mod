@@ -3,6 +3,7 @@ module pricestream/bench/loadclient
 go 1.26.0
 
 require (
+	github.com/coder/websocket v1.8.15
 	google.golang.org/grpc v1.85.0
 	google.golang.org/protobuf v1.36.12
 	pricestream/bench/grpcwire v0.0.0

@@ -5,7 +5,9 @@
 // timestamp to receipt) over a hold window, then lets every user leave (half by CloseSession,
 // half by cancelling the stream) and prints one JSON object on stdout. With -protocol
 // centrifugo it holds Centrifugo's uni-directional gRPC streams instead (centrifugo.go), with
-// the same measurements and the same JSON.
+// the same measurements and the same JSON. The browser path (web.go): -protocol ws creates each
+// session over REST and streams it over a WebSocket, -protocol sse over Server-Sent Events; the
+// same counters and the same JSON again, -target then being the server's HTTP host:port.
 //
 // The pricestream messages are encoded and decoded by hand with bench/grpcwire (no generated
 // code), the module tests/grpcgo uses too.
@@ -23,6 +25,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -41,7 +44,7 @@ import (
 const closeAttempts = 3
 
 type config struct {
-	protocol          string // "pricestream" or "centrifugo" (centrifugo.go)
+	protocol          string // one of protocols
 	channelPrefix     string // centrifugo: channel = prefix + ticker
 	target            string
 	streams           int
@@ -52,7 +55,13 @@ type config struct {
 	settle            time.Duration
 	hold              time.Duration
 	leaveTimeout      time.Duration
+	stormAt           time.Duration // ws: drop every socket this long after the hold started
+	stormBackoff      time.Duration // ws: first reconnect delay after the drop (jittered)
+	stormBackoffMax   time.Duration // ws: cap of the exponential reconnect delay
 }
+
+// protocols are the -protocol values: gRPC (pricestream, centrifugo) and the browser path.
+var protocols = []string{"pricestream", "centrifugo", "ws", "sse"}
 
 type result struct {
 	Streams            int                `json:"streams"`
@@ -64,9 +73,12 @@ type result struct {
 	UpdatesPerSecond   float64            `json:"updates_per_second"`
 	BatchesPerSecond   float64            `json:"batches_per_second"`
 	LatencyMs          map[string]float64 `json:"delivery_latency_ms"`
+	Snapshots          int64              `json:"snapshots"`
 	Errors             map[string]int64   `json:"errors"`
 	LeftByClose        int64              `json:"left_by_close_session"`
 	LeftByCancel       int64              `json:"left_by_cancel"`
+	LeftByCloseFrame   int64              `json:"left_by_close_frame"`
+	Storm              *stormResult       `json:"storm,omitempty"`
 	ClientCPUSeconds   float64            `json:"client_cpu_seconds"`
 	ClientCores        float64            `json:"client_cores"`
 }
@@ -84,6 +96,12 @@ type run struct {
 	closed    atomic.Int64
 	cancelled atomic.Int64
 	created   atomic.Int64
+	// the browser path (web.go)
+	web           webClients
+	snapshots     atomic.Int64
+	closedByFrame atomic.Int64
+	streamed      []atomic.Bool // per user: its stream was up once
+	storm         storm
 }
 
 // progress prints one line to stderr every interval until stop is closed.
@@ -238,8 +256,15 @@ func cpuSeconds() float64 {
 }
 
 func execute(cfg config) (result, error) {
-	r := &run{cfg: cfg, errors: map[string]int64{}}
-	for i := 0; i < cfg.connections; i++ {
+	r := &run{cfg: cfg, errors: map[string]int64{}, streamed: make([]atomic.Bool, cfg.streams)}
+	grpcMode := cfg.protocol == "pricestream" || cfg.protocol == "centrifugo"
+	if !grpcMode {
+		r.web = newWebClients()
+	}
+	if cfg.stormAt > 0 {
+		r.storm.at = make(chan struct{})
+	}
+	for i := 0; grpcMode && i < cfg.connections; i++ {
 		conn, err := grpc.NewClient(cfg.target,
 			grpc.WithTransportCredentials(insecure.NewCredentials()),
 			grpc.WithDefaultCallOptions(grpc.ForceCodec(grpcwire.RawCodec{})),
@@ -265,9 +290,12 @@ func execute(cfg config) (result, error) {
 		go func(index int) {
 			defer users.Done()
 			rng := rand.New(rand.NewPCG(uint64(index), 7))
-			if cfg.protocol == "centrifugo" {
+			switch cfg.protocol {
+			case "centrifugo":
 				r.centrifugoUser(index, holdStart, leave, rng)
-			} else {
+			case "ws", "sse":
+				r.webUser(index, holdStart, leave, rng)
+			default:
 				r.user(index, holdStart, leave, rng)
 			}
 		}(i)
@@ -277,6 +305,9 @@ func execute(cfg config) (result, error) {
 	atHoldStart := r.streaming.Load()
 	r.measuring.Store(true)
 	fmt.Fprintln(os.Stderr, "loadclient: hold started")
+	if cfg.stormAt > 0 {
+		go r.startStorm(t0.Add(cfg.stormAt))
+	}
 	time.Sleep(cfg.hold)
 	r.measuring.Store(false)
 	fmt.Fprintln(os.Stderr, "loadclient: hold ended")
@@ -291,6 +322,10 @@ func execute(cfg config) (result, error) {
 		return result{}, errors.New("users did not leave within the leave timeout")
 	}
 	qs := r.latency.quantiles(0.5, 0.95, 0.99)
+	var stormOut *stormResult
+	if cfg.stormAt > 0 {
+		stormOut = r.storm.result()
+	}
 	return result{
 		Streams:            cfg.streams,
 		StreamsAtHoldStart: atHoldStart,
@@ -304,9 +339,12 @@ func execute(cfg config) (result, error) {
 			"p50": qs[0], "p95": qs[1], "p99": qs[2],
 			"max": float64(r.latency.max.Load()) / 1e6,
 		},
+		Snapshots:        r.snapshots.Load(),
 		Errors:           r.errors,
 		LeftByClose:      r.closed.Load(),
 		LeftByCancel:     r.cancelled.Load(),
+		LeftByCloseFrame: r.closedByFrame.Load(),
+		Storm:            stormOut,
 		ClientCPUSeconds: cpu,
 		ClientCores:      cpu / window,
 	}, nil
@@ -316,25 +354,40 @@ func main() {
 	var cfg config
 	var tickers string
 	flag.StringVar(&cfg.protocol, "protocol", "pricestream",
-		"pricestream (CreateSession + StreamPriceUpdates) or centrifugo (uni-directional gRPC Consume)")
+		"pricestream (CreateSession + StreamPriceUpdates), centrifugo (uni-directional gRPC Consume), "+
+			"ws (REST + WebSocket) or sse (REST + Server-Sent Events)")
 	flag.StringVar(&cfg.channelPrefix, "channel-prefix", "prices:",
 		"centrifugo: each ticker's channel is this prefix + the ticker")
-	flag.StringVar(&cfg.target, "target", "127.0.0.1:50051", "server host:port")
+	flag.StringVar(&cfg.target, "target", "127.0.0.1:50051",
+		"server host:port (its gRPC port, or its HTTP port for ws and sse)")
 	flag.IntVar(&cfg.streams, "streams", 100, "virtual users, one stream each")
-	flag.IntVar(&cfg.connections, "connections", 16, "gRPC connections the users share")
+	flag.IntVar(&cfg.connections, "connections", 16,
+		"gRPC connections the users share (the browser modes have one per user)")
 	flag.StringVar(&tickers, "tickers", "", "comma-separated ticker universe (the feed's)")
 	flag.IntVar(&cfg.tickersPerSession, "tickers-per-session", 5, "tickers per session")
 	flag.DurationVar(&cfg.ramp, "ramp", 10*time.Second, "time to start all users")
 	flag.DurationVar(&cfg.settle, "settle", 3*time.Second, "wait after the ramp before measuring")
 	flag.DurationVar(&cfg.hold, "hold", 10*time.Second, "measurement window")
 	flag.DurationVar(&cfg.leaveTimeout, "leave-timeout", 30*time.Second, "per CloseSession call")
+	flag.DurationVar(&cfg.stormAt, "storm-at", 0,
+		"ws: drop every socket at once this long after the hold started, then reconnect (0: no storm)")
+	flag.DurationVar(&cfg.stormBackoff, "storm-backoff", 200*time.Millisecond,
+		"ws: the storm's first reconnect delay; each retry doubles the ceiling (full jitter)")
+	flag.DurationVar(&cfg.stormBackoffMax, "storm-backoff-max", 5*time.Second,
+		"ws: the storm's reconnect delay ceiling")
 	flag.Parse()
 	if tickers != "" {
 		cfg.tickers = strings.Split(tickers, ",")
 	}
 	switch {
-	case cfg.protocol != "pricestream" && cfg.protocol != "centrifugo":
-		fmt.Fprintln(os.Stderr, "loadclient: -protocol must be pricestream or centrifugo")
+	case !slices.Contains(protocols, cfg.protocol):
+		fmt.Fprintln(os.Stderr, "loadclient: -protocol must be one of "+strings.Join(protocols, ", "))
+		os.Exit(2)
+	case cfg.stormAt < 0 || (cfg.stormAt > 0 && (cfg.protocol != "ws" || cfg.stormAt >= cfg.hold)):
+		fmt.Fprintln(os.Stderr, "loadclient: -storm-at needs -protocol ws and must fall within -hold")
+		os.Exit(2)
+	case cfg.stormBackoff <= 0 || cfg.stormBackoffMax < cfg.stormBackoff:
+		fmt.Fprintln(os.Stderr, "loadclient: -storm-backoff must be positive and at most -storm-backoff-max")
 		os.Exit(2)
 	case len(cfg.tickers) == 0:
 		fmt.Fprintln(os.Stderr, "loadclient: -tickers is required (the feed's universe)")
