@@ -7,6 +7,9 @@ wire format of the server under test, so that every server only receives from Re
                            history: PUBLISH {prefix}.client.{channel} carrying a
                            protocol.Publication whose data (field 4) is the same serialized
                            PriceUpdate and whose time (field 9) is the publish time in ms
+    --format centrifugo-json   the same, the data being the update's proto3 JSON (the object
+                           pricestream's browser frames carry, pricestream.codec.json_fragment):
+                           what Centrifugo's JSON transports (uni_websocket) embed as is
 
 Bench-only: the Centrifugo format is not part of the product. Same ticks, same schedule, same
 payload bytes for both formats; only the envelope and the channel differ.
@@ -20,6 +23,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from pricestream.codec import decode_update, json_fragment
 from pricestream.redis.broker import RedisPricePublisher
 from pricestream.tools.feed import run_feed, ticker_universe
 from redis.asyncio import Redis
@@ -58,25 +62,37 @@ def centrifugo_redis_channel(prefix: str, channel: str) -> str:
 class CentrifugoPublisher:
     """Publishes each tick as Centrifugo's Redis broker would, in one pipeline per batch."""
 
-    def __init__(self, client: Redis, prefix: str, channel_prefix: str) -> None:
+    def __init__(
+        self, client: Redis, prefix: str, channel_prefix: str, *, json_data: bool = False
+    ) -> None:
         self._client = client
         self._prefix = prefix
         self._channel_prefix = channel_prefix
+        self._json_data = json_data
 
     async def publish_prices(self, prices: Sequence[tuple[str, bytes]]) -> None:
         now_ms = time.time_ns() // 1_000_000
         async with self._client.pipeline(transaction=False) as pipe:
             for ticker, payload in prices:
                 channel = centrifugo_redis_channel(self._prefix, self._channel_prefix + ticker)
-                pipe.publish(channel, centrifugo_publication(payload, now_ms))
+                pipe.publish(channel, centrifugo_publication(self._data(payload), now_ms))
             await pipe.execute()
+
+    def _data(self, payload: bytes) -> bytes:
+        if not self._json_data:
+            return payload
+        update = decode_update(payload)
+        assert update is not None, "run_feed publishes serialized PriceUpdates"
+        return json_fragment(update)[:-1]  # without the fragment's trailing comma
 
 
 async def _main(args: argparse.Namespace) -> int:
     client = Redis.from_url(args.redis_url)
     try:
-        if args.format == "centrifugo":
-            publisher = CentrifugoPublisher(client, args.prefix, args.channel_prefix)
+        if args.format.startswith("centrifugo"):
+            publisher = CentrifugoPublisher(
+                client, args.prefix, args.channel_prefix, json_data=args.format == "centrifugo-json"
+            )
         else:
             publisher = RedisPricePublisher(client)
         tickers = ticker_universe(args.tickers)
@@ -89,7 +105,9 @@ async def _main(args: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="the bench's feed, in a server's wire format")
-    parser.add_argument("--format", choices=("pricestream", "centrifugo"), default="pricestream")
+    parser.add_argument(
+        "--format", choices=("pricestream", "centrifugo", "centrifugo-json"), default="pricestream"
+    )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--tickers", type=int, default=50, help="how many tickers")
     parser.add_argument("--rate", type=float, default=1000.0, help="updates per second in total")

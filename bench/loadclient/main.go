@@ -6,7 +6,8 @@
 // half by cancelling the stream) and prints one JSON object on stdout. With -protocol
 // centrifugo it holds Centrifugo's uni-directional gRPC streams instead (centrifugo.go), with
 // the same measurements and the same JSON. The browser path (web.go): -protocol ws creates each
-// session over REST and streams it over a WebSocket, -protocol sse over Server-Sent Events; the
+// session over REST and streams it over a WebSocket, -protocol sse over Server-Sent Events, and
+// -protocol centrifugo-ws holds Centrifugo's unidirectional WebSocket (centrifugo_ws.go); the
 // same counters and the same JSON again, -target then being the server's HTTP host:port.
 //
 // The pricestream messages are encoded and decoded by hand with bench/grpcwire (no generated
@@ -61,7 +62,7 @@ type config struct {
 }
 
 // protocols are the -protocol values: gRPC (pricestream, centrifugo) and the browser path.
-var protocols = []string{"pricestream", "centrifugo", "ws", "sse"}
+var protocols = []string{"pricestream", "centrifugo", "ws", "sse", "centrifugo-ws"}
 
 type result struct {
 	Streams            int                `json:"streams"`
@@ -96,7 +97,7 @@ type run struct {
 	closed    atomic.Int64
 	cancelled atomic.Int64
 	created   atomic.Int64
-	// the browser path (web.go)
+	// the browser path (web.go, centrifugo_ws.go)
 	web           webClients
 	snapshots     atomic.Int64
 	closedByFrame atomic.Int64
@@ -295,6 +296,8 @@ func execute(cfg config) (result, error) {
 				r.centrifugoUser(index, holdStart, leave, rng)
 			case "ws", "sse":
 				r.webUser(index, holdStart, leave, rng)
+			case "centrifugo-ws":
+				r.centrifugoWSUser(index, holdStart, leave, rng)
 			default:
 				r.user(index, holdStart, leave, rng)
 			}
@@ -355,11 +358,11 @@ func main() {
 	var tickers string
 	flag.StringVar(&cfg.protocol, "protocol", "pricestream",
 		"pricestream (CreateSession + StreamPriceUpdates), centrifugo (uni-directional gRPC Consume), "+
-			"ws (REST + WebSocket) or sse (REST + Server-Sent Events)")
+			"ws (REST + WebSocket), sse (REST + Server-Sent Events) or centrifugo-ws (uni_websocket)")
 	flag.StringVar(&cfg.channelPrefix, "channel-prefix", "prices:",
 		"centrifugo: each ticker's channel is this prefix + the ticker")
 	flag.StringVar(&cfg.target, "target", "127.0.0.1:50051",
-		"server host:port (its gRPC port, or its HTTP port for ws and sse)")
+		"server host:port (its gRPC port, or its HTTP port for ws, sse and centrifugo-ws)")
 	flag.IntVar(&cfg.streams, "streams", 100, "virtual users, one stream each")
 	flag.IntVar(&cfg.connections, "connections", 16,
 		"gRPC connections the users share (the browser modes have one per user)")
