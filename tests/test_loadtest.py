@@ -123,6 +123,69 @@ def test_smoke_run_against_a_real_server(own_redis: RedisProcess, tmp_path: Path
         feed.wait()
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+def test_browser_path_smoke_run_against_a_real_server(
+    own_redis: RedisProcess, tmp_path: Path, transport: str
+) -> None:
+    """`--transport ws|sse`: sessions created over REST, streamed over a WebSocket or SSE,
+    every leave way taken (ws: close frame, dropped connection, DELETE; sse: the last two), and
+    the leak verdict clean once they are all gone."""
+    feed = start_feed(own_redis.url, tickers=50, rate=1000)
+    server = ServeProcess(fast_env(own_redis.url), tmp_path / "serve.log")
+    try:
+        out = tmp_path / "report"
+        command = pricestream_command(
+            "loadtest", "--transport", transport,
+            "--web-target", f"127.0.0.1:{server.web_port}",
+            "--metrics-url", f"http://127.0.0.1:{server.http_port}/metrics",
+            "--stages", "2s:60,3s:60,2s:0",
+            "--workers", "2",
+            "--max-error-rate", "0",
+            "--leak-timeout", "20",
+            "--out", str(out),
+            "--no-plots",
+            "--quiet",
+        )  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=90)
+        assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+        report = json.loads((out / "report.json").read_text())
+        assert report["run"]["transport"] == transport
+        assert report["leak_verdict"]["passed"], report["leak_verdict"]
+        total = report["total"]
+        assert total["errors"] == {}
+        assert total["sessions_created"] == total["sessions_attempted"] >= 120
+        assert total["updates_per_second"] > 200
+        assert 0 < total["delivery_latency_ms"]["p99"] < 1000
+        ways = {"ws": {"close", "drop", "delete"}, "sse": {"drop", "delete"}}[transport]
+        assert set(total["leaves"]) == ways
+        assert sum(total["leaves"].values()) == total["sessions_created"]
+        final = report["leak_verdict"]["final"]
+        assert final["pricestream_sessions_opened_total"] >= 120
+        assert final["pricestream_sessions_active"] == 0
+        assert final[f"pricestream_{transport}_connections_active"] == 0
+        opened = final[f"pricestream_{transport}_connections_opened_total"]
+        assert opened == final[f"pricestream_{transport}_connections_closed_total"] >= 120
+        assert "leak verdict PASS" in result.stdout
+    finally:
+        server.stop()
+        feed.kill()
+        feed.wait()
+
+
+def test_a_leave_way_of_another_transport_is_refused() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pricestream", "loadtest", "--transport", "sse",
+         "--leave-mix", "close=1"],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "pricestream: --leave-mix part 'close=1' is not WAY=WEIGHT with WAY one of drop, delete"
+    )
+
+
 def test_bad_flags_get_one_sentence_and_exit_2() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pricestream", "loadtest", "--leave-mix", "vanish=1"],

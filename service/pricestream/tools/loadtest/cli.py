@@ -11,7 +11,7 @@ from pricestream.settings import SettingsError
 from pricestream.tools.feed import ticker_universe
 from pricestream.tools.loadtest.runner import LoadTestOptions
 from pricestream.tools.loadtest.stages import PROFILES, StageError, parse_stages, profile_stages
-from pricestream.tools.loadtest.worker import LEAVE_WAYS
+from pricestream.tools.loadtest.worker import DEFAULT_LEAVE_MIX, TRANSPORT_LEAVE_WAYS, TRANSPORTS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +22,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shape.add_argument("--profile", choices=sorted(PROFILES), help="named shape (default smoke)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply a profile's users")
     parser.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="grpc",
+        help="grpc (CreateSession + StreamPriceUpdates), ws (POST /v1/sessions + WebSocket) or "
+        "sse (POST /v1/sessions + Server-Sent Events)",
+    )
+    parser.add_argument(
         "--target", action="append", help="server host:port (repeat for several; default :50051)"
+    )
+    parser.add_argument(
+        "--web-target",
+        action="append",
+        help="ws/sse: the server's web host:port (repeat for several; default 127.0.0.1:8080)",
     )
     parser.add_argument(
         "--metrics-url",
@@ -37,8 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", type=int, default=4, help="gRPC channels per worker")
     parser.add_argument(
         "--leave-mix",
-        default="cancel=1,close_session=1,channel_drop=1",
-        help="how users leave, relative weights of " + ", ".join(LEAVE_WAYS),
+        default=None,
+        help="how users leave, relative weights of: "
+        + "; ".join(f"{t} {', '.join(ways)}" for t, ways in TRANSPORT_LEAVE_WAYS.items())
+        + " (default: each way of the transport once)",
     )
     parser.add_argument("--slow-fraction", type=float, default=0.0, help="share of slow readers")
     parser.add_argument(
@@ -62,14 +76,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_leave_mix(text: str) -> dict[str, float]:
+def parse_leave_mix(text: str, transport: str = "grpc") -> dict[str, float]:
+    ways = TRANSPORT_LEAVE_WAYS[transport]
     mix: dict[str, float] = {}
     for part in text.split(","):
         way, sep, weight = part.strip().partition("=")
-        if not sep or way not in LEAVE_WAYS:
+        if not sep or way not in ways:
             raise SettingsError(
                 f"--leave-mix part {part.strip()!r} is not WAY=WEIGHT with WAY one of "
-                + ", ".join(LEAVE_WAYS)
+                + ", ".join(ways)
+                + ("" if transport == "grpc" else f" (--transport {transport})")
             )
         try:
             mix[way] = float(weight)
@@ -103,7 +119,9 @@ def options_from(args: argparse.Namespace, argv: list[str] | None = None) -> Loa
         tickers_per_session=args.tickers_per_session,
         workers=args.workers,
         channels_per_worker=args.channels,
-        leave_mix=parse_leave_mix(args.leave_mix),
+        leave_mix=parse_leave_mix(
+            args.leave_mix or DEFAULT_LEAVE_MIX[args.transport], args.transport
+        ),
         slow_fraction=args.slow_fraction,
         slow_read_delay=args.slow_read_delay,
         max_error_rate=args.max_error_rate,
@@ -115,6 +133,8 @@ def options_from(args: argparse.Namespace, argv: list[str] | None = None) -> Loa
         seed=args.seed,
         keep_users=args.keep_users,
         command=command.strip(),
+        transport=args.transport,
+        web_targets=args.web_target or ["127.0.0.1:8080"],
     )
 
 

@@ -42,6 +42,8 @@ class LoadTestOptions:
     seed: int = 0
     keep_users: bool = False
     command: str = ""
+    transport: str = "grpc"  # or "ws" / "sse": REST + WebSocket / SSE on web_targets
+    web_targets: list[str] = field(default_factory=lambda: ["127.0.0.1:8080"])
 
 
 class LoadTest:
@@ -68,6 +70,8 @@ class LoadTest:
             seed=o.seed,
             token=o.token,
             keep_users=o.keep_users,
+            transport=o.transport,
+            web_targets=o.web_targets,
         )
 
     async def _worker(self, index: int, start_at: float) -> None:
@@ -154,7 +158,8 @@ class LoadTest:
             "run": {
                 "started": started.isoformat(timespec="seconds"),
                 "command": o.command,
-                "targets": o.targets,
+                "transport": o.transport,
+                "targets": o.targets if o.transport == "grpc" else o.web_targets,
                 "workers": o.workers,
                 "channels_per_worker": o.channels_per_worker,
                 "tickers_per_session": o.tickers_per_session,

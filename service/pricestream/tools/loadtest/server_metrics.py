@@ -39,6 +39,13 @@ class Verdict:
             "pricestream_streams_closed_total",
             "pricestream_pubsub_subscriptions_opened_total",
             "pricestream_pubsub_subscriptions_closed_total",
+            # the browser path's sockets (--transport ws|sse)
+            "pricestream_ws_connections_active",
+            "pricestream_ws_connections_opened_total",
+            "pricestream_ws_connections_closed_total",
+            "pricestream_sse_connections_active",
+            "pricestream_sse_connections_opened_total",
+            "pricestream_sse_connections_closed_total",
         ]
         return {
             "passed": self.passed,

@@ -1,5 +1,7 @@
 """One load-generator process: runs its share of the virtual users and prints one JSON line of
-counters per second on stdout (the coordinator in runner.py adds the workers up).
+counters per second on stdout (the coordinator in runner.py adds the workers up). Over gRPC
+(``VirtualUser`` here) or the browser path (``WebVirtualUser``, webuser.py: REST, then a
+WebSocket or SSE over aiohttp).
 
     python -m pricestream.tools.loadtest.worker '<json WorkerConfig>'
 """
@@ -15,15 +17,28 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import aiohttp
 import grpc
 import uvloop
 
 from pricestream.tools.loadtest.histogram import RESOLUTION, Histogram
 from pricestream.tools.loadtest.stages import Schedule, Stage
+from pricestream.tools.loadtest.webuser import (
+    WEB_LEAVE_WAYS,
+    WebVirtualUser,
+    close_quietly,
+    web_session,
+)
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 
 LEAVE_WAYS = ("cancel", "close_session", "channel_drop")
+TRANSPORTS = ("grpc", "ws", "sse")
+# The ways a user may leave, per transport (the browser ones: webuser.py).
+TRANSPORT_LEAVE_WAYS = {"grpc": LEAVE_WAYS, **WEB_LEAVE_WAYS}
+DEFAULT_LEAVE_MIX = {
+    t: ",".join(f"{w}=1" for w in ways) for t, ways in TRANSPORT_LEAVE_WAYS.items()
+}
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]  # one TCP connection per channel
 NANOS_PER_BUCKET = int(RESOLUTION * 1e9)
 
@@ -44,6 +59,8 @@ class WorkerConfig:
     seed: int = 0
     token: str = ""
     keep_users: bool = False  # users stay across stages (leave only when the target drops)
+    transport: str = "grpc"  # or "ws" / "sse": REST + WebSocket / SSE on web_targets
+    web_targets: list[str] = field(default_factory=lambda: ["127.0.0.1:8080"])
 
 
 @dataclass
@@ -106,6 +123,10 @@ class VirtualUser:
         self.side_tasks: set[asyncio.Task[None]] = set()  # strong refs: a collected task's
         # grpc call would be cancelled by its finaliser
         self._metadata = (("authorization", f"Bearer {config.token}"),) if config.token else None
+
+    async def release(self) -> None:
+        if self.own_channel is not None:
+            await self.own_channel.close()
 
     async def run(self) -> None:
         stats = self.stats
@@ -208,15 +229,20 @@ class Worker:
         self.schedule = Schedule(tuple(Stage(s, t) for s, t in config.stages))
         self.rng = random.Random(config.seed * 7919 + config.worker)
         self.stats = Stats()
-        self.users: list[VirtualUser] = []
+        self.users: list[VirtualUser | WebVirtualUser] = []
         self.channels: list[grpc.aio.Channel] = []
         self.own_channels: set[grpc.aio.Channel] = set()
+        self.http: aiohttp.ClientSession | None = None  # the browser path's shared session
+        self.own_sessions: set[aiohttp.ClientSession] = set()
         ways, weights = zip(*config.leave_mix.items(), strict=True)
         self.ways, self.weights = list(ways), list(weights)
 
     def spawn(self, stage: int) -> None:
         config = self.config
         way = self.rng.choices(self.ways, self.weights)[0]
+        if config.transport != "grpc":
+            self._spawn_web(stage, way)
+            return
         target = config.targets[len(self.users) % len(config.targets)]
         own = None
         if way == "channel_drop":
@@ -231,13 +257,31 @@ class Worker:
         user.task = asyncio.get_running_loop().create_task(self._run(user))
         self.users.append(user)
 
-    async def _run(self, user: VirtualUser) -> None:
+    def _spawn_web(self, stage: int, way: str) -> None:
+        config = self.config
+        assert self.http is not None
+        target = config.web_targets[len(self.users) % len(config.web_targets)]
+        own = None
+        if way == "drop":  # its own connection pool, closed to drop the stream
+            own = web_session()
+            self.own_sessions.add(own)
+        tickers = self.rng.sample(config.tickers, config.tickers_per_session)
+        slow = self.rng.random() < config.slow_fraction
+        user = WebVirtualUser(
+            self.http, own, target, way, slow, stage, tickers, config, self.stats, NANOS_PER_BUCKET
+        )
+        user.task = asyncio.get_running_loop().create_task(self._run(user))
+        self.users.append(user)
+
+    async def _run(self, user: VirtualUser | WebVirtualUser) -> None:
         try:
             await user.run()
         finally:
-            if user.own_channel is not None:
+            if isinstance(user, VirtualUser) and user.own_channel is not None:
                 self.own_channels.discard(user.own_channel)
-                await user.own_channel.close()
+            elif isinstance(user, WebVirtualUser) and user.own is not None:
+                self.own_sessions.discard(user.own)
+            await user.release()
 
     def report(self, elapsed: float, final: bool = False) -> None:
         line = {
@@ -255,10 +299,13 @@ class Worker:
     async def run(self) -> None:
         config = self.config
         targets = config.targets
-        self.channels = [
-            grpc.aio.insecure_channel(targets[i % len(targets)], options=CHANNEL_OPTIONS)
-            for i in range(config.channels)
-        ]
+        if config.transport == "grpc":
+            self.channels = [
+                grpc.aio.insecure_channel(targets[i % len(targets)], options=CHANNEL_OPTIONS)
+                for i in range(config.channels)
+            ]
+        else:
+            self.http = web_session()
         try:
             await asyncio.sleep(max(0.0, config.start_at - time.time()))
             next_report = 1.0
@@ -277,6 +324,8 @@ class Worker:
             await asyncio.gather(*(u.task for u in self.users if u.task), return_exceptions=True)
             for channel in [*self.channels, *self.own_channels]:
                 await channel.close()
+            for session in [*self.own_sessions, *([self.http] if self.http else [])]:
+                await close_quietly(session)
 
     def steer(self, elapsed: float) -> None:
         """Bring the running users to this worker's share; users of a past stage leave."""
