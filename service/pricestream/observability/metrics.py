@@ -7,13 +7,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import Collector
 
-from pricestream.observability.latency import BatchLatencyHistogram
+from pricestream.observability.latency import BatchLatencyHistogram, TraceIdOf
+
+if TYPE_CHECKING:
+    from pricestream.observability.tracing import Tracing
 
 # The OpenMetrics `_created` samples double the series count and confuse `_total` pairs.
 prometheus_client.disable_created_metrics()
@@ -22,6 +27,43 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
     1.0, 1.5, 2.5, 5.0, 10.0,
 )  # fmt: skip
+# Seconds beyond the flush interval a delivery may take and still count as fresh: the freshness
+# SLO's threshold (chart value slo.freshness.marginSeconds), a bucket bound of the histogram.
+FRESHNESS_MARGIN = 0.1
+# An exemplar per bucket at most this often: Prometheus keeps what each scrape sees (the
+# ServiceMonitor's default interval).
+EXEMPLAR_INTERVAL = 15.0
+
+
+def latency_buckets(flush_interval: float | None, margin: float = FRESHNESS_MARGIN) -> list[float]:
+    """LATENCY_BUCKETS plus the freshness bound, flush interval + margin, rounded to the
+    microsecond (the chart writes the same number as the SLO's `le`)."""
+    if flush_interval is None:
+        return list(LATENCY_BUCKETS)
+    return sorted({*LATENCY_BUCKETS, round(flush_interval + margin, 6)})
+
+
+def delivery_trace_ids(tracing: Tracing) -> TraceIdOf | None:
+    """Trace ids of deliveries: each asked-for delivery becomes a span of its own,
+    `pricestream.delivery`, from the publisher's timestamp to the batch's hand-over; its trace
+    id if the sampler kept it. None when tracing is off."""
+    if not tracing.enabled:
+        return None
+    tracer = tracing.tracer
+
+    def trace_id_of(published_ns: int, now_ns: int) -> str | None:
+        span = tracer.start_span(
+            "pricestream.delivery",
+            start_time=published_ns,
+            attributes={"pricestream.delivery_latency_seconds": (now_ns - published_ns) / 1e9},
+        )
+        span.end(end_time=now_ns)
+        context = span.get_span_context()
+        if not context.is_valid or not context.trace_flags.sampled:
+            return None
+        return f"{context.trace_id:032x}"
+
+    return trace_id_of
 
 
 @dataclass(frozen=True)
@@ -117,7 +159,17 @@ class _LiveCollector(Collector):
 class Metrics:
     """All event counters of one server, in a registry of its own."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        flush_interval: float | None = None,
+        *,
+        freshness_margin: float = FRESHNESS_MARGIN,
+        tracing: Callable[[], Tracing] | None = None,
+        exemplar_interval: float = EXEMPLAR_INTERVAL,
+    ) -> None:
+        """``flush_interval``: the server's, for the freshness bucket bound. ``tracing``: the
+        server's tracing, read at the first delivery (it may be built after the metrics); on,
+        the latency histogram carries exemplars with trace ids."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         # Process CPU, RSS and open fds; Python platform and GC figures.
@@ -187,8 +239,12 @@ class Metrics:
         self.delivery_latency = BatchLatencyHistogram(
             "pricestream_delivery_latency_seconds",
             "Seconds from the publisher's timestamp to the batch being handed to the stream.",
-            LATENCY_BUCKETS,
+            latency_buckets(flush_interval, freshness_margin),
         )
+        if tracing is not None:
+            self.delivery_latency.enable_exemplars(
+                lambda: delivery_trace_ids(tracing()), exemplar_interval
+            )
         r.register(self.delivery_latency)
         self.redis_reconnects = Counter(
             "pricestream_redis_reconnects",
@@ -216,5 +272,15 @@ class Metrics:
     def register_live_gauges(self, gauges: LiveGauges) -> None:
         self.registry.register(_LiveCollector(gauges))
 
-    def exposition(self) -> bytes:
+    def exposition(self, openmetrics_format: bool = False) -> bytes:
+        """The registry in Prometheus' text format, or OpenMetrics (with exemplars)."""
+        if openmetrics_format:
+            return openmetrics.generate_latest(self.registry)
         return prometheus_client.generate_latest(self.registry)
+
+    def exposition_for(self, accept: str) -> tuple[bytes, str]:
+        """(body, Content-Type) for a scrape's Accept header: OpenMetrics, which carries the
+        exemplars, when the scraper asks for it (Prometheus does with exemplar storage on)."""
+        if "application/openmetrics-text" in accept:
+            return self.exposition(True), openmetrics.CONTENT_TYPE_LATEST
+        return self.exposition(), prometheus_client.CONTENT_TYPE_LATEST
