@@ -26,7 +26,7 @@ KIND_CLUSTER ?= pricestream
 KPS_RELEASE ?= kps
 NAMESPACE ?= pricestream
 
-.PHONY: demo test setup system-deps venv helm h2spec centrifugo grpcurl grpcgo proto dashboards schema lint bench clean \
+.PHONY: demo test setup system-deps venv helm h2spec centrifugo grpcurl grpcgo proto dashboards slo schema lint bench clean \
 	kind-up image kind-load deploy grafana kind-down e2e e2e-build e2e-up e2e-down
 
 demo: venv  ## server + feed + live table, Redis if reachable else in memory
@@ -86,6 +86,9 @@ bench: system-deps venv centrifugo  ## server on one core vs the Go load client,
 
 dashboards: venv  ## regenerate the committed Grafana JSON inside the chart
 	$(PY) -m dashboards.generate
+
+slo: venv  ## regenerate the chart's SLO rules (files/rules/slo.rules.yaml) from deploy/slo/slos.yaml
+	$(PY) scripts/slo_rules.py
 
 schema: venv  ## regenerate the chart's values.schema.json from values.yaml
 	$(PY) scripts/values_schema.py

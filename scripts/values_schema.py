@@ -68,6 +68,12 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "ingress.path": {"type": "string", "pattern": "^/"},
     "ingress.annotations": STRING_MAP,
     "grpcIngress.annotations": STRING_MAP,
+    "slo.period": DURATION,
+    # Objectives in percent: 100 would leave no error budget (every burn rate infinite).
+    **{
+        f"slo.{name}.objective": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 100}
+        for name in ("freshness", "availability", "continuity")
+    },
 }
 MINIMUM_ONE = {"replicaCount", "autoscaling.minReplicas", "autoscaling.maxReplicas"}
 # Settings that are counts; every other number under config is seconds or a rate (fractions ok).
