@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -15,6 +16,8 @@ RECEIVER_BY_SEVERITY = {
     "critical": "pricestream-pager",
     "warning": "pricestream-tickets",
     "info": "null",
+    "page": "pricestream-pager",
+    "ticket": "pricestream-tickets",
 }
 
 
@@ -32,12 +35,14 @@ def test_amtool_check_config_passes() -> None:
 
 def shipped_alerts() -> list[tuple[str, str]]:
     groups = yaml.safe_load(rules_file())["groups"]
-    return [
-        (rule["alert"], rule["labels"]["severity"])
-        for group in groups
-        for rule in group["rules"]
-        if "alert" in rule
-    ]
+    return sorted(
+        {
+            (rule["alert"], rule["labels"]["severity"])
+            for group in groups
+            for rule in group["rules"]
+            if "alert" in rule
+        }
+    )
 
 
 @pytest.mark.parametrize(("alert", "severity"), shipped_alerts())
@@ -61,3 +66,43 @@ def test_other_teams_alerts_are_not_routed_to_pricestream() -> None:
         "config", "routes", "test", f"--config.file={CONFIG}", "alertname=X", "severity=critical"
     )
     assert result.stdout.strip() == "null"
+
+
+def test_slo_severities_reach_different_receivers() -> None:
+    slo_alerts = [(a, s) for a, s in shipped_alerts() if a.endswith("ErrorBudgetBurn")]
+    assert {s for _, s in slo_alerts} == {"page", "ticket"}
+    assert RECEIVER_BY_SEVERITY["page"] != RECEIVER_BY_SEVERITY["ticket"]
+
+
+def test_a_page_inhibits_the_ticket_of_the_same_slo_only() -> None:
+    """The shipped inhibit rule, read as Alertmanager applies it: a firing page of an SLO
+    mutes that SLO's ticket in the same release, not another SLO's or another release's."""
+    config = yaml.safe_load(CONFIG.read_text())
+    (rule,) = [r for r in config["inhibit_rules"] if 'severity = "page"' in r["source_matchers"]]
+
+    def matches(matchers: list[str], labels: dict[str, str]) -> bool:
+        for matcher in matchers:
+            name, op, value = re.fullmatch(r'(\w+) (=~|=) "(.*)"', matcher).groups()
+            actual = labels.get(name, "")
+            if not (re.fullmatch(value, actual) if op == "=~" else actual == value):
+                return False
+        return True
+
+    def inhibited(source: dict[str, str], target: dict[str, str]) -> bool:
+        return (
+            matches(rule["source_matchers"], source)
+            and matches(rule["target_matchers"], target)
+            and all(source.get(k) == target.get(k) for k in rule["equal"])
+        )
+
+    base = {"namespace": "prod", "job": "pricestream"}
+    page = {**base, "alertname": "PriceStreamAvailabilityErrorBudgetBurn", "slo": "availability",
+            "severity": "page"}  # fmt: skip
+    ticket = {**page, "severity": "ticket"}
+    assert inhibited(page, ticket)
+    assert not inhibited(ticket, page)
+    other_slo = {**ticket, "alertname": "PriceStreamFreshnessErrorBudgetBurn", "slo": "freshness"}
+    assert not inhibited(page, other_slo)
+    assert not inhibited(page, {**ticket, "namespace": "staging"})
+    assert not inhibited(page, {**page, "alertname": "PriceStreamZombieSessions",
+                                "severity": "warning"})  # fmt: skip
