@@ -13,6 +13,13 @@ the same workload in the same run.
     python scripts/bench.py --quick             # shorter holds, for a first look
     python scripts/bench.py --cases a500,c500   # ours and Centrifugo on one workload
     python scripts/bench.py --cases hot100,chot --streams 100 --ramp 3 --hold 5   # a smoke run
+    python scripts/bench.py --cases w5k,cw5k,cw5kj,w10k,wstorm      # the browser path (issue 27)
+
+The browser cases (issue 27) run the same way: pricestream's WebSocket (REST create, then a
+socket per user: the Go client's -protocol ws) beside Centrifugo's uni_websocket (-protocol
+centrifugo-ws, fed the update's JSON), with and without its join_push_messages; wstorm drops
+every socket at once a third into the hold and reports how long until all resumed, the sessions
+lost and the pod's readiness (/readyz polled every 250 ms) throughout.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -55,6 +63,9 @@ class Case:
     quiet_feed: bool = False  # one update per ticker every 10 s: memory, not throughput
     ticker_hz: float | None = None  # updates per ticker per second, when not set by the flush
     centrifugo: bool = False  # Centrifugo (bench_centrifugo.py) instead of pricestream
+    transport: str = "grpc"  # "ws" / "sse": the browser path (Centrifugo: its uni_websocket)
+    join_push: bool = False  # Centrifugo's uni_websocket.join_push_messages
+    storm: bool = False  # ws: every socket dropped at once during the hold, then reconnecting
 
     @property
     def feed_rate(self) -> float:
@@ -65,9 +76,11 @@ class Case:
         return self.universe / 10 if self.quiet_feed else 2 * self.universe / self.flush
 
     @property
-    def workload(self) -> tuple[int, int, int, float]:
-        """What the server is given: rows with the same workload are compared."""
-        return (self.streams, self.tickers_per_session, self.universe, self.feed_rate)
+    def workload(self) -> tuple[int, int, int, float, str]:
+        """What the server is given: rows with the same workload are compared (a browser
+        socket with a browser socket, a gRPC stream with a gRPC stream)."""
+        path = "grpc" if self.transport == "grpc" else "web storm" if self.storm else "web"
+        return (self.streams, self.tickers_per_session, self.universe, self.feed_rate, path)
 
 
 CASES = {
@@ -124,9 +137,36 @@ CASES |= {
     "m50k": Case("memory: 50,000 streams x 5 tickers, flush 500 ms, quiet feed", 50_000, 5,
                  0.5, 500, quiet_feed=True),
 }  # fmt: skip
+CENTRIFUGO_WS = f"Centrifugo {bench_centrifugo.CENTRIFUGO_VERSION} uni_websocket"
+CASES |= {
+    # Issue 27: the browser path. Each user creates its session over REST, then holds one
+    # WebSocket (its own TCP connection); Centrifugo's uni_websocket on the same feed (JSON
+    # pushes), without and with join_push_messages (its pushes queued for a socket share one
+    # frame: fewer send() calls). Issue 12's workload: 5 tickers per socket at 2 Hz.
+    "w5k": Case("ws: 5,000 sockets x 5 tickers at 2 Hz, flush 100 ms", 5_000, 5, 0.1, 500,
+                ticker_hz=2, transport="ws"),
+    "cw5k": Case(f"{CENTRIFUGO_WS}: 5,000 sockets x 5 tickers at 2 Hz", 5_000, 5, 0, 500,
+                 ticker_hz=2, centrifugo=True, transport="ws"),
+    "cw5kj": Case(f"{CENTRIFUGO_WS} + join_push_messages: 5,000 sockets x 5 tickers at 2 Hz",
+                  5_000, 5, 0, 500, ticker_hz=2, centrifugo=True, transport="ws", join_push=True),
+    "w10k": Case("ws: 10,000 sockets x 5 tickers at 2 Hz, flush 250 ms", 10_000, 5, 0.25, 500,
+                 ticker_hz=2, transport="ws"),
+    "cw10k": Case(f"{CENTRIFUGO_WS}: 10,000 sockets x 5 tickers at 2 Hz", 10_000, 5, 0, 500,
+                  ticker_hz=2, centrifugo=True, transport="ws"),
+    # SSE: the same workload over Server-Sent Events (for proxies that break Upgrade).
+    "e5k": Case("sse: 5,000 streams x 5 tickers at 2 Hz, flush 100 ms", 5_000, 5, 0.1, 500,
+                ticker_hz=2, transport="sse"),
+    # The reconnect storm: every socket dropped at once (an ingress reload), reconnecting to its
+    # session with jittered backoff, admitted at the pod's web_accept_rate (its default).
+    "wstorm": Case("ws storm: 5,000 sockets dropped at once, flush 100 ms", 5_000, 5, 0.1, 500,
+                   ticker_hz=2, transport="ws", storm=True),
+}  # fmt: skip
+BROWSER_CASES = "w5k,cw5k,cw5kj,w10k,cw10k,wstorm"
 # "shards": not a server case; Redis Cluster capacity with 1 and 3 masters (bench_shards.py).
 SHARDS_CASE = "shards"
-DEFAULT_CASES = "d100,cd,d10k,cd10k,a500,c500,floor500,hot100,chot,s100,q10k,m50k,shards"
+DEFAULT_CASES = (
+    "d100,cd,d10k,cd10k,a500,c500,floor500,hot100,chot,s100,q10k,m50k," + BROWSER_CASES + ",shards"
+)
 
 
 def proc_sampler(pid: int) -> Sampler:
@@ -169,6 +209,34 @@ def wait_ready(port: int, timeout: float = 20, path: str = "/readyz") -> None:
     raise RuntimeError("server not ready")
 
 
+class ReadinessProbe:
+    """The pod's /readyz polled every ``interval`` seconds from start to stop, in a thread: how
+    many probes answered 200 (the storm case: the pod must stay ready while it is hit)."""
+
+    def __init__(self, port: int, interval: float = 0.25) -> None:
+        self._url, self._interval = f"http://127.0.0.1:{port}/readyz", interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self.probes = self.ready = 0
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.probes += 1
+            try:
+                with urllib.request.urlopen(self._url, timeout=1) as response:
+                    self.ready += response.status == 200
+            except OSError:
+                pass
+
+    def __enter__(self) -> ReadinessProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def host_cpu() -> dict[str, float]:
     """All CPUs' time and its steal share, in seconds, from /proc/stat's first line."""
     ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -185,8 +253,14 @@ def with_host_steal(sample: Sampler) -> Sampler:
 def run_case(
     case: Case, client: str, ramp: int, hold: int, workdir: Path, client_cpus: str
 ) -> dict:
-    grpc_port, http_port = free_port(), free_port()
+    grpc_port, http_port, web_port = free_port(), free_port(), free_port()
+    # The client's target: the gRPC port, or the web port (Centrifugo: its HTTP port)
+    if case.transport == "grpc":
+        target_port = grpc_port
+    else:
+        target_port = http_port if case.centrifugo else web_port
     procs: list[subprocess.Popen[bytes]] = []
+    readiness: ReadinessProbe | None = None
     try:
         if case.floor:
             server = _start(
@@ -208,13 +282,15 @@ def run_case(
                 config = bench_centrifugo.write_config(
                     workdir / f"centrifugo-{grpc_port}.json",
                     redis_port=redis_port, grpc_port=grpc_port, http_port=http_port,
-                    prefix=prefix,
+                    prefix=prefix, join_push_messages=case.join_push,
                 )  # fmt: skip
                 binary = ROOT / bench_centrifugo.CENTRIFUGO_BIN
                 server = _start(procs, "0", *bench_centrifugo.command(binary, config))
                 sample = proc_sampler(server.pid)
+                # its JSON transport embeds the data as is: the update's JSON, not protobuf
                 feed_format = [
-                    "--format", "centrifugo", "--prefix", prefix,
+                    "--format", "centrifugo-json" if case.transport != "grpc" else "centrifugo",
+                    "--prefix", prefix,
                     "--channel-prefix", bench_centrifugo.CHANNEL_PREFIX,
                 ]  # fmt: skip
             else:
@@ -226,12 +302,17 @@ def run_case(
                     PRICESTREAM_HTTP_HOST="127.0.0.1",
                     PRICESTREAM_HTTP_PORT=str(http_port),
                     PRICESTREAM_WEB_HOST="127.0.0.1",
-                    PRICESTREAM_WEB_PORT="0",
+                    PRICESTREAM_WEB_PORT=str(web_port),
                     PRICESTREAM_FLUSH_INTERVAL=str(case.flush),
                     PRICESTREAM_LOG_LEVEL="WARNING",
                     # The pod's session limit is not what a case measures (CPU and memory are).
                     PRICESTREAM_MAX_SESSIONS=str(max(20_000, case.streams)),
                 )
+                if case.transport != "grpc" and not case.storm:
+                    # The steady-state cases measure delivery, not admission: the ramp (up to
+                    # 400 new sockets/s) must not meet the pod's web_accept_rate (200/s). The
+                    # storm keeps the default: admission is what bounds its recovery.
+                    env["PRICESTREAM_WEB_ACCEPT_RATE"] = "0"
                 _start(procs, "0", sys.executable, "-m", "pricestream", "serve", env=env)
 
                 def sample() -> dict[str, float]:
@@ -249,7 +330,13 @@ def run_case(
         sample = with_host_steal(sample)
         before_run = sample()
         runner = GoClient(ROOT) if client == "go" else PythonLoadtest(ROOT, http_port, workdir)
-        measured = runner.run(case, grpc_port, sample, ramp, hold, client_cpus)
+        if case.storm:
+            readiness = ReadinessProbe(http_port).__enter__()
+        try:
+            measured = runner.run(case, target_port, sample, ramp, hold, client_cpus)
+        finally:
+            if readiness is not None:
+                readiness.__exit__()
         verdict = "n/a" if case.floor or case.centrifugo else leak_verdict(http_port)
     finally:
         for proc in reversed(procs):
@@ -309,6 +396,14 @@ def run_case(
         "slow_consumer_cutoffs": delta("pricestream_slow_consumer_disconnects_total"),
         "errors": measured.errors,
         "leak_verdict": verdict if isinstance(verdict, str) else _verdict_text(verdict),
+        "transport": case.transport,
+        "storm": None
+        if measured.storm is None
+        else {
+            **measured.storm,
+            "ready_probes": None if readiness is None else readiness.ready,
+            "probes": None if readiness is None else readiness.probes,
+        },
     }
 
 
@@ -341,12 +436,40 @@ def wait_serving(port: int, timeout: float = 20) -> None:
 
 
 def centrifugo_ratio(row: dict, rows: list[dict]) -> str:
-    """The row's CPU per delivered update over Centrifugo's on the same workload in this run."""
-    for other in rows:
-        if other["server"] == "centrifugo" and other["workload"] == row["workload"]:
-            reference = other["cpu_us_per_update"]
-            return f"{row['cpu_us_per_update'] / reference:.2f}x" if reference else "n/a"
-    return "n/a"
+    """The row's CPU per delivered update over Centrifugo's on the same workload in this run
+    (its cheapest row there: uni_websocket with or without join_push_messages)."""
+    references = [
+        other["cpu_us_per_update"]
+        for other in rows
+        if other["server"] == "centrifugo" and other["workload"] == row["workload"]
+    ]
+    if not references or not min(references):
+        return "n/a"
+    return f"{row['cpu_us_per_update'] / min(references):.2f}x"
+
+
+def storm_notes(rows: list[dict]) -> str:
+    """One line per storm case: how long until every dropped socket streamed again, the
+    sessions lost, and the pod's readiness while it was hit."""
+    lines = []
+    for r in rows:
+        storm = r.get("storm")
+        if not storm:
+            continue
+        until = storm["seconds_until_all_resumed"]
+        resumed = (
+            f"all resumed within {until:.1f} s"
+            if until >= 0
+            else f"{storm['resumed']:,} of {storm['dropped']:,} resumed"
+        )
+        lines.append(
+            f"- {r['case']}: {storm['dropped']:,} sockets dropped at once; {resumed} "
+            f"(resume p50 {storm['resume_ms']['p50']:.0f} ms, p99 {storm['resume_ms']['p99']:.0f}"
+            f" ms); {storm['reconnect_retries']:,} reconnects refused or failed first; sessions "
+            f"lost {storm['sessions_lost']}; /readyz 200 in {storm['ready_probes']} of "
+            f"{storm['probes']} probes"
+        )
+    return ("\nReconnect storm:\n\n" + "\n".join(lines) + "\n") if lines else ""
 
 
 def table(rows: list[dict]) -> str:
@@ -415,6 +538,9 @@ def main(argv: list[str]) -> int:
     if missing:
         print(f"bench: needs {', '.join(missing)} (make setup)", file=sys.stderr)
         return 2
+    if args.client != "go" and any(c.storm or c.transport == "sse" for c in cases):
+        print("bench: the storm and SSE cases need --client go", file=sys.stderr)
+        return 2
     if any(c.centrifugo for c in cases):
         if args.client != "go":
             print("bench: the Centrifugo cases need --client go", file=sys.stderr)
@@ -436,7 +562,7 @@ def main(argv: list[str]) -> int:
             row = run_case(case, args.client, ramp, hold, Path(tmp), client_cpus)
             print(f"bench: {json.dumps(row)}", file=sys.stderr)
             rows.append(row)
-    text = table(rows) if rows else ""
+    text = (table(rows) + storm_notes(rows)) if rows else ""
     if SHARDS_CASE in keys:
         seconds = float(hold)  # each (masters, pods) pair publishes for one hold
         text += (

@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from bench_centrifugo import CHANNEL_PREFIX as CENTRIFUGO_CHANNEL_PREFIX
 from pricestream.tools.feed import ticker_universe
@@ -95,6 +95,7 @@ class Measured:
     server_before: dict[str, float]
     server_after: dict[str, float]
     server_window: float
+    storm: dict[str, Any] | None = None  # the storm case: the client's "storm" report
 
 
 class BenchCase(Protocol):
@@ -102,6 +103,15 @@ class BenchCase(Protocol):
     tickers_per_session: int
     universe: int
     centrifugo: bool
+    transport: str  # grpc, ws or sse
+    storm: bool
+
+
+def go_protocol(case: BenchCase) -> str:
+    """The Go client's -protocol for a case."""
+    if case.centrifugo:
+        return "centrifugo" if case.transport == "grpc" else "centrifugo-ws"
+    return "pricestream" if case.transport == "grpc" else case.transport
 
 
 class GoClient:
@@ -120,23 +130,27 @@ class GoClient:
     def run(
         self,
         case: BenchCase,
-        grpc_port: int,
+        port: int,
         sample: Sampler,
         ramp: int,
         hold: int,
         client_cpus: str,
     ) -> Measured:
+        """``port``: the server's gRPC port, or its HTTP port for the browser cases."""
         self.build()
         command = [
             "taskset", "-c", client_cpus, str(self.binary),
-            "-target", f"127.0.0.1:{grpc_port}",
+            "-protocol", go_protocol(case),
+            "-target", f"127.0.0.1:{port}",
             "-streams", str(case.streams),
             "-tickers", ",".join(ticker_universe(case.universe)),
             "-tickers-per-session", str(case.tickers_per_session),
             "-ramp", f"{ramp}s", "-settle", "5s", "-hold", f"{hold}s",
         ]  # fmt: skip
-        if case.centrifugo:  # Centrifugo's uni-directional gRPC stream, one channel per ticker
-            command += ["-protocol", "centrifugo", "-channel-prefix", CENTRIFUGO_CHANNEL_PREFIX]
+        if case.centrifugo:  # Centrifugo's uni-directional stream or socket, a channel per ticker
+            command += ["-channel-prefix", CENTRIFUGO_CHANNEL_PREFIX]
+        if case.storm:  # a third into the hold: two thirds left to resume and be measured
+            command += ["-storm-at", f"{max(1.0, hold / 3):g}s"]
         # The receiver is the instrument: with Go's default GOGC=100 its own collections, on the
         # core it shares with Redis and the feed, added to the p99 it reports (d10k: 254 ms with
         # 100, 182 ms with 400, the server's side 147 ms in both). The same for every server.
@@ -170,6 +184,7 @@ class GoClient:
             server_before=before,
             server_after=after,
             server_window=window,
+            storm=report.get("storm"),
         )
 
 
@@ -182,25 +197,32 @@ class PythonLoadtest:
     def run(
         self,
         case: BenchCase,
-        grpc_port: int,
+        port: int,
         sample: Sampler,
         ramp: int,
         hold: int,
         client_cpus: str,
     ) -> Measured:
+        """``port``: the server's gRPC port, or its web port for ws/sse cases."""
         http_port, workdir = self._http_port, self._workdir
-        out = workdir / f"report-{case.streams}-{grpc_port}"
+        out = workdir / f"report-{case.streams}-{port}"
+        if case.transport == "grpc":
+            target = ["--target", f"127.0.0.1:{port}", "--channels", "8"]
+            leave_mix = "cancel=1,close_session=1"
+        else:
+            target = ["--transport", case.transport, "--web-target", f"127.0.0.1:{port}"]
+            leave_mix = "drop=1,delete=1"
         first, _, last = client_cpus.partition("-")
         workers = int(last or first) - int(first) + 1
         command = [
             "taskset", "-c", client_cpus, *self._pricestream, "loadtest",
-            "--target", f"127.0.0.1:{grpc_port}",
+            *target,
             "--metrics-url", f"http://127.0.0.1:{http_port}/metrics",
             "--stages", f"{ramp}s:{case.streams},{hold}s:{case.streams},5s:0",
-            "--keep-users", "--leave-mix", "cancel=1,close_session=1",
+            "--keep-users", "--leave-mix", leave_mix,
             "--tickers-per-session", str(case.tickers_per_session),
             "--universe", str(case.universe),
-            "--workers", str(workers), "--channels", "8",
+            "--workers", str(workers),
             "--leak-timeout", "60", "--out", str(out), "--quiet",
         ]  # fmt: skip
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
