@@ -103,3 +103,20 @@ async def test_watch_streams_every_readiness_change() -> None:
     reply = await health.Check(request, Context())
     assert reply.status == SERVING
     watch.cancel()
+
+
+async def test_watch_over_the_wire_hears_the_drain(own_redis: RedisProcess) -> None:
+    """A grpcio client's Watch over our HTTP/2 transport gets SERVING, then NOT_SERVING as
+    soon as the drain begins."""
+    server = Server(fast_settings(own_redis.url))
+    async with server:
+        await wait_until(lambda: server.engine.ready, 10, "ready")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            call = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+            )
+            assert (await asyncio.wait_for(call.read(), 5)).status == SERVING
+            drain = asyncio.create_task(server.drain())
+            assert (await asyncio.wait_for(call.read(), 2)).status == NOT_SERVING
+            call.cancel()
+            await drain
