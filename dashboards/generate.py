@@ -13,11 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dashboards import overview
+from dashboards import overview, slo
 
 OUT = Path(__file__).resolve().parents[1] / "deploy/helm/pricestream/files/dashboards"
 DASHBOARDS: dict[str, Callable[[], dict[str, Any]]] = {
     "pricestream-overview.json": overview.build,
+    "pricestream-slo.json": slo.build,
 }
 
 

@@ -82,7 +82,9 @@ def drift(resource: str, closes_labelled: bool = False) -> Dataquery:
 
 def latency_quantile(q: float) -> Dataquery:
     buckets = f"sum by (le) (rate(pricestream_delivery_latency_seconds_bucket{{{SEL}}}[{RATE}]))"
-    return query(f"histogram_quantile({q}, {buckets})", f"p{round(q * 100)}")
+    # Exemplars (OpenMetrics, trace ids of sampled deliveries) shown on the panel: with the
+    # datasource's exemplar link to the tracing backend, a dot opens its trace (docs/slo.md).
+    return query(f"histogram_quantile({q}, {buckets})", f"p{round(q * 100)}").exemplar(True)
 
 
 def dashboard() -> model.Dashboard:
@@ -325,7 +327,8 @@ def dashboard() -> model.Dashboard:
             "Delivery latency (publish to stream)",
             "s",
             [latency_quantile(0.5), latency_quantile(0.95), latency_quantile(0.99)],
-            "pricestream_delivery_latency_seconds quantiles; includes the flush interval.",
+            "pricestream_delivery_latency_seconds quantiles; includes the flush interval. The "
+            "dots are exemplars: a sampled delivery each, linked to its trace.",
         ),
         8,
         8,

@@ -17,7 +17,7 @@ from grafana_foundation_sdk.models import dashboard as model
 from metric_names import PROMETHEUS_SERIES, exported_names, referenced_names
 from pricestream.api.server import Server
 
-from dashboards import generate, overview, style
+from dashboards import generate, overview, slo, style
 from dashboards.grafana import promql_queries, to_json
 
 
@@ -291,3 +291,34 @@ def test_house_style_gauge() -> None:
     assert (defaults["unit"], defaults["min"], defaults["max"]) == ("percentunit", 0, 1)
     assert [t["refId"] for t in panel["targets"]] == ["A"]
     assert colour_at(panel, 0.2) == "green" and colour_at(panel, 0.7) == "red"
+
+
+def test_slo_dashboard_shows_each_objective_its_budget_and_the_alert_thresholds() -> None:
+    """A row per SLO of deploy/slo/slos.yaml: objective, SLI and budget left over the period,
+    and the burn rate over every alert window with each alert's burn rate drawn as a line."""
+    description = slo.spec()
+    board = slo.build()
+    assert board["uid"] == "pricestream-slo" and board["schemaVersion"] == 41
+    rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
+    assert rows == [f"{s['title']} ({s['name']})" for s in description["slos"]]
+    burns = sorted({float(a["burn"]) for a in description["alerts"]})
+    for row, panel in rows_of_panels(board):
+        assert panel["fieldConfig"]["defaults"]["unit"], panel["title"]
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        name = row.rsplit("(", 1)[1].rstrip(")")
+        assert all(f'slo="{name}"' in e for e in exprs(panel)), panel["title"]
+        if panel["type"] == "timeseries":
+            defaults = panel["fieldConfig"]["defaults"]
+            steps = [s["value"] for s in defaults["thresholds"]["steps"][1:]]
+            assert steps == burns
+            assert defaults["custom"]["thresholdsStyle"]["mode"] == "dashed"
+            windows = {e.split("ratio_rate")[1].split("{")[0] for e in exprs(panel)}
+            assert windows == {w for a in description["alerts"] for w in (a["long"], a["short"])}
+    assert len(of_type("stat")) >= 1
+    budget = [p for _, p in rows_of_panels(board) if p["title"] == "Error budget left"]
+    assert len(budget) == len(description["slos"])
+
+
+def test_latency_panel_shows_exemplars() -> None:
+    (panel,) = [p for p in panels(overview.build()) if p["title"].startswith("Delivery latency")]
+    assert all(t.get("exemplar") for t in panel["targets"])
