@@ -123,8 +123,9 @@ def rules(spec: dict[str, Any]) -> dict[str, Any]:
             }
         )
         for alert in spec["alerts"]:
-            long_ratio = f'{RATIO.format(window=alert["long"])}{{slo="{name}"}}'
-            short_ratio = f'{RATIO.format(window=alert["short"])}{{slo="{name}"}}'
+            # The release's own series only: another release's PrometheusRule alerts on its own.
+            long_ratio = f'{RATIO.format(window=alert["long"])}{{${{selector}},slo="{name}"}}'
+            short_ratio = f'{RATIO.format(window=alert["short"])}{{${{selector}},slo="{name}"}}'
             bound = threshold(alert, slo)
             alerting.append(
                 {
