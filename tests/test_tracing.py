@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import AsyncIterator
 
 import grpc
@@ -137,3 +138,50 @@ async def test_json_logs_carry_trace_ids_and_never_the_password(
     text = (tmp_path / "serve.log").read_text()
     assert password not in text
     assert "redis://:***@127.0.0.1" in text  # the URL is logged, redacted
+
+
+EXEMPLAR = re.compile(
+    r'^pricestream_delivery_latency_seconds_bucket\{le="([^"]+)"\} \S+ '
+    r'# \{trace_id="([0-9a-f]{32})"\} (\S+) (\S+)$'
+)
+
+
+async def test_latency_exemplars_carry_trace_ids_the_receiver_got(receiver, redis, monkeypatch):
+    """The OpenMetrics exposition (what Prometheus with exemplar storage asks for) has
+    exemplars on the delivery-latency buckets: each a trace id of a `pricestream.delivery`
+    span that reached the OTLP receiver, its value within its bucket; the plain text format
+    has none."""
+    servicer, port = receiver
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    market = Market(redis.url, ["AAPL", "MSFT"])
+    async with ready_server(fast_settings(redis.url)) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = PriceStreamServiceStub(channel)
+            session = await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL", "MSFT"]))
+            call = stub.StreamPriceUpdates(
+                pb.StreamPriceUpdatesRequest(session_id=session.session_id)
+            )
+            for _ in range(5):
+                await market.tick("AAPL", "MSFT")
+                await next_batch(call)
+            body, content_type = server.engine.metrics.exposition_for(
+                "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"
+            )
+            plain, plain_type = server.engine.metrics.exposition_for("text/plain")
+            call.cancel()
+    await market.aclose()
+    assert content_type.startswith("application/openmetrics-text")
+    assert plain_type.startswith("text/plain") and b"trace_id" not in plain
+    exemplars = [m.groups() for m in map(EXEMPLAR.match, body.decode().splitlines()) if m]
+    assert exemplars, body.decode()[-3000:]
+    bounds = [float(le) for le, *_ in exemplars]
+    for le, _, value, _ in exemplars:
+        assert float(value) <= float(le)
+    assert len(set(bounds)) == len(bounds)  # one exemplar per bucket
+    for _ in range(50):
+        delivered = {s.trace_id.hex() for s in servicer.spans if s.name == "pricestream.delivery"}
+        if delivered:
+            break
+        await asyncio.sleep(0.1)
+    assert {trace_id for _, trace_id, _, _ in exemplars} <= delivered
