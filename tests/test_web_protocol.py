@@ -212,6 +212,26 @@ async def test_pipelined_requests_are_answered_in_order(harnesses):
     assert h.transport.reading  # paused while the pipelined requests waited, resumed after
 
 
+async def test_reading_pauses_while_a_handler_runs(harnesses):
+    """One request at a time: what a client sends while its request is being answered waits
+    in the kernel, not in an unbounded buffer of ours."""
+    answer = asyncio.Event()
+
+    async def slow(request: Request, exchange: WebConnection) -> None:
+        await answer.wait()
+        exchange.respond(Response.empty(204))
+
+    h = Harness(slow)
+    harnesses.append(h)
+    h.feed(get("/slow"))
+    await settle()
+    assert h.transport.reading is False
+    answer.set()
+    await settle()
+    [(status, _, _)] = parse_responses(h.new_bytes())
+    assert status == 204 and h.transport.reading is True
+
+
 async def test_a_post_body_reaches_the_application(harnesses):
     h = Harness(echo_path)
     harnesses.append(h)

@@ -255,6 +255,12 @@ class WebConnection(asyncio.Protocol):
         task = asyncio.get_running_loop().create_task(coroutine)
         self._task = task
         task.add_done_callback(self._task_done)
+        # One request at a time: nothing more is read while its handler runs (h11 would
+        # buffer whatever the client sends meanwhile, without a bound). Reading resumes
+        # with the answer, or when the connection becomes a stream.
+        if not self._reading_paused and self.transport is not None:
+            self.transport.pause_reading()
+            self._reading_paused = True
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if self._task is task:
