@@ -1,5 +1,6 @@
 """The benchmark's own tools, run for real: the Go load client (bench/loadclient) against a
-real `pricestream serve`, against the bare grpc.aio floor server and against Centrifugo fed
+real `pricestream serve` (gRPC, and the browser path: REST + WebSocket or SSE), against the bare
+grpc.aio floor server and against Centrifugo (uni-directional gRPC and uni_websocket) fed
 through Redis in its own broker's format (scripts/bench_feed.py), and their error paths."""
 
 from __future__ import annotations
@@ -56,13 +57,24 @@ def wait_listening(port: int, timeout: float = 20) -> None:
 
 
 @pytest.mark.parametrize("module", [LOADCLIENT, GRPCWIRE, GRPCGO], ids=lambda p: p.name)
-def test_go_sources_are_formatted_and_vetted(module: Path) -> None:
+def test_go_sources_are_formatted_vetted_and_build(module: Path) -> None:
+    """Every Go file of the module: the load client's gRPC modes (main.go, centrifugo.go) and its
+    browser modes (web.go: ws and sse; centrifugo_ws.go: centrifugo-ws) alike."""
     go = require_binary("go")
     unformatted = subprocess.run(
         ["gofmt", "-l", "."], cwd=module, capture_output=True, text=True, check=True
     )
     assert unformatted.stdout == ""
     subprocess.run([go, "vet", "./..."], cwd=module, check=True)
+    subprocess.run([go, "build", "./..."], cwd=module, check=True)
+
+
+def test_loadclient_has_every_mode_and_a_kept_websocket_library() -> None:
+    sources = {p.name: p.read_text() for p in LOADCLIENT.glob("*.go")}
+    assert {"web.go", "centrifugo_ws.go"} <= set(sources)
+    assert '"pricestream", "centrifugo", "ws", "sse", "centrifugo-ws"' in sources["main.go"]
+    go_mod = (LOADCLIENT / "go.mod").read_text()
+    assert "github.com/coder/websocket v1." in go_mod
 
 
 def test_grpcwire_lean_readers_and_full_decoders_agree() -> None:
@@ -197,11 +209,178 @@ def test_loadclient_receives_centrifugo_publications_fed_through_redis(
         log.close()
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("protocol", ["ws", "sse"])
+def test_loadclient_browser_modes_against_a_real_server(
+    loadclient: Path, own_redis: RedisProcess, tmp_path: Path, protocol: str
+) -> None:
+    """-protocol ws / sse: 20 sessions created over REST, streamed over a WebSocket or SSE,
+    frames read and their publishedAtUnixNanos measured; every user leaves its way and the
+    server's books balance."""
+    feed = start_feed(own_redis.url, tickers=40, rate=800)
+    server = ServeProcess(fast_env(own_redis.url), tmp_path / "serve.log")
+    try:
+        report = run_client(
+            loadclient, f"127.0.0.1:{server.web_port}", "-protocol", protocol,
+            "-streams", "20", "-tickers", ",".join(ticker_universe(40)),
+            "-tickers-per-session", "4",
+            "-ramp", "1s", "-settle", "1s", "-hold", "3s",
+        )  # fmt: skip
+        assert report["errors"] == {}
+        assert report["streams_at_hold_start"] == report["streams_at_hold_end"] == 20
+        assert report["snapshots"] == 20  # one per stream, never counted as deliveries
+        # 800 updates/s over 40 tickers, 4 per session: ~80 per socket per second, coalesced to
+        # at most 4 per 50 ms flush
+        assert report["updates_per_second"] > 20 * 20
+        assert report["updates"] >= report["batches"] > 0
+        latency = report["delivery_latency_ms"]
+        assert 0 < latency["p50"] <= latency["p99"] <= latency["max"] < 2000
+        if protocol == "ws":  # index % 3: DELETE, close frame, dropped connection
+            left = (report["left_by_close_session"], report["left_by_close_frame"])
+            assert (*left, report["left_by_cancel"]) == (7, 7, 6)
+        else:  # index % 2: DELETE, dropped connection
+            assert (report["left_by_close_session"], report["left_by_cancel"]) == (10, 10)
+        values = asyncio.run(wait_invariant(server.http_port, timeout=15))
+        assert values["pricestream_sessions_opened_total"] == 20
+        assert values[f"pricestream_{protocol}_connections_opened_total"] == 20
+    finally:
+        server.stop()
+        feed.kill()
+        feed.wait()
+
+
+@pytest.mark.timeout(120)
+def test_loadclient_storm_drops_every_socket_and_each_resumes_its_session(
+    loadclient: Path, own_redis: RedisProcess, tmp_path: Path
+) -> None:
+    """-storm-at: every WebSocket dropped at once (1006 on the server), each reconnecting to its
+    own session with jittered backoff; none lost, and the report says when all were back."""
+    feed = start_feed(own_redis.url, tickers=40, rate=800)
+    server = ServeProcess(fast_env(own_redis.url), tmp_path / "serve.log")
+    try:
+        report = run_client(
+            loadclient, f"127.0.0.1:{server.web_port}", "-protocol", "ws",
+            "-streams", "20", "-tickers", ",".join(ticker_universe(40)),
+            "-tickers-per-session", "4",
+            "-ramp", "1s", "-settle", "1s", "-hold", "4s", "-storm-at", "1s",
+        )  # fmt: skip
+        assert report["errors"] == {}
+        storm = report["storm"]
+        assert storm["dropped"] == storm["resumed"] == 20 and storm["sessions_lost"] == 0
+        assert 0 < storm["seconds_until_all_resumed"] < 3
+        assert report["streams_at_hold_end"] == 20
+        assert report["snapshots"] == 40  # a fresh snapshot on each reconnect
+        values = asyncio.run(wait_invariant(server.http_port, timeout=15))
+        # 20 sockets, then 20 more on the same sessions (the server counts a resumed session
+        # as opened again on the pod that resumes it; no 4004 said none was lost)
+        assert values["pricestream_ws_connections_opened_total"] == 40
+    finally:
+        server.stop()
+        feed.kill()
+        feed.wait()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("join", [False, True], ids=["pushes", "joined"])
+def test_loadclient_receives_centrifugo_uni_websocket_pushes(
+    loadclient: Path, own_redis: RedisProcess, tmp_path: Path, join: bool
+) -> None:
+    """Centrifugo's uni_websocket (with and without join_push_messages) fed the updates' JSON
+    through Redis (bench_feed.py --format centrifugo-json): 20 sockets get every tick of their
+    channels, latency read from publishedAtUnixNanos."""
+    binary = require_binary("centrifugo", ROOT / Path(bench_centrifugo.CENTRIFUGO_BIN).parent)
+    grpc_port, http_port = free_port(), free_port()
+    config = bench_centrifugo.write_config(
+        tmp_path / "centrifugo.json",
+        redis_port=own_redis.port, grpc_port=grpc_port, http_port=http_port,
+        prefix="pstest", log_level="info", join_push_messages=join,
+    )  # fmt: skip
+    log = (tmp_path / "centrifugo.log").open("wb")
+    centrifugo = subprocess.Popen(
+        bench_centrifugo.command(Path(binary), config), stdout=log, stderr=subprocess.STDOUT
+    )
+    feed = None
+    try:
+        wait_http_ok(f"http://127.0.0.1:{http_port}/health")
+        feed = subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts/bench_feed.py"), "--format", "centrifugo-json",
+             "--redis-url", own_redis.url, "--prefix", "pstest",
+             "--channel-prefix", bench_centrifugo.CHANNEL_PREFIX,
+             "--tickers", "10", "--rate", "200"],
+            stderr=(tmp_path / "feed.log").open("wb"),
+        )  # fmt: skip
+        report = run_client(
+            loadclient, f"127.0.0.1:{http_port}", "-protocol", "centrifugo-ws",
+            "-channel-prefix", bench_centrifugo.CHANNEL_PREFIX,
+            "-streams", "20", "-tickers", ",".join(ticker_universe(10)),
+            "-tickers-per-session", "3",
+            "-ramp", "1s", "-settle", "1s", "-hold", "3s",
+        )  # fmt: skip
+        log.flush()
+        assert report["errors"] == {}, (tmp_path / "centrifugo.log").read_text()[-2000:]
+        assert report["streams_at_hold_start"] == report["streams_at_hold_end"] == 20
+        assert report["left_by_cancel"] == 20
+        # 10 tickers at 20 Hz, 3 channels per socket: ~60 pushes per socket per second
+        assert 20 * 60 * 0.6 < report["updates_per_second"] < 20 * 60 * 1.2
+        if join:
+            assert report["batches"] <= report["updates"]
+        else:
+            assert report["batches"] == report["updates"]  # one push per frame
+        latency = report["delivery_latency_ms"]
+        assert 0 < latency["p50"] <= latency["p99"] <= latency["max"] < 2000
+        assert feed.poll() is None, "the feed stopped"
+    finally:
+        if feed is not None:
+            feed.terminate()
+            feed.wait(timeout=10)
+        centrifugo.terminate()
+        centrifugo.wait(timeout=15)
+        log.close()
+
+
+def test_bench_has_the_browser_cases_beside_centrifugo() -> None:
+    """Issue 27's cases: a browser row compares with the cheapest Centrifugo uni_websocket row
+    of its workload, never with a gRPC one, and the storm row with nothing."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    cases = bench.CASES
+    assert {"w5k", "cw5k", "cw5kj", "w10k", "wstorm"} <= set(bench.DEFAULT_CASES.split(","))
+    assert cases["w5k"].workload == cases["cw5k"].workload == cases["cw5kj"].workload
+    assert cases["w5k"].workload != cases["d100"].workload != cases["wstorm"].workload
+    assert cases["cw5kj"].join_push and not cases["cw5k"].join_push
+    assert cases["w10k"].flush == 0.25 and cases["w10k"].streams == 10_000
+    rows = [
+        {"server": "centrifugo", "workload": ["w"], "cpu_us_per_update": 10.0},
+        {"server": "centrifugo", "workload": ["w"], "cpu_us_per_update": 8.0},
+        {"server": "centrifugo", "workload": ["g"], "cpu_us_per_update": 2.0},
+    ]
+    assert bench.centrifugo_ratio({"workload": ["w"], "cpu_us_per_update": 4.0}, rows) == "0.50x"
+    assert bench.centrifugo_ratio({"workload": ["s"], "cpu_us_per_update": 4.0}, rows) == "n/a"
+    config = bench.bench_centrifugo.centrifugo_config(
+        redis_port=1, grpc_port=2, http_port=3, prefix="p", join_push_messages=True
+    )
+    assert config["uni_websocket"] == {"enabled": True, "join_push_messages": True}
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         ([], "loadclient: -tickers is required"),
-        (["-protocol", "mqtt", "-tickers", "A"], "-protocol must be pricestream or centrifugo"),
+        (
+            ["-protocol", "mqtt", "-tickers", "A"],
+            "-protocol must be one of pricestream, centrifugo, ws, sse, centrifugo-ws",
+        ),
+        (
+            ["-protocol", "sse", "-tickers", "A", "-tickers-per-session", "1", "-storm-at", "1s"],
+            "-storm-at needs -protocol ws and must fall within -hold",
+        ),
+        (
+            ["-protocol", "ws", "-tickers", "A", "-tickers-per-session", "1", "-storm-at", "1m"],
+            "-storm-at needs -protocol ws and must fall within -hold",
+        ),
         (["-tickers", "A,B", "-tickers-per-session", "3"], "-tickers-per-session must be 1..2"),
         (
             ["-tickers", "A", "-tickers-per-session", "1", "-streams", "0"],
