@@ -31,7 +31,7 @@ import h2.events
 import h2.settings
 from google.protobuf.message import Message
 from h2.errors import ErrorCodes
-from hyperframe.frame import Frame
+from hyperframe.frame import Frame, GoAwayFrame
 
 Headers = list[tuple[str, str]]
 
@@ -152,6 +152,24 @@ class GoAway:
     additional_data: bytes | None
 
 
+class _ClientH2(h2.connection.H2Connection):
+    """h2's client connection; with ``stay_open_after_goaway`` a received GOAWAY leaves its
+    state machine open. h2 moves to CLOSED on any GOAWAY, and then refuses to send (PING,
+    WINDOW_UPDATE, new streams) and to receive (DATA on streams still open) anything, though
+    RFC 9113 section 6.8 has streams up to the last-stream-id go on after a GOAWAY."""
+
+    stay_open_after_goaway = False
+
+    def _receive_goaway_frame(
+        self, frame: GoAwayFrame
+    ) -> tuple[list[Frame], list[h2.events.Event]]:
+        state = self.state_machine.state
+        frames, events = super()._receive_goaway_frame(frame)
+        if self.stay_open_after_goaway:
+            self.state_machine.state = state
+        return frames, events
+
+
 class H2Client:
     """One HTTP/2 client connection. Every `send_*` writes at once; `read_events` and `until`
     read, feed `h2`, record per-stream results and write whatever `h2` owes (ACKs)."""
@@ -164,6 +182,7 @@ class H2Client:
         authority: str,
         scheme: str,
         auto_ack_data: bool,
+        stay_open_after_goaway: bool = False,
     ) -> None:
         self.reader = reader
         self.writer = writer
@@ -171,7 +190,8 @@ class H2Client:
         self.scheme = scheme
         self.auto_ack_data = auto_ack_data
         config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
-        self.conn = h2.connection.H2Connection(config=config)
+        self.conn = _ClientH2(config=config)
+        self.conn.stay_open_after_goaway = stay_open_after_goaway
         self.streams: dict[int, StreamResult] = {}
         self.events: list[h2.events.Event] = []
         self.ping_acks: list[bytes] = []
@@ -190,12 +210,16 @@ class H2Client:
         tls: ssl.SSLContext | None = None,
         preface: bool = True,
         auto_ack_data: bool = True,
+        stay_open_after_goaway: bool = False,
         timeout: float = 5.0,
     ) -> H2Client:
         """Open a connection. `settings` go in a SETTINGS frame right after the preface (e.g.
         {SettingCodes.INITIAL_WINDOW_SIZE: 0}); `tls` must offer ALPN "h2"; `preface=False` sends
         nothing, for `send_raw` of something that is not HTTP/2; `auto_ack_data=False` never
-        returns flow-control credit, so the server's windows run dry (a slow reader)."""
+        returns flow-control credit, so the server's windows run dry (a slow reader);
+        `stay_open_after_goaway=True` keeps the connection usable after the server's GOAWAY (its
+        open streams go on, PING, WINDOW_UPDATE and new streams can still be sent), as RFC 9113
+        section 6.8 allows and h2 alone would not (see `_ClientH2`)."""
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(host, port, ssl=tls, limit=READ_SIZE), timeout
         )
@@ -205,6 +229,7 @@ class H2Client:
             authority=f"{host}:{port}",
             scheme="https" if tls else "http",
             auto_ack_data=auto_ack_data,
+            stay_open_after_goaway=stay_open_after_goaway,
         )
         if preface:
             client.conn.initiate_connection()

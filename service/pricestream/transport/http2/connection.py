@@ -60,6 +60,7 @@ _HTTP1_ANSWER = (
     b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(_HTTP1_BODY) + _HTTP1_BODY
 )
 _KEEPALIVE_PING = b"keepaliv"
+_AFTER_GRACE = 1.0  # seconds calls get to end once told to, before the connection is closed
 
 
 class _ServerH2(ServerH2):
@@ -354,6 +355,9 @@ class Connection(asyncio.Protocol):
             return
         stream = ResponseStream(self, h2_stream)  # type: ignore[arg-type]  # see ServerH2
         if self.goaway_sent:
+            # Opened after our GOAWAY (its id is above the GOAWAY's last-stream-id) or the
+            # client's: refused, not ignored, so the client knows at once that it was not
+            # processed and may retry it elsewhere (RFC 9113 section 8.7).
             stream.reset(ErrorCodes.REFUSED_STREAM)
             return
         calls = len(self.calls)
@@ -417,10 +421,22 @@ class Connection(asyncio.Protocol):
     # --- ending -------------------------------------------------------------------------
 
     def go_away(self, error_code: ErrorCodes, reason: bytes = b"") -> None:
-        """Stop taking new calls; an error code also ends the connection at once."""
+        """Stop taking new calls; an error code also ends the connection at once.
+
+        GOAWAY(NO_ERROR) is graceful: the calls already on the connection go on, the client's
+        frames on them (DATA, WINDOW_UPDATE, PING) are processed as before, streams it opens
+        from now on are refused, and the connection closes once no call is left. h2 would
+        close its connection state as it sends a GOAWAY (then every later frame of the
+        client's is a ProtocolError), so this one is written past its state machine.
+        """
         if self.closed:
             return
-        if not self.goaway_sent or error_code != ErrorCodes.NO_ERROR:
+        if error_code == ErrorCodes.NO_ERROR:
+            if not self.goaway_sent:
+                self.goaway_sent = True
+                self.h2.graceful_goaway(reason)
+                self.h2_output()
+        else:
             self.goaway_sent = True
             with contextlib.suppress(ProtocolError):
                 self.h2.close_connection(error_code=error_code, additional_data=reason or None)
@@ -495,6 +511,11 @@ class Connection(asyncio.Protocol):
             "connection reached its maximum age; resume the session on another server",
             "max_connection_age",
         )
+        if not self.closed:
+            # Calls end in a later turn (their handlers see the cancellation); the connection
+            # closes as the last one does (call_finished). One that does not end in time (its
+            # trailers behind DATA a client never makes room for) is cut off with the socket.
+            self._age_timer = self._loop.call_later(_AFTER_GRACE, self.close)
 
 
 def _peer_string(peername: object) -> str:

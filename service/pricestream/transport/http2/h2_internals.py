@@ -43,6 +43,23 @@ What is touched, and why:
     would have it buffer 16 MiB first. ``pending_frame_length`` reads the next frame's length
     from the buffer so the connection can refuse it at its header.
 
+``H2Connection.state_machine`` left out of a graceful GOAWAY: ``_prepare_for_sending(frames)``
+    h2's ``close_connection`` moves its connection state machine to CLOSED as it queues the
+    GOAWAY; from then on every frame the client sends (WINDOW_UPDATE, PING, DATA on the streams
+    the GOAWAY lets finish) and every frame we send (trailers) is a ProtocolError, though
+    RFC 9113 section 6.8 has the sender go on processing streams up to the last-stream-id.
+    ``ServerH2.graceful_goaway`` queues GOAWAY(NO_ERROR) through ``_prepare_for_sending``, the
+    one place h2 queues its own frames (so it goes out in order with h2's output, HPACK state
+    untouched), without the state machine (read only to send nothing once h2 has closed),
+    and records its last-stream-id; new streams above it are refused by the connection, not
+    by h2.
+
+``H2Connection._terminate_connection(error_code)`` and ``close_connection``'s default
+``last_stream_id``
+    Both send GOAWAY with ``highest_inbound_stream_id``, which after a graceful GOAWAY may be
+    the id of a stream we refused since. RFC 9113 section 6.8: the last-stream-id of a later
+    GOAWAY must not increase. ``ServerH2`` overrides both to send the recorded one then.
+
 Public attributes used in a way h2 does not document, kept here for the record:
 ``H2Connection.outbound_flow_control_window`` is decremented by flow.py for the DATA frames it
 writes itself (h2 checks WINDOW_UPDATE overflow against it).
@@ -52,10 +69,11 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from h2.connection import H2Connection
+from h2.connection import ConnectionInputs, ConnectionState, H2Connection
+from h2.errors import ErrorCodes
 from h2.events import Event
 from h2.stream import H2Stream, StreamClosedBy
-from hyperframe.frame import DataFrame, Frame, HeadersFrame, RstStreamFrame
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 H2_VERSION_CHECKED = "4.4.1"
 
@@ -113,6 +131,8 @@ class ServerH2(H2Connection):
     """h2's server connection with the uses of its internals listed in the module docstring."""
 
     _ignoring = 0  # the stream id of a frame being ignored (see _receive_frame), or 0
+    # The last-stream-id of the graceful GOAWAY sent (see graceful_goaway), or None.
+    goaway_last_stream_id: int | None = None
 
     def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> OwnWindowStream:
         # Every stream h2 opens becomes an OwnWindowStream (the same layout: a subclass that
@@ -173,3 +193,48 @@ class ServerH2(H2Connection):
         if len(pending) < 9:
             return None
         return int.from_bytes(pending[:3])
+
+    def graceful_goaway(self, additional_data: bytes = b"") -> int | None:
+        """Queue GOAWAY(NO_ERROR) and leave h2's connection open, so the streams up to the
+        GOAWAY's last-stream-id go on (RFC 9113 section 6.8); that id, the same on every call.
+        Nothing (None) once h2's connection is closed (a GOAWAY sent or received through it).
+
+        h2 knows nothing of it: refusing the streams the client opens above that id is the
+        caller's part (``goaway_last_stream_id``).
+        """
+        if self.state_machine.state == ConnectionState.CLOSED:
+            return None
+        last = self.goaway_last_stream_id
+        if last is None:
+            last = self.goaway_last_stream_id = self.highest_inbound_stream_id
+        frame = GoAwayFrame(
+            stream_id=0,
+            last_stream_id=last,
+            error_code=ErrorCodes.NO_ERROR,
+            additional_data=additional_data,
+        )
+        self._prepare_for_sending([frame])
+        return last
+
+    def close_connection(
+        self,
+        error_code: ErrorCodes | int = 0,
+        additional_data: bytes | None = None,
+        last_stream_id: int | None = None,
+    ) -> None:
+        if last_stream_id is None:
+            last_stream_id = self.goaway_last_stream_id  # None: h2's own default
+        super().close_connection(error_code, additional_data, last_stream_id)
+
+    def _terminate_connection(self, error_code: ErrorCodes) -> None:
+        # h2's GOAWAY on a connection error (its code, as h2 writes it), with our graceful
+        # GOAWAY's last-stream-id if one was sent: a later GOAWAY must not raise it.
+        last = self.goaway_last_stream_id
+        if last is None:
+            super()._terminate_connection(error_code)
+            return
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = last
+        frame.error_code = error_code
+        self.state_machine.process_input(ConnectionInputs.SEND_GOAWAY)
+        self._prepare_for_sending([frame])
