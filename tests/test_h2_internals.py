@@ -14,12 +14,28 @@ from pathlib import Path
 
 import pytest
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
-from h2.events import Event, RequestReceived, StreamReset, WindowUpdated
+from h2.events import (
+    DataReceived,
+    Event,
+    PingReceived,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 from h2.stream import H2Stream, StreamClosedBy
-from hyperframe.frame import DataFrame, Frame, RstStreamFrame
+from hyperframe.frame import (
+    DataFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    RstStreamFrame,
+)
 from pricestream.transport.http2.h2_internals import (
     H2_VERSION_CHECKED,
     OwnWindowStream,
@@ -268,3 +284,94 @@ def test_data_on_a_stream_closed_by_end_stream_still_gets_stream_closed() -> Non
     pair.server.receive_data(DataFrame(stream_id, b"late").serialize())
     resets = [f for f in sent_frames(pair.server.data_to_send()) if isinstance(f, RstStreamFrame)]
     assert [(f.stream_id, f.error_code) for f in resets] == [(stream_id, ErrorCodes.STREAM_CLOSED)]
+
+
+# --- the graceful GOAWAY ---------------------------------------------------------------------
+
+
+def test_goaway_internals_signatures() -> None:
+    for name, wanted in (
+        ("close_connection", ["self", "error_code", "additional_data", "last_stream_id"]),
+        ("_terminate_connection", ["self", "error_code"]),
+    ):
+        method = getattr(H2Connection, name, None)
+        assert method is not None, f"{CHANGED} H2Connection.{name} is gone"
+        assert parameters(method) == wanted, (
+            f"{CHANGED} H2Connection.{name}{inspect.signature(method)}"
+        )
+    source = inspect.getsource(H2Connection.receive_data)
+    assert "_terminate_connection" in source, (
+        f"{CHANGED} h2 no longer sends its connection-error GOAWAY through _terminate_connection"
+    )
+    conn = H2Connection()
+    assert conn.state_machine.state == ConnectionState.IDLE, (
+        f"{CHANGED} H2Connection.state_machine.state (ConnectionState) is gone"
+    )
+    # What ServerH2.graceful_goaway works around: h2 closes its connection as it sends GOAWAY.
+    # If this fails, h2 no longer does: graceful_goaway may then go through close_connection.
+    conn.initiate_connection()
+    conn.close_connection()
+    assert conn.state_machine.state == ConnectionState.CLOSED, (
+        f"{CHANGED} h2 no longer closes its connection state when it sends GOAWAY"
+    )
+
+
+def test_graceful_goaway_leaves_h2_open_for_the_streams_below_it() -> None:
+    """RFC 9113 §6.8: after our GOAWAY the client's PING, WINDOW_UPDATE and DATA on a stream up
+    to its last-stream-id are processed, and we still send on that stream (HPACK in step)."""
+    pair = Pair()
+    stream_id = pair.open()
+    pair.server.data_to_send()
+    assert pair.server.graceful_goaway(b"max_age") == stream_id
+    frames = sent_frames(pair.server.data_to_send())
+    assert [type(f) for f in frames] == [GoAwayFrame]
+    assert (frames[0].last_stream_id, frames[0].error_code, frames[0].additional_data) == (
+        stream_id,
+        ErrorCodes.NO_ERROR,
+        b"max_age",
+    )
+    assert pair.server.state_machine.state != ConnectionState.CLOSED
+    assert pair.server.graceful_goaway() == stream_id  # once recorded, the same id
+    pair.server.data_to_send()
+    # Frames the client sent before it read the GOAWAY (h2 closes on receiving one too).
+    pair.client.ping(b"pingpong")
+    pair.client.increment_flow_control_window(1024)
+    pair.client.send_data(stream_id, b"x" * 100, end_stream=True)
+    try:
+        events = pair.to_server()
+    except ProtocolError as exc:
+        raise AssertionError(f"{CHANGED} a frame after graceful_goaway is an error") from exc
+    kinds = {type(e) for e in events}
+    assert {PingReceived, WindowUpdated, DataReceived, StreamEnded} <= kinds, kinds
+    pair.server.acknowledge_received_data(100, stream_id)
+    pair.server.send_headers(stream_id, [(b":status", b"200")])
+    pair.server.send_headers(stream_id, [(b"grpc-status", b"14")], end_stream=True)
+    answer = sent_frames(pair.server.data_to_send())
+    assert [f for f in answer if isinstance(f, PingFrame) and "ACK" in f.flags]
+    assert len([f for f in answer if isinstance(f, HeadersFrame)]) == 2
+    pair.client.receive_data(b"".join(f.serialize() for f in answer))  # HPACK in step
+    # A stream opened above the last-stream-id reaches us as a request: refusing it is ours.
+    assert pair.open() > stream_id
+
+
+def test_a_later_goaway_keeps_the_graceful_last_stream_id() -> None:
+    """RFC 9113 §6.8: a later GOAWAY (ours, or h2's on a connection error) never raises the
+    last-stream-id, though streams were opened (and refused) above it since."""
+    for how in ("close_connection", "connection error"):
+        pair = Pair()
+        stream_id = pair.open()
+        pair.server.graceful_goaway()
+        pair.open()
+        pair.server.data_to_send()
+        if how == "close_connection":
+            pair.server.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+        else:
+            with pytest.raises(ProtocolError):  # a PING of 1 byte: a connection error
+                pair.server.receive_data(b"\x00\x00\x01\x06\x00\x00\x00\x00\x00\x00")
+        goaways = [f for f in sent_frames(pair.server.data_to_send()) if isinstance(f, GoAwayFrame)]
+        assert [f.last_stream_id for f in goaways] == [stream_id], (
+            f"{CHANGED} a later GOAWAY ({how}) no longer takes ServerH2's last-stream-id"
+        )
+        assert goaways[0].error_code != ErrorCodes.NO_ERROR
+        assert pair.server.state_machine.state == ConnectionState.CLOSED
+        assert pair.server.graceful_goaway() is None  # closed: nothing more to send
