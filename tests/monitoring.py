@@ -97,18 +97,25 @@ class Prometheus(Daemon):
         workdir: Path,
         targets: dict[str, str],
         labels: dict[str, str],
-        rules: str,
-        alertmanager: str,
+        rules: str | None = None,
+        alertmanager: str | None = None,
     ) -> None:
-        """`targets`: pod name -> host:port of its /metrics; `labels` added to every target."""
+        """`targets`: pod name -> host:port of its /metrics; `labels` added to every target.
+        Exemplar storage is on: a scrape asks for OpenMetrics and keeps its exemplars."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        rules_path = workdir / "pricestream.rules.yaml"
-        rules_path.write_text(rules)
-        config = {
+        config: dict[str, Any] = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(rules_path)],
-            "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]},
+        }
+        if rules is not None:
+            rules_path = workdir / "pricestream.rules.yaml"
+            rules_path.write_text(rules)
+            config["rule_files"] = [str(rules_path)]
+        if alertmanager is not None:
+            config["alerting"] = {
+                "alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]
+            }
+        config |= {
             "scrape_configs": [
                 {
                     "job_name": "pricestream",
@@ -129,6 +136,7 @@ class Prometheus(Daemon):
             f"--web.listen-address=127.0.0.1:{self.port}",
             "--rules.alert.for-grace-period=1s",
             "--rules.alert.resend-delay=1s",
+            "--enable-feature=exemplar-storage",
         ]
         super().__init__(command, workdir, f"{self.url}/-/ready")
 
@@ -138,6 +146,14 @@ class Prometheus(Daemon):
         body = _get_json(url)
         assert body["status"] == "success", body
         return body["data"]["result"]
+
+    def exemplars(self, expr: str, start: float, end: float) -> list[dict[str, Any]]:
+        """`/api/v1/query_exemplars`: per series, {"seriesLabels", "exemplars": [{"labels",
+        "value", "timestamp"}]} of the exemplars stored between `start` and `end` (Unix s)."""
+        query = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}"}
+        body = _get_json(f"{self.url}/api/v1/query_exemplars?" + urllib.parse.urlencode(query))
+        assert body["status"] == "success", body
+        return body["data"]
 
     def firing(self) -> list[dict[str, str]]:
         return [r["metric"] for r in self.query('ALERTS{alertstate="firing"}')]

@@ -27,6 +27,21 @@ def _get(port: int, path: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+def _get_with(port: int, path: str, accept: str | None) -> tuple[str, bytes]:
+    """(Content-Type, body) of a GET sending ``accept`` (None: no Accept header, as urllib)."""
+    headers = {} if accept is None else {"Accept": accept}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return response.headers["Content-Type"], response.read()
+
+
+# What Prometheus 2.42 sends with every scrape (scrape/scrape.go, scrapeAcceptHeader).
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
 async def test_grpc_health_and_reflection(server: Server) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -101,3 +116,25 @@ async def test_health_command_answers_like_the_probes(server: Server) -> None:
     closed = await health("--target", "127.0.0.1:1", "--timeout", "1")
     assert closed.returncode == 1
     assert "health check failed with UNAVAILABLE" in closed.stderr
+
+
+async def test_metrics_answers_openmetrics_to_prometheus_and_text_to_others(
+    server: Server,
+) -> None:
+    """Prometheus asks for OpenMetrics (the format that carries exemplars) and gets it; a
+    scraper sending no Accept header (urllib), `*/*` (aiohttp, curl) or text/plain gets the
+    text format that prometheus_client's text parser reads."""
+    content_type, body = await asyncio.to_thread(
+        _get_with, server.http_port, "/metrics", PROMETHEUS_ACCEPT
+    )
+    assert content_type.startswith("application/openmetrics-text; version=1.0.0")
+    text = body.decode()
+    assert text.endswith("# EOF\n")
+    assert "pricestream_redis_pubsub_connections_opened_total 2.0" in text
+    assert "_created" not in text
+    for accept in (None, "*/*", "text/plain"):
+        content_type, body = await asyncio.to_thread(
+            _get_with, server.http_port, "/metrics", accept
+        )
+        assert content_type.startswith("text/plain;"), (accept, content_type)
+        assert "# EOF" not in body.decode()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from conftest import fast_settings, ready_server
 from invariants import wait_invariant
+from monitoring import Prometheus
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from pricestream.api.server import Server
 from pricestream.v1 import pricestream_pb2 as pb
@@ -185,3 +187,62 @@ async def test_latency_exemplars_carry_trace_ids_the_receiver_got(receiver, redi
             break
         await asyncio.sleep(0.1)
     assert {trace_id for _, trace_id, _, _ in exemplars} <= delivered
+
+
+async def test_prometheus_stores_exemplars_with_trace_ids_the_receiver_got(
+    receiver, redis, monkeypatch, tmp_path
+) -> None:
+    """A real Prometheus (exemplar storage on) scraping a real pricestream's /metrics with
+    tracing on: it asks for OpenMetrics, gets the latency histogram's exemplars and stores
+    them; `query_exemplars` answers trace ids of `pricestream.delivery` spans that reached the
+    OTLP receiver."""
+    servicer, port = receiver
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    market = Market(redis.url, ["AAPL", "MSFT"])
+    start = time.time() - 5
+    stored: list[dict] = []
+    async with ready_server(fast_settings(redis.url)) as server:
+        prometheus = await asyncio.to_thread(
+            Prometheus, tmp_path, {"pod-a": f"127.0.0.1:{server.http_port}"}, {}
+        )
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+                stub = PriceStreamServiceStub(channel)
+                session = await stub.CreateSession(
+                    pb.CreateSessionRequest(tickers=["AAPL", "MSFT"])
+                )
+                call = stub.StreamPriceUpdates(
+                    pb.StreamPriceUpdatesRequest(session_id=session.session_id)
+                )
+                deadline = time.monotonic() + 30
+                while not stored and time.monotonic() < deadline:
+                    await market.tick("AAPL", "MSFT")
+                    await next_batch(call)
+                    await asyncio.sleep(0.5)
+                    stored = await asyncio.to_thread(
+                        prometheus.exemplars,
+                        "pricestream_delivery_latency_seconds_bucket",
+                        start,
+                        time.time() + 5,
+                    )
+                call.cancel()
+        finally:
+            prometheus.stop()
+    await market.aclose()
+    assert stored, "Prometheus stored no exemplar within 30 s"
+    trace_ids = set()
+    for series in stored:
+        assert series["seriesLabels"]["__name__"] == "pricestream_delivery_latency_seconds_bucket"
+        assert series["seriesLabels"]["pod"] == "pod-a"
+        for exemplar in series["exemplars"]:
+            assert float(exemplar["value"]) <= float(series["seriesLabels"]["le"])
+            trace_ids.add(exemplar["labels"]["trace_id"])
+    assert trace_ids and all(re.fullmatch("[0-9a-f]{32}", t) for t in trace_ids), trace_ids
+    for _ in range(50):
+        delivered = {s.trace_id.hex() for s in servicer.spans if s.name == "pricestream.delivery"}
+        if trace_ids <= delivered:
+            break
+        await asyncio.sleep(0.1)
+    assert trace_ids <= delivered, (trace_ids, len(delivered))
+    print(f"\nPrometheus stored {len(trace_ids)} exemplar trace ids, all received over OTLP")

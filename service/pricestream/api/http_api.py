@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from pricestream.engine.engine import Engine
 
 
 def make_app(engine: Engine) -> web.Application:
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(
-            body=engine.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+    async def metrics(request: web.Request) -> web.Response:
+        # OpenMetrics (with the latency histogram's exemplars) to a scraper that asks for it,
+        # as Prometheus always does; the text format to anyone else (curl, urllib, aiohttp).
+        body, content_type = engine.metrics.exposition_for(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
