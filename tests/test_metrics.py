@@ -205,3 +205,22 @@ def test_batch_latency_histogram_matches_prometheus_client() -> None:
     assert start == len(delays)
     assert bucket_lines(ours_registry) == bucket_lines(reference_registry)
     assert abs(ours._sum_ns / 1e9 - sum(delays)) < 1e-6
+
+
+async def test_the_freshness_margin_setting_moves_the_latency_bucket(redis) -> None:
+    """flush_interval 0.05 + freshness_margin 0.3: the server's histogram has a bucket at
+    0.35 (the freshness SLO's `le`), which is none of the standard bounds."""
+    from pricestream.observability.metrics import LATENCY_BUCKETS
+
+    assert 0.35 not in LATENCY_BUCKETS
+    settings = fast_settings(redis.url, freshness_margin=0.3)
+    async with ready_server(settings) as server:
+        text = server.engine.metrics.exposition().decode()
+    bounds = {
+        sample.labels["le"]
+        for family in text_string_to_metric_families(text)
+        if family.name == "pricestream_delivery_latency_seconds"
+        for sample in family.samples
+        if sample.name.endswith("_bucket")
+    }
+    assert "0.35" in bounds, sorted(bounds)

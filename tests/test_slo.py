@@ -12,6 +12,7 @@ issue 28 with the production windows the chart ships (promtool test rules):
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -131,6 +132,77 @@ def test_the_freshness_bound_is_a_bucket_of_the_server() -> None:
             if line.startswith("pricestream_delivery_latency_seconds_bucket")
         }
         assert le in bounds or f"{le}.0" in bounds, (flush, sorted(bounds))
+
+
+def freshness_le(rule: dict[str, Any]) -> str:
+    """The bucket bound the rendered SLO rules count as fresh."""
+    (le,) = set(re.findall(r'le=~"([0-9.]+)\(', exprs(rule)))
+    return le
+
+
+@pytest.mark.parametrize(
+    ("flush", "margin"), [(None, None), (0.1, 0.25), (0.05, 0.05), (0.9, 0.1), (0.2, 1.5)]
+)
+def test_the_chart_passes_the_margin_the_rules_use_to_the_server(
+    flush: float | None, margin: float | None
+) -> None:
+    """The configmap's PRICESTREAM_FRESHNESS_MARGIN is slo.freshness.marginSeconds, and a server
+    started with the configmap's settings has a latency bucket at exactly the `le` the rules
+    count as fresh: the threshold and the bucket cannot drift apart."""
+    from pricestream.observability.metrics import Metrics
+    from pricestream.settings import load_settings
+
+    args = [
+        "--show-only",
+        "templates/configmap.yaml",
+        "--show-only",
+        "templates/prometheusrule.yaml",
+    ]
+    if flush is not None:
+        args += ["--set-json", f"config.flushInterval={flush}"]
+    if margin is not None:
+        args += ["--set-json", f"slo.freshness.marginSeconds={margin}"]
+    objects = render(*args)
+    (config,) = [o for o in objects if o["kind"] == "ConfigMap"]
+    (rule,) = [o for o in objects if o["kind"] == "PrometheusRule"]
+    env = config["data"]
+    assert float(env["PRICESTREAM_FRESHNESS_MARGIN"]) == (0.1 if margin is None else margin)
+    settings = load_settings(
+        flush_interval=env["PRICESTREAM_FLUSH_INTERVAL"],
+        freshness_margin=env["PRICESTREAM_FRESHNESS_MARGIN"],
+    )
+    le = freshness_le(rule)
+    expected = (0.1 if flush is None else flush) + (0.1 if margin is None else margin)
+    assert float(le) == pytest.approx(expected)
+    exposition = Metrics(
+        settings.flush_interval, freshness_margin=settings.freshness_margin
+    ).exposition()
+    bounds = {
+        line.split('le="')[1].split('"')[0]
+        for line in exposition.decode().splitlines()
+        if line.startswith("pricestream_delivery_latency_seconds_bucket")
+    }
+    # The rule's regex `le=~"<le>(\.0)?"` matches the server's label exactly.
+    assert any(re.fullmatch(rf"{re.escape(le)}(\.0)?", bound) for bound in bounds), (le, bounds)
+
+
+@pytest.mark.parametrize("value", ["0", "-0.1", "10.5"])
+def test_settings_refuse_a_freshness_margin_out_of_range_and_name_the_variable(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pricestream.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("PRICESTREAM_FRESHNESS_MARGIN", value)
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    message = str(raised.value)
+    assert message.startswith(
+        "invalid setting freshness_margin (env PRICESTREAM_FRESHNESS_MARGIN): "
+    ), message
+    assert ("greater than 0" if value != "10.5" else "less than or equal to 10") in message
+    monkeypatch.delenv("PRICESTREAM_FRESHNESS_MARGIN")
+    assert load_settings().freshness_margin == 0.1
+    assert load_settings(freshness_margin="0.25").freshness_margin == 0.25
 
 
 # --- which events are bad ---------------------------------------------------------------------

@@ -79,6 +79,14 @@ class Settings(BaseSettings):
         "so their clients do not reconnect elsewhere all at once.",
     )
     flush_interval: float = Field(0.1, ge=0.01, le=10.0, description="Seconds between batches.")
+    freshness_margin: float = Field(
+        0.1,
+        gt=0.0,
+        le=10.0,
+        description="Seconds beyond the flush interval a delivery may take and still count as "
+        "fresh (the freshness SLO): the delivery-latency histogram gets a bucket bound at flush "
+        "interval + this. The chart sets it from slo.freshness.marginSeconds.",
+    )
     session_ttl: Seconds = Field(60.0, description="Seconds a never-streamed session lives.")
     resume_grace: Seconds = Field(
         30.0, description="Seconds a session stays resumable after its stream ends."

@@ -43,7 +43,11 @@ class Engine:
         self.settings = settings
         # This process among the pod's restarts: the liveness key and every lease name it.
         self.pod_instance = f"{settings.pod_name}:{secrets.token_hex(4)}"
-        self.metrics = Metrics(settings.flush_interval, tracing=lambda: self.tracing)
+        self.metrics = Metrics(
+            settings.flush_interval,
+            freshness_margin=settings.freshness_margin,
+            tracing=lambda: self.tracing,
+        )
         self.tracing = Tracing(settings.pod_name)
         self.registry = SessionRegistry(self.metrics, settings.max_sessions)
         self.backends = make_backends(self)

@@ -27,15 +27,15 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
     1.0, 1.5, 2.5, 5.0, 10.0,
 )  # fmt: skip
-# Seconds beyond the flush interval a delivery may take and still count as fresh: the freshness
-# SLO's threshold (chart value slo.freshness.marginSeconds), a bucket bound of the histogram.
-FRESHNESS_MARGIN = 0.1
+# The freshness SLO's threshold, flush interval + margin, is a bucket bound of the histogram. The
+# margin is the setting freshness_margin (PRICESTREAM_FRESHNESS_MARGIN), which the chart sets
+# from slo.freshness.marginSeconds, the value its SLO rules use for the bucket's `le`.
 # An exemplar per bucket at most this often: Prometheus keeps what each scrape sees (the
 # ServiceMonitor's default interval).
 EXEMPLAR_INTERVAL = 15.0
 
 
-def latency_buckets(flush_interval: float | None, margin: float = FRESHNESS_MARGIN) -> list[float]:
+def latency_buckets(flush_interval: float | None, margin: float) -> list[float]:
     """LATENCY_BUCKETS plus the freshness bound, flush interval + margin, rounded to the
     microsecond (the chart writes the same number as the SLO's `le`)."""
     if flush_interval is None:
@@ -163,11 +163,12 @@ class Metrics:
         self,
         flush_interval: float | None = None,
         *,
-        freshness_margin: float = FRESHNESS_MARGIN,
+        freshness_margin: float = 0.1,
         tracing: Callable[[], Tracing] | None = None,
         exemplar_interval: float = EXEMPLAR_INTERVAL,
     ) -> None:
-        """``flush_interval``: the server's, for the freshness bucket bound. ``tracing``: the
+        """``flush_interval`` and ``freshness_margin``: the server's settings (0.1 is the
+        setting's default), for the freshness bucket bound at their sum. ``tracing``: the
         server's tracing, read at the first delivery (it may be built after the metrics); on,
         the latency histogram carries exemplars with trace ids."""
         self.registry = CollectorRegistry(auto_describe=True)
