@@ -794,3 +794,24 @@ def test_json_fragment_round_trips_through_protobuf_json(ticker, price, publishe
     parsed = parse_fragment(json_fragment(update))
     assert parsed == update
     assert math.copysign(1.0, parsed.price) == math.copysign(1.0, price)
+
+
+@given(
+    seq=st.integers(min_value=2, max_value=10**9),
+    sizes=st.lists(st.integers(min_value=1, max_value=70_000), min_size=1, max_size=3),
+)
+@settings(max_examples=200, deadline=None)
+def test_inline_packing_is_websocket_batch(seq: int, sizes: list[int]) -> None:
+    """The sink's hot path packs each frame itself: byte for byte what frames.py builds, on
+    every side of the 126 and 65536 length boundaries."""
+    payload = b"".join(b"x" * (size - 1) + b"," for size in sizes)
+    written: list[bytes] = []
+    sink = WebSocketSink(FakeWire(), written.append)
+    sink.seq = seq - 1
+    assert sink.send(payload) is True
+    assert written == [websocket_batch(seq, payload)]
+
+
+class FakeWire:
+    def write(self, data: bytes) -> None:
+        raise AssertionError("the sink writes through the socket's own write")

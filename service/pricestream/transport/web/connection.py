@@ -371,7 +371,7 @@ class WebConnection(asyncio.Protocol):
         self._pings = Budget(self._limits.client_ping_burst, self._limits.client_pings_per_second)
         self.mode = "websocket"
         self._cancel_timer()
-        sink = WebSocketSink(self)
+        sink = WebSocketSink(self, self.transport.write)
         self.sink = sink
         self._owner.stream_opened(self, "websocket")
         self._arm_timer(self._limits.ping_interval, self._ping)
@@ -398,7 +398,7 @@ class WebConnection(asyncio.Protocol):
         self._h11 = None
         self.mode = "sse"
         self._cancel_timer()
-        sink = EventStreamSink(self, self._limits.sse_retry_ms)
+        sink = EventStreamSink(self, self._limits.sse_retry_ms, self.transport.write)
         self.sink = sink
         self._owner.stream_opened(self, "sse")
         self._arm_timer(self._limits.sse_heartbeat, self._heartbeat)

@@ -10,6 +10,7 @@ check like any stream.
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -19,6 +20,7 @@ from pricestream.transport.web.frames import (
     sse_batch,
     sse_close_event,
     sse_retry,
+    text_frame_header,
     websocket_batch,
 )
 
@@ -29,13 +31,23 @@ class Wire(Protocol):
     def write(self, data: bytes) -> None: ...
 
 
+# A final text frame's header for each payload length under 126 (the usual batch), made once.
+_SHORT_HEADERS = tuple(bytes((0x81, n)) for n in range(126))
+_MEDIUM_HEADER = struct.Struct(">BBH").pack
+_PRICES_HEAD = b'{"type":"prices","seq":%d,"updates":['
+
+
 class StreamSink:
-    """What the WebSocket and SSE sinks share: seq, back-pressure, close."""
+    """What the WebSocket and SSE sinks share: seq, back-pressure, close.
 
-    __slots__ = ("_on_writable", "_wire", "blocked_since", "closed", "seq")
+    ``write`` is the socket's own write (the transport's bound method, called straight from
+    the flush pass: a batch is one call into uvloop, no method of ours in between)."""
 
-    def __init__(self, wire: Wire) -> None:
+    __slots__ = ("_on_writable", "_wire", "_write", "blocked_since", "closed", "seq")
+
+    def __init__(self, wire: Wire, write: Callable[[bytes], None] | None = None) -> None:
         self._wire = wire
+        self._write = wire.write if write is None else write
         self._on_writable: Callable[[], None] | None = None
         self.blocked_since: float | None = None
         self.closed = False
@@ -54,7 +66,7 @@ class StreamSink:
             return True  # nothing waits: the stream is gone
         seq = self.seq + 1
         self.seq = seq
-        self._wire.write(self._pack(seq, payload, seq == 1))
+        self._write(self._pack(seq, payload, seq == 1))
         return self.blocked_since is None
 
     def send_snapshot(self, payload: bytes) -> None:
@@ -85,6 +97,24 @@ class StreamSink:
 class WebSocketSink(StreamSink):
     __slots__ = ()
 
+    def send(self, payload: bytes) -> bool:
+        """One batch as one text frame, packed inline: the hot path of every browser socket
+        (``frames.websocket_batch`` builds the same bytes; the snapshot goes through it)."""
+        if self.closed:
+            return True
+        seq = self.seq + 1
+        self.seq = seq
+        if seq == 1 or not payload:
+            self._write(websocket_batch(seq, payload, snapshot=seq == 1))
+            return self.blocked_since is None
+        head = _PRICES_HEAD % seq
+        size = len(head) + len(payload) + 1  # the last comma out, "]}" in
+        header = _SHORT_HEADERS[size] if size < 126 else None
+        if header is None:
+            header = _MEDIUM_HEADER(0x81, 126, size) if size < 65536 else text_frame_header(size)
+        self._write(b"".join((header, head, payload[:-1], b"]}")))
+        return self.blocked_since is None
+
     @staticmethod
     def _pack(seq: int, payload: bytes, snapshot: bool) -> bytes:
         return websocket_batch(seq, payload, snapshot=snapshot)
@@ -93,9 +123,11 @@ class WebSocketSink(StreamSink):
 class EventStreamSink(StreamSink):
     __slots__ = ()
 
-    def __init__(self, wire: Wire, retry_ms: int) -> None:
-        super().__init__(wire)
-        wire.write(sse_retry(retry_ms))
+    def __init__(
+        self, wire: Wire, retry_ms: int, write: Callable[[bytes], None] | None = None
+    ) -> None:
+        super().__init__(wire, write)
+        self._write(sse_retry(retry_ms))
 
     @staticmethod
     def _pack(seq: int, payload: bytes, snapshot: bool) -> bytes:
@@ -103,7 +135,7 @@ class EventStreamSink(StreamSink):
 
     def heartbeat(self) -> None:
         if not self.closed and self.blocked_since is None:
-            self._wire.write(SSE_HEARTBEAT)
+            self._write(SSE_HEARTBEAT)
 
     def write_close(self, code: int, reason: str) -> None:
-        self._wire.write(sse_close_event(code, reason))
+        self._write(sse_close_event(code, reason))
