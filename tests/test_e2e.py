@@ -386,7 +386,13 @@ SRE_NAMESPACE = "e2e-sre"
 RELEASE = "pricestream"
 SERVER = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=server"
 # Short rule windows so the alerts can fire within a test; the rest as shipped.
-SHORT_PARAMS = {"rateWindow": "20s", "orphanFor": "20s"}
+SHORT_PARAMS = {
+    "rateWindow": "20s",
+    "orphanFor": "20s",
+    "wsLeakSessionsMin": "5",
+    "wsLeakWindow": "3m",
+    "wsLeakFor": "20s",
+}
 SESSIONS_PER_POD = 20
 
 
@@ -652,6 +658,7 @@ def test_hpa_scales_up_and_down_on_sessions_per_pod(sre_release: None) -> None:
 
 
 FAULT_NAMESPACE = "e2e-fault"
+WS_FAULT_NAMESPACE = "e2e-wsfault"
 
 
 async def test_seed_fault_fires_orphaned_alert_to_webhook(webhook: Webhook) -> None:
@@ -735,6 +742,65 @@ async def test_seed_fault_fires_orphaned_alert_to_webhook(webhook: Webhook) -> N
         kubectl(
             "delete", "namespace", FAULT_NAMESPACE, "--wait=true", "--timeout=120s", check=False
         )
+
+
+async def test_ws_close_fault_fires_websocket_leak_alert_to_webhook(webhook: Webhook) -> None:
+    """The original system's bug on its own path: a pod whose WebSocket closes skip the session
+    cleanup (`skip_cleanup_on_ws_close`); 8 browsers stream and close their sockets;
+    PriceStreamWebSocketSessionLeak reaches the webhook through Alertmanager."""
+    namespace = WS_FAULT_NAMESPACE
+    kubectl("create", "namespace", namespace)
+    try:
+        helm(
+            "install",
+            RELEASE,
+            str(CHART),
+            "-n",
+            namespace,
+            *sre_values(
+                "--set",
+                "autoscaling.enabled=false,replicaCount=1",
+                "--set",
+                "extraEnv[0].name=PRICESTREAM_FAULTS,extraEnv[0].value=skip_cleanup_on_ws_close",
+            ),
+            "--wait",
+        )
+        (pod,) = ready_pods(namespace, SERVER)
+        name, ip = pod["metadata"]["name"], pod["status"]["podIP"]
+        universe = ticker_universe(50)
+        async with aiohttp.ClientSession() as http:
+            for i in range(8):
+                async with http.post(
+                    f"http://{ip}:8080/v1/sessions", json={"tickers": universe[i * 3 : i * 3 + 3]}
+                ) as response:
+                    assert response.status == 201, await response.text()
+                    session = await response.json()
+                async with websockets.connect(
+                    session["stream_url"], subprotocols=["pricestream.v1.json"]
+                ) as ws:
+                    assert json.loads(await asyncio.wait_for(ws.recv(), 10))["seq"] == 1
+        closed_at = time.time()
+        found = await asyncio.to_thread(
+            wait_until,
+            "PriceStreamWebSocketSessionLeak at the webhook",
+            lambda: [
+                (n, a)
+                for n, a in webhook.alerts("PriceStreamWebSocketSessionLeak")
+                if a["labels"].get("namespace") == namespace
+                and n["status"] == "firing"
+                and a["status"] == "firing"
+            ],
+            180,
+        )
+        notification, alert = found[0]
+        assert alert["labels"]["pod"] == name
+        assert alert["labels"]["severity"] == "warning"
+        assert alert["annotations"]["runbook_url"].endswith("PriceStreamWebSocketSessionLeak.md")
+        after = notification["received_at"] - closed_at
+        print(f"WebSocket leak alert delivered {after:.1f}s after the sockets closed")
+    finally:
+        helm("uninstall", RELEASE, "-n", namespace, "--wait", check=False)
+        kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=120s", check=False)
 
 
 async def test_rolling_update_under_load_loses_no_session(sre_release: None) -> None:
