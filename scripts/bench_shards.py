@@ -37,9 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-# The tests' local Redis Cluster (tests/redis_cluster.py), reused here.
+# The tests' local Redis Cluster (tests/support/redis_cluster.py), reused here.
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
-from redis_cluster import LocalCluster
+from support.redis_cluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 SMESSAGE = b"$8\r\nsmessage\r\n"

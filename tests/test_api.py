@@ -8,13 +8,13 @@ import time
 import grpc
 import pytest
 from conftest import fast_settings, ready_server, wait_ready
-from invariants import samples, wait_invariant
 from pricestream.api.server import Server
 from pricestream.redis.broker import RedisPricePublisher
 from pricestream.redis.client import make_client, make_pool
 from pricestream.tools.feed import RandomWalk
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
+from support.invariants import samples, wait_invariant
 
 
 class Market:

@@ -7,7 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from processes import pricestream_command
+from support.processes import pricestream_command
 
 
 def line(pod: str, msg: str, **fields: object) -> str:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 from conftest import RedisProcess, fast_env, free_port, require_binary
-from invariants import wait_invariant
 from pricestream.tools.feed import ticker_universe
-from processes import ServeProcess, start_feed
+from support.invariants import wait_invariant
+from support.processes import ServeProcess, start_feed
 
 from scripts import bench_centrifugo
 

@@ -4,7 +4,7 @@ WebSocket (or SSE), shows them, ends its session with 1000, survives a server re
 new session when its own is lost (4004), and sends a bearer token from the URL fragment.
 
 Each test reads the page's ``window.pricestream`` state and its table; every wait is bounded
-and fails with the last state seen (support_browser.py)."""
+and fails with the last state seen (support/browser.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 from conftest import fast_env
-from processes import ServeProcess
-from support_browser import LivePage, PriceDesk, live_browser
+from support.browser import LivePage, PriceDesk, live_browser
+from support.processes import ServeProcess
 
 # The seed's 500 ms flush window: "within two flush intervals" (1 s) is then a bound the test
 # can assert on a busy two-core machine. Sessions stay resumable long enough for a restart.

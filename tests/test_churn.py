@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from conftest import RedisProcess, fast_env
-from invariants import scrape, wait_invariant
 from pricestream.tools.feed import ticker_universe
-from processes import ServeProcess, pricestream_command, start_feed
+from support.invariants import scrape, wait_invariant
+from support.processes import ServeProcess, pricestream_command, start_feed
 
 CLIENTS = Path(__file__).parent / "clients"
 SCALE = float(os.environ.get("PRICESTREAM_CHURN_SCALE", "0.2"))

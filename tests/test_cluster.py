@@ -19,7 +19,6 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import fast_env, fast_settings, ready_server, wait_until
-from invariants import samples, scrape, wait_invariant
 from pricestream.api.server import Server
 from pricestream.codec import cluster_last_price_key, cluster_price_channel
 from pricestream.observability.metrics import Metrics
@@ -30,10 +29,11 @@ from pricestream.tasks import cancel_and_wait
 from pricestream.tools.feed import RandomWalk
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
-from processes import ServeProcess, env_without_pricestream, pricestream_command
 from redis.crc import key_slot
 from redis.exceptions import ClusterDownError, RedisError
-from redis_cluster import LocalCluster, sharded_subscribers, shardnumsub, wait_promoted
+from support.invariants import samples, scrape, wait_invariant
+from support.processes import ServeProcess, env_without_pricestream, pricestream_command
+from support.redis_cluster import LocalCluster, sharded_subscribers, shardnumsub, wait_promoted
 
 pytestmark = pytest.mark.timeout(180)
 

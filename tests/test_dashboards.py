@@ -12,10 +12,10 @@ import re
 
 import pytest
 import yaml
-from chart import rules_file
 from grafana_foundation_sdk.models import dashboard as model
-from metric_names import PROMETHEUS_SERIES, exported_names, referenced_names
 from pricestream.api.server import Server
+from support.chart import rules_file
+from support.metric_names import PROMETHEUS_SERIES, exported_names, referenced_names
 
 from dashboards import generate, overview, slo, style
 from dashboards.grafana import promql_queries, to_json

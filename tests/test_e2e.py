@@ -19,7 +19,11 @@ import aiohttp
 import grpc
 import pytest
 import websockets
-from e2e_kube import (
+from pricestream.tools.feed import ticker_universe
+from pricestream.tools.leak_check import samples, violations
+from pricestream.v1 import pricestream_pb2 as pb
+from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
+from support.e2e_kube import (
     CHART,
     REDIS_IMAGE,
     REPO,
@@ -38,10 +42,6 @@ from e2e_kube import (
     run,
     wait_until,
 )
-from pricestream.tools.feed import ticker_universe
-from pricestream.tools.leak_check import samples, violations
-from pricestream.v1 import pricestream_pb2 as pb
-from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 
 from dashboards.grafana import promql_queries
 

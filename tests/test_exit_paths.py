@@ -14,7 +14,6 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import fast_settings, ready_server, wait_ready
-from invariants import samples, wait_invariant
 from pricestream.api.server import Server
 from pricestream.engine.stream import RECONNECT_HINT
 from pricestream.redis.broker import RedisPricePublisher
@@ -23,6 +22,7 @@ from pricestream.tasks import cancel_and_wait
 from pricestream.tools.feed import run_feed
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
+from support.invariants import samples, wait_invariant
 from test_api import next_batch, read_to_end
 
 TICKERS = ["AAPL", "MSFT", "GOOG", "AMZN", "NVDA"]

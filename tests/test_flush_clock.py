@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import grpc
 import pytest
-from invariants import samples
 from pricestream.engine.flush import TALLY_FOLD, FlushClock, StreamWriter
 from pricestream.observability.metrics import Metrics
+from support.invariants import samples
 
 
 class LoopPasses:

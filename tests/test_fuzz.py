@@ -11,12 +11,12 @@ from __future__ import annotations
 import grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from invariants import wait_invariant
 from pricestream.api.server import Server
 from pricestream.codec import batch_frame
 from pricestream.engine.hub import Dropped, entry_from_payload
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
+from support.invariants import wait_invariant
 
 DOCUMENTED = {
     grpc.StatusCode.OK,

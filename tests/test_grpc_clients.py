@@ -16,8 +16,8 @@ import grpc
 import pytest
 from conftest import fast_settings, ready_server, require_binary
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from invariants import wait_invariant
 from pricestream.api.server import Server
+from support.invariants import wait_invariant
 from test_api import Market
 
 ROOT = Path(__file__).resolve().parent.parent

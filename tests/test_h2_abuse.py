@@ -1,11 +1,11 @@
 """HTTP/2 abuse against the gRPC port (issue 12, item 4): each attack gets a bounded answer.
 
-Every test attacks a real in-process server from tests/h2client.py over loopback, asserts what
-the attacker's connection gets (GOAWAY and its code, RST_STREAM, a closed socket), then that
+Every test attacks a real in-process server from tests/support/h2client.py over loopback, asserts
+what the attacker's connection gets (GOAWAY and its code, RST_STREAM, a closed socket), then that
 nothing else noticed: the server is still ready, a stock grpcio client creates a session and
 streams, /metrics answers within a second, the memory the attack left behind (tracemalloc) is
-small, the transport holds no connection or call of the attacker's any more, and invariant 1
-holds. Floods are bounded in count and run in well under a few seconds each.
+small, the transport holds no connection or call of the attacker's any more, and invariant 1 holds.
+Floods are bounded in count and run in well under a few seconds each.
 
 Floods that must be seen across reads go in lockstep (a batch, then a PING whose ACK says the
 server has read it): the server then never closes a socket with unread bytes in it, which would
@@ -48,7 +48,6 @@ import pytest
 from conftest import fast_settings, ready_server
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
-from h2client import H2Client, StreamResult, grpc_message
 from hpack import Encoder
 from hyperframe.frame import (
     ContinuationFrame,
@@ -59,10 +58,11 @@ from hyperframe.frame import (
     SettingsFrame,
     WindowUpdateFrame,
 )
-from invariants import scrape, wait_invariant
 from pricestream.api.server import Server
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
+from support.h2client import H2Client, StreamResult, grpc_message
+from support.invariants import scrape, wait_invariant
 from test_api import Market, next_batch
 
 SERVICE = "/pricestream.v1.PriceStreamService"

@@ -1,5 +1,5 @@
 """Edges a strict HTTP/2 client finds (issue 29), against a real in-process server from the
-raw client of tests/h2client.py, every frame counted as it came off the wire (``FrameLog``):
+raw client of tests/support/h2client.py, every frame counted as it came off the wire (``FrameLog``):
 
 - frames on a stream the server has reset (refused, or answered while the client was still
   sending) are ignored, RFC 9113 §5.1: one RST_STREAM per stream, never one per frame, and
@@ -18,12 +18,12 @@ from typing import Any
 import grpc
 from conftest import fast_settings, ready_server
 from h2.errors import ErrorCodes
-from h2client import FrameLog, H2Client, grpc_message
 from hyperframe.frame import DataFrame
-from invariants import wait_invariant
 from pricestream.api.server import Server
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
+from support.h2client import FrameLog, H2Client, grpc_message
+from support.invariants import wait_invariant
 
 SERVICE = "/pricestream.v1.PriceStreamService"
 CREATE = f"{SERVICE}/CreateSession"

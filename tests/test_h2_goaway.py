@@ -28,10 +28,10 @@ from collections.abc import AsyncIterator
 import grpc
 from conftest import fast_settings, ready_server, wait_until
 from h2.errors import ErrorCodes
-from h2client import H2Client, StreamResult
 from pricestream.api.server import SHUTDOWN_MESSAGE, Server
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
+from support.h2client import H2Client, StreamResult
 from test_api import Market, next_batch
 
 SERVICE = "/pricestream.v1.PriceStreamService"

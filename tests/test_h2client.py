@@ -1,13 +1,13 @@
-"""tests/h2client.py against the real gRPC port: a raw HTTP/2 gRPC call gets its answer."""
+"""tests/support/h2client.py against the real gRPC port: a raw HTTP/2 gRPC call gets its answer."""
 
 from __future__ import annotations
 
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
-from h2client import H2Client, grpc_message, split_grpc_messages
 from hyperframe.frame import PingFrame
 from pricestream.api.server import Server
 from pricestream.v1 import pricestream_pb2 as pb
+from support.h2client import H2Client, grpc_message, split_grpc_messages
 
 SERVICE = "/pricestream.v1.PriceStreamService"
 

@@ -6,8 +6,8 @@ import asyncio
 import random
 
 from conftest import fast_settings
-from invariants import samples
 from pricestream.wiring import build_engine
+from support.invariants import samples
 
 
 class Sink:

@@ -21,7 +21,7 @@ from pricestream.tools.loadtest.stages import (
     parse_stages,
     profile_stages,
 )
-from processes import ServeProcess, pricestream_command, start_feed
+from support.processes import ServeProcess, pricestream_command, start_feed
 
 
 def test_stages_parse_and_ramp_linearly() -> None:

@@ -9,13 +9,13 @@ import time
 import grpc
 import pytest
 from conftest import fast_settings, ready_server
-from invariants import samples, wait_invariant
 from pricestream.engine.flush import FlushClock
 from pricestream.observability.metrics import Metrics
 from pricestream.tools.feed import ticker_universe
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
-from processes import start_feed
+from support.invariants import samples, wait_invariant
+from support.processes import start_feed
 from test_api import next_batch
 
 

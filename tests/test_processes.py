@@ -14,11 +14,11 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import RedisProcess, fast_env
-from invariants import samples, scrape, wait_invariant
 from pricestream.engine.stream import RECONNECT_HINT
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
-from processes import ServeProcess, env_without_pricestream, pricestream_command, start_feed
+from support.invariants import samples, scrape, wait_invariant
+from support.processes import ServeProcess, env_without_pricestream, pricestream_command, start_feed
 from test_api import next_batch, read_to_end
 
 CLIENT_SCRIPT = Path(__file__).parent / "clients" / "stream_forever.py"

@@ -7,10 +7,10 @@ import asyncio
 import grpc
 import pytest
 from conftest import fast_settings, ready_server
-from invariants import wait_invariant
 from pricestream.api.rate_limit import PeerRateLimiter, peer_address
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
+from support.invariants import wait_invariant
 
 
 @pytest.mark.parametrize(

@@ -13,11 +13,11 @@ import aiohttp
 import grpc
 import pytest
 from conftest import RedisProcess, fast_settings, free_port, ready_server, wait_until
-from invariants import samples, wait_invariant
 from pricestream.api.server import Server
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
-from tcp_proxy import stalling_proxy
+from support.invariants import samples, wait_invariant
+from support.tcp_proxy import stalling_proxy
 from test_api import Market, next_batch
 
 TICKERS = ["AAPL", "MSFT", "GOOG"]

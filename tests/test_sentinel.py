@@ -1,4 +1,4 @@
-"""Sentinel mode against a real deployment (sentinel_setup.py: master, replica, 3 sentinels,
+"""Sentinel mode against a real deployment (support/sentinel_setup.py: master, replica, 3 sentinels,
 down-after-milliseconds 2000): a master killed during 500 live streams, a planned failover,
 a demoted master that keeps running (the "health green, no messages" trap), a sentinel that
 is down at start. Timings are printed (run with -s to see them) and bounded loosely: the
@@ -21,7 +21,6 @@ import aiohttp
 import grpc
 import pytest
 from conftest import fast_env, fast_settings, ready_server, wait_until
-from invariants import read_metrics, samples, wait_invariant
 from pricestream.redis.broker import RedisPricePublisher
 from pricestream.redis.client import make_pool
 from pricestream.redis.packing import with_hiredis_packing
@@ -31,11 +30,12 @@ from pricestream.tasks import cancel_and_wait
 from pricestream.tools.feed import RandomWalk
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
-from processes import ServeProcess, env_without_pricestream, pricestream_command
 from redis.asyncio.connection import SSLConnection
 from redis.asyncio.sentinel import SentinelManagedSSLConnection
 from redis.exceptions import RedisError
-from sentinel_setup import SentinelDeployment, sockets_to
+from support.invariants import read_metrics, samples, wait_invariant
+from support.processes import ServeProcess, env_without_pricestream, pricestream_command
+from support.sentinel_setup import SentinelDeployment, sockets_to
 
 # The URL gives credentials, TLS and db in sentinel mode; its host and port are not used.
 URL = "redis://127.0.0.1:1/0"

@@ -15,11 +15,11 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import RedisProcess, fast_env
-from invariants import samples, scrape, wait_invariant
 from pricestream.tools.feed import ticker_universe
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
-from processes import ServeProcess, start_feed
+from support.invariants import samples, scrape, wait_invariant
+from support.processes import ServeProcess, start_feed
 from test_api import next_batch, read_to_end
 
 UNIVERSE = ticker_universe(50)

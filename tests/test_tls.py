@@ -11,11 +11,11 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import fast_env, fast_settings, free_port, ready_server, require_binary
-from invariants import wait_invariant
 from pricestream.api.tls import channel as tls_channel
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
-from processes import ServeProcess, start_feed
+from support.invariants import wait_invariant
+from support.processes import ServeProcess, start_feed
 from test_api import next_batch
 
 

@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from chart import ROOT, helm
 from conftest import require_binary
+from support.chart import ROOT, helm
 
 
 @pytest.mark.parametrize(

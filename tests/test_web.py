@@ -14,12 +14,12 @@ import pytest
 import websockets
 from conftest import fast_settings, ready_server, wait_until
 from google.protobuf import json_format
-from invariants import read_metrics, samples, wait_invariant
 from pricestream.api.server import Server
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
+from support.invariants import read_metrics, samples, wait_invariant
+from support.web_clients import RawWebSocket, SseReader, create_session, in_thread, rest
 from test_api import Market, next_batch
-from web_clients import RawWebSocket, SseReader, create_session, in_thread, rest
 
 SUBPROTOCOL = "pricestream.v1.json"
 

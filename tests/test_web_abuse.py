@@ -11,9 +11,9 @@ from dataclasses import replace
 
 import websockets
 from conftest import fast_settings, ready_server, wait_until
-from invariants import read_metrics, samples, wait_invariant
 from pricestream.api.server import Server
-from web_clients import create_session
+from support.invariants import read_metrics, samples, wait_invariant
+from support.web_clients import create_session
 
 SUBPROTOCOL = "pricestream.v1.json"
 SOCKETS = 200

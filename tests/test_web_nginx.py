@@ -20,11 +20,11 @@ import aiohttp
 import pytest
 import websockets
 from conftest import free_port, require_binary
-from invariants import read_metrics, wait_invariant
-from nginx_proxy import Nginx, chart_annotations, location_directives, running_nginx
 from pricestream.api.server import Server
+from support.invariants import read_metrics, wait_invariant
+from support.nginx_proxy import Nginx, chart_annotations, location_directives, running_nginx
+from support.web_clients import SseReader, create_session, rest
 from test_api import Market
-from web_clients import SseReader, create_session, rest
 
 SUBPROTOCOL = "pricestream.v1.json"
 

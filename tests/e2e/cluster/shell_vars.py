@@ -1,5 +1,5 @@
 """The variables of tests/e2e/cluster/versions.sh as the shell scripts see them, for the Python
-parts (prometheus-config-sync.py here, tests/e2e_kube.py in the tests)."""
+parts (prometheus-config-sync.py here, tests/support/e2e_kube.py in the tests)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VALUES = ROOT / "deploy/helm/pricestream/values.yaml"
 
 # ingress-nginx annotation -> the nginx directive it renders in the location block.

@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 import yaml
 from conftest import IN_CI
-from fake_apiserver import FakeApiServer
 
-ROOT = Path(__file__).resolve().parents[1]
+from support.fake_apiserver import FakeApiServer
+
+ROOT = Path(__file__).resolve().parents[2]
 HELM = ROOT / ".tools/bin/helm"
 CHART = ROOT / "deploy/helm/pricestream"
 MONITORING_API = "monitoring.coreos.com/v1"

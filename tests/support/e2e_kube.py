@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 E2E = REPO / "tests" / "e2e" / "cluster"
 CHART = REPO / "deploy" / "helm" / "pricestream"
 sys.path.insert(0, str(E2E))
