@@ -61,10 +61,13 @@ class Daemon:
 
 
 class Alertmanager(Daemon):
-    def __init__(self, workdir: Path, webhook_url: str) -> None:
+    def __init__(
+        self, workdir: Path, webhook_url: str = "", config: dict[str, Any] | None = None
+    ) -> None:
+        """Every alert to `webhook_url`, or `config` (an alertmanager.yml) as it is."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = {
+        config = config or {
             "route": {
                 "receiver": "test-webhook",
                 "group_by": ["alertname", "namespace", "pod"],
@@ -89,6 +92,12 @@ class Alertmanager(Daemon):
             "--cluster.listen-address=",  # no gossip port: a single test instance
         ]
         super().__init__(command, workdir, f"{self.url}/-/ready")
+
+    def alerts(self, *matchers: str) -> list[dict[str, Any]]:
+        """`/api/v2/alerts` (active, silenced and inhibited ones), filtered by `matchers`
+        (`severity="ticket"`): each with `labels` and `status` (`state`, `inhibitedBy`)."""
+        query = urllib.parse.urlencode([("filter", m) for m in matchers])
+        return _get_json(f"{self.url}/api/v2/alerts?{query}")
 
 
 class Prometheus(Daemon):

@@ -5,6 +5,12 @@ Scenario 1: healthy churn with both replicas restarted once → no notification 
 Scenario 2: replica A restarted with the seed's bug (`skip_cleanup_on_send_error`) and clients
 that vanish mid-stream → the leak alert reaches the webhook, naming replica A.
 Then every dashboard query runs against that Prometheus and returns data.
+
+Fast burn (its own stack): the Alertmanager configuration the chart documents
+(deploy/alertmanager/alertmanager.yml, its receivers' URLs pointed at two webhooks) and the SLO
+rules with short windows; a full replica refuses every CreateSession (gRPC RESOURCE_EXHAUSTED,
+REST 503 `pod_full`) → the availability page reaches the page receiver, the ticket is inhibited
+and nothing reaches the ticket receiver.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 import grpc
 import pytest
 import websockets
+import yaml
 from chart import rules_file
 from conftest import RedisProcess, fast_env, free_port
 from monitoring import Alertmanager, Prometheus, WebhookReceiver
@@ -88,6 +95,7 @@ class Replica:
     http_port: int = field(default_factory=free_port)
     proc: ServeProcess | None = None
     starts: int = 0
+    settings: dict[str, object] = field(default_factory=dict)  # over fast_env's
 
     @property
     def target(self) -> str:
@@ -101,6 +109,7 @@ class Replica:
             pod_name=self.name,
             stall_timeout=5.0,
             faults=faults,
+            **self.settings,
         )
         self.starts += 1
         self.proc = ServeProcess(env, self.workdir / f"{self.name}-{self.starts}.log")
@@ -227,14 +236,14 @@ async def stack(own_redis: RedisProcess, tmp_path: Path):
         feed.wait()
 
 
-async def wait_until_scraped(prometheus: Prometheus, timeout: float = 20) -> None:
+async def wait_until_scraped(prometheus: Prometheus, timeout: float = 20, count: int = 2) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         up = await asyncio.to_thread(prometheus.query, f'up{{namespace="{NAMESPACE}"}} == 1')
-        if len(up) == 2:
+        if len(up) == count:
             return
         await asyncio.sleep(0.5)
-    raise AssertionError("Prometheus did not scrape both replicas")
+    raise AssertionError(f"Prometheus did not scrape {count} replicas")
 
 
 @pytest.mark.timeout(420)
@@ -354,3 +363,191 @@ async def test_leak_alert_reaches_alertmanager_and_healthy_churn_stays_silent(st
             if not await asyncio.to_thread(prometheus.query, substitute(expr)):
                 empty.append(f"{name}: {expr}")
     assert empty == []
+
+
+# --- fast burn: the page reaches the pager, the ticket is inhibited --------------------------
+
+SHIPPED_ALERTMANAGER = Path(__file__).resolve().parents[1] / "deploy/alertmanager/alertmanager.yml"
+# The SLO rules' windows and `for:` durations shrunk to seconds (the rules are named after the
+# production window they stand for); objectives and burn rates as shipped. Every other rule
+# keeps its production parameters: none can fire within this test.
+SLO_SHORT_WINDOWS = {
+    "sloWindow5m": "10s",
+    "sloWindow30m": "15s",
+    "sloWindow1h": "30s",
+    "sloWindow2h": "20s",
+    "sloWindow6h": "40s",
+    "sloWindow1d": "45s",
+    "sloWindow3d": "60s",
+    "sloPageFastFor": "5s",
+    "sloPageSlowFor": "10s",
+    "sloTicketFastFor": "5s",
+    "sloTicketSlowFor": "10s",
+}
+BURN_ALERT = "PriceStreamAvailabilityErrorBudgetBurn"
+
+
+def shipped_alertmanager_config(page_url: str, ticket_url: str) -> dict:
+    """deploy/alertmanager/alertmanager.yml with only its receivers' URLs replaced."""
+    config = yaml.safe_load(SHIPPED_ALERTMANAGER.read_text())
+    urls = {"pricestream-pager": page_url, "pricestream-tickets": ticket_url}
+    for receiver in config["receivers"]:
+        for webhook in receiver.get("webhook_configs", []):
+            webhook["url"] = urls.pop(receiver["name"])
+    assert urls == {}, urls
+    return config
+
+
+@dataclass
+class Refusals:
+    grpc: Counter[str] = field(default_factory=Counter)
+    rest: Counter[int] = field(default_factory=Counter)
+
+
+async def hammer_grpc(target: str, until: float, refusals: Refusals) -> None:
+    # A connection of its own: the server allows max_sessions (1) concurrent HTTP/2 streams per
+    # connection, and grpc shares one connection per target unless told otherwise, so calls
+    # would queue behind the holder's stream instead of reaching the server.
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]
+    async with grpc.aio.insecure_channel(target, own_connection) as channel:
+        stub = PriceStreamServiceStub(channel)
+        while time.monotonic() < until:
+            try:
+                session = await stub.CreateSession(
+                    pb.CreateSessionRequest(tickers=["AAPL"]), timeout=5
+                )
+            except grpc.aio.AioRpcError as exc:
+                refusals.grpc[exc.code().name] += 1
+            else:  # the pod had room after all: give it back
+                refusals.grpc["OK"] += 1
+                await stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
+            await asyncio.sleep(0.05)
+
+
+async def hammer_rest(web_port: int, until: float, refusals: Refusals) -> None:
+    while time.monotonic() < until:
+        status, _, body = await rest(web_port, "POST", "/v1/sessions", {"tickers": ["AAPL"]})
+        refusals.rest[status] += 1
+        if status == 201:
+            await rest(web_port, "DELETE", f"/v1/sessions/{body['session_id']}")
+        await asyncio.sleep(0.05)
+
+
+async def read_until_cancelled(call: grpc.aio.UnaryStreamCall) -> None:
+    while await call.read() is not grpc.aio.EOF:
+        pass
+
+
+@pytest.mark.timeout(150)
+async def test_fast_burn_pages_the_pager_and_inhibits_the_ticket(
+    own_redis: RedisProcess, tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    replica = Replica("replica-full", own_redis.url, tmp_path, settings={"max_sessions": 1})
+    daemons: list[Prometheus | Alertmanager] = []
+    try:
+        async with WebhookReceiver() as pager, WebhookReceiver() as tickets:
+            (tmp_path / "am").mkdir()
+            config = shipped_alertmanager_config(pager.url, tickets.url)
+            alertmanager = await asyncio.to_thread(Alertmanager, tmp_path / "am", config=config)
+            daemons.append(alertmanager)
+            await asyncio.to_thread(replica.start)
+            assert replica.proc is not None
+            (tmp_path / "prom").mkdir()
+            rules = rules_file(
+                SLO_SHORT_WINDOWS, selector=f'job="pricestream",namespace="{NAMESPACE}"'
+            )
+            prometheus = await asyncio.to_thread(
+                Prometheus,
+                tmp_path / "prom",
+                {replica.name: f"127.0.0.1:{replica.http_port}"},
+                {"namespace": NAMESPACE},
+                rules,
+                f"127.0.0.1:{alertmanager.port}",
+            )
+            daemons.append(prometheus)
+            await wait_until_scraped(prometheus, count=1)
+
+            # A few good session starts (created and closed) so every series exists.
+            async with grpc.aio.insecure_channel(replica.target) as channel:
+                stub = PriceStreamServiceStub(channel)
+                for _ in range(20):
+                    session = await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL"]))
+                    await stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
+                    await asyncio.sleep(0.25)
+
+                # The burn: one client takes the pod's only slot and streams; every other
+                # session start is refused as the pod is full (the server's fault).
+                holder = await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL"]))
+                stream = stub.StreamPriceUpdates(
+                    pb.StreamPriceUpdatesRequest(session_id=holder.session_id)
+                )
+                reader = asyncio.create_task(read_until_cancelled(stream))
+                burn_at = time.time()
+                until = time.monotonic() + 95
+                refusals = Refusals()
+                tasks = [
+                    *(
+                        asyncio.create_task(hammer_grpc(replica.target, until, refusals))
+                        for _ in range(3)
+                    ),
+                    *(
+                        asyncio.create_task(hammer_rest(replica.proc.web_port, until, refusals))
+                        for _ in range(2)
+                    ),
+                ]
+                try:
+                    notification, alert = await pager.wait_for(BURN_ALERT, timeout=90)
+                    # The ticket rules fire too (3x and 1x are crossed as well): Alertmanager
+                    # holds them back while the page for the same SLO fires.
+                    deadline = time.monotonic() + 20
+                    suppressed: list[dict] = []
+                    while time.monotonic() < deadline and not suppressed:
+                        ticket_alerts = await asyncio.to_thread(
+                            alertmanager.alerts,
+                            f'alertname="{BURN_ALERT}"',
+                            'severity="ticket"',
+                        )
+                        suppressed = [
+                            a for a in ticket_alerts if a["status"]["state"] == "suppressed"
+                        ]
+                        await asyncio.sleep(0.5)
+                finally:
+                    for task in [*tasks, reader]:
+                        task.cancel()
+                    await asyncio.gather(*tasks, reader, return_exceptions=True)
+                    stream.cancel()
+            ticket_states = [(a["labels"]["long_window"], a["status"]) for a in ticket_alerts]
+            firing = await asyncio.to_thread(prometheus.firing)
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+        replica.stop()
+
+    detected_after = notification.received_at - burn_at
+    fired_after = parse_time(alert["startsAt"]) - burn_at
+    assert refusals.grpc["RESOURCE_EXHAUSTED"] > 100 and refusals.rest[503] > 100, refusals
+    assert alert["labels"]["severity"] == "page"
+    assert alert["labels"]["slo"] == "availability"
+    assert alert["labels"]["namespace"] == NAMESPACE and alert["labels"]["job"] == "pricestream"
+    assert alert["annotations"]["runbook_url"].endswith(f"{BURN_ALERT}.md")
+    paged = [a["labels"] for n in pager.notifications for a in n.alerts]
+    assert all(
+        (p["alertname"], p["severity"], p["slo"]) == (BURN_ALERT, "page", "availability")
+        for p in paged
+    ), paged
+    # Prometheus fires the tickets, Alertmanager marks them inhibited by the page.
+    assert {a["severity"] for a in firing if a["alertname"] == BURN_ALERT} == {"page", "ticket"}
+    assert suppressed, ticket_states
+    assert all(a["status"]["inhibitedBy"] for a in suppressed), ticket_states
+    assert tickets.notifications == [], [n.payload for n in tickets.notifications]
+    print(
+        f"\nfast burn: {sum(refusals.grpc.values())} gRPC CreateSession "
+        f"{dict(refusals.grpc)}, {sum(refusals.rest.values())} REST {dict(refusals.rest)}; "
+        f"page fired {fired_after:.1f}s and reached the pager {detected_after:.1f}s after the "
+        f"burn began (windows {SLO_SHORT_WINDOWS['sloWindow1h']}/"
+        f"{SLO_SHORT_WINDOWS['sloWindow5m']}, for {SLO_SHORT_WINDOWS['sloPageFastFor']}, "
+        f"the shipped group_wait 30s); {len(suppressed)} ticket alert(s) inhibited, "
+        f"{len(tickets.notifications)} ticket notifications; test took "
+        f"{time.monotonic() - started:.0f}s"
+    )
