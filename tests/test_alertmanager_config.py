@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import require_binary
 from support.chart import rules_file
+from support.waiting import require_binary
 
 CONFIG = Path(__file__).resolve().parents[1] / "deploy/alertmanager/alertmanager.yml"
 RECEIVER_BY_SEVERITY = {

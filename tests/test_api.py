@@ -7,45 +7,14 @@ import time
 
 import grpc
 import pytest
-from conftest import fast_settings, ready_server, wait_ready
 from pricestream.api.server import Server
-from pricestream.redis.broker import RedisPricePublisher
-from pricestream.redis.client import make_client, make_pool
-from pricestream.tools.feed import RandomWalk
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from support.invariants import samples, wait_invariant
-
-
-class Market:
-    """Publishes prices to Redis the way `pricestream feed` does."""
-
-    def __init__(self, redis_url: str, tickers: list[str]) -> None:
-        self.client = make_client(make_pool(fast_settings(redis_url)))
-        self.publisher = RedisPricePublisher(self.client)
-        self.walk = RandomWalk(tickers, seed=1)
-
-    async def tick(self, *tickers: str) -> None:
-        await self.publisher.publish_prices([(t, self.walk.step(t)) for t in tickers])
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
-
-
-async def next_batch(call, timeout: float = 3.0) -> pb.PriceUpdateBatch:
-    batch = await asyncio.wait_for(call.read(), timeout)
-    assert batch is not grpc.aio.EOF, "the stream ended"
-    return batch
-
-
-async def read_to_end(call, timeout: float = 3.0) -> grpc.StatusCode:
-    """Read until the server ends the stream; its status code."""
-    try:
-        while await asyncio.wait_for(call.read(), timeout) is not grpc.aio.EOF:
-            pass
-    except grpc.aio.AioRpcError as exc:
-        return exc.code()
-    return await call.code()
+from support.market import Market
+from support.servers import ready_server, wait_ready
+from support.settings import fast_settings
+from support.streams import next_batch, read_to_end
 
 
 async def test_create_stream_close(stub: PriceStreamServiceStub, server: Server, redis) -> None:

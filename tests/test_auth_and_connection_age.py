@@ -7,12 +7,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import fast_settings, ready_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from support.invariants import wait_invariant
-from test_api import Market, next_batch, read_to_end
+from support.market import Market
+from support.servers import ready_server
+from support.settings import fast_settings
+from support.streams import next_batch, read_to_end
 
 GOOD = (("authorization", "Bearer tok-good"),)
 

@@ -7,12 +7,14 @@ import time
 
 import grpc
 import pytest
-from conftest import fast_settings, ready_server
 from pricestream.api.server import Server
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from support.invariants import samples, wait_invariant
-from test_api import Market, next_batch
+from support.market import Market
+from support.servers import ready_server
+from support.settings import fast_settings
+from support.streams import next_batch
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

@@ -15,10 +15,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import RedisProcess, fast_env, free_port, require_binary
 from pricestream.tools.feed import ticker_universe
 from support.invariants import wait_invariant
 from support.processes import ServeProcess, start_feed
+from support.redis_server import RedisProcess
+from support.settings import fast_env
+from support.waiting import free_port, require_binary
 
 from scripts import bench_centrifugo
 

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import fast_env
 from support.browser import LivePage, PriceDesk, live_browser
 from support.processes import ServeProcess
+from support.settings import fast_env
 
 # The seed's 500 ms flush window: "within two flush intervals" (1 s) is then a bound the test
 # can assert on a busy two-core machine. Sessions stay resumable long enough for a restart.

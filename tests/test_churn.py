@@ -14,10 +14,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import RedisProcess, fast_env
 from pricestream.tools.feed import ticker_universe
 from support.invariants import scrape, wait_invariant
 from support.processes import ServeProcess, pricestream_command, start_feed
+from support.redis_server import RedisProcess
+from support.settings import fast_env
 
 CLIENTS = Path(__file__).parent / "clients"
 SCALE = float(os.environ.get("PRICESTREAM_CHURN_SCALE", "0.2"))

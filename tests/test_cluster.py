@@ -18,7 +18,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import fast_env, fast_settings, ready_server, wait_until
 from pricestream.api.server import Server
 from pricestream.codec import cluster_last_price_key, cluster_price_channel
 from pricestream.observability.metrics import Metrics
@@ -34,6 +33,9 @@ from redis.exceptions import ClusterDownError, RedisError
 from support.invariants import samples, scrape, wait_invariant
 from support.processes import ServeProcess, env_without_pricestream, pricestream_command
 from support.redis_cluster import LocalCluster, sharded_subscribers, shardnumsub, wait_promoted
+from support.servers import ready_server
+from support.settings import fast_env, fast_settings
+from support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 

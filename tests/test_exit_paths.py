@@ -13,7 +13,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import fast_settings, ready_server, wait_ready
 from pricestream.api.server import Server
 from pricestream.engine.stream import RECONNECT_HINT
 from pricestream.redis.broker import RedisPricePublisher
@@ -23,7 +22,9 @@ from pricestream.tools.feed import run_feed
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from support.invariants import samples, wait_invariant
-from test_api import next_batch, read_to_end
+from support.servers import ready_server, wait_ready
+from support.settings import fast_settings
+from support.streams import next_batch, read_to_end
 
 TICKERS = ["AAPL", "MSFT", "GOOG", "AMZN", "NVDA"]
 CLIENT_SCRIPT = Path(__file__).parent / "clients" / "stream_forever.py"

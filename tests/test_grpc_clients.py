@@ -14,11 +14,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import fast_settings, ready_server, require_binary
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pricestream.api.server import Server
 from support.invariants import wait_invariant
-from test_api import Market
+from support.market import Market
+from support.servers import ready_server
+from support.settings import fast_settings
+from support.waiting import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / ".tools" / "bin"

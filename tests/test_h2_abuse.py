@@ -45,7 +45,6 @@ from collections.abc import AsyncIterator, Iterable
 
 import grpc
 import pytest
-from conftest import fast_settings, ready_server
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 from hpack import Encoder
@@ -63,7 +62,10 @@ from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from support.h2client import H2Client, StreamResult, grpc_message
 from support.invariants import scrape, wait_invariant
-from test_api import Market, next_batch
+from support.market import Market
+from support.servers import ready_server
+from support.settings import fast_settings
+from support.streams import next_batch
 
 SERVICE = "/pricestream.v1.PriceStreamService"
 CREATE = f"{SERVICE}/CreateSession"

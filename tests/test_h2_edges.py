@@ -16,7 +16,6 @@ import random
 from typing import Any
 
 import grpc
-from conftest import fast_settings, ready_server
 from h2.errors import ErrorCodes
 from hyperframe.frame import DataFrame
 from pricestream.api.server import Server
@@ -24,6 +23,8 @@ from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from support.h2client import FrameLog, H2Client, grpc_message
 from support.invariants import wait_invariant
+from support.servers import ready_server
+from support.settings import fast_settings
 
 SERVICE = "/pricestream.v1.PriceStreamService"
 CREATE = f"{SERVICE}/CreateSession"

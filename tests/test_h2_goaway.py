@@ -26,13 +26,16 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
-from conftest import fast_settings, ready_server, wait_until
 from h2.errors import ErrorCodes
 from pricestream.api.server import SHUTDOWN_MESSAGE, Server
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from support.h2client import H2Client, StreamResult
-from test_api import Market, next_batch
+from support.market import Market
+from support.servers import ready_server
+from support.settings import fast_settings
+from support.streams import next_batch
+from support.waiting import wait_until
 
 SERVICE = "/pricestream.v1.PriceStreamService"
 CREATE = f"{SERVICE}/CreateSession"

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import fast_settings, ready_server, require_binary
+from support.servers import ready_server
+from support.settings import fast_settings
+from support.waiting import require_binary
 
 # The h2spec cases our gRPC port is allowed to fail, {case id: one-line reason}. Empty on purpose:
 # the h2 transport (service/pricestream/transport/http2/) is to pass them all; name a case here only

@@ -10,10 +10,12 @@ import time
 
 import aiohttp
 import grpc
-from conftest import RedisProcess, fast_settings, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pricestream.api.server import ReadinessHealth, Server
 from pricestream.api.service import SERVICE_NAME
+from support.redis_server import RedisProcess
+from support.settings import fast_settings
+from support.waiting import wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

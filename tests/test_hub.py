@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import random
 
-from conftest import fast_settings
 from pricestream.wiring import build_engine
 from support.invariants import samples
+from support.settings import fast_settings
 
 
 class Sink:

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import RedisProcess, fast_env
 from pricestream.tools.loadtest.histogram import Histogram
 from pricestream.tools.loadtest.stages import (
     Schedule,
@@ -22,6 +21,8 @@ from pricestream.tools.loadtest.stages import (
     profile_stages,
 )
 from support.processes import ServeProcess, pricestream_command, start_feed
+from support.redis_server import RedisProcess
+from support.settings import fast_env
 
 
 def test_stages_parse_and_ramp_linearly() -> None:

@@ -8,7 +8,6 @@ import time
 
 import grpc
 import pytest
-from conftest import fast_settings, ready_server
 from pricestream.engine.flush import FlushClock
 from pricestream.observability.metrics import Metrics
 from pricestream.tools.feed import ticker_universe
@@ -16,7 +15,9 @@ from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from support.invariants import samples, wait_invariant
 from support.processes import start_feed
-from test_api import next_batch
+from support.servers import ready_server
+from support.settings import fast_settings
+from support.streams import next_batch
 
 
 def new_clock(**limits: float) -> FlushClock:

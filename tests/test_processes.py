@@ -13,13 +13,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import RedisProcess, fast_env
 from pricestream.engine.stream import RECONNECT_HINT
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from support.invariants import samples, scrape, wait_invariant
 from support.processes import ServeProcess, env_without_pricestream, pricestream_command, start_feed
-from test_api import next_batch, read_to_end
+from support.redis_server import RedisProcess
+from support.settings import fast_env
+from support.streams import next_batch, read_to_end
 
 CLIENT_SCRIPT = Path(__file__).parent / "clients" / "stream_forever.py"
 ALL_RELEASED = "stopped: sessions_active=0 streams_active=0 subscriptions_active=0"
@@ -386,7 +387,7 @@ async def test_drain_1000_streams_and_resume_on_another_replica(serve, feed) -> 
 async def test_resume_after_kill_9_is_quick_on_another_pod(serve, redis) -> None:
     """Streams on pod A, A killed with SIGKILL: its leases (10 s TTL, as in production) are
     taken over on pod B as soon as A's liveness key has expired, not after the lease TTL."""
-    from test_api import Market
+    from support.market import Market
 
     count, lease_ttl = 100, 10.0
     pod_a = serve(pod_name="pod-a", lease_ttl=lease_ttl)

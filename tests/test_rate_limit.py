@@ -6,11 +6,12 @@ import asyncio
 
 import grpc
 import pytest
-from conftest import fast_settings, ready_server
 from pricestream.api.rate_limit import PeerRateLimiter, peer_address
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from support.invariants import wait_invariant
+from support.servers import ready_server
+from support.settings import fast_settings
 
 
 @pytest.mark.parametrize(

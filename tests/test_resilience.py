@@ -12,13 +12,17 @@ from collections.abc import AsyncIterator
 import aiohttp
 import grpc
 import pytest
-from conftest import RedisProcess, fast_settings, free_port, ready_server, wait_until
 from pricestream.api.server import Server
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from support.invariants import samples, wait_invariant
+from support.market import Market
+from support.redis_server import RedisProcess
+from support.servers import ready_server
+from support.settings import fast_settings
+from support.streams import next_batch
 from support.tcp_proxy import stalling_proxy
-from test_api import Market, next_batch
+from support.waiting import free_port, wait_until
 
 TICKERS = ["AAPL", "MSFT", "GOOG"]
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
-from conftest import fast_env, fast_settings, ready_server, wait_until
 from pricestream.redis.broker import RedisPricePublisher
 from pricestream.redis.client import make_pool
 from pricestream.redis.packing import with_hiredis_packing
@@ -36,6 +35,9 @@ from redis.exceptions import RedisError
 from support.invariants import read_metrics, samples, wait_invariant
 from support.processes import ServeProcess, env_without_pricestream, pricestream_command
 from support.sentinel_setup import SentinelDeployment, sockets_to
+from support.servers import ready_server
+from support.settings import fast_env, fast_settings
+from support.waiting import wait_until
 
 # The URL gives credentials, TLS and db in sentinel mode; its host and port are not used.
 URL = "redis://127.0.0.1:1/0"

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import RedisProcess, fast_env
 from pricestream.tools.feed import ticker_universe
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from support.invariants import samples, scrape, wait_invariant
 from support.processes import ServeProcess, start_feed
-from test_api import next_batch, read_to_end
+from support.redis_server import RedisProcess
+from support.settings import fast_env
+from support.streams import next_batch, read_to_end
 
 UNIVERSE = ticker_universe(50)
 TINY_WINDOW = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]

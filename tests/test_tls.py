@@ -10,13 +10,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import fast_env, fast_settings, free_port, ready_server, require_binary
 from pricestream.api.tls import channel as tls_channel
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from support.invariants import wait_invariant
 from support.processes import ServeProcess, start_feed
-from test_api import next_batch
+from support.servers import ready_server
+from support.settings import fast_env, fast_settings
+from support.streams import next_batch
+from support.waiting import free_port, require_binary
 
 
 async def stream_one_batch(channel: grpc.aio.Channel) -> None:

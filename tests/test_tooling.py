@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import require_binary
 from support.chart import ROOT, helm
+from support.waiting import require_binary
 
 
 @pytest.mark.parametrize(

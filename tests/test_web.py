@@ -12,14 +12,17 @@ import aiohttp
 import grpc
 import pytest
 import websockets
-from conftest import fast_settings, ready_server, wait_until
 from google.protobuf import json_format
 from pricestream.api.server import Server
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from support.invariants import read_metrics, samples, wait_invariant
+from support.market import Market
+from support.servers import ready_server
+from support.settings import fast_settings
+from support.streams import next_batch
+from support.waiting import wait_until
 from support.web_clients import RawWebSocket, SseReader, create_session, in_thread, rest
-from test_api import Market, next_batch
 
 SUBPROTOCOL = "pricestream.v1.json"
 

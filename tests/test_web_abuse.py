@@ -10,9 +10,11 @@ import time
 from dataclasses import replace
 
 import websockets
-from conftest import fast_settings, ready_server, wait_until
 from pricestream.api.server import Server
 from support.invariants import read_metrics, samples, wait_invariant
+from support.servers import ready_server
+from support.settings import fast_settings
+from support.waiting import wait_until
 from support.web_clients import create_session
 
 SUBPROTOCOL = "pricestream.v1.json"

@@ -19,12 +19,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 import websockets
-from conftest import free_port, require_binary
 from pricestream.api.server import Server
 from support.invariants import read_metrics, wait_invariant
+from support.market import Market
 from support.nginx_proxy import Nginx, chart_annotations, location_directives, running_nginx
+from support.waiting import free_port, require_binary
 from support.web_clients import SseReader, create_session, rest
-from test_api import Market
 
 SUBPROTOCOL = "pricestream.v1.json"
 

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import IN_CI, require_binary
 from pricestream.redis.broker import RedisPricePublisher
 from pricestream.v1.pricestream_pb2 import PriceUpdate
 from redis.asyncio import Redis
+
+from support.waiting import IN_CI, require_binary
 
 try:
     from playwright.async_api import Page, async_playwright

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import IN_CI
 
 from support.fake_apiserver import FakeApiServer
+from support.waiting import IN_CI
 
 ROOT = Path(__file__).resolve().parents[2]
 HELM = ROOT / ".tools/bin/helm"

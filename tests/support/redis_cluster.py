@@ -11,9 +11,10 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from conftest import end_process, require_binary
 from redis import Redis
 from redis.crc import key_slot
+
+from support.waiting import end_process, require_binary
 
 
 def _bindable(port: int) -> bool:

@@ -12,8 +12,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import end_process, free_port, require_binary
 from redis import Redis
+
+from support.waiting import end_process, free_port, require_binary
 
 MASTER_NAME = "prices"
 DOWN_AFTER_MS = 2000
