@@ -83,21 +83,3 @@ async def dump_tasks_if_stuck(request: pytest.FixtureRequest) -> AsyncIterator[N
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA, a server certificate for localhost/127.0.0.1 and a client certificate."""
     return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-# Old names, for the test modules still being edited elsewhere (issue 25): the helpers they
-# import from conftest, and the helper modules now in support/ under their top-level names.
-# This goes once they import from support/ themselves.
-from support.settings import fast_env  # noqa: E402, F401
-from support.waiting import free_port, require_binary  # noqa: E402, F401
-
-
-def _alias_moved_helpers() -> None:
-    import importlib
-
-    for name in ("chart", "fake_apiserver", "invariants", "metric_names", "processes",
-                 "rule_scenarios", "web_clients"):  # fmt: skip
-        sys.modules.setdefault(name, importlib.import_module(f"support.{name}"))
-
-
-_alias_moved_helpers()

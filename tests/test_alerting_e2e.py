@@ -31,14 +31,16 @@ import grpc
 import pytest
 import websockets
 import yaml
-from chart import rules_file
-from conftest import RedisProcess, fast_env, free_port
-from monitoring import Alertmanager, Prometheus, WebhookReceiver
 from pricestream.tools.feed import ticker_universe
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
-from processes import ServeProcess, start_feed
-from web_clients import create_session, rest
+from support.chart import rules_file
+from support.monitoring import Alertmanager, Prometheus, WebhookReceiver
+from support.processes import ServeProcess, start_feed
+from support.redis_server import RedisProcess
+from support.settings import fast_env
+from support.waiting import free_port
+from support.web_clients import create_session, rest
 
 from dashboards import generate
 from dashboards.grafana import promql_queries

@@ -13,11 +13,11 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from chart import CHART, escape, find, helm, owned, render, render_against, rules_file
-from fake_apiserver import FakeApiServer
-from metric_names import exported_names
 from pricestream.api.server import Server
-from processes import pricestream_command
+from support.chart import CHART, escape, find, helm, owned, render, render_against, rules_file
+from support.fake_apiserver import FakeApiServer
+from support.metric_names import exported_names
+from support.processes import pricestream_command
 
 from dashboards import generate
 

@@ -8,13 +8,15 @@ import time
 
 import grpc
 import pytest
-from conftest import fast_settings, ready_server
-from invariants import samples, wait_invariant
 from pricestream.api.server import Server
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from prometheus_client.parser import text_string_to_metric_families
-from test_api import Market, next_batch, read_to_end
+from support.invariants import samples, wait_invariant
+from support.market import Market
+from support.servers import ready_server
+from support.settings import fast_settings
+from support.streams import next_batch, read_to_end
 
 SERVICE = "pricestream.v1.PriceStreamService"
 

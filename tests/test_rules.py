@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from chart import rules_file
-from conftest import require_binary
-from rule_scenarios import JOB, NAMESPACE, Expected, Pod, Scenario, hold, ramp
+from support.chart import rules_file
+from support.rule_scenarios import JOB, NAMESPACE, Expected, Pod, Scenario, hold, ramp
+from support.waiting import require_binary
 
 RUNBOOKS = "https://github.com/pricestream/pricestream/blob/main/docs/runbooks"
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,9 +22,9 @@ from typing import Any
 import grpc as grpc_codes
 import pytest
 import yaml
-from chart import render, rules_file
-from conftest import require_binary
-from rule_scenarios import JOB, NAMESPACE, SERVICE
+from support.chart import render, rules_file
+from support.rule_scenarios import JOB, NAMESPACE, SERVICE
+from support.waiting import require_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -10,14 +10,16 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from conftest import fast_settings, ready_server
-from invariants import wait_invariant
-from monitoring import Prometheus
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from pricestream.api.server import Server
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
-from test_api import Market, next_batch, read_to_end
+from support.invariants import wait_invariant
+from support.market import Market
+from support.monitoring import Prometheus
+from support.servers import ready_server
+from support.settings import fast_settings
+from support.streams import next_batch, read_to_end
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -110,8 +112,8 @@ async def test_tracing_off_without_an_endpoint(redis, monkeypatch) -> None:
 async def test_json_logs_carry_trace_ids_and_never_the_password(
     receiver, own_redis, tmp_path
 ) -> None:
-    from conftest import fast_env
-    from processes import ServeProcess
+    from support.processes import ServeProcess
+    from support.settings import fast_env
 
     _, port = receiver
     password = "s3cr3t-Pa55w0rd"

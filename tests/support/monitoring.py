@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 from aiohttp import web
-from conftest import free_port, require_binary
+
+from support.waiting import free_port, require_binary
 
 
 def _get_json(url: str, timeout: float = 5) -> Any:
