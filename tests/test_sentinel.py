@@ -20,6 +20,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
+from pricestream.api.server import Server
 from pricestream.redis.broker import RedisPricePublisher
 from pricestream.redis.client import make_pool
 from pricestream.redis.packing import with_hiredis_packing
@@ -44,14 +45,20 @@ URL = "redis://127.0.0.1:1/0"
 FEED_TICKERS = 50
 
 
-@pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[SentinelDeployment]:
-    deployment = SentinelDeployment(tmp_path)
+@contextlib.contextmanager
+def running(deployment: SentinelDeployment) -> Iterator[SentinelDeployment]:
+    """The deployment started, and stopped on the way out (a failed start included)."""
     try:
         deployment.start()
         yield deployment
     finally:
         deployment.stop()
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[SentinelDeployment]:
+    with running(SentinelDeployment(tmp_path)) as deployment:
+        yield deployment
 
 
 @contextlib.contextmanager
@@ -168,6 +175,24 @@ async def open_streams(
                     await stubs[i % channels].CloseSession(
                         pb.CloseSessionRequest(session_id=session_id), timeout=10
                     )
+
+
+@contextlib.asynccontextmanager
+async def streaming_pod(
+    deployment: SentinelDeployment, pod_name: str, count: int, tickers_of, channels: int = 1
+) -> AsyncIterator[tuple[Server, Streams]]:
+    """`pricestream feed` at 200 prices/s, an in-process pod in sentinel mode, and ``count``
+    streams on it (``open_streams``), each past its first batch; once the streams are gone,
+    invariant 1 holds."""
+    with feed(deployment, rate=200):
+        async with ready_server(sentinel_settings(deployment, pod_name=pod_name)) as server:
+            target = f"127.0.0.1:{server.grpc_port}"
+            async with open_streams(target, count, tickers_of, channels) as streams:
+                await wait_until(
+                    lambda: all(t is not None for t in streams.first_batch), 30, "streaming"
+                )
+                yield server, streams
+            await wait_invariant(server, timeout=15)
 
 
 def feed_tickers(count: int) -> list[str]:
@@ -311,61 +336,50 @@ async def test_planned_failover_moves_every_connection(deployment: SentinelDeplo
     ticker is subscribed once there), keeps nothing on the demoted one, and the lease refresh
     writes back sessions and leases the new master lacks."""
     old, new = deployment.master, deployment.replica
-    settings = sentinel_settings(deployment, pod_name="pod-planned")
     tickers = feed_tickers(FEED_TICKERS)
-    with feed(deployment, rate=200):
-        async with ready_server(settings) as server:
-            engine = server.engine
-            target = f"127.0.0.1:{server.grpc_port}"
-            async with open_streams(target, 20, lambda i: tickers[i : i + 3], 2) as streams:
-                await wait_until(
-                    lambda: all(t is not None for t in streams.first_batch), 30, "streaming"
-                )
-                assert old.pubsub_clients() == 2
-                started = time.monotonic()
-                deployment.failover()
-                deployment.wait_master(new.address, 20)
-                agreed = time.monotonic() - started
-                # Neither the pod nor the feed keeps a connection to the old master, so a price
-                # published from now on can only have come through the new one.
-                left = await wait_until(lambda: old.pod_clients() == [], 10, "old master left")
-                print(f"planned: sentinels agreed after {agreed:.2f}s, old master left by "
-                      f"pod and feed {left:.2f}s later")  # fmt: skip
-                streams.expect_fresh_after(time.time_ns())
-                await wait_all_fresh(streams, 30)
-                report("SENTINEL FAILOVER, 20 streams", started, streams)
-                await wait_until(lambda: engine.ready, 10, "ready on the new master")
-                assert new.pubsub_clients() == 2
-                # The sentinels demote the old master later (a replica of the new one now);
-                # nothing of ours went back to it.
-                await wait_until(lambda: old.role() == "slave", 20, "old master demoted")
-                assert old.pod_clients() == []
-                for ticker in tickers[:22]:
-                    assert new.numsub(f"price:{ticker}") == 1
+    pod = streaming_pod(deployment, "pod-planned", 20, lambda i: tickers[i : i + 3], channels=2)
+    async with pod as (server, streams):
+        engine = server.engine
+        assert old.pubsub_clients() == 2
+        started = time.monotonic()
+        deployment.failover()
+        deployment.wait_master(new.address, 20)
+        agreed = time.monotonic() - started
+        # Neither the pod nor the feed keeps a connection to the old master, so a price
+        # published from now on can only have come through the new one.
+        left = await wait_until(lambda: old.pod_clients() == [], 10, "old master left")
+        print(f"planned: sentinels agreed after {agreed:.2f}s, old master left by "
+              f"pod and feed {left:.2f}s later")  # fmt: skip
+        streams.expect_fresh_after(time.time_ns())
+        await wait_all_fresh(streams, 30)
+        report("SENTINEL FAILOVER, 20 streams", started, streams)
+        await wait_until(lambda: engine.ready, 10, "ready on the new master")
+        assert new.pubsub_clients() == 2
+        # The sentinels demote the old master later (a replica of the new one now);
+        # nothing of ours went back to it.
+        await wait_until(lambda: old.role() == "slave", 20, "old master demoted")
+        assert old.pod_clients() == []
+        for ticker in tickers[:22]:
+            assert new.numsub(f"price:{ticker}") == 1
 
-                # Writes the new master lacks (asynchronous replication loses the last ones):
-                # the refresh puts sessions and leases back from what the streams know.
-                with new.client() as client:
-                    keys = [f"pricestream:{kind}:{s}" for s in streams.sessions
-                            for kind in ("session", "lease")]  # fmt: skip
-                    client.delete(*keys)  # (a lease may have lapsed already on a busy machine)
-                    await wait_until(
-                        lambda: client.exists(*keys) == 40, 5, "sessions and leases written back"
-                    )
-                assert streams.ended == []
-            await wait_invariant(server, timeout=15)
+        # Writes the new master lacks (asynchronous replication loses the last ones):
+        # the refresh puts sessions and leases back from what the streams know.
+        with new.client() as client:
+            keys = [f"pricestream:{kind}:{s}" for s in streams.sessions
+                    for kind in ("session", "lease")]  # fmt: skip
+            client.delete(*keys)  # (a lease may have lapsed already on a busy machine)
+            await wait_until(
+                lambda: client.exists(*keys) == 40, 5, "sessions and leases written back"
+            )
+        assert streams.ended == []
 
 
 @pytest.fixture
 def stubborn_deployment(tmp_path: Path) -> Iterator[SentinelDeployment]:
     """The master refuses REPLICAOF: after a failover it keeps running as a master that the
     sentinels no longer name, as when they cannot reach it to demote it."""
-    deployment = SentinelDeployment(tmp_path, master_obeys_sentinels=False)
-    try:
-        deployment.start()
+    with running(SentinelDeployment(tmp_path, master_obeys_sentinels=False)) as deployment:
         yield deployment
-    finally:
-        deployment.stop()
 
 
 async def test_pubsub_leaves_a_master_the_sentinels_no_longer_name(
@@ -377,40 +391,34 @@ async def test_pubsub_leaves_a_master_the_sentinels_no_longer_name(
     deployment = stubborn_deployment
     old, new = deployment.master, deployment.replica
     tickers = feed_tickers(FEED_TICKERS)
-    with feed(deployment, rate=200):
-        async with ready_server(sentinel_settings(deployment, pod_name="pod-trap")) as server:
-            target = f"127.0.0.1:{server.grpc_port}"
-            async with open_streams(target, 10, lambda i: tickers[i : i + 2], 1) as streams:
-                await wait_until(
-                    lambda: all(t is not None for t in streams.first_batch), 30, "streaming"
-                )
-                assert old.pubsub_clients() == 2
-                started = time.monotonic()
-                deployment.failover()
-                deployment.wait_master(new.address, 20)
-                # The pod and the feed leave the old master although it is up, still a master
-                # and answers PING (which is all the liveness probe asks): only the switch of
-                # master told them. Prices published from then on are on the new master only.
-                left = await wait_until(lambda: old.pod_clients() == [], 10, "old master left")
-                print(f"old master left {left:.2f}s after the sentinels agreed on the new one")
-                assert old.role() == "master"
-                with old.client() as client:
-                    assert client.ping()
-                streams.expect_fresh_after(time.time_ns())
-                await wait_all_fresh(streams, 20)
-                report("failover away from a master that stays up", started, streams)
-                await wait_until(lambda: new.pubsub_clients() == 2, 5, "2 Pub/Sub on new master")
-                assert server.engine.ready
-                # One switch seen (by the +switch-master event, or the poll if it came first),
-                # and it was the master check that ended the Pub/Sub connections, not a probe.
-                (switched,) = [r for r in caplog.records if r.__dict__.get("event") ==
-                               "redis_master_switched"]  # fmt: skip
-                print(f"trap: the pod learnt the switch from {switched.args[-1]}")
-                lost = [r.getMessage() for r in caplog.records
-                        if r.__dict__.get("event") == "redis_connection_lost"]  # fmt: skip
-                assert len(lost) == 2
-                assert all("is no longer the master" in m for m in lost)
-            await wait_invariant(server, timeout=15)
+    pod = streaming_pod(deployment, "pod-trap", 10, lambda i: tickers[i : i + 2])
+    async with pod as (server, streams):
+        assert old.pubsub_clients() == 2
+        started = time.monotonic()
+        deployment.failover()
+        deployment.wait_master(new.address, 20)
+        # The pod and the feed leave the old master although it is up, still a master
+        # and answers PING (which is all the liveness probe asks): only the switch of
+        # master told them. Prices published from then on are on the new master only.
+        left = await wait_until(lambda: old.pod_clients() == [], 10, "old master left")
+        print(f"old master left {left:.2f}s after the sentinels agreed on the new one")
+        assert old.role() == "master"
+        with old.client() as client:
+            assert client.ping()
+        streams.expect_fresh_after(time.time_ns())
+        await wait_all_fresh(streams, 20)
+        report("failover away from a master that stays up", started, streams)
+        await wait_until(lambda: new.pubsub_clients() == 2, 5, "2 Pub/Sub on new master")
+        assert server.engine.ready
+        # One switch seen (by the +switch-master event, or the poll if it came first),
+        # and it was the master check that ended the Pub/Sub connections, not a probe.
+        (switched,) = [r for r in caplog.records if r.__dict__.get("event") ==
+                       "redis_master_switched"]  # fmt: skip
+        print(f"trap: the pod learnt the switch from {switched.args[-1]}")
+        lost = [r.getMessage() for r in caplog.records
+                if r.__dict__.get("event") == "redis_connection_lost"]  # fmt: skip
+        assert len(lost) == 2
+        assert all("is no longer the master" in m for m in lost)
 
 
 async def test_one_sentinel_down_at_start(deployment: SentinelDeployment) -> None:
@@ -418,20 +426,14 @@ async def test_one_sentinel_down_at_start(deployment: SentinelDeployment) -> Non
     through the others, streams, and follows a failover that the other two carry out."""
     deployment.sentinels[0].stop()
     tickers = feed_tickers(FEED_TICKERS)
-    with feed(deployment, rate=200):
-        async with ready_server(sentinel_settings(deployment, pod_name="pod-one-down")) as server:
-            target = f"127.0.0.1:{server.grpc_port}"
-            async with open_streams(target, 10, lambda i: tickers[i : i + 2], 1) as streams:
-                await wait_until(
-                    lambda: all(t is not None for t in streams.first_batch), 30, "streaming"
-                )
-                streams.expect_fresh_after(time.time_ns())
-                started = time.monotonic()
-                deployment.master.kill()
-                await wait_all_fresh(streams, 45)
-                report("kill -9 with one sentinel down, 10 streams", started, streams)
-                assert deployment.named_master() == deployment.replica.address
-            await wait_invariant(server, timeout=15)
+    pod = streaming_pod(deployment, "pod-one-down", 10, lambda i: tickers[i : i + 2])
+    async with pod as (_, streams):
+        streams.expect_fresh_after(time.time_ns())
+        started = time.monotonic()
+        deployment.master.kill()
+        await wait_all_fresh(streams, 45)
+        report("kill -9 with one sentinel down, 10 streams", started, streams)
+        assert deployment.named_master() == deployment.replica.address
 
 
 def test_url_gives_credentials_tls_and_db_to_the_master_and_the_sentinels() -> None:
@@ -467,12 +469,8 @@ def test_url_gives_credentials_tls_and_db_to_the_master_and_the_sentinels() -> N
 
 @pytest.fixture
 def password_deployment(tmp_path: Path) -> Iterator[SentinelDeployment]:
-    deployment = SentinelDeployment(tmp_path, password="s3cret")
-    try:
-        deployment.start()
+    with running(SentinelDeployment(tmp_path, password="s3cret")) as deployment:
         yield deployment
-    finally:
-        deployment.stop()
 
 
 async def test_password_of_the_url_opens_master_and_sentinels(
