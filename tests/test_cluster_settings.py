@@ -6,6 +6,8 @@ import pytest
 from pricestream.redis.cluster_client import NodeOptions
 from pricestream.settings import SettingsError, cluster_seed_nodes, load_settings
 
+pytestmark = pytest.mark.unit
+
 
 def test_seed_nodes_from_one_url() -> None:
     assert cluster_seed_nodes("redis://10.0.0.1:7000") == [("10.0.0.1", 7000)]

@@ -14,6 +14,8 @@ from pricestream.engine.flush import TALLY_FOLD, FlushClock, StreamWriter
 from pricestream.observability.metrics import Metrics
 from support.invariants import samples
 
+pytestmark = pytest.mark.unit
+
 
 class LoopPasses:
     """Counts the event loop's passes: a task that adds one and yields, again and again. Two

@@ -13,6 +13,10 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 PACKAGE = Path(__file__).resolve().parent.parent / "service" / "pricestream"
 
 BASE = {"codec", "errors", "settings", "tasks", "validation", "v1", "observability"}

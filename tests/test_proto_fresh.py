@@ -5,7 +5,10 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+import pytest
 from grpc_tools import protoc
+
+pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATED = ("pricestream_pb2.py", "pricestream_pb2.pyi", "pricestream_pb2_grpc.py")

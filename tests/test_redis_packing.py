@@ -11,6 +11,8 @@ from pricestream.settings import Settings
 from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import DataError
 
+pytestmark = pytest.mark.unit
+
 PYTHON = Connection()
 FAST = with_hiredis_packing(Connection)()
 

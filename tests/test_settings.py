@@ -11,6 +11,8 @@ from pricestream.settings import (
     unknown_settings,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def service_links(service: str, ip: str, ports: dict[str, int]) -> dict[str, str]:
     """The variables the kubelet injects for a Service (pkg/kubelet/envvars), TCP ports."""
