@@ -5,6 +5,7 @@ from a test module drags that module's tests and fixtures along). Parsed, not im
 from __future__ import annotations
 
 import ast
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,16 +54,16 @@ def test_only_test_modules_and_conftest_sit_at_the_top() -> None:
 
 
 def test_the_check_catches_each_kind_of_import() -> None:
-    source = """
-import test_api
-import conftest, json
-from conftest import fast_settings
-from test_web.sub import x
-from support.market import Market
-from . import test_relative
-def f():
-    from test_api import next_batch
-"""
+    source = textwrap.dedent("""
+        import test_api
+        import conftest, json
+        from conftest import fast_settings
+        from test_web.sub import x
+        from support.market import Market
+        from . import test_relative
+        def f():
+            from test_api import next_batch
+    """)
     assert list(offences(source, "test_x.py")) == [
         "test_x.py (line 2) imports test_api",
         "test_x.py (line 3) imports conftest",
