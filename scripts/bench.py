@@ -310,7 +310,7 @@ def run_case(
                 )
                 if case.transport != "grpc" and not case.storm:
                     # The steady-state cases measure delivery, not admission: the ramp (up to
-                    # 400 new sockets/s) must not meet the pod's web_accept_rate (200/s). The
+                    # 400 new sockets/s; 1,000 at w10k) must not meet the pod's web_accept_rate. The
                     # storm keeps the default: admission is what bounds its recovery.
                     env["PRICESTREAM_WEB_ACCEPT_RATE"] = "0"
                 _start(procs, "0", sys.executable, "-m", "pricestream", "serve", env=env)

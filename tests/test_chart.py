@@ -753,8 +753,8 @@ def test_browser_port_reaches_container_service_and_network_policy() -> None:
         "PRICESTREAM_WEB_ALLOWED_ORIGINS": "https://a.example,https://b.example",
         "PRICESTREAM_WEB_PING_INTERVAL": "25",
         "PRICESTREAM_WEB_PONG_TIMEOUT": "10",
-        "PRICESTREAM_WEB_ACCEPT_RATE": "200",
-        "PRICESTREAM_WEB_ACCEPT_BURST": "400",
+        "PRICESTREAM_WEB_ACCEPT_RATE": "1000",
+        "PRICESTREAM_WEB_ACCEPT_BURST": "1000",
         "PRICESTREAM_WEB_DRAIN_WINDOW": "5",
     }
     services = {s["metadata"]["name"]: s for s in find(objects, "Service")}

@@ -279,13 +279,18 @@ func (r *run) webUser(index int, createBy time.Time, leave <-chan struct{}, rng 
 		return
 	}
 	stormed := false
+	resumed := false // this user's socket streamed again after the storm (counted once)
 	attempt := 0
 	for {
 		s, err := r.dialWS(id)
 		if err != nil {
 			r.count("connect:" + err.Error())
 		} else {
-			end := r.holdWS(index, id, s, leave, stormed, &stormed)
+			inStorm := stormed && !resumed // a connection after the drop, not yet streaming
+			end := r.holdWS(index, id, s, leave, inStorm, &stormed)
+			if inStorm && s.started {
+				resumed = true
+			}
 			switch {
 			case end == nil:
 				return // left

@@ -64,13 +64,13 @@ class Settings(BaseSettings):
         10.0, description="Seconds a pong may take before the socket closes with 4001."
     )
     web_accept_rate: float = Field(
-        200.0,
+        1000.0,
         ge=0.0,
         description="New browser streams per second this pod admits (reconnect storms); "
         "0: no limit.",
     )
     web_accept_burst: int = Field(
-        400, ge=1, description="New browser streams this pod admits at once."
+        1000, ge=1, description="New browser streams this pod admits at once."
     )
     web_drain_window: float = Field(
         5.0,
