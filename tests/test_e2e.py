@@ -768,6 +768,14 @@ async def test_ws_close_fault_fires_websocket_leak_alert_to_webhook(webhook: Web
         (pod,) = ready_pods(namespace, SERVER)
         name, ip = pod["metadata"]["name"], pod["status"]["podIP"]
         universe = ticker_universe(50)
+        # The alert reads the increase of the pod's close counter: Prometheus must have scraped
+        # it before the sockets close (a series first seen at 8 is no increase to Prometheus).
+        await asyncio.to_thread(
+            wait_until,
+            "the fault pod scraped",
+            lambda: prom_query(f'up{{namespace="{namespace}",pod="{name}"}} == 1'),
+            120,
+        )
         async with aiohttp.ClientSession() as http:
             for i in range(8):
                 async with http.post(
