@@ -661,6 +661,25 @@ FAULT_NAMESPACE = "e2e-fault"
 WS_FAULT_NAMESPACE = "e2e-wsfault"
 
 
+def firing_at_webhook(
+    webhook: Webhook, alertname: str, namespace: str, timeout: float
+) -> tuple[dict, dict]:
+    """The first (notification, alert) of ``alertname`` firing in ``namespace`` that the
+    webhook received through Alertmanager, waited for up to ``timeout`` seconds."""
+    found = wait_until(
+        f"{alertname} at the webhook",
+        lambda: [
+            (n, a)
+            for n, a in webhook.alerts(alertname)
+            if a["labels"].get("namespace") == namespace
+            and n["status"] == "firing"
+            and a["status"] == "firing"
+        ],
+        timeout,
+    )
+    return found[0]
+
+
 async def test_seed_fault_fires_orphaned_alert_to_webhook(webhook: Webhook) -> None:
     """A pod with the seed's bug (`skip_cleanup_on_send_error`) and clients vanishing mid-stream:
     PriceStreamPubSubSubscriptionsOrphaned fires in Prometheus and its notification reaches the
@@ -699,19 +718,13 @@ async def test_seed_fault_fires_orphaned_alert_to_webhook(webhook: Webhook) -> N
             for call in calls:
                 call.cancel()
         vanished_at = time.time()
-        found = await asyncio.to_thread(
-            wait_until,
-            "PriceStreamPubSubSubscriptionsOrphaned at the webhook",
-            lambda: [
-                (n, a)
-                for n, a in webhook.alerts("PriceStreamPubSubSubscriptionsOrphaned")
-                if a["labels"].get("namespace") == FAULT_NAMESPACE
-                and n["status"] == "firing"
-                and a["status"] == "firing"
-            ],
+        notification, alert = await asyncio.to_thread(
+            firing_at_webhook,
+            webhook,
+            "PriceStreamPubSubSubscriptionsOrphaned",
+            FAULT_NAMESPACE,
             150,
         )
-        notification, alert = found[0]
         assert notification["version"] == "4"
         assert notification["status"] == "firing"
         assert alert["labels"]["pod"] == name
@@ -788,19 +801,9 @@ async def test_ws_close_fault_fires_websocket_leak_alert_to_webhook(webhook: Web
                 ) as ws:
                     assert json.loads(await asyncio.wait_for(ws.recv(), 10))["seq"] == 1
         closed_at = time.time()
-        found = await asyncio.to_thread(
-            wait_until,
-            "PriceStreamWebSocketSessionLeak at the webhook",
-            lambda: [
-                (n, a)
-                for n, a in webhook.alerts("PriceStreamWebSocketSessionLeak")
-                if a["labels"].get("namespace") == namespace
-                and n["status"] == "firing"
-                and a["status"] == "firing"
-            ],
-            180,
+        notification, alert = await asyncio.to_thread(
+            firing_at_webhook, webhook, "PriceStreamWebSocketSessionLeak", namespace, 180
         )
-        notification, alert = found[0]
         assert alert["labels"]["pod"] == name
         assert alert["labels"]["severity"] == "warning"
         assert alert["annotations"]["runbook_url"].endswith("PriceStreamWebSocketSessionLeak.md")
