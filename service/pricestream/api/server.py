@@ -217,10 +217,9 @@ class Server:
         # its Service drops this pod) is told 1001 (reconnect elsewhere), not refused bare.
         self._web.close_idle()
         self.web_api.drain(self.settings.web_drain_window)
-        for session in engine.registry.streaming():
-            writer = session.writer
-            if writer is not None and not self.web_api.owns(writer):
-                writer.stop("shutdown", grpc.StatusCode.UNAVAILABLE, SHUTDOWN_MESSAGE)
+        engine.stop_all_streams(
+            "shutdown", grpc.StatusCode.UNAVAILABLE, SHUTDOWN_MESSAGE, unless=self.web_api.owns
+        )
         timeout = max(self.settings.drain_timeout, self.settings.web_drain_window + 1.0)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(engine.streams_finished(), timeout)

@@ -165,10 +165,20 @@ class Engine:
         with contextlib.suppress(UnicodeDecodeError):
             self.on_closed(payload.decode("ascii"))
 
-    def stop_all_streams(self, reason: str, code: grpc.StatusCode, message: str) -> None:
+    def stop_all_streams(
+        self,
+        reason: str,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        unless: Callable[[StreamWriter], bool] | None = None,
+    ) -> None:
+        """Stop every stream of this pod, but those ``unless`` keeps (ended their own way)."""
         for session in self.registry.streaming():
-            assert session.writer is not None
-            session.writer.stop(reason, code, message)
+            writer = session.writer
+            assert writer is not None
+            if unless is None or not unless(writer):
+                writer.stop(reason, code, message)
 
     def _cut_off(self, writer: StreamWriter) -> None:
         self.metrics.slow_consumer_disconnects.inc()
