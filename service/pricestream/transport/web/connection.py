@@ -371,7 +371,7 @@ class WebConnection(asyncio.Protocol):
         self._pings = Budget(self._limits.client_ping_burst, self._limits.client_pings_per_second)
         self.mode = "websocket"
         self._cancel_timer()
-        sink = WebSocketSink(self, self.transport.write)
+        sink = WebSocketSink(self.transport.write)
         self.sink = sink
         self._owner.stream_opened(self, "websocket")
         self._arm_timer(self._limits.ping_interval, self._ping)
@@ -398,7 +398,7 @@ class WebConnection(asyncio.Protocol):
         self._h11 = None
         self.mode = "sse"
         self._cancel_timer()
-        sink = EventStreamSink(self, self._limits.sse_retry_ms, self.transport.write)
+        sink = EventStreamSink(self.transport.write, self._limits.sse_retry_ms)
         self.sink = sink
         self._owner.stream_opened(self, "sse")
         self._arm_timer(self._limits.sse_heartbeat, self._heartbeat)
@@ -560,10 +560,6 @@ class WebConnection(asyncio.Protocol):
     def idle(self) -> bool:
         """In HTTP mode between requests: nothing is lost by closing it."""
         return self.mode == "http" and self._task is None and self._head is None
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(data)
 
 
 def _is_websocket_upgrade(head: h11.Request) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Callable
-from typing import Protocol
 
 from pricestream.transport.web.frames import (
     SSE_HEARTBEAT,
@@ -23,13 +22,6 @@ from pricestream.transport.web.frames import (
     text_frame_header,
     websocket_batch,
 )
-
-
-class Wire(Protocol):
-    """Where a sink's bytes go (the connection)."""
-
-    def write(self, data: bytes) -> None: ...
-
 
 # A final text frame's header for each payload length under 126 (the usual batch), made once.
 _SHORT_HEADERS = tuple(bytes((0x81, n)) for n in range(126))
@@ -43,11 +35,10 @@ class StreamSink:
     ``write`` is the socket's own write (the transport's bound method, called straight from
     the flush pass: a batch is one call into uvloop, no method of ours in between)."""
 
-    __slots__ = ("_on_writable", "_wire", "_write", "blocked_since", "closed", "seq")
+    __slots__ = ("_on_writable", "_write", "blocked_since", "closed", "seq")
 
-    def __init__(self, wire: Wire, write: Callable[[bytes], None] | None = None) -> None:
-        self._wire = wire
-        self._write = wire.write if write is None else write
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self._write = write
         self._on_writable: Callable[[], None] | None = None
         self.blocked_since: float | None = None
         self.closed = False
@@ -60,23 +51,10 @@ class StreamSink:
     def on_writable(self, callback: Callable[[], None]) -> None:
         self._on_writable = callback
 
-    def send(self, payload: bytes) -> bool:
-        """Write one batch (comma-terminated JSON fragments); the first is the snapshot."""
-        if self.closed:
-            return True  # nothing waits: the stream is gone
-        seq = self.seq + 1
-        self.seq = seq
-        self._write(self._pack(seq, payload, seq == 1))
-        return self.blocked_since is None
-
     def send_snapshot(self, payload: bytes) -> None:
         """The first frame even when no ticker has a known price yet (an empty snapshot)."""
         if self.seq == 0:
             self.send(payload)
-
-    @staticmethod
-    def _pack(seq: int, payload: bytes, snapshot: bool) -> bytes:
-        raise NotImplementedError
 
     def pause(self) -> None:
         if self.blocked_since is None:
@@ -115,23 +93,23 @@ class WebSocketSink(StreamSink):
         self._write(b"".join((header, head, payload[:-1], b"]}")))
         return self.blocked_since is None
 
-    @staticmethod
-    def _pack(seq: int, payload: bytes, snapshot: bool) -> bytes:
-        return websocket_batch(seq, payload, snapshot=snapshot)
-
 
 class EventStreamSink(StreamSink):
     __slots__ = ()
 
-    def __init__(
-        self, wire: Wire, retry_ms: int, write: Callable[[bytes], None] | None = None
-    ) -> None:
-        super().__init__(wire, write)
+    def __init__(self, write: Callable[[bytes], None], retry_ms: int) -> None:
+        super().__init__(write)
         self._write(sse_retry(retry_ms))
 
-    @staticmethod
-    def _pack(seq: int, payload: bytes, snapshot: bool) -> bytes:
-        return sse_batch(seq, payload, snapshot=snapshot)
+    def send(self, payload: bytes) -> bool:
+        """One batch as one event (comma-terminated JSON fragments); the first is the
+        snapshot."""
+        if self.closed:
+            return True  # nothing waits: the stream is gone
+        seq = self.seq + 1
+        self.seq = seq
+        self._write(sse_batch(seq, payload, snapshot=seq == 1))
+        return self.blocked_since is None
 
     def heartbeat(self) -> None:
         if not self.closed and self.blocked_since is None:
