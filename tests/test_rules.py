@@ -66,13 +66,13 @@ def test_windows_and_thresholds_come_from_values() -> None:
         for rule in group["rules"]
     }
     assert rules["PriceStreamPubSubSubscriptionsOrphaned"]["for"] == "7s"
-    assert "[42s]" in rules["namespace_pod:pricestream_price_updates_received:rate"]["expr"]
+    assert "[42s]" in rules["namespace_job_pod:pricestream_price_updates_received:rate"]["expr"]
     assert 'pricestream_streams_active{job="x"}' in text
     assert "${" not in text
 
 
 def labels(pod: str, severity: str) -> dict[str, str]:
-    return {"namespace": NAMESPACE, "pod": pod, "severity": severity}
+    return {"job": JOB, "namespace": NAMESPACE, "pod": pod, "severity": severity}
 
 
 def orphaned(pod: str, value: int) -> Expected:
@@ -298,6 +298,65 @@ def test_promtool_scenario(name: str, shipped_rules: Path, tmp_path: Path) -> No
     scenario = SCENARIOS[name]()
     document = scenario.promtool_test(str(shipped_rules), alert_names(shipped_rules.read_text()))
     test_file = tmp_path / f"{name}.test.yaml"
+    test_file.write_text(yaml.safe_dump(document, sort_keys=False, width=10_000))
+    result = subprocess.run(
+        [require_binary("promtool"), "test", "rules", str(test_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert "SUCCESS" in result.stdout
+
+
+def test_two_releases_rules_each_see_only_their_own_series(
+    shipped_rules: Path, tmp_path: Path
+) -> None:
+    """Two releases in one namespace, each with its rule groups (as two PrometheusRules load):
+    the other release leaks as the seed did. Its alerts fire once, from its own rules, and this
+    release's rules neither alert on its pods nor record its series (two groups writing one
+    recorded series is what made the cluster's Prometheus log out-of-order samples)."""
+    other_rules = tmp_path / "other.rules.yaml"
+    other_rules.write_text(rules_file(selector='job="other",namespace="prod"'))
+    leaky = "other-7d9f-leaky"
+    other = Pod(
+        leaky,
+        list(SEED_SHAPE),
+        universe=499,
+        subscription_churn=46,
+        leaked_sessions=SEED_LEAK,
+        leaked_subscriptions=SEED_LEAK,
+        job="other",
+    )
+
+    def theirs(expected: Expected) -> Expected:
+        return Expected(expected.alert, {**expected.labels, "job": "other"}, expected.annotations)
+
+    scenario = Scenario(
+        "another release's seed leak in the same namespace: each alert once, from its rules",
+        [other, Pod("pricestream-7d9f-healthy", hold(300, len(SEED_SHAPE)))],
+        check_minutes=[15, 25, 40, 50, 80],
+        firing={
+            40: [theirs(zombies(leaky, 93))],
+            50: [theirs(orphaned(leaky, 93)), theirs(zombies(leaky, 93))],
+            80: [theirs(orphaned(leaky, 93)), theirs(zombies(leaky, 93))],
+        },
+    )
+    document = scenario.promtool_test(str(shipped_rules), alert_names(shipped_rules.read_text()))
+    document["rule_files"].append(str(other_rules))
+    p99 = "namespace_job_pod:pricestream_delivery_latency_seconds:p99"
+    document["tests"][0]["promql_expr_test"] = [
+        {
+            # one p99 series per pod, each recorded by its own release's rules alone
+            "expr": f"count by (job) (count by (job, pod) ({p99}))",
+            "eval_time": "20m",
+            "exp_samples": [
+                {"labels": '{job="other"}', "value": 1},
+                {"labels": f'{{job="{JOB}"}}', "value": 1},
+            ],
+        }
+    ]
+    test_file = tmp_path / "two_releases.test.yaml"
     test_file.write_text(yaml.safe_dump(document, sort_keys=False, width=10_000))
     result = subprocess.run(
         [require_binary("promtool"), "test", "rules", str(test_file)],

@@ -42,10 +42,11 @@ class Pod:
     ws_share: float = 0
     sse_share: float = 0
     stuck_ws: list[float] | None = None  # closed (and counted) WebSockets the gauge still counts
+    job: str = JOB  # another release's pods carry its own job
 
     def labels(self) -> str:
         instance = f"{self.name}:9464"
-        return f'job="{JOB}",namespace="{NAMESPACE}",pod="{self.name}",instance="{instance}"'
+        return f'job="{self.job}",namespace="{NAMESPACE}",pod="{self.name}",instance="{instance}"'
 
     def series(self) -> list[dict[str, str]]:
         out: dict[str, list[float | None]] = {}
