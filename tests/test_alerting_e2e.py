@@ -30,10 +30,17 @@ from pathlib import Path
 import grpc
 import pytest
 import websockets
-import yaml
 from pricestream.tools.feed import ticker_universe
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
+from support.burn import (
+    BURN_ALERT,
+    Refusals,
+    hammer_grpc,
+    hammer_rest,
+    read_until_cancelled,
+    shipped_alertmanager_config,
+)
 from support.chart import rules_file
 from support.monitoring import Alertmanager, Prometheus, WebhookReceiver
 from support.processes import ServeProcess, start_feed
@@ -369,7 +376,6 @@ async def test_leak_alert_reaches_alertmanager_and_healthy_churn_stays_silent(st
 
 # --- fast burn: the page reaches the pager, the ticket is inhibited --------------------------
 
-SHIPPED_ALERTMANAGER = Path(__file__).resolve().parents[1] / "deploy/alertmanager/alertmanager.yml"
 # The SLO rules' windows and `for:` durations shrunk to seconds (the rules are named after the
 # production window they stand for); objectives and burn rates as shipped. Every other rule
 # keeps its production parameters: none can fire within this test.
@@ -386,58 +392,6 @@ SLO_SHORT_WINDOWS = {
     "sloTicketFastFor": "5s",
     "sloTicketSlowFor": "10s",
 }
-BURN_ALERT = "PriceStreamAvailabilityErrorBudgetBurn"
-
-
-def shipped_alertmanager_config(page_url: str, ticket_url: str) -> dict:
-    """deploy/alertmanager/alertmanager.yml with only its receivers' URLs replaced."""
-    config = yaml.safe_load(SHIPPED_ALERTMANAGER.read_text())
-    urls = {"pricestream-pager": page_url, "pricestream-tickets": ticket_url}
-    for receiver in config["receivers"]:
-        for webhook in receiver.get("webhook_configs", []):
-            webhook["url"] = urls.pop(receiver["name"])
-    assert urls == {}, urls
-    return config
-
-
-@dataclass
-class Refusals:
-    grpc: Counter[str] = field(default_factory=Counter)
-    rest: Counter[int] = field(default_factory=Counter)
-
-
-async def hammer_grpc(target: str, until: float, refusals: Refusals) -> None:
-    # A connection of its own: the server allows max_sessions (1) concurrent HTTP/2 streams per
-    # connection, and grpc shares one connection per target unless told otherwise, so calls
-    # would queue behind the holder's stream instead of reaching the server.
-    own_connection = [("grpc.use_local_subchannel_pool", 1)]
-    async with grpc.aio.insecure_channel(target, own_connection) as channel:
-        stub = PriceStreamServiceStub(channel)
-        while time.monotonic() < until:
-            try:
-                session = await stub.CreateSession(
-                    pb.CreateSessionRequest(tickers=["AAPL"]), timeout=5
-                )
-            except grpc.aio.AioRpcError as exc:
-                refusals.grpc[exc.code().name] += 1
-            else:  # the pod had room after all: give it back
-                refusals.grpc["OK"] += 1
-                await stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
-            await asyncio.sleep(0.05)
-
-
-async def hammer_rest(web_port: int, until: float, refusals: Refusals) -> None:
-    while time.monotonic() < until:
-        status, _, body = await rest(web_port, "POST", "/v1/sessions", {"tickers": ["AAPL"]})
-        refusals.rest[status] += 1
-        if status == 201:
-            await rest(web_port, "DELETE", f"/v1/sessions/{body['session_id']}")
-        await asyncio.sleep(0.05)
-
-
-async def read_until_cancelled(call: grpc.aio.UnaryStreamCall) -> None:
-    while await call.read() is not grpc.aio.EOF:
-        pass
 
 
 @pytest.mark.timeout(150)

@@ -21,8 +21,10 @@ async def rest(
     body: Any = None,
     headers: dict[str, str] | None = None,
     raw: bytes | None = None,
+    *,
+    host: str = "127.0.0.1",
 ) -> tuple[int, dict[str, str], Any]:
-    """One REST call; (status, headers, parsed JSON body or None)."""
+    """One REST call to ``host:port``; (status, headers, parsed JSON body or None)."""
     send_headers = dict(headers or {})
     data = raw
     if body is not None:
@@ -30,7 +32,7 @@ async def rest(
         send_headers.setdefault("Content-Type", "application/json")
     async with aiohttp.ClientSession() as http:
         async with http.request(
-            method, f"http://127.0.0.1:{port}{path}", data=data, headers=send_headers
+            method, f"http://{host}:{port}{path}", data=data, headers=send_headers
         ) as response:
             text = await response.read()
             parsed = json.loads(text) if text else None
