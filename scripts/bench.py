@@ -20,6 +20,10 @@ socket per user: the Go client's -protocol ws) beside Centrifugo's uni_websocket
 centrifugo-ws, fed the update's JSON), with and without its join_push_messages; wstorm drops
 every socket at once a third into the hold and reports how long until all resumed, the sessions
 lost and the pod's readiness (/readyz polled every 250 ms) throughout.
+
+d100x is d100 with tracing on (OTLP to scripts/bench_otlp_sink.py, on the load cores), so the
+delivery-latency histogram takes exemplars: the notes under the table give its CPU per update
+against d100's in the same run, and the buckets that carried an exemplar (issue 28).
 """
 
 from __future__ import annotations
@@ -66,6 +70,9 @@ class Case:
     transport: str = "grpc"  # "ws" / "sse": the browser path (Centrifugo: its uni_websocket)
     join_push: bool = False  # Centrifugo's uni_websocket.join_push_messages
     storm: bool = False  # ws: every socket dropped at once during the hold, then reconnecting
+    # tracing on (OTLP to scripts/bench_otlp_sink.py): the delivery-latency histogram takes
+    # exemplars, one trace id per bucket per 15 s; compared with the same case untraced
+    tracing: bool = False
 
     @property
     def feed_rate(self) -> float:
@@ -121,6 +128,9 @@ CASES |= {
     # streams), the same feed for both servers.
     "d100": Case("5,000 streams x 5 tickers at 2 Hz, flush 100 ms", 5_000, 5, 0.1, 500,
                  ticker_hz=2),
+    # d100 with tracing and exemplars on (issue 28): what they cost, against d100 in one run.
+    "d100x": Case("5,000 streams x 5 tickers at 2 Hz, flush 100 ms, tracing and exemplars on",
+                  5_000, 5, 0.1, 500, ticker_hz=2, tracing=True),
     "cd": Case(f"{CENTRIFUGO}: 5,000 streams x 5 tickers at 2 Hz", 5_000, 5, 0, 500,
                ticker_hz=2, centrifugo=True),
     "d10k": Case("10,000 streams x 5 tickers at 2 Hz, flush 100 ms", 10_000, 5, 0.1, 500,
@@ -165,7 +175,9 @@ BROWSER_CASES = "w5k,cw5k,cw5kj,w10k,cw10k,wstorm"
 # "shards": not a server case; Redis Cluster capacity with 1 and 3 masters (bench_shards.py).
 SHARDS_CASE = "shards"
 DEFAULT_CASES = (
-    "d100,cd,d10k,cd10k,a500,c500,floor500,hot100,chot,s100,q10k,m50k," + BROWSER_CASES + ",shards"
+    "d100,d100x,cd,d10k,cd10k,a500,c500,floor500,hot100,chot,s100,q10k,m50k,"
+    + BROWSER_CASES
+    + ",shards"
 )
 
 
@@ -261,6 +273,8 @@ def run_case(
         target_port = http_port if case.centrifugo else web_port
     procs: list[subprocess.Popen[bytes]] = []
     readiness: ReadinessProbe | None = None
+    spans_file = workdir / f"spans-{grpc_port}.txt"
+    exemplars: int | None = None
     try:
         if case.floor:
             server = _start(
@@ -313,6 +327,16 @@ def run_case(
                     # 400 new sockets/s; 1,000 at w10k) must not meet the pod's web_accept_rate. The
                     # storm keeps the default: admission is what bounds its recovery.
                     env["PRICESTREAM_WEB_ACCEPT_RATE"] = "0"
+                if case.tracing:
+                    # the receiver first: stopped after the server, which exports on its way out
+                    otlp_port = free_port()
+                    sink = str(ROOT / "scripts/bench_otlp_sink.py")
+                    _start(
+                        procs, client_cpus, sys.executable, sink,
+                        "--port", str(otlp_port), "--count-file", str(spans_file),
+                    )  # fmt: skip
+                    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{otlp_port}"
+                    env["OTEL_SERVICE_NAME"] = "pricestream-bench"
                 _start(procs, "0", sys.executable, "-m", "pricestream", "serve", env=env)
 
                 def sample() -> dict[str, float]:
@@ -338,6 +362,8 @@ def run_case(
             if readiness is not None:
                 readiness.__exit__()
         verdict = "n/a" if case.floor or case.centrifugo else leak_verdict(http_port)
+        if case.tracing:
+            exemplars = exemplar_buckets(http_port)
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -397,6 +423,12 @@ def run_case(
         "errors": measured.errors,
         "leak_verdict": verdict if isinstance(verdict, str) else _verdict_text(verdict),
         "transport": case.transport,
+        "tracing": None
+        if not case.tracing
+        else {
+            "exemplar_buckets": exemplars,
+            "spans_exported": int(spans_file.read_text()) if spans_file.exists() else None,
+        },
         "storm": None
         if measured.storm is None
         else {
@@ -405,6 +437,47 @@ def run_case(
             "probes": None if readiness is None else readiness.probes,
         },
     }
+
+
+def exemplar_buckets(http_port: int) -> int:
+    """Latency buckets carrying an exemplar in the OpenMetrics exposition (as Prometheus asks)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{http_port}/metrics",
+        headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        1
+        for line in text.splitlines()
+        if line.startswith("pricestream_delivery_latency_seconds_bucket") and " # {" in line
+    )
+
+
+def tracing_notes(rows: list[dict]) -> str:
+    """Each traced case against the untraced row of its workload in the same run."""
+    lines = []
+    for r in rows:
+        if not r.get("tracing"):
+            continue
+        (base,) = [
+            b
+            for b in rows
+            if b["workload"] == r["workload"] and b["server"] == r["server"] and not b["tracing"]
+        ] or [None]
+        versus = (
+            "no untraced row of the same workload in this run"
+            if base is None
+            else f"{r['cpu_us_per_update']} against {base['cpu_us_per_update']} µs per delivered "
+            f"update untraced ({r['cpu_us_per_update'] / base['cpu_us_per_update'] - 1:+.1%}), "
+            f"p99 {r['p99_ms']} against {base['p99_ms']} ms"
+        )
+        t = r["tracing"]
+        lines.append(
+            f"- {r['case']}: {versus}; {t['exemplar_buckets']} latency buckets with an exemplar "
+            f"at the end, {t['spans_exported']} spans exported in all"
+        )
+    return ("\nTracing and exemplars:\n\n" + "\n".join(lines) + "\n") if lines else ""
 
 
 def _verdict_text(problems: list[str]) -> str:
@@ -562,7 +635,7 @@ def main(argv: list[str]) -> int:
             row = run_case(case, args.client, ramp, hold, Path(tmp), client_cpus)
             print(f"bench: {json.dumps(row)}", file=sys.stderr)
             rows.append(row)
-    text = (table(rows) + storm_notes(rows)) if rows else ""
+    text = (table(rows) + storm_notes(rows) + tracing_notes(rows)) if rows else ""
     if SHARDS_CASE in keys:
         seconds = float(hold)  # each (masters, pods) pair publishes for one hold
         text += (
