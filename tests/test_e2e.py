@@ -25,9 +25,11 @@ from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from support.e2e_kube import (
     CHART,
+    PAGER,
     REDIS_IMAGE,
     REPO,
     STATE,
+    TICKETS,
     Webhook,
     apply,
     helm,
@@ -683,7 +685,7 @@ def firing_at_webhook(
 async def test_seed_fault_fires_orphaned_alert_to_webhook(webhook: Webhook) -> None:
     """A pod with the seed's bug (`skip_cleanup_on_send_error`) and clients vanishing mid-stream:
     PriceStreamPubSubSubscriptionsOrphaned fires in Prometheus and its notification reaches the
-    webhook through Alertmanager."""
+    webhook through Alertmanager, at the pager (critical, by the shipped routing tree)."""
     kubectl("create", "namespace", FAULT_NAMESPACE)
     try:
         helm(
@@ -729,6 +731,8 @@ async def test_seed_fault_fires_orphaned_alert_to_webhook(webhook: Webhook) -> N
         assert notification["status"] == "firing"
         assert alert["labels"]["pod"] == name
         assert alert["labels"]["severity"] == "critical"
+        # The shipped routing tree pages a critical alert.
+        assert notification["path"] == PAGER, notification["path"]
         assert alert["annotations"]["runbook_url"].endswith(
             "PriceStreamPubSubSubscriptionsOrphaned.md"
         )
@@ -760,7 +764,8 @@ async def test_seed_fault_fires_orphaned_alert_to_webhook(webhook: Webhook) -> N
 async def test_ws_close_fault_fires_websocket_leak_alert_to_webhook(webhook: Webhook) -> None:
     """The original system's bug on its own path: a pod whose WebSocket closes skip the session
     cleanup (`skip_cleanup_on_ws_close`); 8 browsers stream and close their sockets;
-    PriceStreamWebSocketSessionLeak reaches the webhook through Alertmanager."""
+    PriceStreamWebSocketSessionLeak reaches the webhook through Alertmanager, at the tickets
+    (warning, by the shipped routing tree)."""
     namespace = WS_FAULT_NAMESPACE
     kubectl("create", "namespace", namespace)
     try:
@@ -806,6 +811,8 @@ async def test_ws_close_fault_fires_websocket_leak_alert_to_webhook(webhook: Web
         )
         assert alert["labels"]["pod"] == name
         assert alert["labels"]["severity"] == "warning"
+        # The shipped routing tree opens a ticket for a warning.
+        assert notification["path"] == TICKETS, notification["path"]
         assert alert["annotations"]["runbook_url"].endswith("PriceStreamWebSocketSessionLeak.md")
         after = notification["received_at"] - closed_at
         print(f"WebSocket leak alert delivered {after:.1f}s after the sockets closed")

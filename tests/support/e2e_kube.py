@@ -134,7 +134,12 @@ def ready_pods(namespace: str, selector: str) -> list[dict[str, Any]]:
 
 
 PROMETHEUS = f"http://127.0.0.1:{V['PROMETHEUS_PORT']}"
+ALERTMANAGER = f"http://{NODE_IP}:{V['ALERTMANAGER_PORT']}"
 WEBHOOK_PORT = int(V["WEBHOOK_PORT"])
+# The paths of the webhook that tests/e2e/cluster/alertmanager-config.py gives the shipped
+# routing tree's receivers (deploy/alertmanager/alertmanager.yml).
+PAGER = "/pager"  # pricestream-pager: severity page (SLO) and critical
+TICKETS = "/tickets"  # pricestream-tickets: severity ticket (SLO) and warning
 
 
 def prom(path: str, **params: str) -> Any:
@@ -150,6 +155,15 @@ def prom_query(expr: str) -> list[dict[str, Any]]:
     return prom("/api/v1/query", query=expr)["result"]
 
 
+def alertmanager_alerts(*matchers: str) -> list[dict[str, Any]]:
+    """The cluster Alertmanager's `/api/v2/alerts` (active, silenced and inhibited ones)
+    filtered by ``matchers`` (`severity="ticket"`): each with `labels` and `status` (`state`,
+    `inhibitedBy`)."""
+    query = urllib.parse.urlencode([("filter", m) for m in matchers])
+    with urllib.request.urlopen(f"{ALERTMANAGER}/api/v2/alerts?{query}", timeout=10) as resp:
+        return json.load(resp)
+
+
 def pod_exposition(pod_ip: str, port: int = 9464) -> str:
     """A pod's /metrics, fetched straight from its IP (a test host on the e2e bridge)."""
     with urllib.request.urlopen(f"http://{pod_ip}:{port}/metrics", timeout=5) as resp:
@@ -157,7 +171,9 @@ def pod_exposition(pod_ip: str, port: int = 9464) -> str:
 
 
 class Webhook:
-    """Alertmanager's receiver: records every notification POSTed to 127.0.0.1:WEBHOOK_PORT."""
+    """Alertmanager's receivers: records every notification POSTed to 127.0.0.1:WEBHOOK_PORT,
+    with the time it arrived (`received_at`) and the path it was POSTed to (`path`: PAGER or
+    TICKETS, the receiver that the routing tree chose)."""
 
     def __init__(self) -> None:
         self.notifications: list[dict[str, Any]] = []
@@ -166,7 +182,7 @@ class Webhook:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                received.append({"received_at": time.time(), **json.loads(body)})
+                received.append({"received_at": time.time(), "path": self.path, **json.loads(body)})
                 self.send_response(200)
                 self.end_headers()
 
@@ -181,10 +197,15 @@ class Webhook:
         self.server.shutdown()
         self.server.server_close()
 
-    def alerts(self, alertname: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    def alerts(
+        self, alertname: str, path: str | None = None
+    ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """(notification, alert) of every ``alertname`` alert received (at ``path`` only, if
+        given)."""
         return [
             (n, a)
             for n in list(self.notifications)
+            if path is None or n["path"] == path
             for a in n["alerts"]
             if a["labels"].get("alertname") == alertname
         ]

@@ -5,8 +5,11 @@
 # - Debian's Prometheus, on the configuration and rule files the operator generates (the
 #   operator itself can only run Prometheus as pods from an image; prometheus-config-sync.py
 #   copies what it writes into the cluster to this host process: see that file);
-# - Debian's Alertmanager, routing every alert to the test's webhook (127.0.0.1:$WEBHOOK_PORT),
-#   found by Prometheus through a Service of the cluster, as the operator configures it;
+# - Debian's Alertmanager on the shipped routing tree (deploy/alertmanager/alertmanager.yml:
+#   page/critical to the pager, ticket/warning to the tickets, the inhibit rules), its receivers
+#   pointed at the test's webhook (127.0.0.1:$WEBHOOK_PORT/pager and /tickets; written by
+#   alertmanager-config.py here), found by Prometheus through a Service of the cluster, as the
+#   operator configures it;
 # - the custom-metrics adapter (metrics-adapter/) behind an APIService, for the HPA, and
 #   metrics-server (resource metrics: the HPA's CPU target), both host processes.
 set -euo pipefail
@@ -65,19 +68,11 @@ spec:
 YAML
 
 log "alertmanager $(prometheus-alertmanager --version 2>&1 | awk 'NR==1 {print $3}') on $NODE_IP:$ALERTMANAGER_PORT"
-cat >"$STATE/alertmanager/alertmanager.yml" <<YAML
-route:
-  receiver: e2e-webhook
-  group_by: [alertname, namespace]
-  group_wait: 1s
-  group_interval: 5s
-  repeat_interval: 1h
-receivers:
-  - name: e2e-webhook
-    webhook_configs:
-      - url: http://127.0.0.1:$WEBHOOK_PORT/alerts
-        send_resolved: true
-YAML
+# The shipped routing tree (deploy/alertmanager/alertmanager.yml), its pager and ticket receivers
+# pointed at the test's webhook (/pager, /tickets); only the top-level group_wait/group_interval
+# shortened (see the script).
+"${PYTHON:-$REPO/.venv/bin/python}" "$E2E_DIR/alertmanager-config.py" "http://127.0.0.1:$WEBHOOK_PORT" \
+  >"$STATE/alertmanager/alertmanager.yml"
 start alertmanager prometheus-alertmanager --config.file "$STATE/alertmanager/alertmanager.yml" \
   --storage.path "$STATE/alertmanager/data" --web.listen-address "$NODE_IP:$ALERTMANAGER_PORT" \
   --cluster.listen-address ""
