@@ -5,6 +5,7 @@ uninstall for every file in the chart's ci/ folder, and nothing left behind."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import re
@@ -23,6 +24,13 @@ from pricestream.tools.feed import ticker_universe
 from pricestream.tools.leak_check import samples, violations
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
+from support.burn import (
+    BURN_ALERT,
+    Refusals,
+    hammer_grpc,
+    hammer_rest,
+    read_until_cancelled,
+)
 from support.e2e_kube import (
     CHART,
     PAGER,
@@ -31,6 +39,7 @@ from support.e2e_kube import (
     STATE,
     TICKETS,
     Webhook,
+    alertmanager_alerts,
     apply,
     helm,
     image_values,
@@ -816,6 +825,185 @@ async def test_ws_close_fault_fires_websocket_leak_alert_to_webhook(webhook: Web
         assert alert["annotations"]["runbook_url"].endswith("PriceStreamWebSocketSessionLeak.md")
         after = notification["received_at"] - closed_at
         print(f"WebSocket leak alert delivered {after:.1f}s after the sockets closed")
+    finally:
+        helm("uninstall", RELEASE, "-n", namespace, "--wait", check=False)
+        kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=120s", check=False)
+
+
+BURN_NAMESPACE = "e2e-burn"
+# The SLO rules' windows shrunk for this cluster, which scrapes and evaluates every 5 s: each at
+# least four scrape intervals, in the order of the production windows they stand for (their
+# names); objectives and burn rates as shipped. The tickets' `for:` are as short as the page's,
+# so Prometheus fires them while the page fires (the inhibition is then there to be seen).
+SLO_CLUSTER_WINDOWS = {
+    "sloWindow5m": "20s",
+    "sloWindow30m": "30s",
+    "sloWindow1h": "40s",
+    "sloWindow2h": "50s",
+    "sloWindow6h": "60s",
+    "sloWindow1d": "90s",
+    "sloWindow3d": "120s",
+    "sloPageFastFor": "5s",
+    "sloPageSlowFor": "10s",
+    "sloTicketFastFor": "5s",
+    "sloTicketSlowFor": "10s",
+}
+
+
+def burn_alerts_in_prometheus(namespace: str) -> set[str]:
+    """Severities of the availability burn alert firing in Prometheus for ``namespace``."""
+    return {
+        a["labels"]["severity"]
+        for a in prom("/api/v1/alerts")["alerts"]
+        if a["labels"].get("alertname") == BURN_ALERT
+        and a["labels"].get("namespace") == namespace
+        and a["state"] == "firing"
+    }
+
+
+async def test_fast_burn_pages_the_pager_and_inhibits_the_ticket(webhook: Webhook) -> None:
+    """The shipped routing tree on the cluster (tests/e2e/cluster/alertmanager-config.py): a
+    pod with config.maxSessions=1 whose only session one stream holds, while CreateSession is
+    hammered over gRPC (RESOURCE_EXHAUSTED) and REST (503 `pod_full`). The availability page
+    (PriceStreamAvailabilityErrorBudgetBurn, severity page) reaches the pager; Prometheus fires
+    the tickets too, Alertmanager holds them back, inhibited by the page, and the ticket
+    receiver gets nothing of this release's burn."""
+    namespace = BURN_NAMESPACE
+    kubectl("create", "namespace", namespace)
+    try:
+        slo_params = ",".join(
+            f"monitoring.rules.params.{k}={v}" for k, v in SLO_CLUSTER_WINDOWS.items()
+        )
+        helm(
+            "install",
+            RELEASE,
+            str(CHART),
+            "-n",
+            namespace,
+            *sre_values(
+                "--set",
+                "autoscaling.enabled=false,replicaCount=1,config.maxSessions=1",
+                "--set",
+                slo_params,
+            ),
+            "--wait",
+        )
+        (pod,) = ready_pods(namespace, SERVER)
+        name, ip = pod["metadata"]["name"], pod["status"]["podIP"]
+        target = f"{ip}:50051"
+        await asyncio.to_thread(
+            wait_until,
+            "the burn pod scraped",
+            lambda: prom_query(f'up{{namespace="{namespace}",pod="{name}"}} == 1'),
+            120,
+        )
+        good_ratio = (
+            "namespace_job:pricestream_slo_errors:ratio_rate1h"
+            f'{{namespace="{namespace}",slo="availability"}} == 0'
+        )
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = PriceStreamServiceStub(channel)
+            # Good session starts (created and closed), at least 20 and until the release's
+            # SLO rules, loaded by now, read an availability error ratio of 0: the page below
+            # is the burn's alone.
+            good = 0
+            deadline = time.monotonic() + 120
+            while good < 20 or not await asyncio.to_thread(prom_query, good_ratio):
+                assert time.monotonic() < deadline, "no availability error ratio of 0"
+                session = await stub.CreateSession(
+                    pb.CreateSessionRequest(tickers=["AAPL"]), timeout=10
+                )
+                await stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
+                good += 1
+                await asyncio.sleep(0.5)
+
+            # The burn: one client takes the pod's only slot and streams; every other session
+            # start is refused as the pod is full (the server's fault).
+            holder = await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL"]))
+            stream = stub.StreamPriceUpdates(
+                pb.StreamPriceUpdatesRequest(session_id=holder.session_id)
+            )
+            reader = asyncio.create_task(read_until_cancelled(stream))
+            burn_at = time.time()
+            until = time.monotonic() + 180
+            refusals = Refusals()
+            tasks = [
+                *(asyncio.create_task(hammer_grpc(target, until, refusals)) for _ in range(3)),
+                *(
+                    asyncio.create_task(hammer_rest(8080, until, refusals, host=ip))
+                    for _ in range(2)
+                ),
+            ]
+            try:
+                notification, alert = await asyncio.to_thread(
+                    firing_at_webhook, webhook, BURN_ALERT, namespace, 120
+                )
+                # While the burn goes on: Prometheus fires the tickets too (3x and 1x are
+                # crossed as well), and Alertmanager holds them back while the page fires.
+                await asyncio.to_thread(
+                    wait_until,
+                    "the page and the tickets firing in Prometheus",
+                    lambda: burn_alerts_in_prometheus(namespace) == {"page", "ticket"},
+                    60,
+                )
+                ticket_matchers = (
+                    f'alertname="{BURN_ALERT}"',
+                    'severity="ticket"',
+                    f'namespace="{namespace}"',
+                )
+                suppressed = await asyncio.to_thread(
+                    wait_until,
+                    "the tickets suppressed in Alertmanager",
+                    lambda: [
+                        a
+                        for a in alertmanager_alerts(*ticket_matchers)
+                        if a["status"]["state"] == "suppressed"
+                    ],
+                    60,
+                )
+                ticket_states = [
+                    (a["labels"]["long_window"], a["status"]["state"], a["status"]["inhibitedBy"])
+                    for a in alertmanager_alerts(*ticket_matchers)
+                ]
+            finally:
+                for task in [*tasks, reader]:
+                    task.cancel()
+                await asyncio.gather(*tasks, reader, return_exceptions=True)
+                stream.cancel()
+
+        detected_after = notification["received_at"] - burn_at
+        fired_after = dt.datetime.fromisoformat(alert["startsAt"]).timestamp() - burn_at
+        assert refusals.grpc["RESOURCE_EXHAUSTED"] > 100, refusals
+        assert refusals.rest[503] > 100, refusals
+        assert notification["path"] == PAGER, notification
+        assert alert["labels"]["alertname"] == BURN_ALERT
+        assert alert["labels"]["severity"] == "page"
+        assert alert["labels"]["slo"] == "availability"
+        assert alert["labels"]["namespace"] == namespace
+        assert alert["annotations"]["runbook_url"].endswith(f"{BURN_ALERT}.md")
+        paged = [
+            a["labels"]
+            for _, a in webhook.alerts(BURN_ALERT, PAGER)
+            if a["labels"]["namespace"] == namespace
+        ]
+        assert all((p["severity"], p["slo"]) == ("page", "availability") for p in paged), paged
+        assert all(a["status"]["inhibitedBy"] for a in suppressed), ticket_states
+        ticketed = [
+            (n["path"], a["labels"])
+            for n, a in webhook.alerts(BURN_ALERT)
+            if a["labels"].get("namespace") == namespace and n["path"] != PAGER
+        ]
+        assert ticketed == []
+        print(
+            f"fast burn on the cluster after {good} good session starts: "
+            f"{sum(refusals.grpc.values())} gRPC CreateSession "
+            f"{dict(refusals.grpc)}, {sum(refusals.rest.values())} REST {dict(refusals.rest)}; "
+            f"page fired {fired_after:.1f}s and reached the pager {detected_after:.1f}s after "
+            f"the burn began (windows {SLO_CLUSTER_WINDOWS['sloWindow1h']}/"
+            f"{SLO_CLUSTER_WINDOWS['sloWindow5m']}, for {SLO_CLUSTER_WINDOWS['sloPageFastFor']}, "
+            f"the shipped group_wait 30s); {len(suppressed)} ticket alert(s) inhibited "
+            f"{ticket_states}; {len(ticketed)} ticket notifications"
+        )
     finally:
         helm("uninstall", RELEASE, "-n", namespace, "--wait", check=False)
         kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=120s", check=False)
