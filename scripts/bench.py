@@ -455,23 +455,26 @@ def exemplar_buckets(http_port: int) -> int:
 
 
 def tracing_notes(rows: list[dict]) -> str:
-    """Each traced case against the untraced row of its workload in the same run."""
+    """Each traced case against the untraced rows of its workload in the same run (their
+    mean, when a case was run more than once to see the noise)."""
     lines = []
     for r in rows:
         if not r.get("tracing"):
             continue
-        (base,) = [
-            b
+        base = [
+            b["cpu_us_per_update"]
             for b in rows
             if b["workload"] == r["workload"] and b["server"] == r["server"] and not b["tracing"]
-        ] or [None]
-        versus = (
-            "no untraced row of the same workload in this run"
-            if base is None
-            else f"{r['cpu_us_per_update']} against {base['cpu_us_per_update']} µs per delivered "
-            f"update untraced ({r['cpu_us_per_update'] / base['cpu_us_per_update'] - 1:+.1%}), "
-            f"p99 {r['p99_ms']} against {base['p99_ms']} ms"
-        )
+        ]
+        if not base:
+            versus = "no untraced row of the same workload in this run"
+        else:
+            mean = sum(base) / len(base)
+            versus = (
+                f"{r['cpu_us_per_update']} against {mean:.2f} µs per delivered update untraced "
+                f"({r['cpu_us_per_update'] / mean - 1:+.1%}; untraced rows: "
+                f"{', '.join(map(str, base))})"
+            )
         t = r["tracing"]
         lines.append(
             f"- {r['case']}: {versus}; {t['exemplar_buckets']} latency buckets with an exemplar "
