@@ -34,5 +34,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 stage up "$E2E_DIR/cluster-up.sh"
 stage monitoring-up "$E2E_DIR/monitoring-up.sh"
+# Extra pytest arguments, parsed as a shell would (quotes kept together), e.g.
+# E2E_PYTEST_ARGS="-k 'burn or fault'" make e2e
+eval "pytest_args=(${E2E_PYTEST_ARGS:-})"
 stage checks env PRICESTREAM_E2E=1 E2E_STATE="$STATE" HELM="$HELM" "$PYTHON" -m pytest \
-  -p no:cacheprovider -o addopts= -v -rA --durations=0 "$REPO/tests/test_e2e.py" ${E2E_PYTEST_ARGS:-}
+  -p no:cacheprovider -o addopts= -v -rA --durations=0 "$REPO/tests/test_e2e.py" "${pytest_args[@]}"
