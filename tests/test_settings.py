@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from pricestream.settings import (
     SettingsError,
     check_environment,
     load_settings,
+    proxy_networks,
     sentinel_addresses,
     unknown_settings,
 )
@@ -138,3 +141,38 @@ def test_bad_topology_is_one_clear_line(overrides: dict[str, str], message: str)
         load_settings(**overrides)
     assert message in str(raised.value)
     assert "\n" not in str(raised.value)
+
+
+def test_trusted_proxies_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    value = " 10.244.0.0/16, fd00:10:244::/56,192.0.2.7 ,"
+    environ = {"PRICESTREAM_TRUSTED_PROXIES": value}
+    check_environment(environ)  # a known setting
+    monkeypatch.setenv("PRICESTREAM_TRUSTED_PROXIES", value)
+    settings = load_settings()
+    assert proxy_networks(settings.trusted_proxies) == (
+        ipaddress.ip_network("10.244.0.0/16"),
+        ipaddress.ip_network("fd00:10:244::/56"),
+        ipaddress.ip_network("192.0.2.7/32"),
+    )
+    assert proxy_networks(load_settings(trusted_proxies="").trusted_proxies) == ()
+    monkeypatch.delenv("PRICESTREAM_TRUSTED_PROXIES")
+    assert load_settings().trusted_proxies == ""  # the default: trust no proxy
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("10.0.0.0/8,nginx", "'nginx' is not an IP address or a CIDR network"),
+        ("10.0.0.300", "'10.0.0.300' is not an IP address or a CIDR network"),
+        ("10.0.0.0/33", "'10.0.0.0/33' is not an IP address or a CIDR network"),
+        ("127.0.0.1:80", "'127.0.0.1:80' is not an IP address or a CIDR network"),
+        ("10.244.1.0/16", "'10.244.1.0/16' has host bits set; did you mean 10.244.0.0/16?"),
+        ("fe80::1%eth0", "'fe80::1%eth0' has an IPv6 zone"),
+    ],
+)
+def test_a_malformed_trusted_proxy_is_one_line_naming_it(value: str, message: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        load_settings(trusted_proxies=value)
+    text = str(raised.value)
+    named = "invalid setting trusted_proxies (env PRICESTREAM_TRUSTED_PROXIES): "
+    assert text.startswith(named) and message in text and "\n" not in text, text

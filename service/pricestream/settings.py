@@ -120,6 +120,12 @@ class Settings(BaseSettings):
     session_create_burst: int = Field(
         100, ge=1, description="CreateSession calls a client IP may make at once."
     )
+    trusted_proxies: str = Field(
+        "",
+        description="Comma-separated IP addresses or CIDR networks of the proxies in front (the "
+        "ingress controller's pods) whose X-Forwarded-For names the client IP the session create "
+        "rate applies to; empty: trust none, the limit applies to the TCP peer.",
+    )
     overload_lag: float = Field(
         0.5,
         ge=0.0,
@@ -205,6 +211,12 @@ class Settings(BaseSettings):
         allowed_origins(value)  # raises on a malformed origin
         return value
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_networks(cls, value: str) -> str:
+        proxy_networks(value)  # raises on a malformed entry
+        return value
+
     @field_validator("faults")
     @classmethod
     def _known_faults(cls, value: str) -> str:
@@ -277,6 +289,31 @@ def allowed_origins(value: str) -> frozenset[str]:
         if origin != "*" and not _ORIGIN.fullmatch(origin):
             raise ValueError(f"{origin!r} is not an origin like https://example.com[:port] or *")
     return frozenset(origins)
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def proxy_networks(value: str) -> tuple[IPNetwork, ...]:
+    """The networks of ``trusted_proxies`` (an address alone is a /32 or /128); ValueError
+    names a malformed entry."""
+    networks: list[IPNetwork] = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        if "%" in item:  # forwarded addresses never carry a zone, so it could never match
+            raise ValueError(f"{item!r} has an IPv6 zone (%...); list it without one")
+        try:
+            networks.append(ipaddress.ip_network(item))
+        except ValueError:
+            try:
+                meant = ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{item!r} is not an IP address or a CIDR network like 10.0.0.0/8 or fd00::/8"
+                ) from None
+            raise ValueError(f"{item!r} has host bits set; did you mean {meant}?") from None
+    return tuple(networks)
 
 
 def cluster_seed_nodes(url: str) -> list[tuple[str, int]]:
