@@ -1,12 +1,17 @@
-"""Session creation is rate limited per client IP (token bucket), over a real gRPC channel."""
+"""Session creation is rate limited per client IP (token bucket), over a real gRPC channel;
+behind trusted proxies the client IP is the one they name in X-Forwarded-For."""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 
 import grpc
 import pytest
-from pricestream.api.rate_limit import PeerRateLimiter, peer_address
+from hypothesis import given
+from hypothesis import strategies as st
+from pricestream.api.rate_limit import IPAddress, PeerRateLimiter, client_address, peer_address
+from pricestream.settings import proxy_networks
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from support.invariants import wait_invariant
@@ -14,6 +19,7 @@ from support.servers import ready_server
 from support.settings import fast_settings
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("peer", "address"),
     [
@@ -27,6 +33,7 @@ def test_peer_address_drops_the_port(peer: str, address: str) -> None:
     assert peer_address(peer) == address
 
 
+@pytest.mark.unit
 def test_token_bucket_refills_and_forgets_idle_peers() -> None:
     limiter = PeerRateLimiter(rate=2.0, burst=3)
     assert [limiter.allow("a", now=0.0) for _ in range(4)] == [True, True, True, False]
@@ -38,6 +45,117 @@ def test_token_bucket_refills_and_forgets_idle_peers() -> None:
     limiter.prune(now=10.0)
     assert len(limiter) == 0
     assert PeerRateLimiter(rate=0, burst=1).allow("a")  # off
+
+
+# The ingress controller's pod network and a second proxy tier; the rest of the world is not.
+PROXIES = proxy_networks("10.0.0.0/8, fd00::/8, 127.0.0.1")
+CLIENT = "203.0.113.9"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("peer", "forwarded_for", "client"),
+    [
+        # no header: the peer
+        ("10.0.0.5", None, "10.0.0.5"),
+        ("10.0.0.5", [], "10.0.0.5"),
+        ("10.0.0.5", "", "10.0.0.5"),
+        # a peer that is no trusted proxy: its header is ignored
+        ("198.51.100.7", CLIENT, "198.51.100.7"),
+        ("198.51.100.7", ["10.1.1.1"], "198.51.100.7"),
+        ("unknown", CLIENT, "unknown"),
+        # one proxy, one client
+        ("10.0.0.5", CLIENT, CLIENT),
+        ("127.0.0.1", CLIENT, CLIENT),
+        # spoofing: what the client wrote left of its own address is never read
+        ("10.0.0.5", f"6.6.6.6, {CLIENT}", CLIENT),
+        ("10.0.0.5", f"10.9.9.9, 127.0.0.1, {CLIENT}", CLIENT),
+        ("10.0.0.5", f"unknown, {CLIENT}", CLIENT),
+        # a chain of trusted proxies, with a made-up entry beyond the client
+        ("10.0.0.5", f"{CLIENT}, 10.1.1.1, 10.2.2.2", CLIENT),
+        ("10.0.0.5", f"1.1.1.1, {CLIENT}, 10.1.1.1", CLIENT),
+        # every hop trusted: the leftmost is the client
+        ("10.0.0.5", "10.3.3.3, 10.1.1.1", "10.3.3.3"),
+        # several header lines count as one list, in order
+        ("10.0.0.5", ["6.6.6.6", f"{CLIENT}, 10.1.1.1"], CLIENT),
+        ("10.0.0.5", [CLIENT, "10.1.1.1", ""], CLIENT),
+        ("10.0.0.5", ["10.1.1.1", CLIENT], CLIENT),
+        # whitespace and empty entries
+        ("10.0.0.5", f" {CLIENT} ,, 10.1.1.1 , ", CLIENT),
+        ("10.0.0.5", " , ", "10.0.0.5"),
+        # IPv6, normalised; IPv4-mapped addresses are their IPv4 address
+        ("fd00::5", "2001:DB8:0:0::1", "2001:db8::1"),
+        ("10.0.0.5", "2001:db8::1, fd00::7", "2001:db8::1"),
+        ("::ffff:10.0.0.5", f"::ffff:{CLIENT}", CLIENT),
+        ("fd00::5", "::ffff:10.1.1.1, 2001:db8::1", "2001:db8::1"),
+        ("10.0.0.5", "fd00::1, ::ffff:10.1.1.2", "fd00::1"),
+        # ports, as some proxies write them: IPv4 with a port, IPv6 in brackets
+        ("10.0.0.5", f"{CLIENT}:5555", CLIENT),
+        ("10.0.0.5", "[2001:db8::1]:4711, [fd00::7]", "2001:db8::1"),
+        ("10.0.0.5", "2001:db8::1:443", "2001:db8::1:443"),  # a bare IPv6 is an address
+        # garbage ends the walk at the last trusted hop passed
+        ("10.0.0.5", f"{CLIENT}, unknown, 10.1.1.1", "10.1.1.1"),
+        ("10.0.0.5", f"{CLIENT}, _hidden", "10.0.0.5"),
+        ("10.0.0.5", f"{CLIENT}, proxy.example.com, 10.1.1.1", "10.1.1.1"),
+        ("10.0.0.5", f"{CLIENT}:99999", "10.0.0.5"),
+        ("10.0.0.5", f"[{CLIENT}]", "10.0.0.5"),
+        ("10.0.0.5", "[2001:db8::1", "10.0.0.5"),
+        ("10.0.0.5", "fe80::1%eth0", "10.0.0.5"),
+        ("10.0.0.5", "10.1.1.1 10.2.2.2", "10.0.0.5"),
+        ("::ffff:10.0.0.5", "garbage", "::ffff:10.0.0.5"),  # the peer as given
+    ],
+)
+def test_client_address_walks_x_forwarded_for_past_trusted_proxies(
+    peer: str, forwarded_for: list[str] | str | None, client: str
+) -> None:
+    assert client_address(peer, forwarded_for, PROXIES) == client
+
+
+@pytest.mark.unit
+def test_no_trusted_proxy_keeps_the_peer() -> None:
+    assert client_address("127.0.0.1", CLIENT, ()) == "127.0.0.1"
+    assert client_address("::ffff:127.0.0.1", CLIENT, ()) == "::ffff:127.0.0.1"  # as given
+    only_v4 = proxy_networks("127.0.0.1")
+    assert client_address("::1", CLIENT, only_v4) == "::1"
+    assert client_address("127.0.0.1", "2001:db8::1", only_v4) == "2001:db8::1"
+
+
+UNTRUSTED = st.one_of(
+    st.ip_addresses(v=4).filter(lambda a: not any(a in n for n in PROXIES)),
+    st.ip_addresses(v=6).filter(lambda a: not any(a in n for n in PROXIES) and not a.ipv4_mapped),
+)
+TRUSTED_HOPS = st.lists(
+    st.one_of(
+        st.ip_addresses(network="10.0.0.0/8"),
+        st.ip_addresses(network="fd00::/8"),
+        st.just(ipaddress.ip_address("127.0.0.1")),
+    ),
+    max_size=4,
+)
+
+
+@pytest.mark.unit
+@given(
+    made_up=st.lists(st.text(max_size=40), max_size=4),
+    client=UNTRUSTED,
+    hops=TRUSTED_HOPS,
+    lines=st.integers(min_value=1, max_value=3),
+)
+def test_whatever_the_client_writes_the_first_untrusted_hop_is_the_client(
+    made_up: list[str], client: IPAddress, hops: list[IPAddress], lines: int
+) -> None:
+    """The client's own entries (anything, commas included) sit left of the address the first
+    trusted proxy appended: however the list is split into header lines, they are never read."""
+    entries = [*made_up, str(client), *map(str, hops)]
+    size = -(-len(entries) // lines)  # consecutive entries per header line
+    header = [", ".join(entries[i : i + size]) for i in range(0, len(entries), size)]
+    assert client_address("10.0.0.5", header, PROXIES) == str(client)
+
+
+@pytest.mark.unit
+@given(peer=UNTRUSTED, header=st.lists(st.text(max_size=40), max_size=3))
+def test_an_untrusted_peers_header_is_never_read(peer: IPAddress, header: list[str]) -> None:
+    assert client_address(str(peer), header, PROXIES) == str(peer)
 
 
 async def test_create_session_beyond_the_rate_is_resource_exhausted(redis) -> None:
