@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 
 import grpc
 import pytest
@@ -173,6 +174,62 @@ async def test_create_session_beyond_the_rate_is_resource_exhausted(redis) -> No
             )
             await asyncio.sleep(0.3)  # 1.2 tokens back
             sessions.append(await stub.CreateSession(request))
+            for session in sessions:
+                await stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
+        await wait_invariant(server)
+
+
+async def test_create_session_behind_a_trusted_proxy_limits_each_forwarded_client(redis) -> None:
+    """The test client plays a gRPC proxy (ingress-nginx sets `x-forwarded-for` metadata):
+    trusted, each client it names has its own bucket; untrusted (the default), the header is
+    ignored and every client shares the peer's. The trusting server listens on
+    ``::ffff:127.0.0.1``, seeing its IPv4 peers as a dual-stack socket (the chart's ``[::]``)
+    does."""
+    try:
+        socket.socket(socket.AF_INET6).close()
+        host = "::ffff:127.0.0.1"
+    except OSError:
+        host = "127.0.0.1"
+    request = pb.CreateSessionRequest(tickers=["AAPL"])
+    limits = {"session_create_rate": 0.1, "session_create_burst": 2}
+
+    def forwarded(*values: str) -> tuple[tuple[str, str], ...]:
+        return tuple(("x-forwarded-for", value) for value in values)
+
+    async def refusal(stub: PriceStreamServiceStub, *values: str) -> str:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.CreateSession(request, metadata=forwarded(*values))
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        return refused.value.details()
+
+    trusting = fast_settings(redis.url, grpc_host=host, trusted_proxies="127.0.0.1", **limits)
+    async with ready_server(trusting) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = PriceStreamServiceStub(channel)
+            sessions = [
+                await stub.CreateSession(request, metadata=forwarded("198.51.100.1"))
+                for _ in range(2)
+            ]
+            too_many = "too many sessions created from 198.51.100.1: at most 0.1 per second"
+            assert (await refusal(stub, "198.51.100.1")).startswith(too_many)
+            # What the client wrote left of its own address is not read; every value counts.
+            assert (await refusal(stub, "203.0.113.50, 198.51.100.1")).startswith(too_many)
+            assert (await refusal(stub, "203.0.113.50", "198.51.100.1")).startswith(too_many)
+            for values in (("198.51.100.2",), ("198.51.100.3, 127.0.0.1",), ()):
+                sessions.append(await stub.CreateSession(request, metadata=forwarded(*values)))
+            for session in sessions:
+                await stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
+        await wait_invariant(server)
+    async with ready_server(fast_settings(redis.url, **limits)) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = PriceStreamServiceStub(channel)
+            sessions = [
+                await stub.CreateSession(request, metadata=forwarded(client))
+                for client in ("198.51.100.1", "198.51.100.2")
+            ]
+            assert (await refusal(stub, "198.51.100.3")).startswith(
+                "too many sessions created from 127.0.0.1:"
+            )
             for session in sessions:
                 await stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
         await wait_invariant(server)

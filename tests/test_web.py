@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import socket
 from dataclasses import replace
 
 import aiohttp
@@ -258,6 +259,94 @@ async def test_new_streams_are_admitted_at_a_bounded_rate(redis) -> None:
         assert codes == ["streamed", "streamed", 1013]
         status, headers, body = await rest(server.web_port, "GET", "/v1/sessions/x/events")
         assert (status, headers.get("Retry-After"), body["error"]["code"]) == (503, "1", "rate")
+
+
+async def create_from(port: int, *forwarded_for: str) -> tuple[int, bytes, dict]:
+    """POST /v1/sessions as a proxy sends it: one X-Forwarded-For line per value; (status,
+    lower-cased head, body)."""
+    body = b'{"tickers": ["AAPL"]}'
+    lines = b"".join(b"X-Forwarded-For: %s\r\n" % value.encode() for value in forwarded_for)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s"
+        % (lines, len(body), body)
+    )
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), head.lower(), json.loads(payload)
+
+
+def refused_for(client: str, rate: float) -> str:
+    return f"too many sessions created from {client}: at most {rate:g} per second; retry later"
+
+
+CLIENT_A, CLIENT_B = "198.51.100.1", "2001:db8::b"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::ffff:127.0.0.1"])
+async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_create_bucket(
+    redis, host: str
+) -> None:
+    """The test client plays the proxy (127.0.0.1, trusted): the clients it names in
+    X-Forwarded-For are limited one by one, not all together as the proxy's own IP. On
+    ``::ffff:127.0.0.1`` the port sees its IPv4 peers as a dual-stack socket does (the
+    chart's ``[::]``): still 127.0.0.1 to ``trusted_proxies``."""
+    if ":" in host:
+        try:
+            socket.socket(socket.AF_INET6).close()
+        except OSError:
+            pytest.skip("no IPv6 sockets here")
+    settings = fast_settings(
+        redis.url,
+        web_host=host,
+        session_create_rate=0.1,
+        session_create_burst=2,
+        trusted_proxies="127.0.0.1",
+    )
+    async with ready_server(settings) as server:
+        port, made = server.web_port, []
+        for _ in range(2):
+            status, _, body = await create_from(port, CLIENT_A)
+            assert status == 201, body
+            made.append(body["session_id"])
+        status, head, body = await create_from(port, CLIENT_A)
+        assert (status, body["error"]["code"]) == (429, "rate_limited")
+        assert b"\r\nretry-after: 1" in head
+        assert body["error"]["message"] == refused_for(CLIENT_A, 0.1)
+        # Whatever client A writes left of its own address (the proxy appends the one it
+        # saw) is not read: on the same line, or on lines of their own (all lines count).
+        for forwarded in ([f"203.0.113.50, {CLIENT_A}"], ["203.0.113.50", CLIENT_A]):
+            status, _, body = await create_from(port, *forwarded)
+            assert status == 429 and body["error"]["message"] == refused_for(CLIENT_A, 0.1)
+        # Client B behind the same proxy has a bucket of its own, through a chain of proxies
+        # too; so has the proxy itself, calling without the header.
+        for forwarded in ([CLIENT_B], [f"[{CLIENT_B}]:4711, 127.0.0.1"], []):
+            status, _, body = await create_from(port, *forwarded)
+            assert status == 201, body
+            made.append(body["session_id"])
+        status, _, body = await create_from(port, f"{CLIENT_B.upper()}, 127.0.0.1")
+        assert status == 429 and body["error"]["message"] == refused_for(CLIENT_B, 0.1)
+        for session_id in made:
+            assert (await rest(port, "DELETE", f"/v1/sessions/{session_id}"))[0] == 204
+        await wait_invariant(server, timeout=5)
+
+
+async def test_without_trusted_proxies_x_forwarded_for_is_ignored(redis) -> None:
+    """The default: the limit applies to the TCP peer, whatever the request says."""
+    settings = fast_settings(redis.url, session_create_rate=0.1, session_create_burst=2)
+    async with ready_server(settings) as server:
+        port, made = server.web_port, []
+        for _ in range(2):
+            status, _, body = await create_from(port, CLIENT_A)
+            assert status == 201, body
+            made.append(body["session_id"])
+        status, _, body = await create_from(port, CLIENT_B)
+        assert status == 429 and body["error"]["message"] == refused_for("127.0.0.1", 0.1)
+        for session_id in made:
+            assert (await rest(port, "DELETE", f"/v1/sessions/{session_id}"))[0] == 204
+        await wait_invariant(server, timeout=5)
 
 
 async def test_client_frames_over_4k_close_1009_and_ping_floods_1008(server: Server) -> None:

@@ -13,7 +13,7 @@ from google.protobuf.message import DecodeError, Message
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
-from pricestream.api.rate_limit import peer_address
+from pricestream.api.rate_limit import client_address, peer_address
 from pricestream.api.sessions import SessionOps
 from pricestream.engine.engine import Engine
 from pricestream.engine.stream import StreamLifecycle, finish_status
@@ -23,6 +23,7 @@ from pricestream.errors import (
     invalid_argument,
 )
 from pricestream.observability.tracing import caller_context
+from pricestream.settings import proxy_networks
 from pricestream.transport.http2.calls import ServerCall
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.validation import check_session_id
@@ -91,6 +92,20 @@ class PriceStreamService:
     def __init__(self, engine: Engine, sessions: SessionOps) -> None:
         self._engine = engine
         self._sessions = sessions
+        self._trusted_proxies = proxy_networks(engine.settings.trusted_proxies)
+
+    def _client(self, context: ServerCall) -> str:
+        """The client's IP address: the peer's, or the one trusted proxies forwarded for
+        (``x-forwarded-for`` metadata, read only when some proxy is trusted)."""
+        peer = peer_address(context.peer() or "")
+        if not self._trusted_proxies:
+            return peer
+        forwarded = [
+            value
+            for key, value in context.invocation_metadata()
+            if key == "x-forwarded-for" and isinstance(value, str)
+        ]
+        return client_address(peer, forwarded, self._trusted_proxies)
 
     @contextlib.contextmanager
     def _span(self, method: str, context: ServerCall) -> Iterator[trace.Span]:
@@ -118,9 +133,7 @@ class PriceStreamService:
         self, request: pb.CreateSessionRequest, context: ServerCall
     ) -> pb.Session:
         request = _require(request, pb.CreateSessionRequest)
-        info = await self._sessions.create(
-            list(request.tickers), peer_address(context.peer() or "")
-        )
+        info = await self._sessions.create(list(request.tickers), self._client(context))
         expires_at = timestamp_pb2.Timestamp()
         expires_at.FromNanoseconds(int(info.expires_at * 1e9))
         return pb.Session(session_id=info.session_id, tickers=info.tickers, expires_at=expires_at)

@@ -43,7 +43,8 @@ class SessionOps:
         return self._create_limiter.allow(peer, now)
 
     async def create(self, raw_tickers: list[str], peer: str) -> SessionInfo:
-        """Create a session for ``raw_tickers`` asked by ``peer`` (an IP address), or raise the
+        """Create a session for ``raw_tickers`` asked by ``peer`` (the client's IP address: the
+        TCP peer's, or behind trusted proxies the one they forwarded for), or raise the
         RequestError that says why not. Redis failures propagate as they are."""
         self.refuse_if_draining()
         engine = self._engine

@@ -29,6 +29,7 @@ from importlib import resources
 import grpc
 from redis.exceptions import RedisError
 
+from pricestream.api.rate_limit import client_address
 from pricestream.api.sessions import SessionOps
 from pricestream.engine.engine import Engine
 from pricestream.engine.flush import BatchSink, StreamWriter
@@ -36,7 +37,7 @@ from pricestream.engine.sessions import SessionInfo
 from pricestream.engine.stream import StreamLifecycle
 from pricestream.errors import RequestError, describe
 from pricestream.observability.web_metrics import StreamKind, WebMetrics
-from pricestream.settings import Settings, allowed_origins
+from pricestream.settings import Settings, allowed_origins, proxy_networks
 from pricestream.transport.budget import Budget
 from pricestream.transport.web.connection import WebConnection
 from pricestream.transport.web.http import Headers, Request, Response
@@ -160,6 +161,7 @@ class WebApi:
         self._metrics = metrics
         self._tokens = list(tokens)
         self._origins = allowed_origins(settings.web_allowed_origins)
+        self._trusted_proxies = proxy_networks(settings.trusted_proxies)
         rate = settings.web_accept_rate
         self._admission = Budget(settings.web_accept_burst, rate) if rate > 0 else None
         self._streams: dict[StreamWriter, WebConnection] = {}  # live browser streams
@@ -258,7 +260,7 @@ class WebApi:
         if isinstance(tickers, Response):
             return tickers
         try:
-            info = await self._sessions.create(tickers, request.peer)
+            info = await self._sessions.create(tickers, self._client(request))
         except RequestError as exc:
             return error_response(exc)
         except (RedisError, OSError, TimeoutError) as exc:
@@ -266,6 +268,16 @@ class WebApi:
         body = self._describe(request, info)
         location = f"/v1/sessions/{info.session_id}".encode()
         return Response.json(201, body, [(b"location", location)])
+
+    def _client(self, request: Request) -> str:
+        """The client's IP address: the peer's, or the one trusted proxies forwarded for
+        (every ``X-Forwarded-For`` line of the request)."""
+        if not self._trusted_proxies:
+            return request.peer
+        forwarded = [
+            value.decode("latin-1") for key, value in request.headers if key == b"x-forwarded-for"
+        ]
+        return client_address(request.peer, forwarded, self._trusted_proxies)
 
     def _describe(self, request: Request, info: SessionInfo) -> dict[str, object]:
         http_base, ws_base = _bases(request)
