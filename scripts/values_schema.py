@@ -56,6 +56,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "readinessProbeMode": {"enum": ["grpc", "http"]},
     "service.type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
     "config.logLevel": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]},
+    # Addresses and CIDR networks only (the server checks each entry at start; a host name
+    # fails here, at install, instead of in a crash-looping pod).
+    "config.trustedProxies": {"type": "string", "pattern": r"^[0-9A-Fa-f:.,/ ]*$"},
     "autoscaling.sessionsPerPod.averageValue": {"type": ["string", "integer"]},
     "monitoring.serviceMonitor.interval": DURATION,
     "monitoring.serviceMonitor.scrapeTimeout": DURATION,

@@ -14,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from pricestream.api.server import Server
+from pricestream.settings import check_environment, proxy_networks
 from support.chart import CHART, escape, find, helm, owned, render, render_against, rules_file
 from support.fake_apiserver import FakeApiServer
 from support.metric_names import exported_names
@@ -421,6 +422,7 @@ def test_network_policy_admits_monitoring_and_redis_only() -> None:
         (["--set", "ports.http=x"], "/ports/http"),
         (["--set", "ports.http=70000"], "/ports/http"),
         (["--set", "config.webAcceptBurst=1.5"], "/config/webAcceptBurst"),
+        (["--set", "config.trustedProxies=ingress-nginx"], "/config/trustedProxies"),
         (["--set", "ingress.path=v1"], "/ingress/path"),
         (["--set", "ingress.annotations.x=3600"], "/ingress/annotations/x"),
         (["--set", "networkPolicy.httpFrom=x"], "/networkPolicy/httpFrom"),
@@ -774,6 +776,29 @@ def test_browser_port_reaches_container_service_and_network_policy() -> None:
     assert http_rule["from"] == [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
     ]
+
+
+def test_trusted_proxies_reach_the_environment() -> None:
+    """config.trustedProxies is PRICESTREAM_TRUSTED_PROXIES: empty by default (the session
+    create limit applies to the TCP peer), the ingress controller's pod network in the Ingress
+    example, in a form the server accepts."""
+
+    def config(*args: str) -> dict[str, str]:
+        (configmap,) = [
+            c for c in find(render(*args), "ConfigMap") if "PRICESTREAM_WEB_PORT" in c["data"]
+        ]
+        return configmap["data"]
+
+    assert config()["PRICESTREAM_TRUSTED_PROXIES"] == ""
+    proxies = escape("10.0.0.0/8, 2001:db8::/32")
+    assert config("--set", f"config.trustedProxies={proxies}")["PRICESTREAM_TRUSTED_PROXIES"] == (
+        "10.0.0.0/8, 2001:db8::/32"
+    )
+    example = config(*values("ingress-values.yaml"))
+    check_environment(example)  # every variable names a setting
+    assert proxy_networks(example["PRICESTREAM_TRUSTED_PROXIES"]) == proxy_networks(
+        "10.244.0.0/16,fd00:10:244::/56"
+    )
 
 
 NGINX_STREAMING = {
