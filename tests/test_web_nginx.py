@@ -6,7 +6,11 @@ in-process server. REST, a WebSocket stream through the stock `websockets` clien
 stream through aiohttp all go through nginx, with the close codes passing as real frames/events.
 
 Run for both of ingress-nginx's upstream modes: keep-alive to the pods (its default,
-`upstream-keepalive-connections: 320`, map `'' ''`) and none (map `'' close`)."""
+`upstream-keepalive-connections: 320`, map `'' ''`) and none (map `'' close`).
+
+With nginx trusted (`trusted_proxies`), the session create limit applies to each client nginx
+forwards for, not to nginx: clients on other loopback addresses (127.0.0.2, 127.0.0.3) stand
+in for browsers behind one ingress controller pod."""
 
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ from pricestream.api.server import Server
 from support.invariants import read_metrics, wait_invariant
 from support.market import Market
 from support.nginx_proxy import Nginx, chart_annotations, location_directives, running_nginx
+from support.servers import ready_server
+from support.settings import fast_settings
 from support.waiting import free_port, require_binary
 from support.web_clients import SseReader, create_session, rest
 
@@ -187,3 +193,46 @@ async def test_sse_streams_through_nginx_unbuffered_and_ends_on_delete(
     values = await wait_invariant(server, timeout=5)
     assert values["pricestream_sse_connections_opened_total"] == 1
     assert logged(nginx, server, f"GET /v1/sessions/{session['session_id']}/events", 200)
+
+
+async def create_from(
+    source: str, port: int, headers: dict[str, str] | None = None
+) -> tuple[int, dict]:
+    """POST /v1/sessions to 127.0.0.1:port from the loopback address ``source``."""
+    connector = aiohttp.TCPConnector(local_addr=(source, 0))
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async with http.post(
+            f"http://127.0.0.1:{port}/v1/sessions", json={"tickers": ["AAPL"]}, headers=headers
+        ) as response:
+            return response.status, await response.json()
+
+
+async def test_each_client_behind_trusted_nginx_has_its_own_create_limit(
+    redis, tmp_path: Path
+) -> None:
+    """nginx sets X-Forwarded-For to the address it saw (ingress-nginx's default): trusted, the
+    server limits each client by it; what a client sends in its own header is overwritten."""
+    binary = require_binary("nginx", Path("/usr/sbin"))
+    settings = fast_settings(
+        redis.url, session_create_rate=0.1, session_create_burst=2, trusted_proxies="127.0.0.1"
+    )
+    async with ready_server(settings) as server:
+        with running_nginx(binary, tmp_path / "nginx", free_port(), server.web_port) as proxy:
+            made = []
+            for _ in range(2):
+                status, body = await create_from("127.0.0.2", proxy.port)
+                assert status == 201, body
+                made.append(body["session_id"])
+            refused = (
+                "too many sessions created from 127.0.0.2: at most 0.1 per second; retry later"
+            )
+            for headers in (None, {"X-Forwarded-For": "127.0.0.3"}):
+                status, body = await create_from("127.0.0.2", proxy.port, headers)
+                assert (status, body["error"]["message"]) == (429, refused)
+            status, body = await create_from("127.0.0.3", proxy.port)
+            assert status == 201, body
+            made.append(body["session_id"])
+            for session_id in made:
+                assert (await rest(proxy.port, "DELETE", f"/v1/sessions/{session_id}"))[0] == 204
+        await wait_invariant(server, timeout=5)
+    assert "[alert]" not in proxy.error_log and "[emerg]" not in proxy.error_log, proxy.error_log
