@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from support.chart import rules_file
+from support.promtool import run_rules_test
 from support.rule_scenarios import JOB, NAMESPACE, Expected, Pod, Scenario, hold, ramp
 from support.waiting import require_binary
 
@@ -297,16 +298,7 @@ SCENARIOS = {
 def test_promtool_scenario(name: str, shipped_rules: Path, tmp_path: Path) -> None:
     scenario = SCENARIOS[name]()
     document = scenario.promtool_test(str(shipped_rules), alert_names(shipped_rules.read_text()))
-    test_file = tmp_path / f"{name}.test.yaml"
-    test_file.write_text(yaml.safe_dump(document, sort_keys=False, width=10_000))
-    result = subprocess.run(
-        [require_binary("promtool"), "test", "rules", str(test_file)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert "SUCCESS" in result.stdout
+    run_rules_test(document, tmp_path / f"{name}.test.yaml")
 
 
 def test_two_releases_rules_each_see_only_their_own_series(
@@ -356,16 +348,7 @@ def test_two_releases_rules_each_see_only_their_own_series(
             ],
         }
     ]
-    test_file = tmp_path / "two_releases.test.yaml"
-    test_file.write_text(yaml.safe_dump(document, sort_keys=False, width=10_000))
-    result = subprocess.run(
-        [require_binary("promtool"), "test", "rules", str(test_file)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert "SUCCESS" in result.stdout
+    run_rules_test(document, tmp_path / "two_releases.test.yaml")
 
 
 def test_seed_leak_counts_match_the_seed() -> None:

@@ -13,7 +13,6 @@ issue 28 with the production windows the chart ships (promtool test rules):
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +22,8 @@ import grpc as grpc_codes
 import pytest
 import yaml
 from support.chart import render, rules_file
+from support.promtool import run_rules_test
 from support.rule_scenarios import JOB, NAMESPACE, SERVICE
-from support.waiting import require_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -47,16 +46,7 @@ def shipped_rules(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def promtool_test(rules: Path, tmp_path: Path, tests: list[dict[str, Any]]) -> str:
     interval = tests[0].get("interval", "1m")
     document = {"rule_files": [str(rules)], "evaluation_interval": interval, "tests": tests}
-    test_file = tmp_path / "slo.test.yaml"
-    test_file.write_text(yaml.safe_dump(document, sort_keys=False, width=10_000))
-    result = subprocess.run(
-        [require_binary("promtool"), "test", "rules", str(test_file)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
-    return result.stdout
+    return run_rules_test(document, tmp_path / "slo.test.yaml")
 
 
 # --- generation -------------------------------------------------------------------------------
