@@ -22,10 +22,12 @@ from h2.events import (
     Event,
     RemoteSettingsChanged,
     ResponseReceived,
+    SettingsAcknowledged,
     StreamEnded,
     TrailersReceived,
 )
 from h2.settings import SettingCodes
+from hyperframe.frame import Frame, SettingsFrame
 from pricestream.observability.grpc_metrics import GrpcMetrics
 from pricestream.transport.http2.connection import Connection
 from pricestream.transport.http2.limits import Limits
@@ -230,6 +232,46 @@ async def test_non_grpc_request_gets_a_plain_answer(harness, method, status, tex
     assert ended
     assert harness.conn.calls == {}
     assert not harness.transport.is_closing()  # the connection serves on
+
+
+def frame_kinds(data: bytes) -> list[tuple[str, int]]:
+    """(type, stream id) of each HTTP/2 frame in ``data``; a SETTINGS ACK is ``"ACK"``."""
+    kinds = []
+    view = memoryview(data)
+    while view:
+        frame, length = Frame.parse_frame_header(view[:9])
+        frame.parse_body(view[9 : 9 + length])
+        ack = isinstance(frame, SettingsFrame) and "ACK" in frame.flags
+        kinds.append(("ACK" if ack else type(frame).__name__, frame.stream_id))
+        view = view[9 + length :]
+    return kinds
+
+
+async def test_settings_ack_goes_before_the_data_a_raised_initial_window_lets_out(harness):
+    """h2spec http2/6.9.2/1 with its HEADERS and SETTINGS in two reads (the order that lost it
+    now and then): SETTINGS_INITIAL_WINDOW_SIZE 0, a request (a plain answer waits for the
+    window), then INITIAL_WINDOW_SIZE 1 alone. The 1-byte DATA it lets out goes after the
+    SETTINGS ACK: a client applies the window it raised once acknowledged (python-h2 raises
+    FlowControlError on DATA ahead of the ACK), and h2spec 2.2.1 waits for the ACK skipping
+    every other frame, then for a DATA frame: one before the ACK was lost to it (a timeout)."""
+    harness.start()
+    await harness.events()
+    harness.client.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    harness.flush_client()
+    assert any(isinstance(e, SettingsAcknowledged) for e in await harness.events())
+    stream_id = harness.request("/", None, method=b"GET")
+    headers, body, _, _ = response(await harness.events(), stream_id)
+    assert (headers[b":status"], body) == (b"405", b"")  # waiting for its window
+
+    start = len(harness.transport.data)
+    harness.client.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 1})
+    harness.flush_client()  # a read of its own
+    for _ in range(5):
+        await asyncio.sleep(0)
+    written = frame_kinds(bytes(harness.transport.data[start:]))
+    assert written == [("ACK", 0), ("DataFrame", stream_id)], written
+    events = await harness.events()  # python-h2's own flow control accepts the DATA
+    assert [e.data for e in of_stream(events, stream_id) if isinstance(e, DataReceived)] == [b"t"]
 
 
 async def test_http1_request_on_the_grpc_port_is_505(harness):

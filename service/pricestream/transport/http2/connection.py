@@ -164,6 +164,13 @@ class Connection(asyncio.Protocol):
             self.h2_output()
             self.close()
             return
+        # h2 has applied every frame of this read (SETTINGS included) before any event is
+        # handled, so its answers to them (the SETTINGS ACK first) go out ahead of what the
+        # handlers write. Otherwise DATA a raised SETTINGS_INITIAL_WINDOW_SIZE lets out would
+        # precede the ACK: a client that applies its raised window on the ACK (python-h2) takes
+        # it as a FLOW_CONTROL_ERROR, and h2spec 2.2.1's http2/6.9.2/1 skips it waiting for the
+        # ACK, then times out (when HEADERS and that SETTINGS came in two reads).
+        self.h2_output()
         for event in events:
             try:
                 self._handle(event)
