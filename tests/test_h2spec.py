@@ -154,30 +154,14 @@ async def run_h2spec(binary: str, port: int, workdir: Path, *, tls: bool) -> lis
     return [result for run in runs for result in run]
 
 
-# A case that fails once while h2spec runs PARALLEL_RUNS groups at once is run again, alone:
-# it fails the test only if it fails again. Known intermittent failure, the same before the
-# browser-path work (measured 2026-12-07: http2/6.9.2/1 over TLS, "Changes
-# SETTINGS_INITIAL_WINDOW_SIZE after sending HEADERS frame", timed out waiting for its 1-byte
-# DATA frame in 2-6 of 240 runs with 6 concurrent h2spec processes, on the code of 822fd0c and
-# after): a lost wake-up under concurrency, not yet found. Every rerun is printed.
-async def rerun_once(
-    binary: str, port: int, workdir: Path, results: list[CaseResult], *, tls: bool
-) -> list[CaseResult]:
-    out = []
-    for result in results:
-        if result.outcome != "failed" or result.case_id in EXPECTED_FAILURES:
-            out.append(result)
-            continue
-        group, _, number = result.case_id.rpartition("/")
-        report = workdir / f"rerun_{result.case_id.replace('/', '_')}.xml"
-        command = [binary, "-h", "127.0.0.1", "-p", str(port), "-o", str(CASE_TIMEOUT_S),
-                   "-j", str(report), *(["-t", "-k"] if tls else []), result.case_id]  # fmt: skip
-        await asyncio.to_thread(subprocess.run, command, capture_output=True, timeout=120)
-        again = read_report(report, group, {int(number): result.description})[0]
-        print(f"  rerun {result.case_id} ({result.description}): {again.outcome}"
-              f" (first run: {result.detail})")  # fmt: skip
-        out.append(again)
-    return out
+# No case is run again: every case must pass in the parallel run. The one intermittent failure
+# there was (http2/6.9.2/1 over TLS, "Changes SETTINGS_INITIAL_WINDOW_SIZE after sending HEADERS
+# frame", a timeout waiting for its 1-byte DATA frame in 2-6 of 240 runs) was the server's frame
+# order: when HEADERS and SETTINGS(INITIAL_WINDOW_SIZE=1) arrived in two reads, the server wrote
+# the DATA the new window let out before h2's SETTINGS ACK, and h2spec 2.2.1 waits for that ACK
+# skipping every other frame (upstream fixed the case itself in 2.6.0), so the DATA was lost to
+# it. Fixed in Connection.data_received (h2's answers go first); test_h2_protocol.py drives that
+# order without sockets.
 
 
 def verdict(results: list[CaseResult], expected: dict[str, str]) -> list[str]:
@@ -218,7 +202,6 @@ async def test_h2spec_conformance(
     tls = request.getfixturevalue("server_certificate") if transport == "tls" else {}
     async with ready_server(fast_settings(redis.url, **tls)) as server:
         results = await run_h2spec(binary, server.grpc_port, tmp_path, tls=bool(tls))
-        results = await rerun_once(binary, server.grpc_port, tmp_path, results, tls=bool(tls))
     print(f"h2spec over {transport}: {summary(results)}")
     for result in results:
         if result.outcome != "passed":
