@@ -33,14 +33,7 @@ import websockets
 from pricestream.tools.feed import ticker_universe
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
-from support.burn import (
-    BURN_ALERT,
-    Refusals,
-    hammer_grpc,
-    hammer_rest,
-    read_until_cancelled,
-    shipped_alertmanager_config,
-)
+from support.burn import BURN_ALERT, burning, shipped_alertmanager_config
 from support.chart import rules_file
 from support.monitoring import Alertmanager, Prometheus, WebhookReceiver
 from support.processes import ServeProcess, start_feed
@@ -434,25 +427,7 @@ async def test_fast_burn_pages_the_pager_and_inhibits_the_ticket(
 
                 # The burn: one client takes the pod's only slot and streams; every other
                 # session start is refused as the pod is full (the server's fault).
-                holder = await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL"]))
-                stream = stub.StreamPriceUpdates(
-                    pb.StreamPriceUpdatesRequest(session_id=holder.session_id)
-                )
-                reader = asyncio.create_task(read_until_cancelled(stream))
-                burn_at = time.time()
-                until = time.monotonic() + 95
-                refusals = Refusals()
-                tasks = [
-                    *(
-                        asyncio.create_task(hammer_grpc(replica.target, until, refusals))
-                        for _ in range(3)
-                    ),
-                    *(
-                        asyncio.create_task(hammer_rest(replica.proc.web_port, until, refusals))
-                        for _ in range(2)
-                    ),
-                ]
-                try:
+                async with burning(stub, replica.target, replica.proc.web_port, 95) as burn:
                     notification, alert = await pager.wait_for(BURN_ALERT, timeout=90)
                     # The ticket rules fire too (3x and 1x are crossed as well): Alertmanager
                     # holds them back while the page for the same SLO fires.
@@ -468,11 +443,6 @@ async def test_fast_burn_pages_the_pager_and_inhibits_the_ticket(
                             a for a in ticket_alerts if a["status"]["state"] == "suppressed"
                         ]
                         await asyncio.sleep(0.5)
-                finally:
-                    for task in [*tasks, reader]:
-                        task.cancel()
-                    await asyncio.gather(*tasks, reader, return_exceptions=True)
-                    stream.cancel()
             ticket_states = [(a["labels"]["long_window"], a["status"]) for a in ticket_alerts]
             firing = await asyncio.to_thread(prometheus.firing)
     finally:
@@ -480,8 +450,9 @@ async def test_fast_burn_pages_the_pager_and_inhibits_the_ticket(
             daemon.stop()
         replica.stop()
 
-    detected_after = notification.received_at - burn_at
-    fired_after = parse_time(alert["startsAt"]) - burn_at
+    refusals = burn.refusals
+    detected_after = notification.received_at - burn.started_at
+    fired_after = parse_time(alert["startsAt"]) - burn.started_at
     assert refusals.grpc["RESOURCE_EXHAUSTED"] > 100 and refusals.rest[503] > 100, refusals
     assert alert["labels"]["severity"] == "page"
     assert alert["labels"]["slo"] == "availability"

@@ -24,13 +24,7 @@ from pricestream.tools.feed import ticker_universe
 from pricestream.tools.leak_check import samples, violations
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
-from support.burn import (
-    BURN_ALERT,
-    Refusals,
-    hammer_grpc,
-    hammer_rest,
-    read_until_cancelled,
-)
+from support.burn import BURN_ALERT, burning
 from support.e2e_kube import (
     CHART,
     PAGER,
@@ -919,22 +913,7 @@ async def test_fast_burn_pages_the_pager_and_inhibits_the_ticket(webhook: Webhoo
 
             # The burn: one client takes the pod's only slot and streams; every other session
             # start is refused as the pod is full (the server's fault).
-            holder = await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL"]))
-            stream = stub.StreamPriceUpdates(
-                pb.StreamPriceUpdatesRequest(session_id=holder.session_id)
-            )
-            reader = asyncio.create_task(read_until_cancelled(stream))
-            burn_at = time.time()
-            until = time.monotonic() + 180
-            refusals = Refusals()
-            tasks = [
-                *(asyncio.create_task(hammer_grpc(target, until, refusals)) for _ in range(3)),
-                *(
-                    asyncio.create_task(hammer_rest(8080, until, refusals, host=ip))
-                    for _ in range(2)
-                ),
-            ]
-            try:
+            async with burning(stub, target, 8080, 180, web_host=ip) as burn:
                 notification, alert = await asyncio.to_thread(
                     firing_at_webhook, webhook, BURN_ALERT, namespace, 120
                 )
@@ -965,14 +944,10 @@ async def test_fast_burn_pages_the_pager_and_inhibits_the_ticket(webhook: Webhoo
                     (a["labels"]["long_window"], a["status"]["state"], a["status"]["inhibitedBy"])
                     for a in alertmanager_alerts(*ticket_matchers)
                 ]
-            finally:
-                for task in [*tasks, reader]:
-                    task.cancel()
-                await asyncio.gather(*tasks, reader, return_exceptions=True)
-                stream.cancel()
 
-        detected_after = notification["received_at"] - burn_at
-        fired_after = dt.datetime.fromisoformat(alert["startsAt"]).timestamp() - burn_at
+        refusals = burn.refusals
+        detected_after = notification["received_at"] - burn.started_at
+        fired_after = dt.datetime.fromisoformat(alert["startsAt"]).timestamp() - burn.started_at
         assert refusals.grpc["RESOURCE_EXHAUSTED"] > 100, refusals
         assert refusals.rest[503] > 100, refusals
         assert notification["path"] == PAGER, notification

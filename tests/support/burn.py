@@ -10,8 +10,10 @@ REST (refused 503 `pod_full`): every session start fails on the server's side.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,3 +89,46 @@ async def read_until_cancelled(call: grpc.aio.UnaryStreamCall) -> None:
     """Read a stream's batches until it ends or the task is cancelled (the holder's stream)."""
     while await call.read() is not grpc.aio.EOF:
         pass
+
+
+@dataclass
+class Burn:
+    """A burn under way: when it began (time.time()) and what the hammers got back."""
+
+    started_at: float
+    refusals: Refusals
+
+
+@contextlib.asynccontextmanager
+async def burning(
+    stub: PriceStreamServiceStub,
+    grpc_target: str,
+    web_port: int,
+    seconds: float,
+    *,
+    web_host: str = "127.0.0.1",
+) -> AsyncIterator[Burn]:
+    """Take the pod's only session slot with a streaming session (``stub``'s channel), then
+    hammer CreateSession at ``grpc_target`` (3 clients) and POST /v1/sessions at
+    ``web_host:web_port`` (2 clients) for at most ``seconds``: every other session start is
+    refused as the pod is full, the server's fault. The hammers and the holder's stream end
+    when the block does."""
+    holder = await stub.CreateSession(pb.CreateSessionRequest(tickers=["AAPL"]))
+    stream = stub.StreamPriceUpdates(pb.StreamPriceUpdatesRequest(session_id=holder.session_id))
+    reader = asyncio.create_task(read_until_cancelled(stream))
+    burn = Burn(time.time(), Refusals())
+    until = time.monotonic() + seconds
+    tasks = [
+        *(asyncio.create_task(hammer_grpc(grpc_target, until, burn.refusals)) for _ in range(3)),
+        *(
+            asyncio.create_task(hammer_rest(web_port, until, burn.refusals, host=web_host))
+            for _ in range(2)
+        ),
+    ]
+    try:
+        yield burn
+    finally:
+        for task in [*tasks, reader]:
+            task.cancel()
+        await asyncio.gather(*tasks, reader, return_exceptions=True)
+        stream.cancel()
