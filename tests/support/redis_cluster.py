@@ -14,7 +14,7 @@ from pathlib import Path
 from redis import Redis
 from redis.crc import key_slot
 
-from support.waiting import end_process, require_binary
+from support.waiting import OwnedProcess, require_binary
 
 
 def _bindable(port: int) -> bool:
@@ -39,7 +39,7 @@ def free_cluster_ports(count: int) -> list[int]:
     return ports
 
 
-class ClusterNode:
+class ClusterNode(OwnedProcess):
     """One redis-server, started under ``setpriv --pdeathsig KILL``: it gets SIGKILL when the
     thread that started it ends, so a test process that is killed (a pytest-timeout abort
     skips fixture teardown) leaves no node behind. setpriv sets the signal and execs
@@ -123,15 +123,6 @@ class ClusterNode:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash."""
-        end_process(self.proc, kill=True)
-        self.proc = None
-
-    def stop(self) -> None:
-        end_process(self.proc)
-        self.proc = None
 
 
 class LocalCluster:

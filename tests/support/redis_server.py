@@ -8,10 +8,10 @@ from pathlib import Path
 
 from redis import Redis
 
-from support.waiting import end_process, free_port, require_binary
+from support.waiting import OwnedProcess, free_port, require_binary
 
 
-class RedisProcess:
+class RedisProcess(OwnedProcess):
     """A redis-server of our own on a free loopback port; can be killed and restarted."""
 
     def __init__(self, workdir: Path) -> None:
@@ -55,12 +55,3 @@ class RedisProcess:
 
     def client(self) -> Redis:
         return Redis.from_url(self.url, socket_timeout=2)
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash."""
-        end_process(self.proc, kill=True)
-        self.proc = None
-
-    def stop(self) -> None:
-        end_process(self.proc)
-        self.proc = None

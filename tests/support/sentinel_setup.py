@@ -14,7 +14,7 @@ from pathlib import Path
 
 from redis import Redis
 
-from support.waiting import end_process, free_port, require_binary
+from support.waiting import OwnedProcess, free_port, require_binary
 
 MASTER_NAME = "prices"
 DOWN_AFTER_MS = 2000
@@ -33,7 +33,7 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-class Node:
+class Node(OwnedProcess):
     """One redis-server (data node or sentinel) with its config file in ``workdir``."""
 
     def __init__(
@@ -85,15 +85,6 @@ class Node:
 
     def client(self) -> Redis:
         return Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=2)
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash."""
-        end_process(self.proc, kill=True)
-        self.proc = None
-
-    def stop(self) -> None:
-        end_process(self.proc)
-        self.proc = None
 
     def role(self) -> str:
         with self.client() as client:

@@ -57,3 +57,19 @@ def end_process(proc: subprocess.Popen | None, *, kill: bool = False, timeout: f
             pass
     proc.kill()
     proc.wait()
+
+
+class OwnedProcess:
+    """A server process a test starts into ``proc`` and ends with ``kill`` (a crash) or
+    ``stop``; either leaves ``proc`` None, so the owner can start it again."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash."""
+        end_process(self.proc, kill=True)
+        self.proc = None
+
+    def stop(self) -> None:
+        end_process(self.proc)
+        self.proc = None
