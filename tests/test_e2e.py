@@ -5,6 +5,7 @@ uninstall for every file in the chart's ci/ folder, and nothing left behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -442,6 +443,23 @@ def sre_release():
     drop_namespace(SRE_NAMESPACE)
 
 
+@contextlib.contextmanager
+def single_pod_release(namespace: str, *sets: str) -> Iterator[tuple[str, str]]:
+    """The chart with the SRE values as one pod without autoscaling (``sets``: more `--set`
+    values), in ``namespace`` made for it; yields the pod's name and IP. Uninstalled and the
+    namespace deleted afterwards, pass or fail."""
+    kubectl("create", "namespace", namespace)
+    try:
+        single = ["--set", "autoscaling.enabled=false,replicaCount=1"]
+        more = [arg for value in sets for arg in ("--set", value)]
+        helm("install", RELEASE, str(CHART), "-n", namespace, *sre_values(*single, *more), "--wait")
+        (pod,) = ready_pods(namespace, SERVER)
+        yield pod["metadata"]["name"], pod["status"]["podIP"]
+    finally:
+        helm("uninstall", RELEASE, "-n", namespace, "--wait", check=False)
+        drop_namespace(namespace)
+
+
 def server_pods() -> dict[str, str]:
     """Ready server pods of the SRE release: name -> IP."""
     return {p["metadata"]["name"]: p["status"]["podIP"] for p in ready_pods(SRE_NAMESPACE, SERVER)}
@@ -689,24 +707,10 @@ async def test_seed_fault_fires_orphaned_alert_to_webhook(webhook: Webhook) -> N
     """A pod with the seed's bug (`skip_cleanup_on_send_error`) and clients vanishing mid-stream:
     PriceStreamPubSubSubscriptionsOrphaned fires in Prometheus and its notification reaches the
     webhook through Alertmanager, at the pager (critical, by the shipped routing tree)."""
-    kubectl("create", "namespace", FAULT_NAMESPACE)
-    try:
-        helm(
-            "install",
-            RELEASE,
-            str(CHART),
-            "-n",
-            FAULT_NAMESPACE,
-            *sre_values(
-                "--set",
-                "autoscaling.enabled=false,replicaCount=1",
-                "--set",
-                "extraEnv[0].name=PRICESTREAM_FAULTS,extraEnv[0].value=skip_cleanup_on_send_error",
-            ),
-            "--wait",
-        )
-        (pod,) = ready_pods(FAULT_NAMESPACE, SERVER)
-        name, ip = pod["metadata"]["name"], pod["status"]["podIP"]
+    with single_pod_release(
+        FAULT_NAMESPACE,
+        "extraEnv[0].name=PRICESTREAM_FAULTS,extraEnv[0].value=skip_cleanup_on_send_error",
+    ) as (name, ip):
         universe = ticker_universe(50)
         async with grpc.aio.insecure_channel(f"{ip}:50051") as channel:
             stub = PriceStreamServiceStub(channel)
@@ -757,11 +761,6 @@ async def test_seed_fault_fires_orphaned_alert_to_webhook(webhook: Webhook) -> N
         for query in alert_queries:
             assert prom_query(query), query
         print(f"orphaned alert delivered {notification['received_at'] - vanished_at:.1f}s after")
-    finally:
-        helm("uninstall", RELEASE, "-n", FAULT_NAMESPACE, "--wait", check=False)
-        kubectl(
-            "delete", "namespace", FAULT_NAMESPACE, "--wait=true", "--timeout=120s", check=False
-        )
 
 
 async def test_ws_close_fault_fires_websocket_leak_alert_to_webhook(webhook: Webhook) -> None:
@@ -770,24 +769,10 @@ async def test_ws_close_fault_fires_websocket_leak_alert_to_webhook(webhook: Web
     PriceStreamWebSocketSessionLeak reaches the webhook through Alertmanager, at the tickets
     (warning, by the shipped routing tree)."""
     namespace = WS_FAULT_NAMESPACE
-    kubectl("create", "namespace", namespace)
-    try:
-        helm(
-            "install",
-            RELEASE,
-            str(CHART),
-            "-n",
-            namespace,
-            *sre_values(
-                "--set",
-                "autoscaling.enabled=false,replicaCount=1",
-                "--set",
-                "extraEnv[0].name=PRICESTREAM_FAULTS,extraEnv[0].value=skip_cleanup_on_ws_close",
-            ),
-            "--wait",
-        )
-        (pod,) = ready_pods(namespace, SERVER)
-        name, ip = pod["metadata"]["name"], pod["status"]["podIP"]
+    with single_pod_release(
+        namespace,
+        "extraEnv[0].name=PRICESTREAM_FAULTS,extraEnv[0].value=skip_cleanup_on_ws_close",
+    ) as (name, ip):
         universe = ticker_universe(50)
         # The alert reads the increase of the pod's close counter: Prometheus must have scraped
         # it before the sockets close (a series first seen at 8 is no increase to Prometheus).
@@ -819,9 +804,6 @@ async def test_ws_close_fault_fires_websocket_leak_alert_to_webhook(webhook: Web
         assert alert["annotations"]["runbook_url"].endswith("PriceStreamWebSocketSessionLeak.md")
         after = notification["received_at"] - closed_at
         print(f"WebSocket leak alert delivered {after:.1f}s after the sockets closed")
-    finally:
-        helm("uninstall", RELEASE, "-n", namespace, "--wait", check=False)
-        kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=120s", check=False)
 
 
 BURN_NAMESPACE = "e2e-burn"
@@ -863,27 +845,10 @@ async def test_fast_burn_pages_the_pager_and_inhibits_the_ticket(webhook: Webhoo
     the tickets too, Alertmanager holds them back, inhibited by the page, and the ticket
     receiver gets nothing of this release's burn."""
     namespace = BURN_NAMESPACE
-    kubectl("create", "namespace", namespace)
-    try:
-        slo_params = ",".join(
-            f"monitoring.rules.params.{k}={v}" for k, v in SLO_CLUSTER_WINDOWS.items()
-        )
-        helm(
-            "install",
-            RELEASE,
-            str(CHART),
-            "-n",
-            namespace,
-            *sre_values(
-                "--set",
-                "autoscaling.enabled=false,replicaCount=1,config.maxSessions=1",
-                "--set",
-                slo_params,
-            ),
-            "--wait",
-        )
-        (pod,) = ready_pods(namespace, SERVER)
-        name, ip = pod["metadata"]["name"], pod["status"]["podIP"]
+    slo_params = ",".join(
+        f"monitoring.rules.params.{k}={v}" for k, v in SLO_CLUSTER_WINDOWS.items()
+    )
+    with single_pod_release(namespace, "config.maxSessions=1", slo_params) as (name, ip):
         target = f"{ip}:50051"
         await asyncio.to_thread(
             wait_until,
@@ -979,9 +944,6 @@ async def test_fast_burn_pages_the_pager_and_inhibits_the_ticket(webhook: Webhoo
             f"the shipped group_wait 30s); {len(suppressed)} ticket alert(s) inhibited "
             f"{ticket_states}; {len(ticketed)} ticket notifications"
         )
-    finally:
-        helm("uninstall", RELEASE, "-n", namespace, "--wait", check=False)
-        kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=120s", check=False)
 
 
 async def test_rolling_update_under_load_loses_no_session(sre_release: None) -> None:
