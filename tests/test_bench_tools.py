@@ -79,11 +79,13 @@ def test_loadclient_has_every_mode_and_a_kept_websocket_library() -> None:
     assert "github.com/coder/websocket v1." in go_mod
 
 
-def test_grpcwire_lean_readers_and_full_decoders_agree() -> None:
-    """bench/grpcwire, the one Go source of the wire helpers of the load client and of
-    tests/grpcgo: its own Go tests."""
+@pytest.mark.parametrize("module", [GRPCWIRE, LOADCLIENT], ids=lambda p: p.name)
+def test_go_modules_own_tests_pass(module: Path) -> None:
+    """bench/grpcwire (the one Go source of the wire helpers of the load client and of
+    tests/grpcgo: lean readers and full decoders agree) and bench/loadclient (its latency
+    histogram: no quantile above the maximum): their own Go tests."""
     go = require_binary("go")
-    subprocess.run([go, "test", "-count=1", "./..."], cwd=GRPCWIRE, check=True)
+    subprocess.run([go, "test", "-count=1", "./..."], cwd=module, check=True)
 
 
 @pytest.mark.timeout(150)

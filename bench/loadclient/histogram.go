@@ -31,7 +31,8 @@ func (h *latencyHistogram) observe(d time.Duration) {
 	}
 }
 
-// quantiles returns the upper edge, in milliseconds, of the bucket holding each quantile.
+// quantiles returns the upper edge, in milliseconds, of the bucket holding each quantile, or the
+// largest latency observed if that is lower: no quantile is reported above the maximum.
 func (h *latencyHistogram) quantiles(qs ...float64) []float64 {
 	var total int64
 	for i := range h.buckets {
@@ -41,6 +42,7 @@ func (h *latencyHistogram) quantiles(qs ...float64) []float64 {
 	if total == 0 {
 		return out
 	}
+	highest := float64(h.max.Load()) / float64(time.Millisecond)
 	for j, q := range qs {
 		rank := int64(q*float64(total) + 0.5)
 		if rank < 1 {
@@ -50,7 +52,7 @@ func (h *latencyHistogram) quantiles(qs ...float64) []float64 {
 		for i := range h.buckets {
 			seen += h.buckets[i].Load()
 			if seen >= rank {
-				out[j] = float64(time.Duration(i+1)*bucketWidth) / float64(time.Millisecond)
+				out[j] = min(float64(time.Duration(i+1)*bucketWidth)/float64(time.Millisecond), highest)
 				break
 			}
 		}
