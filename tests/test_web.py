@@ -282,6 +282,24 @@ def refused_for(client: str, rate: float) -> str:
     return f"too many sessions created from {client}: at most {rate:g} per second; retry later"
 
 
+async def spend_burst(port: int, client: str, burst: int) -> list[str]:
+    """Create ``burst`` sessions as ``client`` (named in X-Forwarded-For), each answered 201;
+    their ids."""
+    made = []
+    for _ in range(burst):
+        status, _, body = await create_from(port, client)
+        assert status == 201, body
+        made.append(body["session_id"])
+    return made
+
+
+async def delete_all(server: Server, made: list[str]) -> None:
+    """DELETE each session (204), then the invariant holds."""
+    for session_id in made:
+        assert (await rest(server.web_port, "DELETE", f"/v1/sessions/{session_id}"))[0] == 204
+    await wait_invariant(server, timeout=5)
+
+
 CLIENT_A, CLIENT_B = "198.51.100.1", "2001:db8::b"
 
 
@@ -306,11 +324,8 @@ async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_create_b
         trusted_proxies="127.0.0.1",
     )
     async with ready_server(settings) as server:
-        port, made = server.web_port, []
-        for _ in range(2):
-            status, _, body = await create_from(port, CLIENT_A)
-            assert status == 201, body
-            made.append(body["session_id"])
+        port = server.web_port
+        made = await spend_burst(port, CLIENT_A, 2)
         status, head, body = await create_from(port, CLIENT_A)
         assert (status, body["error"]["code"]) == (429, "rate_limited")
         assert b"\r\nretry-after: 1" in head
@@ -328,25 +343,18 @@ async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_create_b
             made.append(body["session_id"])
         status, _, body = await create_from(port, f"{CLIENT_B.upper()}, 127.0.0.1")
         assert status == 429 and body["error"]["message"] == refused_for(CLIENT_B, 0.1)
-        for session_id in made:
-            assert (await rest(port, "DELETE", f"/v1/sessions/{session_id}"))[0] == 204
-        await wait_invariant(server, timeout=5)
+        await delete_all(server, made)
 
 
 async def test_without_trusted_proxies_x_forwarded_for_is_ignored(redis) -> None:
     """The default: the limit applies to the TCP peer, whatever the request says."""
     settings = fast_settings(redis.url, session_create_rate=0.1, session_create_burst=2)
     async with ready_server(settings) as server:
-        port, made = server.web_port, []
-        for _ in range(2):
-            status, _, body = await create_from(port, CLIENT_A)
-            assert status == 201, body
-            made.append(body["session_id"])
+        port = server.web_port
+        made = await spend_burst(port, CLIENT_A, 2)
         status, _, body = await create_from(port, CLIENT_B)
         assert status == 429 and body["error"]["message"] == refused_for("127.0.0.1", 0.1)
-        for session_id in made:
-            assert (await rest(port, "DELETE", f"/v1/sessions/{session_id}"))[0] == 204
-        await wait_invariant(server, timeout=5)
+        await delete_all(server, made)
 
 
 async def test_client_frames_over_4k_close_1009_and_ping_floods_1008(server: Server) -> None:
