@@ -104,9 +104,10 @@ class Feed:
         try:
             yield self
         finally:
-            self._task.cancel()
+            # Repeated until it ends: redis-py's asyncio.wait_for can swallow a cancel on 3.11.
+            await cancel_and_wait([self._task])
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await self._task  # what it raised before the cancel, if anything
             await self.client.aclose()
 
 

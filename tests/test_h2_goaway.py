@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 import grpc
 from h2.errors import ErrorCodes
 from pricestream.api.server import SHUTDOWN_MESSAGE, Server
+from pricestream.tasks import cancel_and_wait
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from support.h2client import H2Client, StreamResult
@@ -62,9 +63,10 @@ async def ticking(redis_url: str, ticker: str) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        task.cancel()
+        # Repeated until it ends: redis-py's asyncio.wait_for can swallow a cancel on 3.11.
+        await cancel_and_wait([task])
         with contextlib.suppress(asyncio.CancelledError):
-            await task
+            await task  # what it raised before the cancel, if anything
         await market.aclose()
 
 

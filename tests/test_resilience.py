@@ -13,6 +13,7 @@ import aiohttp
 import grpc
 import pytest
 from pricestream.api.server import Server
+from pricestream.tasks import cancel_and_wait
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from support.invariants import samples, wait_invariant
@@ -266,8 +267,9 @@ async def test_one_way_pubsub_stall_turns_unready_and_recovers(
             old_call.cancel()
             new_call.cancel()
         finally:
-            feeder.cancel()
+            # Repeated until it ends: redis-py's asyncio.wait_for can swallow a cancel on 3.11.
+            await cancel_and_wait([feeder])
             with contextlib.suppress(asyncio.CancelledError):
-                await feeder
+                await feeder  # what it raised before the cancel, if anything
             await market.aclose()
         await wait_invariant(server, timeout=10)
