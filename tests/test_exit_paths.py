@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
+import websockets
 from pricestream.api.server import Server
 from pricestream.engine.stream import RECONNECT_HINT
 from pricestream.redis.broker import RedisPricePublisher
@@ -25,8 +28,11 @@ from support.invariants import samples, wait_invariant
 from support.servers import ready_server, wait_ready
 from support.settings import fast_settings
 from support.streams import next_batch, read_to_end
+from support.waiting import wait_until
+from support.web_clients import create_session
 
 TICKERS = ["AAPL", "MSFT", "GOOG", "AMZN", "NVDA"]
+SUBPROTOCOL = "pricestream.v1.json"
 CLIENT_SCRIPT = Path(__file__).parent / "clients" / "stream_forever.py"
 
 
@@ -294,3 +300,76 @@ async def test_lease_refresh_goes_in_small_slices_spread_over_the_period(redis) 
     assert [n for _, n in calls] == [LEASE_REFRESH_SLICE] * 5
     offsets = [at - started for at, _ in calls]
     assert offsets[0] < 0.05 and 0.3 <= offsets[-1] <= 0.6, offsets
+
+
+class LosesOneCancel:
+    """Stands in for an awaited Redis call (the session claim, the seed's read of last prices)
+    that swallows the cancel of its task, as Python 3.11's ``asyncio.wait_for`` inside redis-py
+    does when the cancel lands just as its operation completes: the call waits until the test
+    releases it, returns normally even if cancelled meanwhile, and counts the cancels lost."""
+
+    def __init__(self, owner: object, method: str) -> None:
+        self._real = getattr(owner, method)
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.lost = 0
+        setattr(owner, method, self)
+
+    async def __call__(self, *args: object) -> object:
+        self.entered.set()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.lost += 1
+            await self.release.wait()
+        return await self._real(*args)
+
+
+@pytest.mark.parametrize(
+    ("transport", "point"),
+    [
+        ("websocket", "claim"),
+        ("websocket", "seed"),
+        ("sse", "seed"),
+        ("grpc", "claim"),
+        ("grpc", "seed"),
+    ],
+)
+async def test_client_gone_while_a_redis_call_loses_the_cancel(
+    redis, transport: str, point: str
+) -> None:
+    """The client leaves while its stream's task waits on Redis, and the cancel that should end
+    the task is lost there: the stream still ends (client_gone) and gives everything back,
+    instead of staying registered on a closed socket and holding its session for good.
+    (An event stream's client that leaves during the claim is not noticed until the stream's
+    head is written: its request's reading is paused, so only the seed point applies.)"""
+    async with pod(redis.url) as server:
+        session = await create_session(server.web_port, ["AAPL"])
+        if point == "claim":
+            call = LosesOneCancel(server.engine.store, "claim")
+        else:  # no price is known, so the stream's first batch reads Redis for one
+            call = LosesOneCancel(server.engine.broker, "last_prices")
+        if transport == "websocket":
+            ws = await websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL])
+            await asyncio.wait_for(call.entered.wait(), 5)
+            ws.transport.abort()
+        elif transport == "sse":
+            async with aiohttp.ClientSession() as http:
+                response = await http.get(session["events_url"])
+                assert response.status == 200
+                await asyncio.wait_for(call.entered.wait(), 5)
+                response.close()
+        else:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+                stream = PriceStreamServiceStub(channel).StreamPriceUpdates(
+                    pb.StreamPriceUpdatesRequest(session_id=session["session_id"])
+                )
+                await asyncio.wait_for(call.entered.wait(), 5)
+                stream.cancel()
+        await wait_until(lambda: call.lost == 1, 5, "the cancel reached the Redis call")
+        call.release.set()
+        await wait_invariant(server, timeout=5)
+        assert reasons(server) == {"client_gone": 1}
+        # The session is free again: a new stream of it gets its snapshot.
+        async with websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL]) as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "snapshot"

@@ -721,6 +721,70 @@ async def test_lost_event_stream_is_closed_1006(harnesses):
     assert stream.cancelled
 
 
+class LosesItsCancel:
+    """A stream's handler that asks to be told when its stream is over, then loses the cancel
+    of its task (as a library's ``wait_for`` can on Python 3.11) and waits on: only the
+    ``on_stream_end`` callback can tell it that its client is gone. ``kind`` None: the request
+    is still being worked on (its session claimed) when the connection goes."""
+
+    def __init__(self, kind: str | None) -> None:
+        self.kind = kind
+        self.told = 0
+        self.lost_cancels = 0
+        self.release = asyncio.Event()
+
+    async def __call__(self, request: Request, exchange: WebConnection) -> None:
+        exchange.on_stream_end(self.over)
+        if self.kind == "websocket":
+            exchange.accept_websocket(request, SUBPROTOCOL, [])
+        elif self.kind == "sse":
+            exchange.start_event_stream([])
+        while not self.release.is_set():
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.lost_cancels += 1
+
+    def over(self) -> None:
+        self.told += 1
+
+
+@pytest.mark.parametrize("kind", [None, "websocket", "sse"])
+async def test_a_handler_whose_cancel_is_lost_is_still_told_its_stream_is_over(harnesses, kind):
+    app = LosesItsCancel(kind)
+    h = Harness(app)
+    harnesses.append(h)
+    h.feed(upgrade() if kind == "websocket" else get("/v1/sessions/s/events"))
+    await settle()
+    assert h.conn.mode == (kind or "http") and app.told == 0
+    h.finish()  # the client went away
+    await settle()
+    assert (app.told, app.lost_cancels) == (1, 1)
+    late: list[str] = []
+    h.conn.on_stream_end(lambda: late.append("told"))  # asked after the end: told at once
+    assert late == ["told"]
+    app.release.set()
+    await settle()
+    assert app.told == 1
+
+
+async def test_the_end_callback_of_an_answered_request_is_dropped(harnesses):
+    told: list[str] = []
+
+    async def answered(request: Request, exchange: WebConnection) -> None:
+        exchange.on_stream_end(lambda: told.append(request.path))
+        exchange.respond(Response.json(200, {}))
+
+    h = Harness(answered)
+    harnesses.append(h)
+    h.feed(get("/first"))
+    await settle()
+    assert parse_responses(h.new_bytes())[0][0] == 200
+    h.finish()  # keep-alive, then the connection goes: nothing of /first is left to end
+    await settle()
+    assert told == []
+
+
 # --- frames.py and the JSON of an update -------------------------------------------------------
 
 

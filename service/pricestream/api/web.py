@@ -41,7 +41,7 @@ from pricestream.settings import Settings, allowed_origins, proxy_networks
 from pricestream.transport.budget import Budget
 from pricestream.transport.web.connection import WebConnection
 from pricestream.transport.web.http import Headers, Request, Response
-from pricestream.transport.web.sinks import StreamSink
+from pricestream.transport.web.sinks import GoneSink, StreamSink
 from pricestream.validation import check_session_id
 
 log = logging.getLogger("pricestream.web")
@@ -119,21 +119,39 @@ def _refusal_key(exc: RequestError) -> str:
 class _WebStreamContext:
     """A browser stream's side of ``StreamLifecycle`` (its ``StreamContext``): the sink is made
     only once the session is claimed, so an SSE response's head is written after the claim
-    and a refusal can still be an HTTP status."""
+    and a refusal can still be an HTTP status.
+
+    The connection tells it when the stream is over (``client_gone``): the lifecycle's
+    ``on_terminate`` then stops the stream, at once if that came first. Its task is cancelled
+    too, but a cancel lost in a Redis call on the way in (Python 3.11's ``wait_for``) left the
+    stream registered on a closed socket, its session held for good."""
 
     def __init__(self, make_sink: Callable[[], StreamSink]) -> None:
         self._make_sink = make_sink
         self.sink: StreamSink | None = None
+        self._gone = False
+        self._on_terminate: Callable[[grpc.StatusCode, str, str], None] | None = None
 
     def time_remaining(self) -> float | None:
         return None
 
     def batch_sink(self) -> BatchSink:
-        self.sink = self._make_sink()
+        # A connection lost while the session was claimed has no stream to start.
+        self.sink = GoneSink() if self._gone else self._make_sink()
         return self.sink
 
+    def connection_gone(self) -> None:
+        """The client's side of the stream is over (``WebConnection.on_stream_end``)."""
+        self._gone = True
+        if self._on_terminate is not None:
+            self._on_terminate(grpc.StatusCode.CANCELLED, "the client went away", "client_gone")
+
     def on_terminate(self, callback: Callable[[grpc.StatusCode, str, str], None]) -> None:
-        """The web server ends streams through their writers (``WebApi.drain``)."""
+        """How the stream is stopped once its client is gone (the server stops browser
+        streams through their writers: ``WebApi.drain``)."""
+        self._on_terminate = callback
+        if self._gone:
+            self.connection_gone()
 
     def set_code(self, code: grpc.StatusCode) -> None:
         """A browser stream's end is its close code, set by ``WebApi``."""
@@ -430,6 +448,7 @@ class WebApi:
         ``__aexit__`` (a closed socket cancels this task: see ``WebConnection._end_stream``)."""
         engine = self._engine
         context = _WebStreamContext(make_sink)
+        exchange.on_stream_end(context.connection_gone)
         lifecycle = StreamLifecycle(engine, context, json=True)
         engine.stream_started()
         try:

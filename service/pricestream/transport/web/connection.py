@@ -12,9 +12,13 @@ the next one. A request may turn the connection into a stream for the rest of it
   events until the connection closes.
 
 Every way out of a stream (the peer's close frame, a lost connection, a missed pong, a
-protocol error, the server's own close) ends in ``_end_stream`` once, which cancels the
-application's task of that stream: the task's ``finally`` (the stream's lifecycle) is the one
-place its session is given back, whatever ended it.
+protocol error, the server's own close) ends in ``_end_stream`` once, which tells the
+application (the callback its handler gave ``on_stream_end``) and cancels the handler's task:
+the task's ``finally`` (the stream's lifecycle) is the one place its session is given back,
+whatever ended it. The cancel alone is not enough: on Python 3.11 a library's ``wait_for`` can
+swallow it (see ``pricestream.tasks``), and a handler that went on would then serve a socket
+that is gone, holding its session for good. A connection lost before its stream began (an
+event stream's request still claiming its session) tells the callback too.
 """
 
 from __future__ import annotations
@@ -117,6 +121,10 @@ class WebConnection(asyncio.Protocol):
         self._client_message_bytes = 0
         self.close_code: int | None = None  # the stream's close code, once it is ending
         self._stream_ended = False
+        # The running handler's callback for the end of its stream (on_stream_end), and
+        # whether that end has come (the stream ended, or the connection was lost).
+        self._on_stream_end: Callable[[], None] | None = None
+        self._stream_over = False
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -162,6 +170,7 @@ class WebConnection(asyncio.Protocol):
         if self._pong_timer is not None:
             self._pong_timer.cancel()
             self._pong_timer = None
+        self._tell_stream_over()  # also in HTTP mode: a handler may be starting its stream
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self._owner.connection_closed(self)
@@ -265,6 +274,7 @@ class WebConnection(asyncio.Protocol):
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if self._task is task:
             self._task = None
+            self._on_stream_end = None  # it was that handler's
         if not task.cancelled() and task.exception() is not None:
             log.error("web request handler failed", exc_info=task.exception())
         if self.mode == "http":
@@ -407,6 +417,22 @@ class WebConnection(asyncio.Protocol):
             self.transport.resume_reading()
         return sink
 
+    def on_stream_end(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the stream the running handler serves is over: closed by
+        either side, or its connection lost (even before ``accept_websocket`` or
+        ``start_event_stream``); at once if that has happened already. How a handler ends its
+        stream for sure: the cancel of its task that comes with it can be lost (module doc)."""
+        if self._stream_over:
+            callback()
+        else:
+            self._on_stream_end = callback
+
+    def _tell_stream_over(self) -> None:
+        self._stream_over = True
+        callback, self._on_stream_end = self._on_stream_end, None
+        if callback is not None:
+            callback()
+
     def close_stream(self, code: int, reason: str) -> None:
         """End the stream with ``code`` (WebSocket: a close frame, then the TCP close once the
         peer answered or ``close_timeout`` passed; SSE: a last ``close`` event). A client
@@ -442,7 +468,8 @@ class WebConnection(asyncio.Protocol):
 
     def _end_stream(self, code: int) -> None:
         """The one place a stream ends: its code recorded and counted, its sink closed, the
-        application's stream task cancelled (its lifecycle gives the session back)."""
+        application told and its stream task cancelled (its lifecycle gives the session
+        back)."""
         if self._stream_ended:
             return
         self._stream_ended = True
@@ -454,6 +481,7 @@ class WebConnection(asyncio.Protocol):
             self._pong_timer.cancel()
             self._pong_timer = None
         self._owner.stream_closed(self, kind, code)
+        self._tell_stream_over()
         task = self._task
         if task is not None and not task.done() and task is not asyncio.current_task():
             task.cancel()

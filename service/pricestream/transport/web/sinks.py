@@ -94,6 +94,25 @@ class WebSocketSink(StreamSink):
         return self.blocked_since is None
 
 
+class GoneSink(StreamSink):
+    """The sink of a stream whose connection was lost before the stream could begin (the
+    session was being claimed): it writes nothing, and its stream is stopped as soon as it is
+    registered (``WebConnection.on_stream_end``)."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(_write_nothing)
+        self.closed = True
+
+    def send(self, payload: bytes) -> bool:
+        return True  # nothing waits: the stream is gone
+
+
+def _write_nothing(data: bytes) -> None:
+    """A ``GoneSink``'s write: there is no socket."""
+
+
 class EventStreamSink(StreamSink):
     __slots__ = ()
 
