@@ -24,6 +24,7 @@ from pricestream.tasks import cancel_and_wait
 from pricestream.tools.feed import run_feed
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
+from support.h2client import H2Client
 from support.invariants import samples, wait_invariant
 from support.servers import ready_server, wait_ready
 from support.settings import fast_settings
@@ -33,6 +34,7 @@ from support.web_clients import create_session
 
 TICKERS = ["AAPL", "MSFT", "GOOG", "AMZN", "NVDA"]
 SUBPROTOCOL = "pricestream.v1.json"
+STREAM_PATH = "/pricestream.v1.PriceStreamService/StreamPriceUpdates"
 CLIENT_SCRIPT = Path(__file__).parent / "clients" / "stream_forever.py"
 
 
@@ -326,50 +328,68 @@ class LosesOneCancel:
 
 
 @pytest.mark.parametrize(
-    ("transport", "point"),
+    ("transport", "point", "reason"),
     [
-        ("websocket", "claim"),
-        ("websocket", "seed"),
-        ("sse", "seed"),
-        ("grpc", "claim"),
-        ("grpc", "seed"),
+        ("websocket", "claim", "client_gone"),
+        ("websocket", "seed", "client_gone"),
+        ("sse", "seed", "client_gone"),
+        ("grpc", "claim", "client_gone"),
+        ("grpc", "seed", "client_gone"),
+        ("grpc-deadline", "claim", "deadline"),
+        ("grpc-deadline", "seed", "deadline"),
+        ("grpc-max-age", "claim", "max_connection_age"),
     ],
 )
-async def test_client_gone_while_a_redis_call_loses_the_cancel(
-    redis, transport: str, point: str
+async def test_a_stream_whose_cancel_is_lost_in_a_redis_call_still_ends(
+    redis, transport: str, point: str, reason: str
 ) -> None:
-    """The client leaves while its stream's task waits on Redis, and the cancel that should end
-    the task is lost there: the stream still ends (client_gone) and gives everything back,
-    instead of staying registered on a closed socket and holding its session for good.
-    (An event stream's client that leaves during the claim is not noticed until the stream's
-    head is written: its request's reading is paused, so only the seed point applies.)"""
-    async with pod(redis.url) as server:
+    """Something ends a stream (its client leaves, its deadline passes, its connection reaches
+    its maximum age) while the stream's task waits on Redis, and the cancel that should end the
+    task is lost there: the stream still ends, for that reason, and gives everything back,
+    instead of staying registered (on a closed socket, past its deadline) with its session held.
+    An event stream's client that leaves during the claim is not noticed before the stream's
+    head is written (its request's reading is paused), so only the seed point applies; the
+    deadline and max-age clients stay connected and never reset their stream."""
+    overrides = {"max_connection_age": 1.0, "max_connection_age_grace": 0.5}
+    async with (
+        pod(redis.url, **(overrides if transport == "grpc-max-age" else {})) as server,
+        contextlib.AsyncExitStack() as clients,
+    ):
         session = await create_session(server.web_port, ["AAPL"])
         if point == "claim":
             call = LosesOneCancel(server.engine.store, "claim")
         else:  # no price is known, so the stream's first batch reads Redis for one
             call = LosesOneCancel(server.engine.broker, "last_prices")
+        request = pb.StreamPriceUpdatesRequest(session_id=session["session_id"])
         if transport == "websocket":
-            ws = await websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL])
+            ws = await clients.enter_async_context(
+                websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL])
+            )
             await asyncio.wait_for(call.entered.wait(), 5)
             ws.transport.abort()
         elif transport == "sse":
-            async with aiohttp.ClientSession() as http:
-                response = await http.get(session["events_url"])
-                assert response.status == 200
-                await asyncio.wait_for(call.entered.wait(), 5)
-                response.close()
+            http = await clients.enter_async_context(aiohttp.ClientSession())
+            response = await http.get(session["events_url"])
+            assert response.status == 200
+            await asyncio.wait_for(call.entered.wait(), 5)
+            response.close()
+        elif transport == "grpc-deadline":
+            client = await clients.enter_async_context(
+                await H2Client.connect("127.0.0.1", server.grpc_port)
+            )
+            await client.send_grpc_request(STREAM_PATH, request, timeout="1S")
         else:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-                stream = PriceStreamServiceStub(channel).StreamPriceUpdates(
-                    pb.StreamPriceUpdatesRequest(session_id=session["session_id"])
-                )
+            channel = await clients.enter_async_context(
+                grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+            )
+            stream = PriceStreamServiceStub(channel).StreamPriceUpdates(request)
+            if transport == "grpc":
                 await asyncio.wait_for(call.entered.wait(), 5)
                 stream.cancel()
         await wait_until(lambda: call.lost == 1, 5, "the cancel reached the Redis call")
         call.release.set()
-        await wait_invariant(server, timeout=5)
-        assert reasons(server) == {"client_gone": 1}
+        await wait_invariant(server)
+        assert reasons(server) == {reason: 1}
         # The session is free again: a new stream of it gets its snapshot.
         async with websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL]) as ws:
             assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "snapshot"

@@ -725,7 +725,8 @@ class LosesItsCancel:
     """A stream's handler that asks to be told when its stream is over, then loses the cancel
     of its task (as a library's ``wait_for`` can on Python 3.11) and waits on: only the
     ``on_stream_end`` callback can tell it that its client is gone. ``kind`` None: the request
-    is still being worked on (its session claimed) when the connection goes."""
+    is still being worked on (its session claimed) when the connection goes (in a server, only
+    by its own abort: reading is paused meanwhile, so a client's leaving is not seen)."""
 
     def __init__(self, kind: str | None) -> None:
         self.kind = kind

@@ -445,7 +445,8 @@ class WebApi:
         cors: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         """Serve one browser stream from claim to close; every way out passes the lifecycle's
-        ``__aexit__`` (a closed socket cancels this task: see ``WebConnection._end_stream``)."""
+        ``__aexit__``. A closed socket cancels this task and, since that cancel can be lost
+        in a Redis call, also stops the stream (``on_stream_end``, ``_WebStreamContext``)."""
         engine = self._engine
         context = _WebStreamContext(make_sink)
         exchange.on_stream_end(context.connection_gone)

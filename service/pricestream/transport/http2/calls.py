@@ -39,7 +39,7 @@ _END = object()  # end of a request stream
 # connection), its deadline passed, or the server ended it (a transport failure, its age).
 EndedBy = Literal["peer", "deadline", "server"]
 # Why the server ended a call from its side, as the servicer is told (``on_terminate``).
-TerminateReason = Literal["client_gone", "max_connection_age", "shutdown"]
+TerminateReason = Literal["client_gone", "deadline", "max_connection_age", "shutdown"]
 
 
 class AbortError(Exception):
@@ -170,6 +170,9 @@ class ServerCall:
         elif self._task is not None and not self._task.done():
             self._code, self._details = code, message
             self._ended_by = "server"
+            # Recorded as well (see peer_gone): if the cancel is lost, a stream that registers
+            # after all is stopped for this reason as it does.
+            self._notify_terminate(code, message, reason)
             self._task.cancel()
         else:
             self._end_now(code, message)
@@ -369,6 +372,11 @@ class ServerCall:
             return
         if self._task is not None and not self._task.done():
             self._ended_by = "deadline"
+            # Told as well as cancelled (see peer_gone): a stream whose cancel was lost would
+            # otherwise run past its deadline until its client resets it.
+            self._notify_terminate(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", "deadline"
+            )
             self._task.cancel()
         else:
             self._end_now(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")

@@ -17,8 +17,9 @@ application (the callback its handler gave ``on_stream_end``) and cancels the ha
 the task's ``finally`` (the stream's lifecycle) is the one place its session is given back,
 whatever ended it. The cancel alone is not enough: on Python 3.11 a library's ``wait_for`` can
 swallow it (see ``pricestream.tasks``), and a handler that went on would then serve a socket
-that is gone, holding its session for good. A connection lost before its stream began (an
-event stream's request still claiming its session) tells the callback too.
+that is gone, holding its session for good. A connection lost before its stream began tells
+the callback too (the server aborting it while the request's handler still claims the
+session: a client's own leaving is not seen then, as reading is paused).
 """
 
 from __future__ import annotations

@@ -95,9 +95,9 @@ class WebSocketSink(StreamSink):
 
 
 class GoneSink(StreamSink):
-    """The sink of a stream whose connection was lost before the stream could begin (the
-    session was being claimed): it writes nothing, and its stream is stopped as soon as it is
-    registered (``WebConnection.on_stream_end``)."""
+    """The sink of a stream whose connection ended before the stream was registered (while
+    its session was being claimed): it writes nothing, and the stream is stopped as soon as it
+    registers (``WebConnection.on_stream_end``)."""
 
     __slots__ = ()
 
