@@ -393,3 +393,39 @@ async def test_a_stream_whose_cancel_is_lost_in_a_redis_call_still_ends(
         # The session is free again: a new stream of it gets its snapshot.
         async with websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL]) as ws:
             assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "snapshot"
+
+
+async def test_a_claim_cancelled_after_it_reached_redis_gives_the_lease_back(redis) -> None:
+    """The client leaves just after its stream's claim reached Redis, before the answer was
+    read: the claim is cancelled, yet Redis holds the lease. It is given back at once, so the
+    client's next socket streams instead of being told "already streaming" (4009) until the
+    lease expires (30 s here)."""
+    async with pod(redis.url, lease_ttl=30.0) as server:
+        session = await create_session(server.web_port, ["AAPL"])
+        store = server.engine.store
+        real_claim = store.claim
+        claimed = asyncio.Event()
+
+        async def claim(session_id: str, owner: str) -> tuple[str, ...]:
+            tickers = await real_claim(session_id, owner)
+            claimed.set()
+            await asyncio.Event().wait()  # the answer "in flight" when the cancel comes
+            return tickers
+
+        store.claim = claim
+        ws = await websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL])
+        await asyncio.wait_for(claimed.wait(), 5)
+        ws.transport.abort()
+        # Counted as never started (the SLOs' denominator leaves those out).
+        await wait_until(lambda: reasons(server) == {"rejected": 1}, 5, "the stream ended")
+        lease = f"pricestream:lease:{session['session_id']}"
+        client = redis.client()
+        try:
+            assert client.exists(lease) == 0
+        finally:
+            client.close()
+        store.claim = real_claim
+        async with websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL]) as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "snapshot"
+        await wait_invariant(server)
+        assert reasons(server) == {"rejected": 1, "client_gone": 1}

@@ -84,6 +84,12 @@ class StreamLifecycle:
             ) from None
         except (RedisError, OSError, TimeoutError) as exc:
             raise unavailable(f"session store unreachable: {describe(exc)}", "backend") from None
+        except asyncio.CancelledError:
+            # Cancelled once the claim may have reached Redis: give back a lease it may have
+            # taken (the release is by owner: a no-op otherwise), or a client that left while
+            # its stream claimed would be told "already streaming" until the lease expires.
+            await self._release_lease()  # the stream stays "rejected": it never started
+            raise
         # From here on nothing awaits until the stream is fully registered.
         writer = StreamWriter(
             engine.clock, self._context.batch_sink(), engine.settings.max_send_message_bytes
