@@ -429,3 +429,46 @@ async def test_a_claim_cancelled_after_it_reached_redis_gives_the_lease_back(red
             assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "snapshot"
         await wait_invariant(server)
         assert reasons(server) == {"rejected": 1, "client_gone": 1}
+
+
+@pytest.mark.parametrize("transport", ["websocket", "grpc"])
+async def test_a_stream_claimed_as_the_pod_starts_draining_is_refused_like_one_after(
+    redis, transport: str
+) -> None:
+    """SIGTERM's drain begins while a stream's claim is in Redis: the stream is not registered
+    behind the drain's back (nothing would stop it, and the drain would wait its whole timeout
+    for it), it is refused as any stream is once the pod drains (1001 / UNAVAILABLE) and its
+    lease is given back for the pod its client goes to."""
+    async with pod(redis.url, drain_timeout=30.0) as server:
+        session = await create_session(server.web_port, ["AAPL"])
+        store = server.engine.store
+        real_claim = store.claim
+        drains: list[asyncio.Task[None]] = []
+
+        async def claim(session_id: str, owner: str) -> tuple[str, ...]:
+            tickers = await real_claim(session_id, owner)
+            drains.append(asyncio.create_task(server.drain()))  # SIGTERM's first step
+            await asyncio.sleep(0.05)
+            return tickers
+
+        store.claim = claim
+        started = time.monotonic()
+        if transport == "websocket":
+            async with websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL]) as ws:
+                with pytest.raises(websockets.ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), 5)  # no snapshot: refused
+            assert ws.close_code == 1001
+        else:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+                call = PriceStreamServiceStub(channel).StreamPriceUpdates(
+                    pb.StreamPriceUpdatesRequest(session_id=session["session_id"])
+                )
+                assert await read_to_end(call) == grpc.StatusCode.UNAVAILABLE
+        await asyncio.wait_for(drains[0], 5)  # not its 30 s timeout
+        assert time.monotonic() - started < 5
+        client = redis.client()
+        try:
+            assert client.exists(f"pricestream:lease:{session['session_id']}") == 0
+        finally:
+            client.close()
+        assert reasons(server) == {"rejected": 1}

@@ -17,6 +17,7 @@ def describe(exc: BaseException) -> str:
 # Why a request was refused, beyond its status code: the REST API answers 429 for a client's
 # own rate and 503 for the pod's state, where gRPC has RESOURCE_EXHAUSTED for both.
 Refusal = Literal["", "rate_limited", "pod_full", "overloaded", "draining", "backend"]
+DRAINING_MESSAGE = "server is draining; retry on another server"
 
 
 class RequestError(Exception):

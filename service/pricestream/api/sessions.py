@@ -11,6 +11,7 @@ from pricestream.api.rate_limit import PeerRateLimiter
 from pricestream.engine.engine import Engine
 from pricestream.engine.sessions import SessionInfo
 from pricestream.errors import (
+    DRAINING_MESSAGE,
     describe,
     not_found,
     resource_exhausted,
@@ -18,7 +19,6 @@ from pricestream.errors import (
 )
 from pricestream.validation import check_session_id, normalise_tickers
 
-DRAINING_MESSAGE = "server is draining; retry on another server"
 # Idle peers' buckets are dropped at most this often, on the way of a create.
 LIMITER_PRUNE_INTERVAL = 1.0
 

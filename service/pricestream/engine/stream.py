@@ -23,6 +23,7 @@ from pricestream.engine.flush import BatchSink, StreamWriter
 from pricestream.engine.hub import Dropped, Topic, entry_from_payload
 from pricestream.engine.sessions import SessionBusy, SessionNotFound
 from pricestream.errors import (
+    DRAINING_MESSAGE,
     describe,
     failed_precondition,
     not_found,
@@ -90,6 +91,12 @@ class StreamLifecycle:
             # its stream claimed would be told "already streaming" until the lease expires.
             await self._release_lease()  # the stream stays "rejected": it never started
             raise
+        if engine.draining:
+            # The pod began draining while the session was claimed: refused like a stream
+            # that comes after (the drain stops the streams registered when it began; this one
+            # would have run on, and the drain waited its whole timeout for it).
+            await self._release_lease()
+            raise unavailable(DRAINING_MESSAGE, "draining")
         # From here on nothing awaits until the stream is fully registered.
         writer = StreamWriter(
             engine.clock, self._context.batch_sink(), engine.settings.max_send_message_bytes
