@@ -39,6 +39,12 @@ _CLIENT_GONE_REASONS = frozenset({"send_error", "client_gone"})
 RESUMABLE_REASONS = frozenset({"shutdown", "redis_unavailable", "max_connection_age"})
 
 
+def _retrieve(future: asyncio.Future[object]) -> None:
+    """Take a finished future's outcome nobody waits for any more (no "never retrieved")."""
+    if not future.cancelled():
+        future.exception()
+
+
 class StreamContext(Protocol):
     """What a stream needs of its call: the transport's side of it."""
 
@@ -75,8 +81,12 @@ class StreamLifecycle:
                 f"this server holds its maximum of {engine.settings.max_sessions} sessions",
                 "pod_full",
             )
+        # Shielded: the claim goes on in Redis whatever happens to this task (its batch is
+        # sent anyway), so a cancel must not lose its answer, which says whether the lease is
+        # this stream's. (A cancel is then also never swallowed by redis-py's wait_for here.)
+        claim = asyncio.ensure_future(engine.store.claim(self.session_id, self._owner))
         try:
-            self.tickers = await engine.store.claim(self.session_id, self._owner)
+            self.tickers = await asyncio.shield(claim)
         except SessionNotFound:
             raise not_found(f"session {self.session_id} does not exist or has expired") from None
         except SessionBusy:
@@ -86,10 +96,7 @@ class StreamLifecycle:
         except (RedisError, OSError, TimeoutError) as exc:
             raise unavailable(f"session store unreachable: {describe(exc)}", "backend") from None
         except asyncio.CancelledError:
-            # Cancelled once the claim may have reached Redis: give back a lease it may have
-            # taken (the release is by owner: a no-op otherwise), or a client that left while
-            # its stream claimed would be told "already streaming" until the lease expires.
-            await self._release_lease()  # the stream stays "rejected": it never started
+            await self._give_back(claim)  # the stream stays "rejected": it never started
             raise
         if engine.draining:
             # The pod began draining while the session was claimed: refused like a stream
@@ -173,6 +180,21 @@ class StreamLifecycle:
             self.reason,
             extra={"event": "stream_ended", "session_id": self.session_id, "reason": self.reason},
         )
+
+    async def _give_back(self, claim: asyncio.Future[tuple[str, ...]]) -> None:
+        """The stream was cancelled while its claim ran (its client left): once Redis has
+        answered the claim, give back the lease it took. Strictly after the answer: a release
+        sent at once could overtake the claim (another pipeline), and the client's next stream
+        would be told "already streaming" until the lease expired."""
+        try:
+            await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            # Cancelled again: the lease, if taken, expires by itself.
+            claim.add_done_callback(_retrieve)
+            raise
+        except Exception:
+            return  # refused or failed: no lease was taken
+        await self._release_lease()
 
     async def _release_lease(self) -> None:
         if self.reason == "closed":
