@@ -136,7 +136,7 @@ class _WebStreamContext:
         return None
 
     def batch_sink(self) -> BatchSink:
-        # A connection lost while the session was claimed has no stream to start.
+        # A connection already over has no stream to start (a guard: see GoneSink).
         self.sink = GoneSink() if self._gone else self._make_sink()
         return self.sink
 

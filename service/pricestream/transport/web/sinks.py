@@ -95,9 +95,11 @@ class WebSocketSink(StreamSink):
 
 
 class GoneSink(StreamSink):
-    """The sink of a stream whose connection ended before the stream was registered (while
-    its session was being claimed): it writes nothing, and the stream is stopped as soon as it
-    registers (``WebConnection.on_stream_end``)."""
+    """The sink of a stream whose connection ended before the stream was registered: it
+    writes nothing, and the stream is stopped as soon as it registers
+    (``WebConnection.on_stream_end``). A guard: the claim is shielded, so a stream whose client
+    left then is cancelled before it gets here; this keeps an await added on that way from
+    starting a stream on a closed connection (an SSE head on a lost transport)."""
 
     __slots__ = ()
 
