@@ -41,7 +41,7 @@ from pricestream.settings import Settings, allowed_origins, proxy_networks
 from pricestream.transport.budget import Budget
 from pricestream.transport.web.connection import WebConnection
 from pricestream.transport.web.http import Headers, Request, Response
-from pricestream.transport.web.sinks import GoneSink, StreamSink
+from pricestream.transport.web.sinks import StreamSink
 from pricestream.validation import check_session_id
 
 log = logging.getLogger("pricestream.web")
@@ -123,8 +123,8 @@ class _WebStreamContext:
 
     The connection tells it when the stream is over (``client_gone``): the lifecycle's
     ``on_terminate`` then stops the stream, at once if that came first. Its task is cancelled
-    too, but a cancel lost in a Redis call on the way in (Python 3.11's ``wait_for``) left the
-    stream registered on a closed socket, its session held for good."""
+    too, but a cancel lost in a Redis call before its first batch (Python 3.11's ``wait_for``)
+    left the stream registered on a closed socket, its session held for good."""
 
     def __init__(self, make_sink: Callable[[], StreamSink]) -> None:
         self._make_sink = make_sink
@@ -136,8 +136,7 @@ class _WebStreamContext:
         return None
 
     def batch_sink(self) -> BatchSink:
-        # A connection already over has no stream to start (a guard: see GoneSink).
-        self.sink = GoneSink() if self._gone else self._make_sink()
+        self.sink = self._make_sink()
         return self.sink
 
     def connection_gone(self) -> None:

@@ -170,9 +170,6 @@ class ServerCall:
         elif self._task is not None and not self._task.done():
             self._code, self._details = code, message
             self._ended_by = "server"
-            # Recorded as well (see peer_gone): if the cancel is lost, a stream that registers
-            # after all is stopped for this reason as it does.
-            self._notify_terminate(code, message, reason)
             self._task.cancel()
         else:
             self._end_now(code, message)

@@ -122,10 +122,8 @@ class WebConnection(asyncio.Protocol):
         self._client_message_bytes = 0
         self.close_code: int | None = None  # the stream's close code, once it is ending
         self._stream_ended = False
-        # The running handler's callback for the end of its stream (on_stream_end), and
-        # whether that end has come (the stream ended, or the connection was lost).
+        # The running handler's callback for the end of its stream (on_stream_end).
         self._on_stream_end: Callable[[], None] | None = None
-        self._stream_over = False
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -423,13 +421,12 @@ class WebConnection(asyncio.Protocol):
         either side, or its connection lost (even before ``accept_websocket`` or
         ``start_event_stream``); at once if that has happened already. How a handler ends its
         stream for sure: the cancel of its task that comes with it can be lost (module doc)."""
-        if self._stream_over:
+        if self._stream_ended or self.transport is None:  # ended, or the connection lost
             callback()
         else:
             self._on_stream_end = callback
 
     def _tell_stream_over(self) -> None:
-        self._stream_over = True
         callback, self._on_stream_end = self._on_stream_end, None
         if callback is not None:
             callback()

@@ -94,27 +94,6 @@ class WebSocketSink(StreamSink):
         return self.blocked_since is None
 
 
-class GoneSink(StreamSink):
-    """The sink of a stream whose connection ended before the stream was registered: it
-    writes nothing, and the stream is stopped as soon as it registers
-    (``WebConnection.on_stream_end``). A guard: the claim is shielded, so a stream whose client
-    left then is cancelled before it gets here; this keeps an await added on that way from
-    starting a stream on a closed connection (an SSE head on a lost transport)."""
-
-    __slots__ = ()
-
-    def __init__(self) -> None:
-        super().__init__(_write_nothing)
-        self.closed = True
-
-    def send(self, payload: bytes) -> bool:
-        return True  # nothing waits: the stream is gone
-
-
-def _write_nothing(data: bytes) -> None:
-    """A ``GoneSink``'s write: there is no socket."""
-
-
 class EventStreamSink(StreamSink):
     __slots__ = ()
 
