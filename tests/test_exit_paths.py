@@ -304,6 +304,53 @@ async def test_lease_refresh_goes_in_small_slices_spread_over_the_period(redis) 
     assert offsets[0] < 0.05 and 0.3 <= offsets[-1] <= 0.6, offsets
 
 
+def lease_held(redis, session_id: str) -> bool:
+    """Whether Redis still holds a stream's lease on the session."""
+    client = redis.client()
+    try:
+        return client.exists(f"pricestream:lease:{session_id}") == 1
+    finally:
+        client.close()
+
+
+async def open_and_leave(
+    transport: str,
+    server: Server,
+    session: dict,
+    clients: contextlib.AsyncExitStack,
+    waiting: asyncio.Event,
+) -> None:
+    """Open a stream of ``session`` (its clients kept by ``clients``) and, once the server is
+    ``waiting`` in the Redis call under test, end it from the client's side: the socket
+    aborted, the event stream's response closed, the gRPC call cancelled. "grpc-deadline" is a
+    raw HTTP/2 call with ``grpc-timeout: 1S`` that never resets: only its deadline ends it."""
+    request = pb.StreamPriceUpdatesRequest(session_id=session["session_id"])
+    if transport == "websocket":
+        ws = await clients.enter_async_context(
+            websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL])
+        )
+        await asyncio.wait_for(waiting.wait(), 5)
+        ws.transport.abort()
+    elif transport == "sse":
+        http = await clients.enter_async_context(aiohttp.ClientSession())
+        response = await http.get(session["events_url"])
+        assert response.status == 200
+        await asyncio.wait_for(waiting.wait(), 5)
+        response.close()
+    elif transport == "grpc-deadline":
+        client = await clients.enter_async_context(
+            await H2Client.connect("127.0.0.1", server.grpc_port)
+        )
+        await client.send_grpc_request(STREAM_PATH, request, timeout="1S")
+    else:
+        channel = await clients.enter_async_context(
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+        )
+        stream = PriceStreamServiceStub(channel).StreamPriceUpdates(request)
+        await asyncio.wait_for(waiting.wait(), 5)
+        stream.cancel()
+
+
 class LosesOneCancel:
     """Stands in for an awaited Redis call (the session claim, the seed's read of last prices)
     that swallows the cancel of its task, as Python 3.11's ``asyncio.wait_for`` inside redis-py
@@ -349,31 +396,7 @@ async def test_a_stream_whose_cancel_is_lost_in_a_redis_call_still_ends(
         session = await create_session(server.web_port, ["AAPL"])
         # No price is known, so the stream's first batch reads Redis for one.
         call = LosesOneCancel(server.engine.broker, "last_prices")
-        request = pb.StreamPriceUpdatesRequest(session_id=session["session_id"])
-        if transport == "websocket":
-            ws = await clients.enter_async_context(
-                websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL])
-            )
-            await asyncio.wait_for(call.entered.wait(), 5)
-            ws.transport.abort()
-        elif transport == "sse":
-            http = await clients.enter_async_context(aiohttp.ClientSession())
-            response = await http.get(session["events_url"])
-            assert response.status == 200
-            await asyncio.wait_for(call.entered.wait(), 5)
-            response.close()
-        elif transport == "grpc-deadline":
-            client = await clients.enter_async_context(
-                await H2Client.connect("127.0.0.1", server.grpc_port)
-            )
-            await client.send_grpc_request(STREAM_PATH, request, timeout="1S")
-        else:
-            channel = await clients.enter_async_context(
-                grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}")
-            )
-            stream = PriceStreamServiceStub(channel).StreamPriceUpdates(request)
-            await asyncio.wait_for(call.entered.wait(), 5)
-            stream.cancel()
+        await open_and_leave(transport, server, session, clients, call.entered)
         await wait_until(lambda: call.lost == 1, 5, "the cancel reached the Redis call")
         call.release.set()
         await wait_invariant(server)
@@ -414,32 +437,14 @@ async def test_a_claim_that_reaches_redis_after_its_stream_was_cancelled_gives_t
 
         store.claim = claim
         async with contextlib.AsyncExitStack() as clients:
-            if transport == "websocket":
-                ws = await clients.enter_async_context(
-                    websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL])
-                )
-                await asyncio.wait_for(queued.wait(), 5)
-                ws.transport.abort()
-            else:
-                channel = await clients.enter_async_context(
-                    grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}")
-                )
-                stream = PriceStreamServiceStub(channel).StreamPriceUpdates(
-                    pb.StreamPriceUpdatesRequest(session_id=session["session_id"])
-                )
-                await asyncio.wait_for(queued.wait(), 5)
-                stream.cancel()
+            await open_and_leave(transport, server, session, clients, queued)
             await asyncio.sleep(0.3)  # the cancel, and whatever it sends at once, go first
             send.set()
             # Counted as never started (the SLOs' denominator leaves those out).
             await wait_until(lambda: reasons(server) == {"rejected": 1}, 5, "the stream ended")
         for sending in sent_anyway:
             await sending
-        client = redis.client()
-        try:
-            assert client.exists(f"pricestream:lease:{session['session_id']}") == 0
-        finally:
-            client.close()
+        assert not lease_held(redis, session["session_id"])
         store.claim = real_claim
         async with websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL]) as ws:
             assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "snapshot"
@@ -482,9 +487,5 @@ async def test_a_stream_claimed_as_the_pod_starts_draining_is_refused_like_one_a
                 assert await read_to_end(call) == grpc.StatusCode.UNAVAILABLE
         await asyncio.wait_for(drains[0], 5)  # not its 30 s timeout
         assert time.monotonic() - started < 5
-        client = redis.client()
-        try:
-            assert client.exists(f"pricestream:lease:{session['session_id']}") == 0
-        finally:
-            client.close()
+        assert not lease_held(redis, session["session_id"])
         assert reasons(server) == {"rejected": 1}
