@@ -525,3 +525,45 @@ async def test_ssubscribe_refused_by_a_master_that_does_not_own_the_slot(
         await cancel_and_wait([task])
     assert metrics.connections_opened._value.get() == 1
     assert metrics.connections_closed._value.get() == 1
+
+
+async def test_an_idle_shard_whose_cancel_is_lost_still_closes(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last stream wanting a shard's tickers ends, and the cancel that should end the
+    shard's Pub/Sub task is lost (as Python 3.11's ``asyncio.wait_for`` inside redis-py loses
+    one that lands as its operation completes): the task goes on and connects again. The
+    broker cancels it again until it has ended, so the idle connection is closed within a
+    second instead of staying open (and a new one being opened beside it for the shard's next
+    stream) until the pod stops."""
+    lost: list[str] = []
+    real_run = ShardConnection.run
+
+    async def run_losing_one_cancel(self: ShardConnection) -> None:
+        try:
+            await real_run(self)
+        except asyncio.CancelledError:
+            if lost:
+                raise
+            lost.append(self.name)
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            await real_run(self)  # as if the cancel had never come
+
+    monkeypatch.setattr(ShardConnection, "run", run_losing_one_cancel)
+    tickers = tickers_on_every_shard(cluster, per_shard=1)
+    feed = Feed(cluster, tickers)
+    await feed.tick()
+    async with feed.running(), ready_server(cluster_settings(cluster)) as server:
+        channel, streams = await open_streams(server, tickers, count=1, per_session=3)
+        await all_fresh(streams, time.time_ns(), 10, "first prices")
+        assert gauges(server)["pricestream_redis_pubsub_connections_active"] == 3
+        await close_all(channel, streams)
+        await wait_invariant(server, timeout=10)
+        await wait_until(lambda: len(lost) == 1, 5, "a shard's cancel was lost")
+        # Only the session-closed channel's shard is wanted now: one connection.
+        assert gauges(server)["pricestream_redis_shards_wanted"] == 1
+        await wait_until(
+            lambda: gauges(server)["pricestream_redis_pubsub_connections_active"] == 1,
+            5,
+            "the idle shards' connections closed, the one whose cancel was lost too",
+        )

@@ -31,6 +31,17 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
         raise asyncio.CancelledError
 
 
+def cancel_until_ended(task: asyncio.Task[Any]) -> None:
+    """Cancel a task without waiting for it, and cancel it again every ``_RECANCEL_SECONDS``
+    until it has ended (a cancellation can be lost: see ``cancel_and_wait``). For a task
+    whose owner lets go of it and does not wait: each repeat is a timer of the event loop,
+    and none is left once the task has ended."""
+    if task.done():
+        return
+    task.cancel()
+    asyncio.get_running_loop().call_later(_RECANCEL_SECONDS, cancel_until_ended, task)
+
+
 async def run_until_first_failure(*coroutines: Coroutine[Any, Any, None]) -> None:
     """Run coroutines together; when one ends or fails, cancel the rest and re-raise."""
     tasks = [asyncio.ensure_future(coro) for coro in coroutines]

@@ -45,7 +45,7 @@ from pricestream.redis.cluster_client import Address, NodeOptions
 from pricestream.redis.shard_connection import ShardConnection
 from pricestream.redis.slots import SlotMap, TopologyUnavailable, channel_slot
 from pricestream.settings import Settings
-from pricestream.tasks import cancel_and_wait
+from pricestream.tasks import cancel_and_wait, cancel_until_ended
 
 log = logging.getLogger("pricestream.redis")
 
@@ -207,7 +207,10 @@ class ShardedBroker:
         del self._shards[address]
         self._closing[shard.task] = shard.conn
         shard.task.add_done_callback(self._closed)
-        shard.task.cancel()
+        # Cancelled until it has ended: one lost cancel (redis-py's wait_for on Python 3.11)
+        # would keep an idle connection open until the broker closes, and the next stream of
+        # a ticker on this shard opens a new one.
+        cancel_until_ended(shard.task)
 
     def _closed(self, task: asyncio.Task[None]) -> None:
         self._closing.pop(task, None)
