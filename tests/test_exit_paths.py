@@ -18,6 +18,7 @@ import pytest
 import websockets
 from pricestream.api.server import Server
 from pricestream.engine.stream import RECONNECT_HINT
+from pricestream.errors import DRAINING_MESSAGE
 from pricestream.redis.broker import RedisPricePublisher
 from pricestream.redis.client import make_client, make_pool
 from pricestream.tasks import cancel_and_wait
@@ -478,13 +479,14 @@ async def test_a_stream_claimed_as_the_pod_starts_draining_is_refused_like_one_a
             async with websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL]) as ws:
                 with pytest.raises(websockets.ConnectionClosed):
                     await asyncio.wait_for(ws.recv(), 5)  # no snapshot: refused
-            assert ws.close_code == 1001
+            assert (ws.close_code, ws.close_reason) == (1001, DRAINING_MESSAGE)
         else:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
                 call = PriceStreamServiceStub(channel).StreamPriceUpdates(
                     pb.StreamPriceUpdatesRequest(session_id=session["session_id"])
                 )
                 assert await read_to_end(call) == grpc.StatusCode.UNAVAILABLE
+                assert await call.details() == DRAINING_MESSAGE
         await asyncio.wait_for(drains[0], 5)  # not its 30 s timeout
         assert time.monotonic() - started < 5
         assert not lease_held(redis, session["session_id"])

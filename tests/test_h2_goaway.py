@@ -27,7 +27,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 from h2.errors import ErrorCodes
-from pricestream.api.server import SHUTDOWN_MESSAGE, Server
+from pricestream.api.server import Server
+from pricestream.errors import SHUTDOWN_MESSAGE
 from pricestream.tasks import cancel_and_wait
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub

@@ -15,6 +15,7 @@ import pytest
 import websockets
 from google.protobuf import json_format
 from pricestream.api.server import Server
+from pricestream.errors import DRAINING_MESSAGE
 from pricestream.v1 import pricestream_pb2 as pb
 from pricestream.v1.pricestream_pb2_grpc import PriceStreamServiceStub
 from support.invariants import read_metrics, samples, wait_invariant
@@ -571,6 +572,7 @@ async def test_drain_closes_sockets_1001_spread_over_the_window(redis) -> None:
             ws_url(server, "AAAAAAAAAAAAAAAAAAAAAA"), subprotocols=[SUBPROTOCOL]
         ) as ws:
             assert await closed_with(ws) == 1001
+            assert ws.close_reason == DRAINING_MESSAGE  # refused, as after its claim
         assert server.engine.ready is False
 
 

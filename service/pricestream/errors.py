@@ -17,7 +17,10 @@ def describe(exc: BaseException) -> str:
 # Why a request was refused, beyond its status code: the REST API answers 429 for a client's
 # own rate and 503 for the pod's state, where gRPC has RESOURCE_EXHAUSTED for both.
 Refusal = Literal["", "rate_limited", "pod_full", "overloaded", "draining", "backend"]
+# New work a draining pod refuses (a session create, a stream before or after its claim) ...
 DRAINING_MESSAGE = "server is draining; retry on another server"
+# ... and the streams it ends (gRPC UNAVAILABLE, browser 1001, with the resume hint).
+SHUTDOWN_MESSAGE = "server is shutting down; resume the session on another server"
 
 
 class RequestError(Exception):

@@ -21,6 +21,7 @@ from pricestream.api.service import SERVICE_NAME, PriceStreamService
 from pricestream.api.sessions import SessionOps
 from pricestream.api.tls import server_ssl_context
 from pricestream.api.web import WebApi
+from pricestream.errors import SHUTDOWN_MESSAGE
 from pricestream.observability.grpc_metrics import GrpcMetrics
 from pricestream.observability.web_metrics import WebMetrics
 from pricestream.settings import Settings
@@ -43,7 +44,6 @@ MAX_REQUEST_BYTES = 64 * 1024
 # during the ramp or the hold, 247 young ones (longest 33 ms) and 30 middle ones (longest
 # 84 ms). Memory is unchanged: the streams' objects are freed by reference counting.
 GC_THRESHOLDS = (10_000, 4, 10)
-SHUTDOWN_MESSAGE = "server is shutting down; resume the session on another server"
 READINESS_POLL = 0.1  # seconds between looks at readiness for Watch streams and the log
 
 

@@ -35,7 +35,7 @@ from pricestream.engine.engine import Engine
 from pricestream.engine.flush import BatchSink, StreamWriter
 from pricestream.engine.sessions import SessionInfo
 from pricestream.engine.stream import StreamLifecycle
-from pricestream.errors import RequestError, describe
+from pricestream.errors import DRAINING_MESSAGE, SHUTDOWN_MESSAGE, RequestError, describe
 from pricestream.observability.web_metrics import StreamKind, WebMetrics
 from pricestream.settings import Settings, allowed_origins, proxy_networks
 from pricestream.transport.budget import Budget
@@ -47,7 +47,6 @@ from pricestream.validation import check_session_id
 log = logging.getLogger("pricestream.web")
 
 SUBPROTOCOL = "pricestream.v1.json"
-SHUTDOWN_MESSAGE = "server is shutting down; resume the session on another server"
 _PAGE_CSP = (
     b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
     b"connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'"
@@ -415,7 +414,7 @@ class WebApi:
         """Whether this pod takes a new browser stream now: not while draining, and no faster
         than its admission rate (the reconnect storm after an ingress reload)."""
         if self._engine.draining:
-            return RequestError(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_MESSAGE, "draining")
+            return RequestError(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE, "draining")
         if self._admission is not None and not self._admission.take():
             return RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
