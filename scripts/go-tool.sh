@@ -4,7 +4,7 @@
 #
 # DEST is left alone when `go version -m` says it is that package at that version. Otherwise the
 # binary comes from a cache outside the clone, keyed by package, version and Go toolchain
-# ($PRICESTREAM_TOOLS_CACHE, default ~/.cache/pricestream-tools, like the e2e cache): a fresh
+# ($TOOLS_CACHE, default ~/.cache/pricestream-tools, like the e2e cache): a fresh
 # clone copies it instead of relinking (helm alone took 32 s to relink on a warm Go build cache).
 # Only a miss runs `go install`, into a temporary folder, moved into the cache when complete.
 set -euo pipefail
@@ -23,7 +23,7 @@ is_built() { # is_built FILE: FILE is $pkg at $version
 
 is_built "$dest" && exit 0
 name="$(basename "$dest")"
-cache="${PRICESTREAM_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pricestream-tools}"
+cache="${TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pricestream-tools}"
 entry="$cache/$name-$version-$(go env GOVERSION)"
 if ! is_built "$entry/$name"; then
   echo "building $spec (a miss in $cache)"

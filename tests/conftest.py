@@ -67,7 +67,7 @@ async def dump_tasks_if_stuck(request: pytest.FixtureRequest) -> AsyncIterator[N
     dump_after = max(60.0, 0.8 * float(marker.args[0])) if marker else 60.0
 
     async def watchdog() -> None:
-        await asyncio.sleep(float(os.environ.get("PRICESTREAM_TEST_DUMP_AFTER", dump_after)))
+        await asyncio.sleep(float(os.environ.get("TEST_DUMP_AFTER", dump_after)))
         out = sys.__stderr__  # past pytest's capture
         for task in asyncio.all_tasks():
             print(f"--- task {task.get_name()}: {task!r}", file=out)

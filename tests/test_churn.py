@@ -1,5 +1,5 @@
 """Churn at scale against a real `pricestream serve`: 10,000 sessions (times
-PRICESTREAM_CHURN_SCALE, 0.2 in `make test`) leave by cancel, CloseSession, channel drop, an
+CHURN_SCALE, 0.2 in `make test`) leave by cancel, CloseSession, channel drop, an
 expiring deadline, or with their client process SIGKILLed; then every gauge is back to zero,
 opened equals closed, and `pricestream audit-logs` finds the log balanced."""
 
@@ -21,7 +21,7 @@ from support.redis_server import RedisProcess
 from support.settings import fast_env
 
 CLIENTS = Path(__file__).parent / "clients"
-SCALE = float(os.environ.get("PRICESTREAM_CHURN_SCALE", "0.2"))
+SCALE = float(os.environ.get("CHURN_SCALE", "0.2"))
 TICKERS = ticker_universe(50)
 
 

@@ -41,7 +41,7 @@ H2SPEC_SPEC = "github.com/summerwind/h2spec/cmd/h2spec@v2.2.1+incompatible"
 def go_tool(
     dest: Path, spec: str, cache: Path, **env_extra: str
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PRICESTREAM_TOOLS_CACHE": str(cache), **env_extra}
+    env = {**os.environ, "TOOLS_CACHE": str(cache), **env_extra}
     return subprocess.run(
         [str(GO_TOOL), str(dest), spec], capture_output=True, text=True, timeout=60, env=env
     )

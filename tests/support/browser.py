@@ -124,11 +124,11 @@ class LivePage:
             await asyncio.sleep(0.05)
 
     async def screenshot(self, name: str, tmp_path: Path) -> list[Path]:
-        """Saved under ``tmp_path`` and, if set, ``$PRICESTREAM_SCREENSHOT_DIR``; the paths."""
+        """Saved under ``tmp_path`` and, if set, ``$SCREENSHOT_DIR``; the paths."""
         image = await self.page.screenshot(full_page=True)
         folders = [tmp_path]
-        if os.environ.get("PRICESTREAM_SCREENSHOT_DIR"):
-            folders.append(Path(os.environ["PRICESTREAM_SCREENSHOT_DIR"]))
+        if os.environ.get("SCREENSHOT_DIR"):
+            folders.append(Path(os.environ["SCREENSHOT_DIR"]))
         return await asyncio.to_thread(_save, image, name, folders)
 
 

@@ -35,7 +35,7 @@ def fast_settings(redis_url: str, **overrides: object) -> Settings:
 
 def fast_env(redis_url: str, **overrides: object) -> dict[str, str]:
     """Environment for a `pricestream serve` subprocess with the fast settings; no other
-    ``PRICESTREAM_*`` variable of ours (test knobs such as PRICESTREAM_CHURN_SCALE would stop
+    ``PRICESTREAM_*`` variable of ours (test knobs such as CHURN_SCALE would stop
     the start as unknown settings)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRICESTREAM_")}
     for key, value in {**FAST, "redis_url": redis_url, **overrides}.items():
