@@ -326,6 +326,65 @@ async def test_an_unanswered_request_is_500(harnesses):
     assert status == 500 and json.loads(body)["error"]["code"] == "internal"
 
 
+async def test_pipelined_requests_wait_while_the_client_does_not_read_its_answers(harnesses):
+    """A client that pipelines requests and reads none of the answers: once its output is
+    over the high-water mark, no further request is read or answered (each would buffer one
+    more answer, without a bound) until the output drained."""
+    h = Harness(echo_path)
+    harnesses.append(h)
+    h.conn.pause_writing()  # the answers sent before filled the socket's buffer
+    h.feed(get("/one") + get("/two") + get("/three"))
+    await settle(30)
+    paths = [json.loads(body)["path"] for _, _, body in parse_responses(h.new_bytes())]
+    assert paths == ["/one"]
+    assert h.transport.reading is False
+    h.conn.resume_writing()
+    await settle(30)
+    paths = [json.loads(body)["path"] for _, _, body in parse_responses(h.new_bytes())]
+    assert paths == ["/two", "/three"]
+    assert h.transport.reading is True
+
+
+async def test_a_body_that_does_not_follow_its_head_in_time_is_408(harnesses):
+    h = Harness(echo_path, WebLimits(head_timeout=0.05))
+    harnesses.append(h)
+    h.feed(b'POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{"a"')
+    await wait_for(lambda: h.transport.closed)
+    [(status, headers, body)] = parse_responses(h.new_bytes())
+    assert status == 408 and headers[b"connection"] == b"close"
+    assert json.loads(body)["error"]["message"] == "request body did not arrive in time"
+    assert h.app.requests == []
+
+
+@pytest.mark.parametrize("kind", ["idle-keep-alive", "sse-close", "websocket-peer-close"])
+async def test_a_close_whose_output_never_leaves_is_aborted(harnesses, kind):
+    """A client that stopped reading (its output never leaves: ``drains`` False) would hold a
+    gracefully closed socket and its buffer for good, TCP's zero-window probes keeping it
+    alive: every close is an abort after ``close_timeout``."""
+    limits = WebLimits(idle_timeout=0.02, close_timeout=0.05)
+    if kind == "websocket-peer-close":
+        h: Harness = WsHarness(limits)
+        harnesses.append(h)
+        assert isinstance(h, WsHarness)
+        await h.upgrade()
+        h.transport.drains = False
+        h.send(CloseConnection(code=1000, reason="bye"))
+    else:
+        stream = StreamApp("sse")
+        h = Harness(stream if kind == "sse-close" else echo_path, limits)
+        harnesses.append(h)
+        h.feed(get("/v1/events" if kind == "sse-close" else "/"))
+        await settle()
+        h.transport.drains = False
+        if kind == "sse-close":
+            h.conn.close_stream(1000, "session closed")
+    await wait_for(lambda: h.transport.closed)
+    assert not h.transport.aborted  # first the graceful close ...
+    await wait_for(lambda: h.transport.aborted)  # ... then, its output stuck, the abort
+    await settle()
+    assert h.transport.lost and h.owner.calls[-1] == ("connection_closed",)
+
+
 # --- WebSocket: the handshake ---------------------------------------------------------------
 
 
@@ -440,6 +499,54 @@ async def test_upgrade_without_key_is_400(harnesses):
     assert h.app.requests == []
 
 
+def raw_upgrade(version: bytes = b"1.1", host: bytes | None = b"pricestream", key: bytes = WS_KEY):
+    lines = [b"GET /v1/stream HTTP/" + version]
+    if host is not None:
+        lines.append(b"Host: " + host)
+    lines += [
+        b"Upgrade: websocket",
+        b"Connection: Upgrade",
+        b"Sec-WebSocket-Version: 13",
+        b"Sec-WebSocket-Key: " + key,
+    ]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+MALFORMED_UPGRADES = {
+    "http-1.0-without-host": (
+        raw_upgrade(version=b"1.0", host=None),
+        "a WebSocket handshake is an HTTP/1.1 request",
+    ),
+    "host-not-a-name": (
+        raw_upgrade(host=b"xn--zz"),
+        "invalid WebSocket handshake: the Host header is not a valid host name",
+    ),
+    "key-not-16-bytes": (
+        raw_upgrade(key=b"x"),
+        "invalid WebSocket handshake: Sec-WebSocket-Key is not 16 bytes in base64",
+    ),
+}
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["alone", "after-a-get"])
+@pytest.mark.parametrize("case", MALFORMED_UPGRADES)
+async def test_a_malformed_upgrade_is_400_with_a_sentence(harnesses, case, pipelined):
+    """Handshakes wsproto's own checks let through or fail on with an error of another library
+    (h11's, the IDNA codec's): each is a 400 saying why, alone or pipelined behind a request,
+    never an exception out of the protocol (which left a pipelined connection with nothing
+    reading it: a socket held until the pod stopped)."""
+    request, message = MALFORMED_UPGRADES[case]
+    h = Harness(echo_path)
+    harnesses.append(h)
+    h.feed((get("/first") if pipelined else b"") + request)
+    await settle(30)
+    answers = parse_responses(h.new_bytes())
+    assert [status for status, _, _ in answers] == [200, 400] if pipelined else [400]
+    error = json.loads(answers[-1][2])["error"]
+    assert error == {"code": "bad_handshake", "message": message}
+    assert [r.path for r in h.app.requests] == (["/first"] if pipelined else [])
+
+
 # --- WebSocket: client frames ----------------------------------------------------------------
 
 
@@ -477,6 +584,7 @@ async def test_client_message_over_the_limit_is_closed_1009(harnesses):
     assert isinstance(event, CloseConnection) and event.code == 1009
     assert h.owner.closed_streams() == [("stream_closed", "websocket", 1009)]
     assert h.stream.cancelled
+    assert h.transport.closed  # at once: what the client sends after is not read
 
 
 async def test_small_client_messages_are_ignored(harnesses):
@@ -499,6 +607,35 @@ async def test_unmasked_client_frame_is_closed_1002(harnesses):
     assert h.owner.closed_streams() == [("stream_closed", "websocket", 1002)]
     [event] = h.events()
     assert isinstance(event, CloseConnection) and event.code == 1002
+    # Failed (RFC 6455 section 7.1.7): closed at once, no closing handshake awaited.
+    assert h.transport.closed and h.transport.lost
+
+
+async def test_the_message_limit_counts_bytes_not_characters(harnesses):
+    h = WsHarness()
+    harnesses.append(h)
+    await h.upgrade()
+    h.send(TextMessage(data="\u00e9" * 2100))  # 2,100 characters, 4,200 bytes: over 4 KiB
+    await settle()
+    [event] = h.events()
+    assert isinstance(event, CloseConnection) and event.code == 1009
+    assert h.transport.closed
+
+
+async def test_pings_of_a_client_that_does_not_read_are_not_answered(harnesses):
+    """Each pong would add to the output of a client that does not read; its stream is cut
+    off for not keeping up instead (test_flush_clock)."""
+    h = WsHarness()
+    harnesses.append(h)
+    await h.upgrade()
+    h.conn.pause_writing()
+    h.send(Ping(payload=b"p"))
+    await settle()
+    assert h.events() == []
+    h.conn.resume_writing()
+    h.send(Ping(payload=b"q"))
+    await settle()
+    assert h.events() == [Pong(payload=b"q")]
 
 
 # --- WebSocket: the server's frames ------------------------------------------------------------

@@ -19,6 +19,9 @@ class FakeTransport:
         self.reading = True
         self.buffer_limits: tuple[int | None, int | None] | None = None
         self.writes_after_close = 0
+        # False: a peer that stopped reading; close() then never completes (the buffered
+        # output never leaves), only abort() ends the connection.
+        self.drains = True
 
     def write(self, data: bytes) -> None:
         if self.lost:
@@ -35,7 +38,8 @@ class FakeTransport:
     def close(self) -> None:
         if not (self.closed or self.aborted):
             self.closed = True
-            asyncio.get_running_loop().call_soon(self._lose)
+            if self.drains:
+                asyncio.get_running_loop().call_soon(self._lose)
 
     def abort(self) -> None:
         if not self.aborted:

@@ -25,6 +25,7 @@ session: a client's own leaving is not seen then, as reading is paused).
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import socket
 from collections.abc import Callable, Coroutine
@@ -114,6 +115,9 @@ class WebConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
+        # HTTP mode: the client does not read its answers (the transport's output is over its
+        # high-water mark); no further request is read or parsed until it drained.
+        self._write_paused = False
         # Stream state (a WebSocket or an event stream).
         self.sink: StreamSink | None = None
         self._ws: WsConnection | None = None
@@ -158,10 +162,22 @@ class WebConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self.sink is not None:
             self.sink.pause()
+        elif self.mode == "http":
+            # Pipelined requests whose answers the client does not read would each add an
+            # answer to the buffer, without a bound: read no more until it drained.
+            self._write_paused = True
+            if not self._reading_paused and self.transport is not None:
+                self.transport.pause_reading()
+                self._reading_paused = True
 
     def resume_writing(self) -> None:
         if self.sink is not None:
             self.sink.resume()
+        elif self._write_paused:
+            self._write_paused = False
+            if self.mode == "http" and self._task is None:
+                self._resume_reading()
+                asyncio.get_running_loop().call_soon(self._resume_http)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.mode_closed()
@@ -188,14 +204,22 @@ class WebConnection(asyncio.Protocol):
         if data and conn.their_state is h11.IDLE and self._head is None and self._task is None:
             # The first bytes of a request: its head must follow within head_timeout.
             self._arm_timer(self._limits.head_timeout, self._head_timed_out)
+        conn.receive_data(data)
+        self._parse()
+
+    def _parse(self) -> None:
+        """Take the requests received so far, one at a time; a request that cannot be taken
+        is answered with its status and the connection closed, whatever failed."""
         try:
-            conn.receive_data(data)
             self._next_events()
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
             if status == 400 and "buffer" in str(exc).lower():
                 status = 431
             self._refuse_malformed(status, str(exc))
+        except Exception:  # a request nothing above foresaw must not leave the connection stuck
+            log.exception("could not take a web request from %s", self.peer)
+            self._refuse_malformed(400, "the request could not be parsed")
 
     def _next_events(self) -> None:
         conn = self._h11
@@ -222,7 +246,8 @@ class WebConnection(asyncio.Protocol):
                 return
 
     def _on_head(self, head: h11.Request) -> None:
-        self._cancel_timer()  # the head is complete; the body is bounded by its size
+        # The head is complete; its body (bounded in size) must follow within head_timeout.
+        self._arm_timer(self._limits.head_timeout, self._body_timed_out)
         # h11 bounds a head still arriving; one that arrived whole in a read is measured here.
         size = len(head.target) + sum(len(n) + len(v) + 4 for n, v in head.headers)
         if size > self._limits.max_head_bytes:
@@ -240,6 +265,7 @@ class WebConnection(asyncio.Protocol):
         if head is None or self._h11 is None:
             return  # the request was refused already
         self._head = None
+        self._cancel_timer()  # the body is complete
         websocket = _is_websocket_upgrade(head)
         request = Request.from_target(
             head.method,
@@ -320,24 +346,29 @@ class WebConnection(asyncio.Protocol):
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
             self._arm_timer(self._limits.idle_timeout, self._close)
-            if self._reading_paused and self.transport is not None:
-                self._reading_paused = False
-                self.transport.resume_reading()
+            if self._write_paused:
+                return  # the next request is read once the client has read this answer
+            self._resume_reading()
             if self._task is None:  # answered outside a handler's task: parse on now
                 asyncio.get_running_loop().call_soon(self._resume_http)
             # Otherwise pipelined bytes already received are parsed once the task has ended
             # (_task_done): one request at a time.
 
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
     def _resume_http(self) -> None:
         if self.mode == "http" and self._task is None and self._h11 is not None:
-            try:
-                self._next_events()
-            except h11.RemoteProtocolError as exc:
-                self._refuse_malformed(exc.error_status_hint, str(exc))
+            if self._write_paused:
+                return  # resume_writing parses on
+            self._parse()
 
     def _refuse_malformed(self, status: int, detail: str) -> None:
         """Answer a request h11 could not take with its status and one sentence, then close."""
         message = {
+            408: "request body did not arrive in time",
             413: "request body is too large",
             431: "request head is too large",
         }.get(status, f"malformed HTTP request: {detail}")
@@ -358,6 +389,11 @@ class WebConnection(asyncio.Protocol):
         if self.mode == "http" and self._task is None:
             log.debug("closing a web connection that sent no request in time")
             self._close()
+
+    def _body_timed_out(self) -> None:
+        self._timer = None
+        if self.mode == "http" and self._task is None and self._head is not None:
+            self._refuse_malformed(408, "")
 
     # --- streams ----------------------------------------------------------------------------
 
@@ -384,9 +420,7 @@ class WebConnection(asyncio.Protocol):
         self.sink = sink
         self._owner.stream_opened(self, "websocket")
         self._arm_timer(self._limits.ping_interval, self._ping)
-        if self._reading_paused:
-            self._reading_paused = False
-            self.transport.resume_reading()
+        self._resume_reading()
         if trailing:
             self._ws_data(bytes(trailing))
         return sink
@@ -411,9 +445,7 @@ class WebConnection(asyncio.Protocol):
         self.sink = sink
         self._owner.stream_opened(self, "sse")
         self._arm_timer(self._limits.sse_heartbeat, self._heartbeat)
-        if self._reading_paused:
-            self._reading_paused = False
-            self.transport.resume_reading()
+        self._resume_reading()
         return sink
 
     def on_stream_end(self, callback: Callable[[], None]) -> None:
@@ -494,18 +526,25 @@ class WebConnection(asyncio.Protocol):
             ws.receive_data(data)
             for event in ws.events():
                 if isinstance(event, (TextMessage, BytesMessage)):
-                    self._client_message_bytes += len(event.data)
+                    data = event.data
+                    size = len(data.encode() if isinstance(data, str) else data)
+                    self._client_message_bytes += size
                     if self._client_message_bytes > self._limits.max_client_message:
-                        self.close_stream(MESSAGE_TOO_BIG, "client messages are ignored; too big")
+                        self._fail(MESSAGE_TOO_BIG, "client messages are ignored; too big")
                         return
                     if event.message_finished:
                         self._client_message_bytes = 0
                 elif isinstance(event, Ping):
                     assert self._pings is not None
                     if not self._pings.take():
-                        self.close_stream(POLICY_VIOLATION, "too many pings")
+                        self._fail(POLICY_VIOLATION, "too many pings")
                         return
-                    if self.transport is not None and ws.state is ConnectionState.OPEN:
+                    sink = self.sink
+                    # A client that does not read is sent no pongs either (its buffer would
+                    # grow with each): its stream's writer is cut off for not keeping up.
+                    reading = sink is None or sink.blocked_since is None
+                    open_ = ws.state is ConnectionState.OPEN
+                    if self.transport is not None and open_ and reading:
                         self.transport.write(ws.send(event.response()))
                 elif isinstance(event, Pong):
                     if self._pong_timer is not None:
@@ -517,13 +556,20 @@ class WebConnection(asyncio.Protocol):
                     return
         except (RemoteProtocolError, LocalProtocolError) as exc:
             log.debug("WebSocket protocol error from %s: %s", self.peer, exc)
-            self.close_stream(PROTOCOL_ERROR, "protocol error")
+            self._fail(PROTOCOL_ERROR, "protocol error")
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Fail the WebSocket connection (RFC 6455 section 7.1.7): the close frame, then the
+        TCP close at once; nothing the client sends after is read (the parser may be broken,
+        and a client that broke the rules gets no closing handshake to wait for)."""
+        self.close_stream(code, reason)
+        self._close()
 
     def _peer_closed(self, ws: WsConnection, event: CloseConnection) -> None:
         if ws.state is ConnectionState.OPEN:
             # wsproto's report of a frame it could not parse (unmasked, bad UTF-8, ...): the
             # close it wants sent, with its code (1002, 1007, ...).
-            self.close_stream(int(event.code), "protocol error")
+            self._fail(int(event.code), "protocol error")
             return
         if ws.state is ConnectionState.REMOTE_CLOSING:
             # The client closed first: answer with its code, then end the TCP connection.
@@ -570,8 +616,12 @@ class WebConnection(asyncio.Protocol):
             self._timer = None
 
     def _close(self) -> None:
+        """Close after what is buffered has been written, within ``close_timeout``: a client
+        that does not read would otherwise keep the socket and its buffered output for good
+        (TCP's zero-window probes keep the connection alive)."""
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()  # after what is buffered has been written
+            self.transport.close()
+            self._arm_timer(self._limits.close_timeout, self._abort)
 
     def _abort(self) -> None:
         self._timer = None
@@ -598,6 +648,14 @@ def _is_websocket_upgrade(head: h11.Request) -> bool:
     return upgrade and connection
 
 
+def _valid_key(key: bytes) -> bool:
+    """A Sec-WebSocket-Key is a random 16-byte value in base64 (RFC 6455 section 4.1)."""
+    try:
+        return len(base64.b64decode(key.strip(), validate=True)) == 16
+    except ValueError:
+        return False
+
+
 def _validated_handshake(
     head: h11.Request,
 ) -> H11Handshake | tuple[int, str, list[tuple[bytes, bytes]]]:
@@ -605,6 +663,11 @@ def _validated_handshake(
     WebSocket handshake (status, sentence, headers). wsproto's own validation decides."""
     if head.method != b"GET":
         return 405, "a WebSocket handshake is a GET request", [(b"allow", b"GET")]
+    if head.http_version != b"1.1":
+        return 400, "a WebSocket handshake is an HTTP/1.1 request", []
+    keys = [value for name, value in head.headers if name == b"sec-websocket-key"]
+    if len(keys) == 1 and not _valid_key(keys[0]):
+        return 400, "invalid WebSocket handshake: Sec-WebSocket-Key is not 16 bytes in base64", []
     handshake = H11Handshake(ConnectionType.SERVER)
     try:
         handshake.initiate_upgrade_connection(list(head.headers), head.target)
@@ -614,6 +677,10 @@ def _validated_handshake(
         status = getattr(hint, "status_code", 400) or 400
         extra = [(b"sec-websocket-version", b"13")] if status == 426 else []
         return status, f"invalid WebSocket handshake: {exc}", extra
+    except UnicodeError:  # wsproto decodes the Host header as IDNA
+        return 400, "invalid WebSocket handshake: the Host header is not a valid host name", []
+    except (h11.ProtocolError, ValueError) as exc:  # wsproto re-reading the head
+        return 400, f"invalid WebSocket handshake: {exc}", []
     if len(events) != 1 or not isinstance(events[0], WsRequest):
         return 400, "invalid WebSocket handshake", []
     return handshake
