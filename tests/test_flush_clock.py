@@ -213,3 +213,29 @@ async def test_a_writers_counts_stay_exact_past_the_tally_fold() -> None:
     StreamWriter.flush_all([small], time.monotonic(), clock.grace, [])
     assert (small.batches_sent, small.updates_sent) == (1, 2)
     assert small.end_reason == "send_error" and small.end_code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_news_held_up_by_output_the_sink_took_before_counts_as_behind() -> None:
+    """A browser socket's output can pass its high mark by a write that is no batch (a pong,
+    an SSE heartbeat): the sink is blocked before any batch of the writer waited. The writer's
+    news then waits too, and the writer counts as behind since the sink was blocked, so the
+    stall check cuts off a client that stopped reading whatever filled its buffer first."""
+    stalled: list[StreamWriter] = []
+    clock = FlushClock(0.1, 0.5, Metrics(), on_stall=stalled.append)
+    writer, sink = writer_on(clock, object())
+    blocked_at = time.monotonic() - 1.0  # blocked by a heartbeat a second ago
+    sink.blocked_since = blocked_at
+    StreamWriter.flush_all([writer], time.monotonic(), clock.grace, [])
+    assert writer.behind_since is None  # nothing waits: not behind
+    writer.pending["AAPL"] = entry(1)
+    sent, behind = StreamWriter.flush_all([writer], time.monotonic(), clock.grace, [])
+    assert (sent, behind, sink.sent) == (0, 0, [])
+    assert writer.behind_since == blocked_at
+    _, behind = StreamWriter.flush_all([writer], time.monotonic(), clock.grace, [])
+    assert behind == 1  # blocked for longer than the grace
+    clock._cut_off_stalled()
+    assert stalled == [writer]
+    # Once the socket drained, the next batch out in time clears it.
+    sink.blocked_since = None
+    StreamWriter.flush_all([writer], time.monotonic(), clock.grace, [])
+    assert writer.behind_since is None and len(sink.sent) == 1

@@ -153,7 +153,12 @@ class StreamWriter:
             if not pending or not writer.started or writer.end_reason is not None:
                 continue
             sink = writer._sink
-            if sink.blocked_since is not None:
+            blocked = sink.blocked_since
+            if blocked is not None:
+                if since is None:
+                    # News waits behind output the sink took before it (a browser socket's
+                    # pong or heartbeat filled it): behind since then, like a batch of its own.
+                    writer.behind_since = writer._sent_at = blocked
                 continue
             count = len(pending)
             if count == 1:  # the common case at a short flush interval
