@@ -168,6 +168,37 @@ async def test_websocket_snapshot_then_prices_in_proto3_json(server: Server, red
     assert values["pricestream_ws_connections_opened_total"] == 1
 
 
+async def test_subprotocols_offered_on_several_header_lines(server: Server) -> None:
+    """A list header may come on several lines (RFC 9110 section 5.3): the subprotocol is
+    found on any of them."""
+    session = await create_session(server.web_port, ["AAPL"])
+    path = f"/v1/sessions/{session['session_id']}/ws"
+    ws = await in_thread(
+        lambda: RawWebSocket(server.web_port, path, protocols=("chat", SUBPROTOCOL))
+    )
+    try:
+        assert ws.status == 101
+        assert ws.headers[b"sec-websocket-protocol"] == SUBPROTOCOL.encode()
+        opcode, payload = await in_thread(ws.read_frame)
+        assert opcode == 0x1 and json.loads(payload)["type"] == "snapshot"
+    finally:
+        ws.close()
+    await wait_invariant(server, timeout=5)
+
+
+async def test_a_close_code_of_the_clients_own_is_counted_as_other(server: Server) -> None:
+    """A client may close with any code of 3000-4999; each would be a series of its own in
+    ``closed_total{code}``, so the ones the server does not give are counted as "other"."""
+    session = await create_session(server.web_port, ["AAPL"])
+    async with websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL]) as ws:
+        await recv_json(ws)
+        await ws.close(code=4321, reason="mine")
+    await wait_invariant(server, timeout=5)
+    exposition = read_metrics(server)
+    assert 'pricestream_ws_connections_closed_total{code="other"} 1.0' in exposition
+    assert 'code="4321"' not in exposition
+
+
 async def test_empty_snapshot_when_no_price_is_known(server: Server) -> None:
     session = await create_session(server.web_port, ["NOPRICE"])
     async with websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL]) as ws:
@@ -541,6 +572,45 @@ async def test_event_stream_snapshot_prices_close_and_fresh_snapshot_on_reconnec
     await market.aclose()
     values = await wait_invariant(server, timeout=5)
     assert values["pricestream_sse_connections_opened_total"] == 2
+
+
+async def test_the_session_limit_holds_when_streams_of_other_pods_sessions_claim_at_once(
+    redis,
+) -> None:
+    """A reconnect storm brings sessions created on other pods to this one, all claiming at
+    once: each holds a slot of ``max_sessions`` from before its claim, so exactly the limit
+    get their snapshot and the rest are told 1013 (try later), instead of every claim
+    passing the check that came before it. Claims are held in Redis for 300 ms here, so all
+    five wait at once."""
+    async with (
+        ready_server(fast_settings(redis.url, pod_name="pod-a")) as pod_a,
+        ready_server(fast_settings(redis.url, pod_name="pod-b", max_sessions=2)) as pod_b,
+    ):
+        sessions = [await create_session(pod_a.web_port, ["AAPL"]) for _ in range(5)]
+        store = pod_b.engine.store
+        real_claim = store.claim
+        entered: list[str] = []
+
+        async def slow_claim(session_id: str, owner: str) -> tuple[str, ...]:
+            entered.append(session_id)
+            await asyncio.sleep(0.3)
+            return await real_claim(session_id, owner)
+
+        store.claim = slow_claim
+
+        async def stream(session_id: str) -> str:
+            async with websockets.connect(
+                ws_url(pod_b, session_id), subprotocols=[SUBPROTOCOL]
+            ) as ws:
+                try:
+                    return (await recv_json(ws))["type"]
+                except websockets.ConnectionClosed:
+                    return str(ws.close_code)
+
+        outcomes = await asyncio.gather(*(stream(s["session_id"]) for s in sessions))
+        assert sorted(outcomes) == ["1013", "1013", "1013", "snapshot", "snapshot"]
+        assert len(entered) == 2  # the refused ones never claimed
+        await wait_invariant(pod_b, timeout=5)
 
 
 # --- drain and the fault switch ---------------------------------------------------------

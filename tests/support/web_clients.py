@@ -49,7 +49,15 @@ class RawWebSocket:
     """A WebSocket client on a plain socket: the handshake, masked client frames, and the
     server's frames read one by one, with nothing answered unless the test says so."""
 
-    def __init__(self, port: int, path: str, *, rcvbuf: int | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        path: str,
+        *,
+        rcvbuf: int | None = None,
+        protocols: tuple[str, ...] = ("pricestream.v1.json",),
+    ) -> None:
+        """``protocols``: the subprotocols offered, one ``Sec-WebSocket-Protocol`` line each."""
         self.sock = socket.socket()
         if rcvbuf is not None:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -60,12 +68,18 @@ class RawWebSocket:
             (
                 f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: pricestream.v1.json\r\n\r\n"
+                "Sec-WebSocket-Version: 13\r\n"
+                + "".join(f"Sec-WebSocket-Protocol: {name}\r\n" for name in protocols)
+                + "\r\n"
             ).encode()
         )
         self._buffer = b""
         head = self._read_until(b"\r\n\r\n")
         self.status = int(head.split(b" ", 2)[1])
+        self.headers = {
+            name.strip().lower(): value.strip()
+            for name, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+        }
 
     def _read_until(self, marker: bytes) -> bytes:
         while marker not in self._buffer:

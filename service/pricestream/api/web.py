@@ -371,7 +371,7 @@ class WebApi:
             self._metrics.request("ws", 403)
             exchange.respond(self._foreign_origin())
             return
-        offered = _subprotocols(request.header(b"sec-websocket-protocol"))
+        offered = _subprotocols(request.header_list(b"sec-websocket-protocol"))
         if offered and SUBPROTOCOL not in offered:
             self._metrics.refused(kind, "bad_request")
             self._metrics.request("ws", 400)

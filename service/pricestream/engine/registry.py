@@ -4,9 +4,10 @@ A session enters when it is created here (pending) or when a stream of it starts
 (streaming); it leaves exactly once, through ``end``, with one of ``CLOSE_REASONS``.
 
 A CreateSession holds a slot (``reserve``) from before its Redis write until the session is
-registered (``add_pending``) or the write failed (``unreserve``), so concurrent creates cannot
-pass ``max_sessions`` between the check and the registration. Held slots count towards
-``full`` but not towards ``len`` (the `pricestream_sessions_active` gauge).
+registered (``add_pending``) or the write failed (``unreserve``), and so does a stream of a
+session new to this pod during its claim, so concurrent creates and claims cannot pass
+``max_sessions`` between the check and the registration. Held slots count towards ``full``
+but not towards ``len`` (the `pricestream_sessions_active` gauge).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class SessionRegistry:
         self._metrics = metrics
         self._max_sessions = max_sessions
         self._sessions: dict[str, LocalSession] = {}
-        self._reserved = 0  # slots held by CreateSession calls waiting for Redis
+        self._reserved = 0  # slots held by creates and claims waiting for Redis
 
     def __len__(self) -> int:
         return len(self._sessions)

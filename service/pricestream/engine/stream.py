@@ -76,11 +76,43 @@ class StreamLifecycle:
 
     async def __aenter__(self) -> StreamLifecycle:
         engine = self._engine
-        if engine.registry.full and self.session_id not in engine.registry:
+        registry = engine.registry
+        # A session new to this pod holds a slot from before its claim until it is registered
+        # (or refused): the streams of a reconnect storm all claim at once, and a check of
+        # ``full`` before the claim would let every one of them through.
+        reserved = self.session_id not in registry
+        if reserved and not registry.reserve():
             raise resource_exhausted(
                 f"this server holds its maximum of {engine.settings.max_sessions} sessions",
                 "pod_full",
             )
+        try:
+            await self._claim()
+        finally:
+            if reserved:
+                registry.unreserve()  # the slot becomes the session's in start_streaming below
+        # From here on nothing awaits until the stream is fully registered.
+        writer = StreamWriter(
+            engine.clock, self._context.batch_sink(), engine.settings.max_send_message_bytes
+        )
+        # The server ending the call (shutdown, connection age) stops the stream like the
+        # engine does, so it ends with its status and resume hint.
+        self._context.on_terminate(lambda code, message, reason: writer.stop(reason, code, message))
+        registry.start_streaming(self.session_id, self.tickers, self._owner, writer)
+        engine.clock.register(writer)
+        self._topics = engine.hub.add(writer, self.tickers, json=self._json)
+        self.writer = writer
+        log.info(
+            "stream started for session %s",
+            self.session_id,
+            extra={"event": "stream_started", "session_id": self.session_id},
+        )
+        return self
+
+    async def _claim(self) -> None:
+        """Take the session's lease, or raise why the stream is refused (the lease given back
+        if it was taken)."""
+        engine = self._engine
         # Shielded: the claim goes on in Redis whatever happens to this task (its batch is
         # sent anyway), so a cancel must not lose its answer, which says whether the lease is
         # this stream's. (A cancel is then also never swallowed by redis-py's wait_for here.)
@@ -104,23 +136,6 @@ class StreamLifecycle:
             # would have run on, and the drain waited its whole timeout for it).
             await self._release_lease()
             raise unavailable(DRAINING_MESSAGE, "draining")
-        # From here on nothing awaits until the stream is fully registered.
-        writer = StreamWriter(
-            engine.clock, self._context.batch_sink(), engine.settings.max_send_message_bytes
-        )
-        # The server ending the call (shutdown, connection age) stops the stream like the
-        # engine does, so it ends with its status and resume hint.
-        self._context.on_terminate(lambda code, message, reason: writer.stop(reason, code, message))
-        engine.registry.start_streaming(self.session_id, self.tickers, self._owner, writer)
-        engine.clock.register(writer)
-        self._topics = engine.hub.add(writer, self.tickers, json=self._json)
-        self.writer = writer
-        log.info(
-            "stream started for session %s",
-            self.session_id,
-            extra={"event": "stream_started", "session_id": self.session_id},
-        )
-        return self
 
     async def __aexit__(
         self,

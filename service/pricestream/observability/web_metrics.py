@@ -21,7 +21,12 @@ _LABEL = {"websocket": "ws", "sse": "sse"}
 # The close codes the server gives (and 1006, a dropped connection): exported at 0 from the
 # start, so the first closes of a new pod are an increase like any other (a series that
 # appears at 8 counts as no increase in Prometheus).
-KNOWN_CLOSE_CODES = (1000, 1001, 1002, 1006, 1008, 1009, 1011, 1013, 4001, 4004, 4008, 4009)
+# A code a client closed with that is not one of these is counted as "other": the client
+# picks it (any of 3000-4999 is valid), and each would be a series of its own.
+KNOWN_CLOSE_CODES = (
+    1000, 1001, 1002, 1006, 1007, 1008, 1009, 1011, 1013, 4001, 4004, 4008, 4009,
+)  # fmt: skip
+_KNOWN_LABELS = {code: str(code) for code in KNOWN_CLOSE_CODES}
 
 
 class _LiveStreams(Collector):
@@ -90,7 +95,7 @@ class WebMetrics:
         self._opened[kind].inc()
 
     def closed(self, kind: StreamKind, code: int) -> None:
-        self._closed[kind].labels(str(code)).inc()
+        self._closed[kind].labels(_KNOWN_LABELS.get(code, "other")).inc()
 
     # --- the application's counts ------------------------------------------------------------
 

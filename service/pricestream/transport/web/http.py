@@ -27,6 +27,12 @@ class Request:
                 return value
         return None
 
+    def header_list(self, name: bytes) -> bytes | None:
+        """A list-valued header's values from every line of it, comma-joined (RFC 9110
+        section 5.3), or None without one."""
+        values = [value for key, value in self.headers if key == name]
+        return b", ".join(values) if values else None
+
     @classmethod
     def from_target(
         cls,
