@@ -89,7 +89,12 @@ async def test_http_endpoints(server: Server) -> None:
     await server.drain()
     status, body = await get(server.http_port, "/readyz")
     assert status == 503
-    assert json.loads(body) == {"ready": False, "redis_pubsub_healthy": True, "draining": True}
+    assert json.loads(body) == {
+        "ready": False,
+        "redis_pubsub_healthy": True,
+        "draining": True,
+        "overloaded": False,
+    }
 
 
 async def test_health_command_answers_like_the_probes(server: Server) -> None:

@@ -18,6 +18,7 @@ from support.processes import start_feed
 from support.servers import ready_server
 from support.settings import fast_settings
 from support.streams import next_batch
+from support.web_clients import rest
 
 
 def new_clock(**limits: float) -> FlushClock:
@@ -93,6 +94,11 @@ async def test_overloaded_pod_refuses_sessions_and_recovers(redis) -> None:
             values = samples(engine.metrics.exposition().decode())
             assert values["pricestream_flush_lag_seconds"] > 0.2
             assert values["pricestream_ready"] == 0
+            # The readiness probe's body says why (not Redis, not a drain).
+            status, _, readyz = await rest(server.http_port, "GET", "/readyz")
+            assert status == 503
+            assert readyz["overloaded"] is True and readyz["redis_pubsub_healthy"] is True
+            assert readyz["overload_reason"].startswith("its flushes run")
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.CreateSession(request)
             assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED

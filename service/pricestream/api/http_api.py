@@ -18,11 +18,17 @@ def make_app(engine: Engine) -> web.Application:
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
-        body = {
+        """Ready, and each reason a pod may not be: draining, Redis Pub/Sub down,
+        overloaded (then also why, as the refused CreateSession calls are told)."""
+        overloaded = engine.overloaded
+        body: dict[str, object] = {
             "ready": engine.ready,
             "redis_pubsub_healthy": engine.broker.healthy,
             "draining": engine.draining,
+            "overloaded": overloaded,
         }
+        if overloaded:
+            body["overload_reason"] = engine.clock.overload_reason()
         return web.json_response(body, status=200 if engine.ready else 503)
 
     app = web.Application()
