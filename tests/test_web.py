@@ -189,6 +189,8 @@ async def test_subprotocols_offered_on_several_header_lines(server: Server) -> N
 async def test_a_close_code_of_the_clients_own_is_counted_as_other(server: Server) -> None:
     """A client may close with any code of 3000-4999; each would be a series of its own in
     ``closed_total{code}``, so the ones the server does not give are counted as "other"."""
+    # Exported at 0 from the start, so the first such close is an increase in Prometheus.
+    assert 'pricestream_ws_connections_closed_total{code="other"} 0.0' in read_metrics(server)
     session = await create_session(server.web_port, ["AAPL"])
     async with websockets.connect(session["stream_url"], subprotocols=[SUBPROTOCOL]) as ws:
         await recv_json(ws)

@@ -329,20 +329,83 @@ async def test_an_unanswered_request_is_500(harnesses):
 async def test_pipelined_requests_wait_while_the_client_does_not_read_its_answers(harnesses):
     """A client that pipelines requests and reads none of the answers: once its output is
     over the high-water mark, no further request is read or answered (each would buffer one
-    more answer, without a bound) until the output drained."""
+    more answer, without a bound) until the output drained, even one answered without a
+    handler (a bad handshake)."""
     h = Harness(echo_path)
     harnesses.append(h)
     h.conn.pause_writing()  # the answers sent before filled the socket's buffer
-    h.feed(get("/one") + get("/two") + get("/three"))
+    h.feed(get("/one") + raw_upgrade(key=b"x") + get("/three"))
     await settle(30)
-    paths = [json.loads(body)["path"] for _, _, body in parse_responses(h.new_bytes())]
-    assert paths == ["/one"]
+    assert h.new_bytes() == b""
     assert h.transport.reading is False
     h.conn.resume_writing()
     await settle(30)
-    paths = [json.loads(body)["path"] for _, _, body in parse_responses(h.new_bytes())]
-    assert paths == ["/two", "/three"]
+    answers = parse_responses(h.new_bytes())
+    assert [status for status, _, _ in answers] == [200, 400, 200]
+    assert [json.loads(body).get("path") for _, _, body in answers] == ["/one", None, "/three"]
     assert h.transport.reading is True
+
+
+async def test_output_that_drains_before_its_handler_ends_lets_reading_resume(harnesses):
+    """The answer crosses the high-water mark and drains again while its handler is still
+    finishing (uvloop runs the write callback before the task's end): reading resumes, the
+    next request is read."""
+
+    async def answer_then_finish(request: Request, exchange: WebConnection) -> None:
+        exchange.respond(Response.json(200, {"path": request.path}))
+        exchange.pause_writing()  # as the transport does when this answer filled the buffer
+        await asyncio.sleep(0)
+        exchange.resume_writing()  # drained, the handler not ended yet
+        await asyncio.sleep(0)
+
+    h = Harness(answer_then_finish)
+    harnesses.append(h)
+    h.feed(get("/one"))
+    await settle(30)
+    assert [s for s, _, _ in parse_responses(h.new_bytes())] == [200]
+    assert h.transport.reading is True
+    h.feed(get("/two"))
+    await settle(30)
+    assert [json.loads(b)["path"] for _, _, b in parse_responses(h.new_bytes())] == ["/two"]
+
+
+@pytest.mark.parametrize("kind", ["websocket", "sse"])
+async def test_a_stream_that_starts_over_the_high_water_mark_starts_paused(harnesses, kind):
+    """The transport says "paused" once per crossing of the mark: if it came before the sink
+    existed, the sink starts blocked, so its batches wait and its writer counts as behind."""
+
+    async def start_paused(request: Request, exchange: WebConnection) -> None:
+        exchange.pause_writing()  # the 101 (or the SSE head) crossed the mark
+        await StreamApp(kind)(request, exchange)
+
+    h = Harness(start_paused)
+    harnesses.append(h)
+    h.feed(upgrade() if kind == "websocket" else get("/v1/events"))
+    await settle()
+    sink = h.conn.sink
+    assert sink is not None and sink.blocked_since is not None
+    assert sink.send(b'{"a":1},') is False
+    h.conn.resume_writing()
+    assert sink.blocked_since is None
+
+
+async def test_a_connection_the_client_half_closed_is_closed_within_close_timeout(harnesses):
+    """The client sends a request and its FIN, then stops reading: the close that follows
+    the answer is ours and bounded (the transport's own close on EOF would wait for the
+    output to leave for good)."""
+
+    async def answer_later(request: Request, exchange: WebConnection) -> None:
+        await asyncio.sleep(0.01)
+        exchange.respond(Response.json(200, {"path": request.path}))
+
+    h = Harness(answer_later, WebLimits(close_timeout=0.05))
+    harnesses.append(h)
+    h.transport.drains = False
+    h.feed(get("/"))
+    assert h.conn.eof_received() is True  # we close it, not the transport
+    await wait_for(lambda: h.transport.aborted)
+    await settle()
+    assert h.transport.lost
 
 
 async def test_a_body_that_does_not_follow_its_head_in_time_is_408(harnesses):
@@ -524,6 +587,10 @@ MALFORMED_UPGRADES = {
     "key-not-16-bytes": (
         raw_upgrade(key=b"x"),
         "invalid WebSocket handshake: Sec-WebSocket-Key is not 16 bytes in base64",
+    ),
+    "two-keys": (
+        raw_upgrade().replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Key: " + WS_KEY + b"\r\n\r\n"),
+        "invalid WebSocket handshake: more than one Sec-WebSocket-Key",
     ),
 }
 

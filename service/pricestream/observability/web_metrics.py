@@ -69,8 +69,8 @@ class WebMetrics:
             for kind, prefix in _PREFIX.items()
         }
         for closed in self._closed.values():
-            for code in KNOWN_CLOSE_CODES:
-                closed.labels(str(code))
+            for label in (*_KNOWN_LABELS.values(), "other"):
+                closed.labels(label)
         self._refused = Counter(
             "pricestream_web_handshakes_refused",
             "Browser stream requests refused, by transport (ws, sse) and reason.",

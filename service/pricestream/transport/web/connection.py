@@ -114,6 +114,9 @@ class WebConnection(asyncio.Protocol):
         self._body = bytearray()
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # Armed by _close: the connection is dropped if its output has not left by then. Its
+        # own handle, so no other timer (idle, ping) can replace it.
+        self._abort_timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
         # HTTP mode: the client does not read its answers (the transport's output is over its
         # high-water mark); no further request is read or parsed until it drained.
@@ -154,34 +157,44 @@ class WebConnection(asyncio.Protocol):
         elif self.mode == "sse" and len(data) > self._limits.max_client_message:
             self._abort()  # an event stream's client has nothing to say
 
-    def eof_received(self) -> bool | None:
+    def eof_received(self) -> bool:
         if self.mode == "http" and self._h11 is not None:
             self._http_data(b"")
-        return None  # close the transport
+        self._close()  # ours, not the transport's: bounded like every close
+        return True
 
     def pause_writing(self) -> None:
         if self.sink is not None:
             self.sink.pause()
-        elif self.mode == "http":
-            # Pipelined requests whose answers the client does not read would each add an
-            # answer to the buffer, without a bound: read no more until it drained.
-            self._write_paused = True
-            if not self._reading_paused and self.transport is not None:
-                self.transport.pause_reading()
-                self._reading_paused = True
+            return
+        # No stream (yet): pipelined requests whose answers the client does not read would
+        # each add an answer to the buffer, without a bound: read no more until it drained.
+        # A stream that starts meanwhile begins paused (_attach).
+        self._write_paused = True
+        if self.mode == "http" and not self._reading_paused and self.transport is not None:
+            self.transport.pause_reading()
+            self._reading_paused = True
 
     def resume_writing(self) -> None:
         if self.sink is not None:
             self.sink.resume()
-        elif self._write_paused:
-            self._write_paused = False
-            if self.mode == "http" and self._task is None:
-                self._resume_reading()
+            return
+        if not self._write_paused:
+            return
+        self._write_paused = False
+        conn = self._h11
+        if self.mode == "http" and conn is not None and conn.our_state is h11.IDLE:
+            # The last answer is out (its handler may still be finishing): read on.
+            self._resume_reading()
+            if self._task is None:
                 asyncio.get_running_loop().call_soon(self._resume_http)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.mode_closed()
         self._cancel_timer()
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+            self._abort_timer = None
         if self._pong_timer is not None:
             self._pong_timer.cancel()
             self._pong_timer = None
@@ -224,6 +237,8 @@ class WebConnection(asyncio.Protocol):
     def _next_events(self) -> None:
         conn = self._h11
         while conn is not None and self._task is None and self.mode == "http":
+            if self._write_paused:
+                return  # not even a request answered at once (a bad handshake): resume_writing
             event = conn.next_event()
             if event is h11.NEED_DATA:
                 return
@@ -417,7 +432,7 @@ class WebConnection(asyncio.Protocol):
         self.mode = "websocket"
         self._cancel_timer()
         sink = WebSocketSink(self.transport.write)
-        self.sink = sink
+        self._attach(sink)
         self._owner.stream_opened(self, "websocket")
         self._arm_timer(self._limits.ping_interval, self._ping)
         self._resume_reading()
@@ -442,11 +457,20 @@ class WebConnection(asyncio.Protocol):
         self.mode = "sse"
         self._cancel_timer()
         sink = EventStreamSink(self.transport.write, self._limits.sse_retry_ms)
-        self.sink = sink
+        self._attach(sink)
         self._owner.stream_opened(self, "sse")
         self._arm_timer(self._limits.sse_heartbeat, self._heartbeat)
         self._resume_reading()
         return sink
+
+    def _attach(self, sink: StreamSink) -> None:
+        """The stream's sink from now on; paused if the output is over its high-water mark
+        already (the transport says so once per crossing: before the sink, or while the
+        101, the SSE head or its first event was written)."""
+        self.sink = sink
+        if self._write_paused:
+            self._write_paused = False
+            sink.pause()
 
     def on_stream_end(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once the stream the running handler serves is over: closed by
@@ -619,9 +643,14 @@ class WebConnection(asyncio.Protocol):
         """Close after what is buffered has been written, within ``close_timeout``: a client
         that does not read would otherwise keep the socket and its buffered output for good
         (TCP's zero-window probes keep the connection alive)."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-            self._arm_timer(self._limits.close_timeout, self._abort)
+        transport = self.transport
+        if transport is None or self._abort_timer is not None:
+            return
+        if not transport.is_closing():
+            transport.close()
+        self._abort_timer = asyncio.get_running_loop().call_later(
+            self._limits.close_timeout, self._abort
+        )
 
     def _abort(self) -> None:
         self._timer = None
@@ -666,7 +695,9 @@ def _validated_handshake(
     if head.http_version != b"1.1":
         return 400, "a WebSocket handshake is an HTTP/1.1 request", []
     keys = [value for name, value in head.headers if name == b"sec-websocket-key"]
-    if len(keys) == 1 and not _valid_key(keys[0]):
+    if len(keys) > 1:
+        return 400, "invalid WebSocket handshake: more than one Sec-WebSocket-Key", []
+    if keys and not _valid_key(keys[0]):
         return 400, "invalid WebSocket handshake: Sec-WebSocket-Key is not 16 bytes in base64", []
     handshake = H11Handshake(ConnectionType.SERVER)
     try:
