@@ -186,6 +186,36 @@ async def test_subprotocols_offered_on_several_header_lines(server: Server) -> N
     await wait_invariant(server, timeout=5)
 
 
+def upload_too_much(port: int, size: int = 1 << 20) -> tuple[bytes, str]:
+    """POST a body far over the limit and send all of it, as a client that does not look
+    for an early answer does; then read. What was received, and the error that ended the
+    exchange (empty if none)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % size
+        )
+        received = b""
+        try:
+            for _ in range(size // 65536):
+                sock.sendall(b"x" * 65536)
+            while chunk := sock.recv(65536):
+                received += chunk
+        except OSError as exc:
+            return received, repr(exc)
+        return received, ""
+
+
+async def test_a_refused_upload_gets_its_413_not_a_reset(server: Server) -> None:
+    """The server answers 413 at the head and closes while the client is still sending its
+    body. Closing with input unread makes the kernel answer with a reset, which destroys the
+    413 before the client reads it; the server sends its FIN and drops the rest instead."""
+    received, error = await in_thread(upload_too_much, server.web_port)
+    assert error == ""
+    assert received.startswith(b"HTTP/1.1 413 "), received[:100]
+    assert b'"request body is too large"' in received
+
+
 async def test_a_close_code_of_the_clients_own_is_counted_as_other(server: Server) -> None:
     """A client may close with any code of 3000-4999; each would be a series of its own in
     ``closed_total{code}``, so the ones the server does not give are counted as "other"."""

@@ -120,6 +120,19 @@ class Harness:
         self._read = len(self.transport.data)
         return data
 
+    async def lingers_then_closes(self) -> None:
+        """The close after a refusal or a failed WebSocket: our FIN after the answer, the
+        client's later input read and dropped (closing with it unread would send a reset
+        that can destroy the answer), then the client's FIN closes the connection."""
+        assert self.transport.eof_written and not self.transport.closed
+        written = len(self.transport.data)
+        self.feed(b"the rest of what the client was sending")
+        assert len(self.transport.data) == written
+        assert self.conn.eof_received() is True
+        assert self.transport.closed and not self.transport.aborted
+        await settle()
+        assert self.transport.lost
+
     def finish(self) -> None:
         """End the connection if the test left it open (its timers and task with it)."""
         if not self.transport.lost:
@@ -252,7 +265,7 @@ async def test_malformed_request_line_is_400_and_closes(harnesses):
     [(status, headers, body)] = parse_responses(data)
     assert status == 400 and headers[b"connection"] == b"close"
     assert json.loads(body)["error"]["code"] == "bad_request"
-    assert h.transport.closed and h.transport.lost
+    await h.lingers_then_closes()
     assert h.app.requests == []
 
 
@@ -276,7 +289,7 @@ async def test_head_over_max_head_bytes_is_431(harnesses, pieces):
     [(status, _, body)] = parse_responses(h.new_bytes())
     assert status == 431
     assert json.loads(body)["error"]["message"] == "request head is too large"
-    assert h.transport.closed
+    await h.lingers_then_closes()
     assert h.app.requests == []
 
 
@@ -288,7 +301,7 @@ async def test_body_over_max_body_bytes_is_413(harnesses):
     [(status, _, body)] = parse_responses(h.new_bytes())
     assert status == 413
     assert json.loads(body)["error"]["message"] == "request body is too large"
-    assert h.transport.closed
+    await h.lingers_then_closes()
     assert h.app.requests == []
 
 
@@ -299,7 +312,8 @@ async def test_body_over_max_body_bytes_arriving_with_its_head_is_one_413(harnes
     await settle()
     responses = parse_responses(bytes(h.transport.data))
     assert [status for status, _, _ in responses] == [413]
-    assert h.transport.closed and h.transport.writes_after_close == 0
+    await h.lingers_then_closes()
+    assert h.transport.writes_after_close == 0
     assert h.app.requests == []
 
 
@@ -311,7 +325,7 @@ async def test_chunked_body_over_max_body_bytes_is_413(harnesses):
     await settle()
     [(status, _, _)] = parse_responses(h.new_bytes())
     assert status == 413
-    assert h.transport.closed
+    await h.lingers_then_closes()
 
 
 async def test_an_unanswered_request_is_500(harnesses):
@@ -408,11 +422,63 @@ async def test_a_connection_the_client_half_closed_is_closed_within_close_timeou
     assert h.transport.lost
 
 
+async def test_a_head_sent_a_byte_at_a_time_must_still_arrive_within_head_timeout(harnesses):
+    """The head timer starts with the connection (or a request's first byte) and is not
+    restarted by each later byte of the same head (which let a client keep a socket for a
+    day, one byte every few seconds)."""
+    h = Harness(echo_path, WebLimits(head_timeout=0.1))
+    harnesses.append(h)
+    for byte in b"GET / HTTP/1.1\r\nHost: x\r\n":
+        if h.transport.closed:
+            break
+        h.feed(bytes([byte]))
+        await asyncio.sleep(0.03)
+    assert h.transport.closed and h.app.requests == []
+
+
+async def test_a_refusal_whose_client_never_sends_its_fin_is_aborted(harnesses):
+    h = Harness(echo_path, WebLimits(close_timeout=0.05))
+    harnesses.append(h)
+    h.feed(b"THIS IS NOT HTTP\r\n\r\n")
+    assert h.transport.eof_written
+    await wait_for(lambda: h.transport.aborted)
+
+
+async def test_a_request_followed_by_the_clients_fin_is_still_answered(harnesses):
+    """Clients like ``nc`` half-close after their request: it is answered, then closed."""
+
+    async def answer_later(request: Request, exchange: WebConnection) -> None:
+        await asyncio.sleep(0.01)
+        exchange.respond(Response.json(200, {"path": request.path}))
+
+    h = Harness(answer_later)
+    harnesses.append(h)
+    h.feed(get("/half-closed"))
+    assert h.conn.eof_received() is True
+    await wait_for(lambda: h.transport.closed)
+    [(status, _, body)] = parse_responses(h.new_bytes())
+    assert status == 200 and json.loads(body) == {"path": "/half-closed"}
+
+
+@pytest.mark.parametrize("kind", ["websocket", "sse"])
+async def test_a_stream_whose_client_sends_its_fin_ends_1006_at_once(harnesses, kind):
+    stream = StreamApp(kind)
+    h = Harness(stream)
+    harnesses.append(h)
+    h.feed(upgrade() if kind == "websocket" else get("/v1/events"))
+    await settle()
+    assert h.conn.eof_received() is True
+    assert h.owner.closed_streams() == [("stream_closed", kind, 1006)]
+    assert h.transport.closed
+    await settle()
+    assert stream.cancelled and h.transport.lost
+
+
 async def test_a_body_that_does_not_follow_its_head_in_time_is_408(harnesses):
     h = Harness(echo_path, WebLimits(head_timeout=0.05))
     harnesses.append(h)
     h.feed(b'POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{"a"')
-    await wait_for(lambda: h.transport.closed)
+    await wait_for(lambda: h.transport.eof_written)
     [(status, headers, body)] = parse_responses(h.new_bytes())
     assert status == 408 and headers[b"connection"] == b"close"
     assert json.loads(body)["error"]["message"] == "request body did not arrive in time"
@@ -651,7 +717,7 @@ async def test_client_message_over_the_limit_is_closed_1009(harnesses):
     assert isinstance(event, CloseConnection) and event.code == 1009
     assert h.owner.closed_streams() == [("stream_closed", "websocket", 1009)]
     assert h.stream.cancelled
-    assert h.transport.closed  # at once: what the client sends after is not read
+    await h.lingers_then_closes()  # at once: what the client sends after is not read
 
 
 async def test_small_client_messages_are_ignored(harnesses):
@@ -675,7 +741,7 @@ async def test_unmasked_client_frame_is_closed_1002(harnesses):
     [event] = h.events()
     assert isinstance(event, CloseConnection) and event.code == 1002
     # Failed (RFC 6455 section 7.1.7): closed at once, no closing handshake awaited.
-    assert h.transport.closed and h.transport.lost
+    await h.lingers_then_closes()
 
 
 async def test_the_message_limit_counts_bytes_not_characters(harnesses):
@@ -686,7 +752,7 @@ async def test_the_message_limit_counts_bytes_not_characters(harnesses):
     await settle()
     [event] = h.events()
     assert isinstance(event, CloseConnection) and event.code == 1009
-    assert h.transport.closed
+    await h.lingers_then_closes()
 
 
 async def test_pings_of_a_client_that_does_not_read_are_not_answered(harnesses):

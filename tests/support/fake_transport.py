@@ -22,8 +22,11 @@ class FakeTransport:
         # False: a peer that stopped reading; close() then never completes (the buffered
         # output never leaves), only abort() ends the connection.
         self.drains = True
+        self.eof_written = False
 
     def write(self, data: bytes) -> None:
+        if self.eof_written:
+            raise RuntimeError("Cannot call write() after write_eof()")  # as asyncio's
         if self.lost:
             return  # as asyncio's transports: dropped once the connection is gone
         if self.closed or self.aborted:
@@ -45,6 +48,12 @@ class FakeTransport:
         if not self.aborted:
             self.aborted = True
             asyncio.get_running_loop().call_soon(self._lose)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof_written = True
 
     def is_closing(self) -> bool:
         return self.closed or self.aborted

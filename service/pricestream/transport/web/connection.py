@@ -117,6 +117,13 @@ class WebConnection(asyncio.Protocol):
         # Armed by _close: the connection is dropped if its output has not left by then. Its
         # own handle, so no other timer (idle, ping) can replace it.
         self._abort_timer: asyncio.TimerHandle | None = None
+        # The head timer runs (from the connection or a request's first byte to its head):
+        # later bytes of the same head do not restart it.
+        self._head_due = False
+        # Our FIN is sent and the client's input is read and dropped until its own: a close
+        # after a refusal, so that unread input does not make the kernel answer with a reset
+        # that destroys the refusal before the client read it.
+        self._lingering = False
         self._reading_paused = False
         # HTTP mode: the client does not read its answers (the transport's output is over its
         # high-water mark); no further request is read or parsed until it drained.
@@ -148,8 +155,11 @@ class WebConnection(asyncio.Protocol):
         )
         self._owner.connection_opened(self)
         self._arm_timer(self._limits.head_timeout, self._head_timed_out)
+        self._head_due = True
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # dropped: the connection is closing (see _linger)
         if self.mode == "http":
             self._http_data(data)
         elif self.mode == "websocket":
@@ -158,9 +168,16 @@ class WebConnection(asyncio.Protocol):
             self._abort()  # an event stream's client has nothing to say
 
     def eof_received(self) -> bool:
+        """The client sent its FIN. A request it sent before is still answered (``nc`` and
+        other clients half-close after their request); a stream ends (1006: no close frame).
+        The close is ours, not the transport's: bounded like every close."""
         if self.mode == "http" and self._h11 is not None:
             self._http_data(b"")
-        self._close()  # ours, not the transport's: bounded like every close
+            if self._task is not None:
+                return True  # the EOF is taken after its answer (_task_done parses on)
+        elif self.mode in ("websocket", "sse"):
+            self._end_stream(ABNORMAL_CLOSURE if self.close_code is None else self.close_code)
+        self._close()
         return True
 
     def pause_writing(self) -> None:
@@ -183,7 +200,8 @@ class WebConnection(asyncio.Protocol):
             return
         self._write_paused = False
         conn = self._h11
-        if self.mode == "http" and conn is not None and conn.our_state is h11.IDLE:
+        closing = self.transport is None or self.transport.is_closing()
+        if self.mode == "http" and conn is not None and conn.our_state is h11.IDLE and not closing:
             # The last answer is out (its handler may still be finishing): read on.
             self._resume_reading()
             if self._task is None:
@@ -214,9 +232,11 @@ class WebConnection(asyncio.Protocol):
     def _http_data(self, data: bytes) -> None:
         conn = self._h11
         assert conn is not None
-        if data and conn.their_state is h11.IDLE and self._head is None and self._task is None:
+        starts = conn.their_state is h11.IDLE and self._head is None and self._task is None
+        if data and starts and not self._head_due:
             # The first bytes of a request: its head must follow within head_timeout.
             self._arm_timer(self._limits.head_timeout, self._head_timed_out)
+            self._head_due = True
         conn.receive_data(data)
         self._parse()
 
@@ -262,6 +282,7 @@ class WebConnection(asyncio.Protocol):
 
     def _on_head(self, head: h11.Request) -> None:
         # The head is complete; its body (bounded in size) must follow within head_timeout.
+        self._head_due = False
         self._arm_timer(self._limits.head_timeout, self._body_timed_out)
         # h11 bounds a head still arriving; one that arrived whole in a read is measured here.
         size = len(head.target) + sum(len(n) + len(v) + 4 for n, v in head.headers)
@@ -360,6 +381,7 @@ class WebConnection(asyncio.Protocol):
             return
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
+            self._head_due = False
             self._arm_timer(self._limits.idle_timeout, self._close)
             if self._write_paused:
                 return  # the next request is read once the client has read this answer
@@ -378,6 +400,8 @@ class WebConnection(asyncio.Protocol):
         if self.mode == "http" and self._task is None and self._h11 is not None:
             if self._write_paused:
                 return  # resume_writing parses on
+            if self.transport is None or self.transport.is_closing():
+                return  # closed meanwhile: nothing more is answered
             self._parse()
 
     def _refuse_malformed(self, status: int, detail: str) -> None:
@@ -397,7 +421,7 @@ class WebConnection(asyncio.Protocol):
                 % (status, reason_phrase(status), len(body.body))
                 + body.body
             )
-        self._close()
+        self._linger()
 
     def _head_timed_out(self) -> None:
         self._timer = None
@@ -587,7 +611,7 @@ class WebConnection(asyncio.Protocol):
         TCP close at once; nothing the client sends after is read (the parser may be broken,
         and a client that broke the rules gets no closing handshake to wait for)."""
         self.close_stream(code, reason)
-        self._close()
+        self._linger()
 
     def _peer_closed(self, ws: WsConnection, event: CloseConnection) -> None:
         if ws.state is ConnectionState.OPEN:
@@ -644,16 +668,37 @@ class WebConnection(asyncio.Protocol):
         that does not read would otherwise keep the socket and its buffered output for good
         (TCP's zero-window probes keep the connection alive)."""
         transport = self.transport
-        if transport is None or self._abort_timer is not None:
+        if transport is None:
             return
         if not transport.is_closing():
             transport.close()
-        self._abort_timer = asyncio.get_running_loop().call_later(
-            self._limits.close_timeout, self._abort
-        )
+        if self._abort_timer is None:
+            self._abort_timer = asyncio.get_running_loop().call_later(
+                self._limits.close_timeout, self._abort
+            )
+
+    def _linger(self) -> None:
+        """Close after a refusal (400, 408, 413, 431) or a failed WebSocket (1002-1009): our
+        FIN after what is buffered, then the client's input read and dropped until its FIN,
+        within ``close_timeout``. Closed with input unread (the rest of an oversized body or
+        message), the socket would answer the client with a reset, which can destroy the
+        refusal before the client has read it."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._lingering:
+            return
+        if not transport.can_write_eof():
+            self._close()
+            return
+        self._lingering = True
+        transport.write_eof()
+        self._resume_reading()
+        if self._abort_timer is None:
+            self._abort_timer = asyncio.get_running_loop().call_later(
+                self._limits.close_timeout, self._abort
+            )
 
     def _abort(self) -> None:
-        self._timer = None
+        self._cancel_timer()
         if self.transport is not None:
             self.transport.abort()
 
