@@ -474,6 +474,42 @@ async def test_a_stream_whose_client_sends_its_fin_ends_1006_at_once(harnesses, 
     assert stream.cancelled and h.transport.lost
 
 
+@pytest.mark.parametrize("end", ["client-fin", "server-close"])
+async def test_a_stream_that_ends_cancels_its_task_once(harnesses, end):
+    """The stream's end cancels its handler's task; the connection's loss that follows must
+    not cancel it again: the second cancel would interrupt what the first set going (the
+    lifecycle giving back a lease its claim took in Redis, tests/test_exit_paths.py)."""
+    cancels = 0
+    finished = asyncio.Event()
+
+    async def handler(request: Request, exchange: WebConnection) -> None:
+        nonlocal cancels
+        exchange.accept_websocket(request, SUBPROTOCOL, [])
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancels += 1
+            try:
+                await asyncio.sleep(0.05)  # e.g. waiting for Redis to answer the claim
+            except asyncio.CancelledError:
+                cancels += 1
+            finished.set()
+            raise
+
+    h = Harness(handler)
+    harnesses.append(h)
+    h.feed(upgrade())
+    await settle()
+    if end == "client-fin":
+        h.conn.eof_received()
+    else:
+        h.conn.close_stream(1000, "session closed")
+        h.feed(WsClient(ConnectionType.CLIENT).send(CloseConnection(code=1000)))
+    await asyncio.wait_for(finished.wait(), 2)
+    assert h.transport.lost
+    assert cancels == 1
+
+
 async def test_a_body_that_does_not_follow_its_head_in_time_is_408(harnesses):
     h = Harness(echo_path, WebLimits(head_timeout=0.05))
     harnesses.append(h)

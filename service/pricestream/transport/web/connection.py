@@ -217,7 +217,9 @@ class WebConnection(asyncio.Protocol):
             self._pong_timer.cancel()
             self._pong_timer = None
         self._tell_stream_over()  # also in HTTP mode: a handler may be starting its stream
-        if self._task is not None and not self._task.done():
+        if self._task is not None and not self._task.done() and not self._stream_ended:
+            # (A stream's end cancelled it already: a second cancel would interrupt what its
+            # first set going, e.g. the lease given back after a claim in flight.)
             self._task.cancel()
         self._owner.connection_closed(self)
         self.transport = None
