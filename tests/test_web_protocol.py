@@ -182,6 +182,16 @@ def parse_responses(data: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
     return responses
 
 
+async def stream_request(harnesses: list[Harness], handler: Handler, kind: str | None) -> Harness:
+    """A connection whose request is a stream's (an upgrade for "websocket", else a GET of
+    an event stream), handed to ``handler`` and run until it waits."""
+    h = Harness(handler)
+    harnesses.append(h)
+    h.feed(upgrade() if kind == "websocket" else get("/v1/sessions/s/events"))
+    await settle()
+    return h
+
+
 # --- HTTP/1.1 -------------------------------------------------------------------------------
 
 
@@ -392,10 +402,7 @@ async def test_a_stream_that_starts_over_the_high_water_mark_starts_paused(harne
         exchange.pause_writing()  # the 101 (or the SSE head) crossed the mark
         await StreamApp(kind)(request, exchange)
 
-    h = Harness(start_paused)
-    harnesses.append(h)
-    h.feed(upgrade() if kind == "websocket" else get("/v1/events"))
-    await settle()
+    h = await stream_request(harnesses, start_paused, kind)
     sink = h.conn.sink
     assert sink is not None and sink.blocked_since is not None
     assert sink.send(b'{"a":1},') is False
@@ -463,10 +470,7 @@ async def test_a_request_followed_by_the_clients_fin_is_still_answered(harnesses
 @pytest.mark.parametrize("kind", ["websocket", "sse"])
 async def test_a_stream_whose_client_sends_its_fin_ends_1006_at_once(harnesses, kind):
     stream = StreamApp(kind)
-    h = Harness(stream)
-    harnesses.append(h)
-    h.feed(upgrade() if kind == "websocket" else get("/v1/events"))
-    await settle()
+    h = await stream_request(harnesses, stream, kind)
     assert h.conn.eof_received() is True
     assert h.owner.closed_streams() == [("stream_closed", kind, 1006)]
     assert h.transport.closed
@@ -1059,10 +1063,7 @@ class LosesItsCancel:
 @pytest.mark.parametrize("kind", [None, "websocket", "sse"])
 async def test_a_handler_whose_cancel_is_lost_is_still_told_its_stream_is_over(harnesses, kind):
     app = LosesItsCancel(kind)
-    h = Harness(app)
-    harnesses.append(h)
-    h.feed(upgrade() if kind == "websocket" else get("/v1/sessions/s/events"))
-    await settle()
+    h = await stream_request(harnesses, app, kind)
     assert h.conn.mode == (kind or "http") and app.told == 0
     h.finish()  # the client went away
     await settle()
