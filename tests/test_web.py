@@ -216,6 +216,42 @@ async def test_a_refused_upload_gets_its_413_not_a_reset(server: Server) -> None
     assert b'"request body is too large"' in received
 
 
+async def test_a_websocket_failed_by_frames_sent_with_its_upgrade_claims_nothing(
+    server: Server,
+) -> None:
+    """An unmasked frame in the same packet as the upgrade request: the socket is failed
+    (1002) as it is accepted, and its handler stops there instead of claiming the session
+    for a socket that is gone."""
+    session = await create_session(server.web_port, ["AAPL"])
+    path = f"/v1/sessions/{session['session_id']}/ws"
+    key = "dGhlIHNhbXBsZSBub25jZQ=="
+
+    def upgrade_with_a_bad_frame() -> tuple[bytes, str]:
+        with socket.create_connection(("127.0.0.1", server.web_port), timeout=5) as sock:
+            sock.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: pricestream.v1.json\r\n"
+                "\r\n".encode()
+                + b"\x81\x05hello"  # FIN + text, not masked
+            )
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+            return received, ""
+
+    received, _ = await in_thread(upgrade_with_a_bad_frame)
+    assert received.startswith(b"HTTP/1.1 101 ")
+    assert received.endswith(b"\x88\x10\x03\xeaprotocol error")  # close frame: 1002
+    status, _, _ = await rest(server.web_port, "DELETE", f"/v1/sessions/{session['session_id']}")
+    assert status == 204  # still there, never claimed
+    values = await wait_invariant(server, timeout=5)
+    assert values.get("pricestream_streams_opened_total", 0) == 0
+    assert values.get("pricestream_streams_closed_total", 0) == 0  # not even "rejected"
+    exposition = read_metrics(server)
+    assert 'pricestream_ws_connections_closed_total{code="1002"} 1.0' in exposition
+
+
 async def test_a_close_code_of_the_clients_own_is_counted_as_other(server: Server) -> None:
     """A client may close with any code of 3000-4999; each would be a series of its own in
     ``closed_total{code}``, so the ones the server does not give are counted as "other"."""

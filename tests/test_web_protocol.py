@@ -467,6 +467,24 @@ async def test_a_request_followed_by_the_clients_fin_is_still_answered(harnesses
     assert status == 200 and json.loads(body) == {"path": "/half-closed"}
 
 
+async def test_a_refusal_after_the_clients_fin_closes_without_waiting_for_another(harnesses):
+    """The client half-closed after a request and part of another: the second is refused
+    (400, cut short) once the first is answered, and the connection closes at once: its FIN
+    was read already, and none would come to end a wait for it."""
+
+    async def answer_later(request: Request, exchange: WebConnection) -> None:
+        await asyncio.sleep(0.01)
+        exchange.respond(Response.json(200, {"path": request.path}))
+
+    h = Harness(answer_later, WebLimits(close_timeout=5.0))
+    harnesses.append(h)
+    h.feed(get("/one") + b"GET /two HT")
+    assert h.conn.eof_received() is True
+    await wait_for(lambda: h.transport.closed)
+    assert [status for status, _, _ in parse_responses(h.new_bytes())] == [200, 400]
+    assert not h.transport.eof_written and not h.transport.aborted
+
+
 @pytest.mark.parametrize("kind", ["websocket", "sse"])
 async def test_a_stream_whose_client_sends_its_fin_ends_1006_at_once(harnesses, kind):
     stream = StreamApp(kind)

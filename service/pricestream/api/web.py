@@ -380,6 +380,8 @@ class WebApi:
             )
             return
         sink = exchange.accept_websocket(request, SUBPROTOCOL if offered else None, [])
+        if exchange.close_code is not None:
+            return  # frames sent with the upgrade failed it already (1002, 1008, 1009)
         refusal = self._admit()
         if refusal is not None:
             close_code, _, reason = _REFUSALS[refusal.refusal]

@@ -124,6 +124,7 @@ class WebConnection(asyncio.Protocol):
         # after a refusal, so that unread input does not make the kernel answer with a reset
         # that destroys the refusal before the client read it.
         self._lingering = False
+        self._peer_eof = False  # the client's FIN has been read
         self._reading_paused = False
         # HTTP mode: the client does not read its answers (the transport's output is over its
         # high-water mark); no further request is read or parsed until it drained.
@@ -171,6 +172,7 @@ class WebConnection(asyncio.Protocol):
         """The client sent its FIN. A request it sent before is still answered (``nc`` and
         other clients half-close after their request); a stream ends (1006: no close frame).
         The close is ours, not the transport's: bounded like every close."""
+        self._peer_eof = True
         if self.mode == "http" and self._h11 is not None:
             self._http_data(b"")
             if self._task is not None:
@@ -688,8 +690,8 @@ class WebConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing() or self._lingering:
             return
-        if not transport.can_write_eof():
-            self._close()
+        if self._peer_eof or not transport.can_write_eof():
+            self._close()  # no input is left to read (or no half-close to wait with)
             return
         self._lingering = True
         transport.write_eof()
