@@ -443,6 +443,22 @@ async def test_a_head_sent_a_byte_at_a_time_must_still_arrive_within_head_timeou
     assert h.transport.closed and h.app.requests == []
 
 
+async def test_a_pipelined_head_must_arrive_within_head_timeout_of_the_last_answer(harnesses):
+    """Part of the next request arrived while the last one was being answered: its head
+    timer starts when the connection moves on to it, not only with its next chunk (the
+    keep-alive idle timeout, 60 s, was all that bounded it)."""
+
+    async def answer_later(request: Request, exchange: WebConnection) -> None:
+        await asyncio.sleep(0.01)
+        exchange.respond(Response.json(200, {"path": request.path}))
+
+    h = Harness(answer_later, WebLimits(head_timeout=0.1, idle_timeout=10.0))
+    harnesses.append(h)
+    h.feed(get("/one") + b"GET /two HT")
+    await wait_for(lambda: h.transport.closed, timeout=1.0)
+    assert [r.path for r in h.app.requests] == ["/one"]
+
+
 async def test_a_refusal_whose_client_never_sends_its_fin_is_aborted(harnesses):
     h = Harness(echo_path, WebLimits(close_timeout=0.05))
     harnesses.append(h)

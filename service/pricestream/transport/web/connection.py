@@ -401,12 +401,19 @@ class WebConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _resume_http(self) -> None:
-        if self.mode == "http" and self._task is None and self._h11 is not None:
-            if self._write_paused:
-                return  # resume_writing parses on
-            if self.transport is None or self.transport.is_closing():
-                return  # closed meanwhile: nothing more is answered
-            self._parse()
+        conn = self._h11
+        if self.mode != "http" or self._task is not None or conn is None:
+            return
+        if self._write_paused:
+            return  # resume_writing parses on
+        if self.transport is None or self.transport.is_closing():
+            return  # closed meanwhile: nothing more is answered
+        if conn.their_state is h11.IDLE and not self._head_due and conn.trailing_data[0]:
+            # A request that began arriving while the last one was answered: its head must
+            # be complete within head_timeout from now.
+            self._arm_timer(self._limits.head_timeout, self._head_timed_out)
+            self._head_due = True
+        self._parse()
 
     def _refuse_malformed(self, status: int, detail: str) -> None:
         """Answer a request h11 could not take with its status and one sentence, then close."""
