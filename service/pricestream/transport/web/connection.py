@@ -155,8 +155,7 @@ class WebConnection(asyncio.Protocol):
             high=self._limits.write_buffer_high, low=self._limits.write_buffer_low
         )
         self._owner.connection_opened(self)
-        self._arm_timer(self._limits.head_timeout, self._head_timed_out)
-        self._head_due = True
+        self._start_head_timer()
 
     def data_received(self, data: bytes) -> None:
         if self._lingering:
@@ -190,9 +189,8 @@ class WebConnection(asyncio.Protocol):
         # each add an answer to the buffer, without a bound: read no more until it drained.
         # A stream that starts meanwhile begins paused (_attach).
         self._write_paused = True
-        if self.mode == "http" and not self._reading_paused and self.transport is not None:
-            self.transport.pause_reading()
-            self._reading_paused = True
+        if self.mode == "http":
+            self._pause_reading()
 
     def resume_writing(self) -> None:
         if self.sink is not None:
@@ -238,9 +236,7 @@ class WebConnection(asyncio.Protocol):
         assert conn is not None
         starts = conn.their_state is h11.IDLE and self._head is None and self._task is None
         if data and starts and not self._head_due:
-            # The first bytes of a request: its head must follow within head_timeout.
-            self._arm_timer(self._limits.head_timeout, self._head_timed_out)
-            self._head_due = True
+            self._start_head_timer()  # the first bytes of a request
         conn.receive_data(data)
         self._parse()
 
@@ -267,9 +263,7 @@ class WebConnection(asyncio.Protocol):
             if event is h11.NEED_DATA:
                 return
             if event is h11.PAUSED:
-                if not self._reading_paused and self.transport is not None:
-                    self.transport.pause_reading()  # pipelined requests wait their turn
-                    self._reading_paused = True
+                self._pause_reading()  # pipelined requests wait their turn
                 return
             if isinstance(event, h11.Request):
                 self._on_head(event)
@@ -332,9 +326,7 @@ class WebConnection(asyncio.Protocol):
         # One request at a time: nothing more is read while its handler runs (h11 would
         # buffer whatever the client sends meanwhile, without a bound). Reading resumes
         # with the answer, or when the connection becomes a stream.
-        if not self._reading_paused and self.transport is not None:
-            self.transport.pause_reading()
-            self._reading_paused = True
+        self._pause_reading()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if self._task is task:
@@ -395,6 +387,11 @@ class WebConnection(asyncio.Protocol):
             # Otherwise pipelined bytes already received are parsed once the task has ended
             # (_task_done): one request at a time.
 
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self.transport.pause_reading()
+            self._reading_paused = True
+
     def _resume_reading(self) -> None:
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
@@ -409,10 +406,7 @@ class WebConnection(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             return  # closed meanwhile: nothing more is answered
         if conn.their_state is h11.IDLE and not self._head_due and conn.trailing_data[0]:
-            # A request that began arriving while the last one was answered: its head must
-            # be complete within head_timeout from now.
-            self._arm_timer(self._limits.head_timeout, self._head_timed_out)
-            self._head_due = True
+            self._start_head_timer()  # a request that began arriving during the last answer
         self._parse()
 
     def _refuse_malformed(self, status: int, detail: str) -> None:
@@ -433,6 +427,11 @@ class WebConnection(asyncio.Protocol):
                 + body.body
             )
         self._linger()
+
+    def _start_head_timer(self) -> None:
+        """The request's head must be complete within head_timeout from now."""
+        self._arm_timer(self._limits.head_timeout, self._head_timed_out)
+        self._head_due = True
 
     def _head_timed_out(self) -> None:
         self._timer = None
@@ -683,10 +682,7 @@ class WebConnection(asyncio.Protocol):
             return
         if not transport.is_closing():
             transport.close()
-        if self._abort_timer is None:
-            self._abort_timer = asyncio.get_running_loop().call_later(
-                self._limits.close_timeout, self._abort
-            )
+        self._arm_abort()
 
     def _linger(self) -> None:
         """Close after a refusal (400, 408, 413, 431) or a failed WebSocket (1002-1009): our
@@ -703,6 +699,10 @@ class WebConnection(asyncio.Protocol):
         self._lingering = True
         transport.write_eof()
         self._resume_reading()
+        self._arm_abort()
+
+    def _arm_abort(self) -> None:
+        """Drop the connection ``close_timeout`` from the first close, whatever happens."""
         if self._abort_timer is None:
             self._abort_timer = asyncio.get_running_loop().call_later(
                 self._limits.close_timeout, self._abort
