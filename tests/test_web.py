@@ -681,6 +681,44 @@ async def test_the_session_limit_holds_when_streams_of_other_pods_sessions_claim
         await wait_invariant(pod_b, timeout=5)
 
 
+async def test_a_session_deleted_while_its_stream_claims_it_on_another_pod_ends_at_once(
+    redis,
+) -> None:
+    """The DELETE lands on pod A after pod B's claim took the lease, and its close notice
+    reaches B before the claim's answer: B has no stream registered for it yet. B must still
+    end the stream (1000) once it starts, not stream a closed session until its next lease
+    refresh (20 s apart here, so only the notice can end it within the test)."""
+    async with (
+        ready_server(fast_settings(redis.url, pod_name="pod-a")) as pod_a,
+        ready_server(fast_settings(redis.url, pod_name="pod-b", lease_ttl=60.0)) as pod_b,
+    ):
+        session = await create_session(pod_a.web_port, ["AAPL"])
+        session_id = session["session_id"]
+        store, engine = pod_b.engine.store, pod_b.engine
+        real_claim, real_on_closed = store.claim, engine.on_closed
+        noticed = asyncio.Event()
+
+        def on_closed(closed_id: str) -> None:
+            real_on_closed(closed_id)
+            if closed_id == session_id:
+                noticed.set()
+
+        async def claim_then_delete(claimed_id: str, owner: str) -> tuple[str, ...]:
+            tickers = await real_claim(claimed_id, owner)
+            await rest(pod_a.web_port, "DELETE", f"/v1/sessions/{claimed_id}")
+            await asyncio.wait_for(noticed.wait(), 5)
+            return tickers
+
+        engine.on_closed = on_closed
+        store.claim = claim_then_delete
+        async with websockets.connect(ws_url(pod_b, session_id), subprotocols=[SUBPROTOCOL]) as ws:
+            assert await closed_with(ws) == 1000
+            assert ws.close_reason == "session closed"
+        values = await wait_invariant(pod_b, timeout=5)
+        assert values["pricestream_sessions_active"] == 0
+        assert 'pricestream_streams_closed_total{reason="closed"} 1.0' in read_metrics(pod_b)
+
+
 # --- drain and the fault switch ---------------------------------------------------------
 
 

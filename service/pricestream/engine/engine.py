@@ -75,6 +75,10 @@ class Engine:
         self.draining = False
         self.redis_unhealthy_since: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # Sessions with a stream's claim waiting for Redis -> claims waiting, and those of them
+        # closed meanwhile: a close notice for a session not registered yet would be lost.
+        self._claiming: dict[str, int] = {}
+        self._closed_while_claiming: set[str] = set()
         # A broker that does not track confirmations (one Redis, memory) never will: then the
         # gauge is not exported at all.
         tracks_confirmations = self.broker.channels_unconfirmed is not None
@@ -151,8 +155,25 @@ class Engine:
         await self.backends.aclose()
         await asyncio.to_thread(self.tracing.close)  # flushing must not block the loop
 
+    def claim_started(self, session_id: str) -> None:
+        """A stream of the session is about to claim it (before the claim's await)."""
+        self._claiming[session_id] = self._claiming.get(session_id, 0) + 1
+
+    def claim_ended(self, session_id: str) -> bool:
+        """The claim of ``claim_started`` returned or failed: whether the session was closed
+        meanwhile (then its stream, if it starts, must end as closed)."""
+        closed = session_id in self._closed_while_claiming
+        left = self._claiming.pop(session_id) - 1
+        if left:
+            self._claiming[session_id] = left
+        else:
+            self._closed_while_claiming.discard(session_id)
+        return closed
+
     def on_closed(self, session_id: str) -> None:
         """A session was closed (here or on another pod): end it here too."""
+        if session_id in self._claiming:
+            self._closed_while_claiming.add(session_id)
         session = self.registry.get(session_id)
         if session is None:
             return

@@ -86,9 +86,11 @@ class StreamLifecycle:
                 f"this server holds its maximum of {engine.settings.max_sessions} sessions",
                 "pod_full",
             )
+        engine.claim_started(self.session_id)
         try:
             await self._claim()
         finally:
+            closed = engine.claim_ended(self.session_id)
             if reserved:
                 registry.unreserve()  # the slot becomes the session's in start_streaming below
         # From here on nothing awaits until the stream is fully registered.
@@ -102,6 +104,10 @@ class StreamLifecycle:
         engine.clock.register(writer)
         self._topics = engine.hub.add(writer, self.tickers, json=self._json)
         self.writer = writer
+        if closed:
+            # Deleted after the claim took the lease, its close notice here before the claim's
+            # answer: ended as the notice ends a registered stream, before its first batch.
+            writer.stop("closed", grpc.StatusCode.OK, "session closed")
         log.info(
             "stream started for session %s",
             self.session_id,
