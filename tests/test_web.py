@@ -719,6 +719,40 @@ async def test_a_session_deleted_while_its_stream_claims_it_on_another_pod_ends_
         assert 'pricestream_streams_closed_total{reason="closed"} 1.0' in read_metrics(pod_b)
 
 
+async def test_a_pending_session_whose_stream_is_claiming_it_keeps_its_slot(redis) -> None:
+    """A session created here is pending until its stream claims it, and a pending session
+    whose TTL passes is ended. One whose stream's claim is still waiting for Redis must not
+    be: the stream holds no slot of its own (it takes the session's), so the slot would go to
+    another session and the stream would then take the pod past ``max_sessions``."""
+    settings = fast_settings(redis.url, max_sessions=1, session_ttl=1.0)
+    async with ready_server(settings) as server:
+        session = await create_session(server.web_port, ["AAPL"])
+        store = server.engine.store
+        real_claim = store.claim
+        claimed = asyncio.Event()
+
+        async def slow_claim(session_id: str, owner: str) -> tuple[str, ...]:
+            tickers = await real_claim(session_id, owner)
+            claimed.set()
+            await asyncio.sleep(2.0)  # past the pending TTL and a maintenance pass or more
+            return tickers
+
+        store.claim = slow_claim
+        async with websockets.connect(
+            ws_url(server, session["session_id"]), subprotocols=[SUBPROTOCOL]
+        ) as ws:
+            await asyncio.wait_for(claimed.wait(), 5)
+            await asyncio.sleep(1.5)
+            status, _, body = await rest(
+                server.web_port, "POST", "/v1/sessions", {"tickers": ["MSFT"]}
+            )
+            assert (status, body["error"]["code"]) == (503, "pod_full")
+            assert (await recv_json(ws))["type"] == "snapshot"
+            assert metric(server, "pricestream_sessions_active") == 1
+        values = await wait_invariant(server, timeout=5)
+        assert values["pricestream_sessions_opened_total"] == 1
+
+
 # --- drain and the fault switch ---------------------------------------------------------
 
 

@@ -215,7 +215,7 @@ class Engine:
         period = min(1.0, self.settings.lease_ttl / 3)
         while True:
             await asyncio.sleep(period)
-            self.registry.expire_pending()
+            self.registry.expire_pending(self._claiming)
             self._check_redis_outage(loop.time())
 
     async def _refresh_leases_forever(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 from pricestream.engine.flush import StreamWriter
@@ -104,11 +105,14 @@ class SessionRegistry:
     def streaming(self) -> list[LocalSession]:
         return [s for s in self._sessions.values() if s.writer is not None]
 
-    def expire_pending(self) -> list[str]:
-        """End pending sessions whose TTL passed; their ids."""
+    def expire_pending(self, claiming: Container[str] = ()) -> list[str]:
+        """End pending sessions whose TTL passed, except those a stream is ``claiming`` (it
+        holds no slot of its own: it takes the session's); their ids."""
         now = time.monotonic()
         expired = [
-            s.session_id for s in self._sessions.values() if s.writer is None and s.deadline <= now
+            s.session_id
+            for s in self._sessions.values()
+            if s.writer is None and s.deadline <= now and s.session_id not in claiming
         ]
         for session_id in expired:
             self.end(session_id, "unclaimed")
