@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Literal, Protocol
 
 import grpc
+
+log = logging.getLogger("pricestream.errors")
 
 
 def describe(exc: BaseException) -> str:
@@ -21,6 +24,8 @@ Refusal = Literal["", "rate_limited", "pod_full", "overloaded", "draining", "bac
 DRAINING_MESSAGE = "server is draining; retry on another server"
 # ... and the streams it ends (gRPC UNAVAILABLE, browser 1001, with the resume hint).
 SHUTDOWN_MESSAGE = "server is shutting down; resume the session on another server"
+# A request whose Redis call failed: the cause (an internal address) is logged, not shown.
+BACKEND_MESSAGE = "Redis is unreachable from this server; try again later"
 
 
 class RequestError(Exception):
@@ -51,6 +56,13 @@ def resource_exhausted(message: str, refusal: Refusal = "") -> RequestError:
 
 def unavailable(message: str, refusal: Refusal = "") -> RequestError:
     return RequestError(grpc.StatusCode.UNAVAILABLE, message, refusal)
+
+
+def backend_unavailable(exc: BaseException) -> RequestError:
+    """UNAVAILABLE for a request whose Redis call failed; its cause goes to the debug log
+    (an outage is logged and exported once by the pod, not per request)."""
+    log.debug("a request's Redis call failed: %s", describe(exc))
+    return unavailable(BACKEND_MESSAGE, "backend")
 
 
 _CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}

@@ -19,6 +19,7 @@ from pricestream.engine.engine import Engine
 from pricestream.engine.stream import StreamLifecycle, finish_status
 from pricestream.errors import (
     RequestError,
+    backend_unavailable,
     call_status,
     invalid_argument,
 )
@@ -48,7 +49,8 @@ def _answers_errors(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaita
         except RequestError as exc:
             await context.abort(exc.code, exc.message)
         except (RedisError, OSError, TimeoutError) as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"Redis unreachable: {exc}")
+            error = backend_unavailable(exc)
+            await context.abort(error.code, error.message)
         raise AssertionError("unreachable: abort raises")
 
     return wrapper

@@ -12,7 +12,7 @@ from pricestream.engine.engine import Engine
 from pricestream.engine.sessions import SessionInfo
 from pricestream.errors import (
     DRAINING_MESSAGE,
-    describe,
+    backend_unavailable,
     not_found,
     resource_exhausted,
     unavailable,
@@ -81,7 +81,7 @@ class SessionOps:
         try:
             info = await self._engine.store.get(session_id)
         except (RedisError, OSError, TimeoutError) as exc:
-            raise unavailable(f"Redis unreachable: {describe(exc)}", "backend") from None
+            raise backend_unavailable(exc) from None
         if info is None:
             raise not_found(f"session {session_id} does not exist or has expired")
         return info

@@ -24,6 +24,7 @@ from pricestream.engine.hub import Dropped, Topic, entry_from_payload
 from pricestream.engine.sessions import SessionBusy, SessionNotFound
 from pricestream.errors import (
     DRAINING_MESSAGE,
+    backend_unavailable,
     describe,
     failed_precondition,
     not_found,
@@ -132,7 +133,7 @@ class StreamLifecycle:
                 f"session {self.session_id} is already streaming; one stream per session"
             ) from None
         except (RedisError, OSError, TimeoutError) as exc:
-            raise unavailable(f"session store unreachable: {describe(exc)}", "backend") from None
+            raise backend_unavailable(exc) from None
         except asyncio.CancelledError:
             await self._give_back(claim)  # the stream stays "rejected": it never started
             raise
