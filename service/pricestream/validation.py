@@ -22,7 +22,8 @@ def normalise_ticker(raw: str) -> str:
         raise invalid_argument(
             f"ticker {raw[:MAX_TICKER_LENGTH]!r}... is longer than {MAX_TICKER_LENGTH} characters"
         )
-    ticker = raw.upper()
+    # ASCII first: str.upper maps some other letters to ASCII ones ('ß' -> 'SS').
+    ticker = raw.upper() if raw.isascii() else raw
     if not _TICKER.fullmatch(ticker):
         raise invalid_argument(
             f"ticker {raw!r} is invalid: use A-Z, 0-9 and inner '.', '-' or '_' only"
