@@ -98,6 +98,19 @@ async def test_rest_create_get_delete(server: Server) -> None:
         ("GET", "/v1/sessions/short", {}, 404, "not_found"),
         ("GET", "/v2/anything", {}, 404, "not_found"),
         ("GET", "/v1/sessions/AAAAAAAAAAAAAAAAAAAAAA/ws", {}, 426, "upgrade_required"),
+        ("POST", "/v1/sessions/AAAAAAAAAAAAAAAAAAAAAA/ws", {}, 405, "method_not_allowed"),
+        # JSON that json.loads fails on with other errors than JSONDecodeError.
+        ("POST", "/v1/sessions", {"raw": b"[" * 30_000 + b"]" * 30_000,
+                                  "headers": {"Content-Type": "application/json"}}, 400,
+         "invalid_json"),
+        ("POST", "/v1/sessions", {"raw": b'{"tickers": ' + b"1" * 5_000 + b"}",
+                                  "headers": {"Content-Type": "application/json"}}, 400,
+         "invalid_json"),
+        # Letters that upper-case to ASCII ones ("SS", "FI", "IBM") are not tickers.
+        ("POST", "/v1/sessions", {"body": {"tickers": ["ß"]}}, 400, "invalid_argument"),
+        ("POST", "/v1/sessions", {"body": {"tickers": ["\ufb01x", "\u0131bm"]}}, 400,
+         "invalid_argument"),
+        ("GET", "/%0Ax", {}, 404, "not_found"),  # a control character is not echoed
     ],
 )  # fmt: skip
 async def test_rest_bad_input_gets_its_status_and_one_sentence(
@@ -108,6 +121,84 @@ async def test_rest_bad_input_gets_its_status_and_one_sentence(
     assert body["error"]["code"] == word
     assert body["error"]["message"] and "\n" not in body["error"]["message"]
     await wait_invariant(server, timeout=5)  # nothing held by a refused request
+
+
+async def raw_exchange(port: int, data: bytes, until: bytes = b"") -> bytes:
+    """Send ``data`` on a new connection; what comes back until ``until`` is in it (or the
+    server closes)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    answer = b""
+    try:
+        while not (until and until in answer):
+            chunk = await asyncio.wait_for(reader.read(65536), 5)
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        writer.close()
+    return answer
+
+
+async def test_head_is_get_without_content_and_204_has_no_length(server: Server) -> None:
+    """HEAD is answered as GET is, with its Content-Length and no content (RFC 9110 9.3.2),
+    on the page and a session; a 204 carries no Content-Length (RFC 9110 8.6); the requests
+    pipelined behind them are answered on the same connection."""
+    session = await create_session(server.web_port, ["AAPL"])
+    path = f"/v1/sessions/{session['session_id']}".encode()
+    answer = await raw_exchange(
+        server.web_port,
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        + b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n"
+        + b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        + b"HEAD " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        + b"DELETE " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        + b"GET /v2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )  # fmt: skip
+    answers = []
+    while answer:
+        head, _, answer = answer.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        headers = dict(line.split(b": ", 1) for line in lines[1:])
+        length = int(headers.get(b"content-length", b"0"))
+        method_got_content = not answers or len(answers) in (2, 5)  # the GETs
+        content, answer = (
+            (answer[:length], answer[length:]) if method_got_content else (b"", answer)
+        )
+        answers.append((int(lines[0].split()[1]), headers.get(b"content-length"), content))
+    statuses = [status for status, _, _ in answers]
+    assert statuses == [200, 200, 200, 200, 204, 404]
+    (_, page_length, page), (_, head_length, nothing) = answers[0], answers[1]
+    assert head_length == page_length == b"%d" % len(page) and nothing == b""
+    (_, get_length, got), (_, head_length, _) = answers[2], answers[3]
+    assert head_length == get_length == b"%d" % len(got)
+    assert answers[4][1] is None  # the 204: no Content-Length
+    await wait_invariant(server, timeout=5)
+
+
+async def test_expect_100_continue_and_absolute_form_targets(server: Server) -> None:
+    """A client that waits for 100 Continue before its body is told to go on (RFC 9110
+    10.1.1) and gets its session; a request target in absolute form is routed by its path
+    (RFC 9112 3.2.2)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.web_port)
+    try:
+        body = json.dumps({"tickers": ["AAPL"]}).encode()
+        writer.write(
+            b"POST http://pricestream/v1/sessions HTTP/1.1\r\nHost: pricestream\r\n"
+            b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        writer.write(body)
+        final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert final.startswith(b"HTTP/1.1 201 ")
+        length = int(final.split(b"content-length: ")[1].split(b"\r\n")[0])
+        created = json.loads(await asyncio.wait_for(reader.readexactly(length), 5))
+    finally:
+        writer.close()
+    await rest(server.web_port, "DELETE", f"/v1/sessions/{created['session_id']}")
+    await wait_invariant(server, timeout=5)
 
 
 async def test_oversized_head_gets_431_and_malformed_http_400(server: Server) -> None:
@@ -184,6 +275,35 @@ async def test_subprotocols_offered_on_several_header_lines(server: Server) -> N
     finally:
         ws.close()
     await wait_invariant(server, timeout=5)
+
+
+async def test_invalid_handshakes_are_answered_with_why_and_counted(server: Server) -> None:
+    """An upgrade the transport finds invalid is answered by the application, so it is counted
+    like every refused handshake (``bad_request``) and as a request of the ``ws`` route."""
+    path = b"/v1/sessions/AAAAAAAAAAAAAAAAAAAAAA/ws"
+    head = (
+        b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    )
+    version_8 = await raw_exchange(
+        server.web_port, head + b"Sec-WebSocket-Version: 8\r\n\r\n", b"}}"
+    )
+    assert version_8.startswith(b"HTTP/1.1 426 ")
+    assert b"\r\nupgrade: websocket\r\n" in version_8.lower()
+    assert b"Sec-WebSocket-Version must be 13" in version_8
+    bad_key = await raw_exchange(
+        server.web_port,
+        head.replace(b"dGhlIHNhbXBsZSBub25jZQ==", b"abc") + b"Sec-WebSocket-Version: 13\r\n\r\n",
+        b"}}",
+    )
+    assert bad_key.startswith(b"HTTP/1.1 400 ") and b'"bad_handshake"' in bad_key
+    exposition = read_metrics(server)
+    assert (
+        'pricestream_web_handshakes_refused_total{reason="bad_request",transport="ws"} 2.0'
+        in exposition
+    )
+    assert 'pricestream_http_requests_total{route="ws",status="426"} 1.0' in exposition
+    assert 'pricestream_http_requests_total{route="ws",status="400"} 1.0' in exposition
 
 
 def upload_too_much(port: int, size: int = 1 << 20) -> tuple[bytes, str]:
@@ -358,7 +478,11 @@ async def test_new_streams_are_admitted_at_a_bounded_rate(redis) -> None:
                     codes.append(ws.close_code)
         assert codes == ["streamed", "streamed", 1013]
         status, headers, body = await rest(server.web_port, "GET", "/v1/sessions/x/events")
-        assert (status, headers.get("Retry-After"), body["error"]["code"]) == (503, "1", "rate")
+        assert (status, headers.get("Retry-After"), body["error"]["code"]) == (
+            503,
+            "1",
+            "rate_limited",
+        )
 
 
 async def create_from(port: int, *forwarded_for: str) -> tuple[int, bytes, dict]:
@@ -584,6 +708,8 @@ async def test_foreign_origins_are_refused_before_the_upgrade(redis) -> None:
             headers={"Origin": "https://app.example.com"},
         )  # fmt: skip
         assert status == 201 and headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+        # Where the session is, and when to retry, are readable by the other origin's page.
+        assert headers["Access-Control-Expose-Headers"] == "Location, Retry-After"
 
 
 async def test_bearer_tokens_guard_rest_not_the_capability_urls(redis) -> None:

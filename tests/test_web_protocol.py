@@ -197,6 +197,10 @@ async def stream_request(harnesses: list[Harness], handler: Handler, kind: str |
 
 async def echo_path(request: Request, exchange: WebConnection) -> None:
     await asyncio.sleep(0)  # answer from a later turn, like a real handler
+    if request.handshake_error is not None:  # as the application answers a bad handshake
+        status, message, headers = request.handshake_error
+        exchange.respond(Response.error(status, "bad_handshake", message, headers))
+        return
     exchange.respond(Response.json(200, {"path": request.path, "body": request.body.decode()}))
 
 
@@ -353,8 +357,7 @@ async def test_an_unanswered_request_is_500(harnesses):
 async def test_pipelined_requests_wait_while_the_client_does_not_read_its_answers(harnesses):
     """A client that pipelines requests and reads none of the answers: once its output is
     over the high-water mark, no further request is read or answered (each would buffer one
-    more answer, without a bound) until the output drained, even one answered without a
-    handler (a bad handshake)."""
+    more answer, without a bound) until the output drained, a bad handshake included."""
     h = Harness(echo_path)
     harnesses.append(h)
     h.conn.pause_writing()  # the answers sent before filled the socket's buffer
@@ -679,27 +682,42 @@ async def test_upgrade_is_101_with_accept_and_subprotocol(harnesses):
     assert h.app.requests[0].websocket
 
 
-async def test_upgrade_with_version_8_is_426(harnesses):
-    h = Harness(StreamApp())
+async def test_upgrade_with_version_8_is_handed_over_as_a_426(harnesses):
+    """The transport says why a handshake is invalid; the application answers (and counts)
+    it. An unknown version is a 426 naming the one we speak, with Upgrade (RFC 9110 15.5.22,
+    RFC 6455 4.4)."""
+    h = Harness(echo_path)
     harnesses.append(h)
     h.feed(upgrade(version=b"8"))
     await settle()
-    [(status, headers, body)] = parse_responses(h.new_bytes())
-    assert status == 426
-    assert headers[b"sec-websocket-version"] == b"13"
-    assert json.loads(body)["error"]["code"] == "bad_handshake"
-    assert h.app.requests == []
+    [request] = h.app.requests
+    assert request.websocket is False
+    assert request.handshake_error is not None
+    status, message, extra = request.handshake_error
+    assert (status, message) == (
+        426,
+        "invalid WebSocket handshake: Sec-WebSocket-Version must be 13",
+    )
+    assert dict(extra) == {
+        b"sec-websocket-version": b"13",
+        b"upgrade": b"websocket",
+        b"connection": b"Upgrade",
+    }
+    [(status, headers, _)] = parse_responses(h.new_bytes())
+    assert status == 426 and headers[b"upgrade"] == b"websocket"
+    assert h.conn.mode == "http"
 
 
-async def test_upgrade_without_key_is_400(harnesses):
-    h = Harness(StreamApp())
+async def test_upgrade_without_key_is_handed_over_as_a_400(harnesses):
+    h = Harness(echo_path)
     harnesses.append(h)
     h.feed(upgrade(key=None))
     await settle()
+    [request] = h.app.requests
+    assert request.websocket is False
+    assert request.handshake_error is not None and request.handshake_error[0] == 400
     [(status, _, body)] = parse_responses(h.new_bytes())
-    assert status == 400
-    assert json.loads(body)["error"]["code"] == "bad_handshake"
-    assert h.app.requests == []
+    assert status == 400 and json.loads(body)["error"]["code"] == "bad_handshake"
 
 
 def raw_upgrade(version: bytes = b"1.1", host: bytes | None = b"pricestream", key: bytes = WS_KEY):
@@ -739,9 +757,9 @@ MALFORMED_UPGRADES = {
 @pytest.mark.parametrize("case", MALFORMED_UPGRADES)
 async def test_a_malformed_upgrade_is_400_with_a_sentence(harnesses, case, pipelined):
     """Handshakes wsproto's own checks let through or fail on with an error of another library
-    (h11's, the IDNA codec's): each is a 400 saying why, alone or pipelined behind a request,
-    never an exception out of the protocol (which left a pipelined connection with nothing
-    reading it: a socket held until the pod stopped)."""
+    (h11's, the IDNA codec's): each is handed to the application as a 400 saying why, alone
+    or pipelined behind a request, never an exception out of the protocol (which left a
+    pipelined connection with nothing reading it: a socket held until the pod stopped)."""
     request, message = MALFORMED_UPGRADES[case]
     h = Harness(echo_path)
     harnesses.append(h)
@@ -751,7 +769,7 @@ async def test_a_malformed_upgrade_is_400_with_a_sentence(harnesses, case, pipel
     assert [status for status, _, _ in answers] == [200, 400] if pipelined else [400]
     error = json.loads(answers[-1][2])["error"]
     assert error == {"code": "bad_handshake", "message": message}
-    assert [r.path for r in h.app.requests] == (["/first"] if pipelined else [])
+    assert [r.handshake_error for r in h.app.requests] == [None] * pipelined + [(400, message, [])]
 
 
 # --- WebSocket: client frames ----------------------------------------------------------------
@@ -1216,3 +1234,24 @@ def test_inline_packing_is_websocket_batch(seq: int, sizes: list[int]) -> None:
     sink.seq = seq - 1
     assert sink.send(payload) is True
     assert written == [websocket_batch(seq, payload)]
+
+
+# --- the request as the application sees it -------------------------------------------------
+
+
+def test_request_targets_origin_and_absolute_form_segments_and_shown_path():
+    """The path is kept as sent; each segment is decoded on its own, so an encoded '/' does
+    not split a segment; the absolute form is routed by its path (RFC 9112 3.2.2); a path in
+    a message shows only printable ASCII."""
+    plain = Request.from_target(b"GET", b"/v1/sessions/ab%2Fws?x=1", [], b"", "127.0.0.1")
+    assert (plain.path, plain.query) == ("/v1/sessions/ab%2Fws", "x=1")
+    assert plain.segments == ["", "v1", "sessions", "ab/ws"]
+    absolute = Request.from_target(b"GET", b"http://h:8080/v1/sessions?y=2", [], b"", "::1")
+    assert (absolute.path, absolute.query, absolute.segments) == (
+        "/v1/sessions",
+        "y=2",
+        ["", "v1", "sessions"],
+    )
+    assert Request.from_target(b"GET", b"http://h", [], b"", "::1").path == "/"
+    control = Request.from_target(b"GET", b"/%0Ax\x01", [], b"", "::1")
+    assert control.segments == ["", "\nx\x01"] and control.shown_path == "/%0Ax?"

@@ -35,7 +35,12 @@ from pricestream.engine.engine import Engine
 from pricestream.engine.flush import BatchSink, StreamWriter
 from pricestream.engine.sessions import SessionInfo
 from pricestream.engine.stream import StreamLifecycle
-from pricestream.errors import DRAINING_MESSAGE, SHUTDOWN_MESSAGE, RequestError, describe
+from pricestream.errors import (
+    DRAINING_MESSAGE,
+    SHUTDOWN_MESSAGE,
+    RequestError,
+    backend_unavailable,
+)
 from pricestream.observability.web_metrics import StreamKind, WebMetrics
 from pricestream.settings import Settings, allowed_origins, proxy_networks
 from pricestream.transport.budget import Budget
@@ -186,7 +191,7 @@ class WebApi:
     # --- routing ------------------------------------------------------------------------------
 
     async def handle(self, request: Request, exchange: WebConnection) -> None:
-        parts = request.path.split("/")
+        parts = request.segments
         route, response = "other", None
         if request.path == "/":
             route = "page"
@@ -205,16 +210,16 @@ class WebApi:
                 await self._event_stream(request, exchange, parts[3])
                 return
         if response is None:
-            response = Response.error(404, "not_found", f"no such resource: {request.path[:200]}")
+            response = Response.error(404, "not_found", f"no such resource: {request.shown_path}")
         self._metrics.request(route, response.status)
         exchange.respond(response)
 
     def _page_response(self, request: Request) -> Response:
         if request.method not in ("GET", "HEAD"):
-            return _not_allowed("GET")
+            return _not_allowed("GET, HEAD")
         return Response(
             200,
-            self._page if request.method == "GET" else b"",
+            self._page,  # not sent for a HEAD, but its length is
             b"text/html; charset=utf-8",
             [
                 (b"cache-control", b"no-cache"),
@@ -244,13 +249,13 @@ class WebApi:
         if not allowed:
             return self._foreign_origin()
         if request.method == "OPTIONS":
-            return _preflight(cors, "GET, DELETE, OPTIONS")
-        if request.method not in ("GET", "DELETE"):
-            return _not_allowed("GET, DELETE, OPTIONS", cors)
+            return _preflight(cors, "GET, HEAD, DELETE, OPTIONS")
+        if request.method not in ("GET", "HEAD", "DELETE"):
+            return _not_allowed("GET, HEAD, DELETE, OPTIONS", cors)
         response = self._authenticate(request)
         if response is None:
             try:
-                if request.method == "GET":
+                if request.method != "DELETE":  # GET, or HEAD: the same answer without content
                     info = await self._sessions.get(session_id)
                     response = Response.json(200, self._describe(request, info))
                 else:
@@ -346,7 +351,12 @@ class WebApi:
             return False, []
         if origin is None:
             return True, []
-        return True, [(b"access-control-allow-origin", origin), (b"vary", b"Origin")]
+        return True, [
+            (b"access-control-allow-origin", origin),
+            # Headers a page of another origin may read: where the session is, when to retry.
+            (b"access-control-expose-headers", b"Location, Retry-After"),
+            (b"vary", b"Origin"),
+        ]
 
     def _foreign_origin(self) -> Response:
         return Response.error(403, "forbidden_origin", "this origin may not use this server")
@@ -355,14 +365,22 @@ class WebApi:
 
     async def _websocket(self, request: Request, exchange: WebConnection, session_id: str) -> None:
         kind: StreamKind = "websocket"
+        if request.method != "GET":
+            self._metrics.request("ws", 405)
+            exchange.respond(_not_allowed("GET", message="a WebSocket handshake is a GET request"))
+            return
         if not request.websocket:
             self._metrics.refused(kind, "bad_request")
-            response = Response.error(
-                426,
-                "upgrade_required",
-                "this URL is a WebSocket: send an Upgrade request",
-                [(b"upgrade", b"websocket"), (b"connection", b"Upgrade")],
-            )
+            if request.handshake_error is not None:
+                status, message, headers = request.handshake_error
+                response = Response.error(status, "bad_handshake", message, headers)
+            else:
+                response = Response.error(
+                    426,
+                    "upgrade_required",
+                    "this URL is a WebSocket: send an Upgrade request",
+                    [(b"upgrade", b"websocket"), (b"connection", b"Upgrade")],
+                )
             self._metrics.request("ws", response.status)
             exchange.respond(response)
             return
@@ -430,9 +448,14 @@ class WebApi:
     ) -> None:
         _, status, reason = _REFUSALS[_refusal_key(exc)]
         self._metrics.refused("sse", reason)
-        self._metrics.request("events", status)
-        headers = [(b"retry-after", b"1")] if status == 503 else []
-        response = Response.error(status, reason, exc.message, headers)
+        if exc.code == grpc.StatusCode.INVALID_ARGUMENT:  # a malformed id: none such, as REST
+            response = Response.error(404, "not_found", exc.message)
+        else:
+            # REST's body and Retry-After for the same refusal (one vocabulary of codes); the
+            # status is this table's: 503 for the pod's admission rate, not this client's 429.
+            response = error_response(exc)
+            response.status = status
+        self._metrics.request("events", response.status)
         response.headers += cors
         exchange.respond(response)
 
@@ -521,7 +544,7 @@ def _bases(request: Request) -> tuple[str, str]:
 def _tickers_of(body: bytes) -> list[str] | Response:
     try:
         document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # not UTF-8 or JSON, an integer too long, too deep
         return Response.error(400, "invalid_json", "the body is not valid JSON")
     if not isinstance(document, dict):
         return Response.error(400, "invalid_argument", 'the body must be {"tickers": [...]}')
@@ -534,9 +557,14 @@ def _tickers_of(body: bytes) -> list[str] | Response:
     return tickers
 
 
-def _not_allowed(allow: str, cors: Sequence[tuple[bytes, bytes]] = ()) -> Response:
+def _not_allowed(
+    allow: str, cors: Sequence[tuple[bytes, bytes]] = (), *, message: str = ""
+) -> Response:
     return Response.error(
-        405, "method_not_allowed", f"allowed methods: {allow}", [(b"allow", allow.encode()), *cors]
+        405,
+        "method_not_allowed",
+        message or f"allowed methods: {allow}",
+        [(b"allow", allow.encode()), *cors],
     )
 
 
@@ -545,6 +573,7 @@ def _preflight(cors: Headers, methods: str) -> Response:
         204,
         [
             *cors,
+            (b"allow", methods.encode()),
             (b"access-control-allow-methods", methods.encode()),
             (b"access-control-allow-headers", b"authorization, content-type"),
             (b"access-control-max-age", b"600"),
@@ -553,6 +582,5 @@ def _preflight(cors: Headers, methods: str) -> Response:
 
 
 def _redis_down(exc: BaseException) -> Response:
-    return Response.error(
-        503, "backend", f"Redis unreachable: {describe(exc)}", [(b"retry-after", b"2")]
-    )
+    """A 503 for a failed Redis call (its cause logged, never shown to the client)."""
+    return error_response(backend_unavailable(exc))

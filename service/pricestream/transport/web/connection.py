@@ -111,6 +111,7 @@ class WebConnection(asyncio.Protocol):
         )
         self._head: h11.Request | None = None
         self._handshake: H11Handshake | None = None  # of a validated upgrade request
+        self._head_request = False  # the request being answered is a HEAD
         self._body = bytearray()
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -293,6 +294,11 @@ class WebConnection(asyncio.Protocol):
             if name == b"content-length" and int(value) > self._limits.max_body_bytes:
                 self._refuse_malformed(413, "request body is too large")
                 return
+        conn = self._h11
+        if conn is not None and conn.they_are_waiting_for_100_continue:
+            # The client sends its body only once told to go on (RFC 9110 section 10.1.1).
+            assert self.transport is not None
+            self.transport.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
 
     def _on_request(self) -> None:
         head = self._head
@@ -300,23 +306,25 @@ class WebConnection(asyncio.Protocol):
             return  # the request was refused already
         self._head = None
         self._cancel_timer()  # the body is complete
-        websocket = _is_websocket_upgrade(head)
+        self._head_request = head.method == b"HEAD"
+        self._handshake = None  # a handshake is this request's, never a previous one's
+        handshake_error = None
+        if _is_websocket_upgrade(head):
+            handshake = _validated_handshake(head)
+            if isinstance(handshake, tuple):
+                handshake_error = handshake  # the application answers it, and counts it
+            else:
+                self._handshake = handshake
         request = Request.from_target(
             head.method,
             head.target,
             list(head.headers),
             bytes(self._body),
             self.peer,
-            websocket=websocket,
+            websocket=self._handshake is not None,
+            handshake_error=handshake_error,
         )
         self._body = bytearray()
-        if websocket:
-            handshake = _validated_handshake(head)
-            if isinstance(handshake, tuple):
-                status, message, extra = handshake
-                self.respond(Response.error(status, "bad_handshake", message, extra))
-                return
-            self._handshake = handshake
         self._run(self._owner.app.handle(request, self))
 
     def _run(self, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -349,13 +357,11 @@ class WebConnection(asyncio.Protocol):
         conn = self._h11
         if conn is None or self.transport is None or conn.our_state is not h11.SEND_RESPONSE:
             return
-        headers = [
-            (b"content-type", response.content_type),
-            (b"content-length", b"%d" % len(response.body)),
-            *response.headers,
-        ]
-        if not response.content_type:
-            headers = headers[1:]
+        headers = [*response.headers]
+        if response.status not in (204, 304):  # never a Content-Length (RFC 9110 8.6)
+            headers.insert(0, (b"content-length", b"%d" % len(response.body)))
+        if response.content_type:
+            headers.insert(0, (b"content-type", response.content_type))
         try:
             out = conn.send(
                 h11.Response(
@@ -364,7 +370,8 @@ class WebConnection(asyncio.Protocol):
                     reason=reason_phrase(response.status),
                 )
             )
-            if response.body:
+            # A HEAD request's answer: the GET's headers, its length included, no content.
+            if response.body and not self._head_request:
                 out += conn.send(h11.Data(data=response.body))
             out += conn.send(h11.EndOfMessage())
         except h11.LocalProtocolError as exc:
@@ -762,8 +769,17 @@ def _validated_handshake(
     except RemoteProtocolError as exc:
         hint = exc.event_hint
         status = getattr(hint, "status_code", 400) or 400
-        extra = [(b"sec-websocket-version", b"13")] if status == 426 else []
-        return status, f"invalid WebSocket handshake: {exc}", extra
+        if status == 426:  # the version we do not speak (RFC 6455 section 4.4)
+            return (
+                426,
+                "invalid WebSocket handshake: Sec-WebSocket-Version must be 13",
+                [
+                    (b"sec-websocket-version", b"13"),
+                    (b"upgrade", b"websocket"),
+                    (b"connection", b"Upgrade"),
+                ],
+            )
+        return status, f"invalid WebSocket handshake: {exc}", []
     except UnicodeError:  # wsproto decodes the Host header as IDNA
         return 400, "invalid WebSocket handshake: the Host header is not a valid host name", []
     except (h11.ProtocolError, ValueError) as exc:  # wsproto re-reading the head

@@ -5,20 +5,36 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 Headers = list[tuple[bytes, bytes]]
+# Why an upgrade request is not a valid WebSocket handshake: (status, sentence, headers).
+HandshakeError = tuple[int, str, Headers]
 
 
 @dataclass(frozen=True)
 class Request:
     method: str
-    path: str  # percent-decoded, without the query
+    path: str  # as sent (percent-encoded), without the query; the path of an absolute URL
     query: str
     headers: Headers  # names lower-case, as h11 gives them
     body: bytes
     peer: str  # the client's IP address
     websocket: bool = False  # a valid WebSocket upgrade request (checked by the transport)
+    # An upgrade request that is not a valid handshake: the application answers it.
+    handshake_error: HandshakeError | None = None
+
+    @property
+    def segments(self) -> list[str]:
+        """The path's segments, each percent-decoded on its own (an encoded '/' stays part
+        of its segment); the first is the empty one before the leading '/'."""
+        return [unquote(segment) for segment in self.path.split("/")]
+
+    @property
+    def shown_path(self) -> str:
+        """The path for a message: at most 200 characters, anything but printable ASCII as
+        '?'."""
+        return "".join(c if " " < c < "\x7f" else "?" for c in self.path[:200])
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a header (lower-case name), or None."""
@@ -43,16 +59,23 @@ class Request:
         peer: str,
         *,
         websocket: bool = False,
+        handshake_error: HandshakeError | None = None,
     ) -> Request:
-        raw_path, _, query = target.decode("ascii", "replace").partition("?")
+        text = target.decode("ascii", "replace")
+        if not text.startswith("/") and "://" in text:
+            # The absolute form (RFC 9112 section 3.2.2), which a server must accept.
+            parts = urlsplit(text)
+            text = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        raw_path, _, query = text.partition("?")
         return cls(
             method.decode("ascii", "replace"),
-            unquote(raw_path),
+            raw_path,
             query,
             headers,
             body,
             peer,
             websocket,
+            handshake_error,
         )
 
 
