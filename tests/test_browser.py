@@ -1,7 +1,10 @@
 """The live page at GET / in a real headless browser (Debian's chromium driven by Playwright)
 against a real `pricestream serve` process: it creates a session over REST, streams prices over
 WebSocket (or SSE), shows them, ends its session with 1000, survives a server restart, makes a
-new session when its own is lost (4004), and sends a bearer token from the URL fragment.
+new session when its own is lost (4004), and sends a bearer token from the URL fragment. How
+it answers close codes a real server cannot be made to send on cue (a stream ended right after
+its snapshot, 4009, 1002) is checked with the server's socket end scripted in the browser
+(Playwright's WebSocket routing), REST still going to the real server.
 
 Each test reads the page's ``window.pricestream`` state and its table; every wait is bounded
 and fails with the last state seen (support/browser.py)."""
@@ -9,8 +12,10 @@ and fails with the last state seen (support/browser.py)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.browser import LivePage, PriceDesk, live_browser
@@ -225,4 +230,158 @@ async def test_bearer_token_from_the_url_fragment_goes_on_rest_calls(serve, desk
     await page.open(server.web_port, "?tickers=AAPL#token=browser-secret")
     state = await page.wait_for(streaming("websocket"), "a session with the token")
     assert sorted(state["prices"]) == ["AAPL"]
+    assert page.errors == []
+
+
+async def test_a_price_that_is_not_a_number_is_shown_as_sent_and_breaks_nothing(
+    serve, desk, page
+) -> None:
+    """proto3's JSON sends a NaN or infinite price as the string "NaN" / "Infinity": the
+    page shows it as it came, keeps the ticker's change waiting for a real price, and the
+    rest of the frame (MSFT here) is still shown."""
+    server = serve()
+    await desk.publish(OPENING)
+    await page.open(server.web_port)
+    await page.wait_for(streaming("websocket"), "the snapshot over a WebSocket")
+
+    await desk.publish({"AAPL": float("nan"), "MSFT": 210.0})
+    await page.wait_for_row("MSFT", lambda r: r["price"] == "210.00", "MSFT's price", timeout=5)
+    aapl = await page.row("AAPL")
+    assert (aapl["price"], aapl["change"], aapl["direction"]) == ("NaN", "\u2013", "change")
+    await desk.publish({"AAPL": 404.0})
+    aapl = await page.wait_for_row(
+        "AAPL", lambda r: r["price"] == "404.00", "AAPL's next real price", timeout=5
+    )
+    assert aapl["change"] == "+4.00 (+1.00%)"  # against the first real price, 400
+    assert page.errors == []
+
+
+class ScriptedSocket:
+    """Stands in for the server's WebSocket end in the page's browser (Playwright's
+    WebSocket routing; REST still goes to the real server): every socket the page opens is
+    answered by ``answer`` and the moment of each is kept."""
+
+    def __init__(self, answer: Callable[[Any], Any]) -> None:
+        self.answer = answer
+        self.opened: list[float] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def __call__(self, ws: Any) -> None:
+        # The page's socket opens once this returns: the answer runs after, on its own.
+        self.opened.append(time.monotonic())
+        task = asyncio.get_running_loop().create_task(self.answer(ws))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+async def snapshot_then_1013(ws: Any) -> None:
+    ws.send('{"type":"snapshot","seq":1,"updates":[]}')
+    await ws.close(code=1013, reason="prices are unavailable; try again later")
+
+
+async def test_a_stream_ended_after_its_snapshot_is_retried_with_a_growing_backoff(
+    serve, page
+) -> None:
+    """A pod that ends every stream right after its snapshot (Redis Pub/Sub lost: 1013):
+    the snapshot is no sign of health, so the backoff keeps growing, and 1013 waits at least
+    a second. (When a frame reset the backoff, the page reconnected 3-4 times a second.)"""
+    server = serve()
+    sockets = ScriptedSocket(snapshot_then_1013)
+    await page.page.route_web_socket("**/ws", sockets)
+    await page.open(server.web_port)
+    await page.wait_for(lambda s: len(s["closes"]) >= 1, "the first 1013")
+    await asyncio.sleep(6.0)
+    state = await page.state()
+    # 1 s + full jitter over 0.25, 0.5, 1, 2 s...: at most 5 sockets in the first ~6 s.
+    assert 2 <= len(sockets.opened) <= 5, sockets.opened
+    gaps = [b - a for a, b in zip(sockets.opened, sockets.opened[1:], strict=False)]
+    assert min(gaps) >= 0.9, gaps
+    assert set(state["closes"]) == {1013} and state["snapshots"] == len(sockets.opened)
+    assert page.errors == []
+
+
+async def test_a_session_streamed_elsewhere_for_10_s_is_left_for_a_new_one(serve, page) -> None:
+    """4009 (another client holds the session): retried with a backoff, and after 10 s of
+    it the page creates a new session instead of waiting forever."""
+    server = serve()
+
+    async def busy(ws: Any) -> None:
+        await asyncio.sleep(0.05)  # open first, as the server's 101 comes before its close
+        await ws.close(code=4009, reason="the session is already streaming")
+
+    await page.page.route_web_socket("**/ws", ScriptedSocket(busy))
+    await page.open(server.web_port)
+    first = await page.wait_for(lambda s: 4009 in s["closes"], "the first 4009")
+    state = await page.wait_for(
+        # 10 s of 4009s, then the close that finds them 10 s old (a backoff of up to 10 s)
+        lambda s: s["sessionId"] != first["sessionId"],
+        "a new session after 10 s",
+        timeout=40,
+    )
+    assert set(state["closes"]) == {4009} and len(state["closes"]) >= 2
+    assert state["transport"] == "websocket"  # the sockets opened: no fallback to SSE
+    assert page.errors == []
+
+
+async def test_a_close_code_for_a_client_bug_stops_the_page(serve, page) -> None:
+    """1002 (the client broke the protocol) and codes the page does not know stop it: a
+    retry would only repeat the bug."""
+    server = serve()
+
+    async def protocol_error(ws: Any) -> None:
+        await asyncio.sleep(0.05)
+        await ws.close(code=1002, reason="protocol error")
+
+    sockets = ScriptedSocket(protocol_error)
+    await page.page.route_web_socket("**/ws", sockets)
+    await page.open(server.web_port)
+    await page.wait_for_text("#status", "stopped (1002: protocol error)")
+    await page.holds_for(lambda s: s["closes"] == [1002], "no retry after 1002", seconds=2.0)
+    assert len(sockets.opened) == 1
+
+
+async def test_end_session_stays_ended_whatever_its_socket_says_next(serve, page) -> None:
+    """End while the socket is not closed by the server's 1000 yet (here: a socket that then
+    says 4004, as one still in its handshake does once its session is deleted): the page
+    stays ended; the 4004 does not make it create a new session."""
+    server = serve()
+    ended = asyncio.Event()
+
+    async def unknown_after_end(ws: Any) -> None:
+        await ended.wait()
+        await ws.close(code=4004, reason="session unknown")
+
+    await page.page.route_web_socket("**/ws", ScriptedSocket(unknown_after_end))
+    await page.open(server.web_port)
+    before = await page.wait_for(lambda s: s["connected"], "the socket open")
+    await page.page.click("#end")  # DELETE /v1/sessions/{id}: 204
+    await asyncio.sleep(0.3)  # the DELETE done (whether it is or not, the page is ending)
+    ended.set()
+    await page.wait_for(lambda s: s["closes"] == [4004], "the socket's 4004")
+    await page.holds_for(
+        lambda s: s["sessionId"] == before["sessionId"] and s["reconnects"] == 0,
+        "no new session after End",
+        seconds=2.0,
+    )
+    assert await page.text("#status") == "session closed"
+    assert page.errors == []
+
+
+async def test_a_dropped_event_stream_reconnects_with_the_pages_backoff(serve, desk, page) -> None:
+    """An EventSource reconnects by itself every `retry` ms, every client of a crashed pod in
+    step: the page closes it instead, and reconnects the same session with its own jittered
+    backoff (the close shows as 1006), to a fresh snapshot."""
+    first = serve()
+    await desk.publish(OPENING)
+    await page.open(first.web_port, "?transport=sse")
+    before = await page.wait_for(streaming("sse"), "the snapshot over EventSource")
+
+    assert await asyncio.to_thread(first.terminate) == 0
+    await page.wait_for(lambda s: 1006 in s["closes"], "the drop seen as 1006")
+    assert (await page.text("#status")).startswith("disconnected (1006")
+    await asyncio.to_thread(serve, web_port=first.web_port)
+    state = await page.wait_for(
+        streaming("sse", snapshots=2), "a reconnect and a fresh snapshot", timeout=30
+    )
+    assert state["sessionId"] == before["sessionId"] and state["reconnects"] >= 1
     assert page.errors == []
