@@ -879,6 +879,40 @@ async def test_a_pending_session_whose_stream_is_claiming_it_keeps_its_slot(redi
         assert values["pricestream_sessions_opened_total"] == 1
 
 
+async def test_a_pending_session_deleted_while_its_stream_claims_it_keeps_its_slot(
+    redis,
+) -> None:
+    """The same race on the pod that created the session: it is pending here, its stream
+    takes its slot, and a DELETE during the claim must neither free that slot for another
+    session (the stream would then take the pod past ``max_sessions``) nor open the session
+    a second time; the stream ends 1000 once its claim returns."""
+    settings = fast_settings(redis.url, max_sessions=1)
+    async with ready_server(settings) as server:
+        session = await create_session(server.web_port, ["AAPL"])
+        store = server.engine.store
+        real_claim = store.claim
+        during: list[tuple[int, int]] = []
+
+        async def claim_then_delete(claimed_id: str, owner: str) -> tuple[str, ...]:
+            tickers = await real_claim(claimed_id, owner)
+            deleted, _, _ = await rest(server.web_port, "DELETE", f"/v1/sessions/{claimed_id}")
+            created, _, _ = await rest(server.web_port, "POST", "/v1/sessions", {"tickers": ["A"]})
+            during.append((deleted, created))
+            return tickers
+
+        store.claim = claim_then_delete
+        async with websockets.connect(
+            ws_url(server, session["session_id"]), subprotocols=[SUBPROTOCOL]
+        ) as ws:
+            assert await closed_with(ws) == 1000
+        assert during == [(204, 503)]  # the slot was still the claiming stream's
+        values = await wait_invariant(server, timeout=5)
+        assert values["pricestream_sessions_opened_total"] == 1
+        assert 'pricestream_sessions_closed_total{reason="closed"} 1.0' in read_metrics(server)
+        store.claim = real_claim
+        assert (await rest(server.web_port, "POST", "/v1/sessions", {"tickers": ["A"]}))[0] == 201
+
+
 # --- drain and the fault switch ---------------------------------------------------------
 
 

@@ -159,28 +159,36 @@ class Engine:
         """A stream of the session is about to claim it (before the claim's await)."""
         self._claiming[session_id] = self._claiming.get(session_id, 0) + 1
 
-    def claim_ended(self, session_id: str) -> bool:
-        """The claim of ``claim_started`` returned or failed: whether the session was closed
-        meanwhile (then its stream, if it starts, must end as closed)."""
+    def claim_ended(self, session_id: str, *, claimed: bool) -> bool:
+        """The claim of ``claim_started`` returned (``claimed``: the stream starts now) or
+        failed: whether the session was closed meanwhile (then its stream must end as
+        closed). The pending entry of a session closed during its last claim, kept for that
+        claim's stream (``on_closed``), ends here if no stream starts."""
         closed = session_id in self._closed_while_claiming
         left = self._claiming.pop(session_id) - 1
         if left:
             self._claiming[session_id] = left
         else:
             self._closed_while_claiming.discard(session_id)
+            session = self.registry.get(session_id)
+            if closed and not claimed and session is not None and session.writer is None:
+                self.registry.end(session_id, "closed")
         return closed
 
     def on_closed(self, session_id: str) -> None:
         """A session was closed (here or on another pod): end it here too."""
-        if session_id in self._claiming:
+        claiming = session_id in self._claiming
+        if claiming:
             self._closed_while_claiming.add(session_id)
         session = self.registry.get(session_id)
         if session is None:
             return
         if session.writer is not None:
             session.writer.stop("closed", grpc.StatusCode.OK, "session closed")
-        else:
+        elif not claiming:
             self.registry.end(session_id, "closed")
+        # else: pending here, and a stream is claiming it: that stream holds no slot of its
+        # own (it takes the pending session's), so the entry stays until the claim ends.
 
     def _on_closed_message(self, payload: bytes) -> None:
         with contextlib.suppress(UnicodeDecodeError):

@@ -88,10 +88,12 @@ class StreamLifecycle:
                 "pod_full",
             )
         engine.claim_started(self.session_id)
+        claimed = False
         try:
             await self._claim()
+            claimed = True
         finally:
-            closed = engine.claim_ended(self.session_id)
+            closed = engine.claim_ended(self.session_id, claimed=claimed)
             if reserved:
                 registry.unreserve()  # the slot becomes the session's in start_streaming below
         # From here on nothing awaits until the stream is fully registered.
