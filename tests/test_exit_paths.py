@@ -18,7 +18,7 @@ import pytest
 import websockets
 from pricestream.api.server import Server
 from pricestream.engine.stream import RECONNECT_HINT
-from pricestream.errors import DRAINING_MESSAGE
+from pricestream.errors import BACKEND_MESSAGE, DRAINING_MESSAGE
 from pricestream.redis.broker import RedisPricePublisher
 from pricestream.redis.client import make_client, make_pool
 from pricestream.tasks import cancel_and_wait
@@ -31,7 +31,7 @@ from support.servers import ready_server, wait_ready
 from support.settings import fast_settings
 from support.streams import next_batch, read_to_end
 from support.waiting import wait_until
-from support.web_clients import create_session
+from support.web_clients import create_session, rest
 
 TICKERS = ["AAPL", "MSFT", "GOOG", "AMZN", "NVDA"]
 SUBPROTOCOL = "pricestream.v1.json"
@@ -208,6 +208,32 @@ async def test_redis_outage_longer_than_limit(own_redis) -> None:
         assert reasons(server) == {"redis_unavailable": 1}
         assert values["pricestream_redis_up"] == 0
         assert values["pricestream_redis_pubsub_connections_active"] == 0
+
+
+async def test_a_failed_redis_call_is_one_fixed_sentence_on_every_api(own_redis) -> None:
+    """With Redis gone, REST, SSE and gRPC refuse with the same sentence: never the
+    exception's text, which names Redis's address (an internal host and port)."""
+    async with pod(own_redis.url) as server:
+        session = await create_session(server.web_port, ["AAPL"])
+        own_redis.kill()
+        answers = [
+            await rest(server.web_port, "POST", "/v1/sessions", {"tickers": ["AAPL"]}),
+            await rest(server.web_port, "GET", f"/v1/sessions/{session['session_id']}"),
+            await rest(server.web_port, "GET", f"/v1/sessions/{session['session_id']}/events"),
+        ]
+        for status, headers, body in answers:
+            assert (status, headers["Retry-After"], body["error"]) == (
+                503,
+                "2",
+                {"code": "backend", "message": BACKEND_MESSAGE},
+            )
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await PriceStreamServiceStub(channel).CreateSession(
+                    pb.CreateSessionRequest(tickers=["AAPL"]), timeout=10
+                )
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert refused.value.details() == BACKEND_MESSAGE
 
 
 async def test_slow_consumer_cut_off(redis) -> None:

@@ -1253,5 +1253,34 @@ def test_request_targets_origin_and_absolute_form_segments_and_shown_path():
         ["", "v1", "sessions"],
     )
     assert Request.from_target(b"GET", b"http://h", [], b"", "::1").path == "/"
+    # The target's authority is the host (RFC 9112 3.2.2); other schemes are no URL of ours.
+    hosted = Request.from_target(b"GET", b"HTTP://u@a.example/x", [(b"host", b"b")], b"", "::1")
+    assert hosted.header(b"host") == b"a.example" and hosted.header_list(b"host") == b"a.example"
+    other = Request.from_target(b"GET", b"ftp://a.example/x", [], b"", "::1")
+    assert other.path == "ftp://a.example/x"  # no route: 404
+
+
+async def test_100_continue_only_while_the_body_is_awaited(harnesses):
+    """A client that sent ``Expect: 100-continue`` is told to go on once the head is taken
+    and its body has not come; a body that came with the head gets no 100 (RFC 9110
+    10.1.1)."""
+    head = (
+        b"POST /echo HTTP/1.1\r\nHost: pricestream\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 5\r\n\r\n"
+    )
+    h = Harness(echo_path)
+    harnesses.append(h)
+    h.feed(head)
+    await settle()
+    assert h.new_bytes() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    h.feed(b"hello")
+    await settle()
+    [(status, _, body)] = parse_responses(h.new_bytes())
+    assert status == 200 and json.loads(body)["body"] == "hello"
+    together = Harness(echo_path)
+    harnesses.append(together)
+    together.feed(head + b"hello")
+    await settle()
+    assert [status for status, _, _ in parse_responses(together.new_bytes())] == [200]
     control = Request.from_target(b"GET", b"/%0Ax\x01", [], b"", "::1")
     assert control.segments == ["", "\nx\x01"] and control.shown_path == "/%0Ax?"

@@ -262,6 +262,17 @@ class WebConnection(asyncio.Protocol):
                 return  # not even a request answered at once (a bad handshake): resume_writing
             event = conn.next_event()
             if event is h11.NEED_DATA:
+                if self._head is not None and conn.they_are_waiting_for_100_continue:
+                    # The head is taken and its body has not come: the client sends it only
+                    # once told to go on (RFC 9110 section 10.1.1).
+                    assert self.transport is not None
+                    self.transport.write(
+                        conn.send(
+                            h11.InformationalResponse(
+                                status_code=100, headers=[], reason=b"Continue"
+                            )
+                        )
+                    )
                 return
             if event is h11.PAUSED:
                 self._pause_reading()  # pipelined requests wait their turn
@@ -294,11 +305,6 @@ class WebConnection(asyncio.Protocol):
             if name == b"content-length" and int(value) > self._limits.max_body_bytes:
                 self._refuse_malformed(413, "request body is too large")
                 return
-        conn = self._h11
-        if conn is not None and conn.they_are_waiting_for_100_continue:
-            # The client sends its body only once told to go on (RFC 9110 section 10.1.1).
-            assert self.transport is not None
-            self.transport.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
 
     def _on_request(self) -> None:
         head = self._head

@@ -15,7 +15,7 @@ HandshakeError = tuple[int, str, Headers]
 @dataclass(frozen=True)
 class Request:
     method: str
-    path: str  # as sent (percent-encoded), without the query; the path of an absolute URL
+    path: str  # as sent (percent-encoded), without the query; an absolute URL's (http, https)
     query: str
     headers: Headers  # names lower-case, as h11 gives them
     body: bytes
@@ -62,10 +62,13 @@ class Request:
         handshake_error: HandshakeError | None = None,
     ) -> Request:
         text = target.decode("ascii", "replace")
-        if not text.startswith("/") and "://" in text:
-            # The absolute form (RFC 9112 section 3.2.2), which a server must accept.
+        if text.lower().startswith(("http://", "https://")):
+            # The absolute form (RFC 9112 section 3.2.2), which a server must accept: its
+            # authority is the request's host, whatever a Host header says.
             parts = urlsplit(text)
             text = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+            authority = parts.netloc.rpartition("@")[2].encode("ascii", "replace")
+            headers = [(b"host", authority), *((k, v) for k, v in headers if k != b"host")]
         raw_path, _, query = text.partition("?")
         return cls(
             method.decode("ascii", "replace"),
