@@ -68,8 +68,9 @@ async def test_rest_create_get_delete(server: Server) -> None:
     assert body["stream_url"] == f"ws://127.0.0.1:{port}/v1/sessions/{session_id}/ws"
     assert body["events_url"] == f"http://127.0.0.1:{port}/v1/sessions/{session_id}/events"
 
-    status, _, got = await rest(port, "GET", f"/v1/sessions/{session_id}")
+    status, got_headers, got = await rest(port, "GET", f"/v1/sessions/{session_id}")
     assert status == 200 and got["tickers"] == ["AAPL", "MSFT"] and got["streaming"] is False
+    assert got_headers["Cache-Control"] == "no-store"
 
     status, _, nothing = await rest(port, "DELETE", f"/v1/sessions/{session_id}")
     assert (status, nothing) == (204, None)

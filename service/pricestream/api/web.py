@@ -203,6 +203,10 @@ class WebApi:
             elif len(parts) == 4:
                 route = "session"
                 response = await self._session(request, parts[3])
+            if response is not None:
+                # A session's state changes by the second, and its answers differ by Origin:
+                # no cache keeps them (so none serves one origin's answer to another).
+                response.headers.append((b"cache-control", b"no-store"))
             elif len(parts) == 5 and parts[4] == "ws":
                 await self._websocket(request, exchange, parts[3])
                 return
