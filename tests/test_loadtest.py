@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ from pricestream.tools.loadtest.stages import (
     parse_stages,
     profile_stages,
 )
+from pricestream.tools.loadtest.webuser import WebVirtualUser
+from pricestream.tools.loadtest.worker import Stats, WorkerConfig
 from support.processes import ServeProcess, pricestream_command, start_feed
 from support.redis_server import RedisProcess
 from support.settings import fast_env
@@ -174,6 +177,46 @@ def test_browser_path_smoke_run_against_a_real_server(
         feed.wait()
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+def test_refused_browser_streams_back_off_and_leave_no_session_behind(
+    own_redis: RedisProcess, tmp_path: Path, transport: str
+) -> None:
+    """A pod that admits 2 new streams a second refuses most of 20 users' (1013 / 503). Each
+    refused user deletes its session, which never streamed, and its slot waits 0.5-1.5 s:
+    the leak verdict stays clean and the users make tens of sessions, not a thousand."""
+    server = ServeProcess(
+        fast_env(own_redis.url, web_accept_rate=2, web_accept_burst=5, session_ttl=60),
+        tmp_path / "serve.log",
+    )
+    try:
+        out = tmp_path / "report"
+        command = pricestream_command(
+            "loadtest", "--transport", transport,
+            "--web-target", f"127.0.0.1:{server.web_port}",
+            "--metrics-url", f"http://127.0.0.1:{server.http_port}/metrics",
+            "--stages", "1s:20,4s:20,1s:0",
+            "--workers", "1",
+            "--max-error-rate", "1",
+            "--leak-timeout", "15",
+            "--out", str(out),
+            "--no-plots",
+            "--quiet",
+        )  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=90)
+        report = json.loads((out / "report.json").read_text())
+        assert report["leak_verdict"]["passed"], report["leak_verdict"]
+        total = report["total"]
+        refused = "stream:1013" if transport == "ws" else "stream:HTTP503"
+        assert total["errors"].get(refused, 0) >= 10, total["errors"]
+        assert set(total["errors"]) == {refused}, total["errors"]
+        # 20 slots, each at least 0.5 s per refused attempt, for about 6 s.
+        assert 20 < total["sessions_created"] <= 300
+        assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    finally:
+        server.stop()
+
+
 def test_a_leave_way_of_another_transport_is_refused() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pricestream", "loadtest", "--transport", "sse",
@@ -195,3 +238,34 @@ def test_bad_flags_get_one_sentence_and_exit_2() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.startswith("pricestream: --leave-mix part 'vanish=1' is not WAY=WEIGHT")
+
+
+async def test_a_browser_users_frames_are_checked_for_order_and_form() -> None:
+    """The snapshot is seq 1 and comes once, each later frame is the next seq; a frame out of
+    order, a second snapshot, prices before the snapshot or a frame that is not the protocol's
+    JSON are each counted (decode:seq, decode:frame), the last without ending the user."""
+    config = WorkerConfig(
+        targets=[], worker=0, workers=1, start_at=0.0, stages=[], tickers=["A"], transport="ws"
+    )
+    stats = Stats()
+    user = WebVirtualUser(
+        None,  # type: ignore[arg-type]  # no REST call: frames only
+        None, "x", "close", False, 0, ["A"], config, stats,
+    )  # fmt: skip
+    update = {"ticker": "A", "publishedAtUnixNanos": str(time.time_ns())}
+
+    async def frame(kind: str, seq: int) -> None:
+        await user._frame(json.dumps({"type": kind, "seq": seq, "updates": [update]}), 0.0)
+
+    await frame("prices", 1)  # before the snapshot
+    assert stats.errors == {"decode:seq": 1}
+    await frame("snapshot", 1)
+    await frame("prices", 2)
+    await frame("prices", 3)
+    assert stats.errors == {"decode:seq": 1} and stats.streams_started == 1
+    await frame("prices", 5)  # one missed
+    await frame("snapshot", 1)  # a second snapshot on one stream
+    await user._frame("{not json", 0.0)
+    await user._frame('{"type":"prices","seq":2}', 0.0)  # no updates
+    assert stats.errors == {"decode:seq": 3, "decode:frame": 2}
+    assert stats.updates == 4  # every well-formed prices frame's update was counted

@@ -46,7 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--universe", type=int, default=50, help="tickers drawn from (the feed's --tickers)"
     )
     parser.add_argument("--workers", type=int, default=2, help="load generator processes")
-    parser.add_argument("--channels", type=int, default=4, help="gRPC channels per worker")
+    parser.add_argument(
+        "--channels", type=int, default=4,
+        help="gRPC channels per worker (gRPC only: a browser user has its own connection)",
+    )  # fmt: skip
     parser.add_argument(
         "--leave-mix",
         default=None,

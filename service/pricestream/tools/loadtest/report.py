@@ -26,7 +26,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"`{run['command']}`",
         "",
         f"Target {', '.join(run['targets'])}; {run['workers']} worker processes x "
-        f"{run['channels_per_worker']} channels; {run['tickers_per_session']} tickers per session "
+        + (
+            f"{run['channels_per_worker']} channels"
+            if run.get("channels_per_worker")
+            else "one connection per user"
+        )
+        + f"; {run['tickers_per_session']} tickers per session "
         f"from {run['universe']}; peak {run['peak_users']:,} users over {run['seconds']:.0f} s.",
         f"Load generator CPU: {report['client_cpu_cores']:.2f} cores on average of the "
         f"{report['client_cores_available']} it could use (if near them, the generator was the "

@@ -161,7 +161,8 @@ class LoadTest:
                 "transport": o.transport,
                 "targets": o.targets if o.transport == "grpc" else o.web_targets,
                 "workers": o.workers,
-                "channels_per_worker": o.channels_per_worker,
+                # gRPC only: a browser user has a connection of its own (None in web runs)
+                "channels_per_worker": o.channels_per_worker if o.transport == "grpc" else None,
                 "tickers_per_session": o.tickers_per_session,
                 "universe": len(o.tickers),
                 "peak_users": self.schedule.peak,

@@ -59,6 +59,7 @@ class WebVirtualUser:
         self.nanos_per_bucket = nanos_per_bucket
         self.leaving = False
         self.started = False  # the snapshot arrived: the server holds the stream
+        self.last_seq = 0  # the seq of the stream's last frame
         self.session_id = ""
         self.task: asyncio.Task[None] | None = None
         self.side_tasks: set[asyncio.Task[None]] = set()
@@ -108,6 +109,13 @@ class WebVirtualUser:
                 raise
         finally:
             self._streaming = False
+        if not self.leaving:
+            # Refused or failed, not told to leave: a session that never streamed is deleted
+            # (left, it would stay pending for its TTL, and the leak verdict would blame the
+            # server), and the slot waits before it is filled again (no retry storm).
+            if not self.started:
+                await self._delete()
+            await asyncio.sleep(random.uniform(0.5, 1.5))
 
     # --- streams ---------------------------------------------------------------------------
 
@@ -161,16 +169,22 @@ class WebVirtualUser:
         closing = False
         try:
             async for raw in response.content:
+                if not raw.endswith(b"\n"):
+                    break  # the connection ended inside a line: dropped (1006)
                 line = raw.rstrip(b"\r\n")
                 if line == b"event: close":
                     closing = True
                 elif line.startswith(b"data: "):
                     if closing:
-                        code = int(json.loads(line[6:]).get("code", 0))
+                        with contextlib.suppress(ValueError, AttributeError):
+                            code = int(json.loads(line[6:]).get("code", 0))
                         break
                     await self._frame(line[6:], started)
         except (aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError):
             pass
+        except RuntimeError:  # aiohttp's "Connection closed.": the drop way closed it
+            if not self.leaving:
+                raise
         finally:
             response.close()
         self._ended(code)
@@ -178,8 +192,20 @@ class WebVirtualUser:
     async def _frame(self, data: str | bytes, started: float) -> None:
         stats = self.stats
         now = time.time_ns()
-        frame = json.loads(data)
-        if frame.get("type") == "snapshot":
+        try:
+            frame = json.loads(data)
+            kind, seq = frame["type"], frame["seq"]
+            updates = frame["updates"]
+            published = [int(update["publishedAtUnixNanos"]) for update in updates]
+        except (ValueError, KeyError, TypeError):
+            stats.error("decode:frame")
+            return
+        # The snapshot is seq 1 and comes once; each later frame is the one after the last.
+        expected = 1 if kind == "snapshot" else self.last_seq + 1
+        if seq != expected or (kind == "snapshot") == self.started:
+            stats.error("decode:seq")
+        self.last_seq = seq
+        if kind == "snapshot":
             if not self.started:
                 self.started = True
                 stats.streams_started += 1
@@ -187,14 +213,13 @@ class WebVirtualUser:
                 if self.leaving:
                     self._side(self._leave_now())
             return
-        updates = frame["updates"]
         stats.batches += 1
         stats.updates += len(updates)
         # slow readers' latency is their own doing: only the others' is the service's
         delivery = stats.delivery if not self.slow else Counter()
         per_bucket = self.nanos_per_bucket
-        for update in updates:
-            delivery[(now - int(update["publishedAtUnixNanos"])) // per_bucket] += 1
+        for published_at in published:
+            delivery[(now - published_at) // per_bucket] += 1
         if self.slow:
             await asyncio.sleep(self.config.slow_read_delay)
 
@@ -202,7 +227,9 @@ class WebVirtualUser:
         """The stream is over: an error unless the user left (or asked the server to end it)."""
         if self.leaving:
             return
-        if self.slow and code == SLOW_CONSUMER:
+        if self.slow and code in (SLOW_CONSUMER, None, 1006):
+            # A reader that stopped is aborted at its cut-off (its close frame cannot pass
+            # its full window): to it, the 4008 looks like a drop.
             self.stats.slow_cut_off += 1
         else:
             self.stats.error(f"stream:{code if code is not None else 1006}")

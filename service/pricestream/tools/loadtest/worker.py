@@ -161,7 +161,7 @@ class VirtualUser:
                 if batch is grpc.aio.EOF:
                     if not self.leaving:
                         stats.error("stream:ended")
-                    return
+                    break
                 now = time.time_ns()
                 if first:
                     first = False
@@ -184,6 +184,13 @@ class VirtualUser:
         except asyncio.CancelledError:
             if not self.leaving:
                 raise
+        if not self.leaving:
+            # Refused or failed, not told to leave: a session that never streamed is closed
+            # (left, it would stay pending for its TTL, and the leak verdict would blame the
+            # server), and the slot waits before it is filled again (no retry storm).
+            if not self.started:
+                await self._close_session()
+            await asyncio.sleep(random.uniform(0.5, 1.5))
 
     def leave(self) -> None:
         if self.leaving:
@@ -216,7 +223,8 @@ class VirtualUser:
                 metadata=self._metadata,
             )  # fmt: skip
         except grpc.aio.AioRpcError as exc:
-            self.stats.error(f"close:{exc.code().name}")
+            if exc.code() is not grpc.StatusCode.NOT_FOUND:  # gone already: what we wanted
+                self.stats.error(f"close:{exc.code().name}")
             if self.call is not None:
                 self.call.cancel()
         if cancel_after and self.call is not None:
@@ -276,6 +284,8 @@ class Worker:
     async def _run(self, user: VirtualUser | WebVirtualUser) -> None:
         try:
             await user.run()
+        except Exception as exc:  # a bug of the tool or a reply it did not foresee: counted
+            self.stats.error(f"client:{type(exc).__name__}")
         finally:
             if isinstance(user, VirtualUser) and user.own_channel is not None:
                 self.own_channels.discard(user.own_channel)
