@@ -371,7 +371,8 @@ func main() {
 	flag.DurationVar(&cfg.ramp, "ramp", 10*time.Second, "time to start all users")
 	flag.DurationVar(&cfg.settle, "settle", 3*time.Second, "wait after the ramp before measuring")
 	flag.DurationVar(&cfg.hold, "hold", 10*time.Second, "measurement window")
-	flag.DurationVar(&cfg.leaveTimeout, "leave-timeout", 30*time.Second, "per CloseSession call")
+	flag.DurationVar(&cfg.leaveTimeout, "leave-timeout", 30*time.Second,
+		"per CloseSession call; ws, sse: for the server's close after DELETE")
 	flag.DurationVar(&cfg.stormAt, "storm-at", 0,
 		"ws: drop every socket at once this long after the hold started, then reconnect (0: no storm)")
 	flag.DurationVar(&cfg.stormBackoff, "storm-backoff", 200*time.Millisecond,

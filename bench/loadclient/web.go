@@ -115,13 +115,29 @@ func (s *storm) result() *stormResult {
 	return out
 }
 
-// backoff is full jitter: uniform in [base, min(limit, base*2^attempt)].
+// backoff is full jitter, as the page's: uniform in [0, min(limit, base*2^attempt)), so the
+// sockets of one drop do not all come back at one moment.
 func backoff(rng *rand.Rand, attempt int, base, limit time.Duration) time.Duration {
 	ceiling := base << min(attempt, 16)
 	if ceiling > limit || ceiling <= 0 {
 		ceiling = limit
 	}
-	return base + time.Duration(rng.Int64N(int64(ceiling-base)+1))
+	return time.Duration(rng.Int64N(int64(ceiling)))
+}
+
+// tryLaterPause is what the page adds to its backoff after 1011 and 1013 (try later).
+const tryLaterPause = time.Second
+
+// stopsClient tells whether a close code ends a user for good rather than a reconnect: 1000
+// (the session was closed) and the codes of a client bug (docs/browser.md's table).
+func stopsClient(code websocket.StatusCode) bool {
+	switch code {
+	case websocket.StatusNormalClosure, websocket.StatusProtocolError,
+		websocket.StatusInvalidFramePayloadData, websocket.StatusPolicyViolation,
+		websocket.StatusMessageTooBig:
+		return true
+	}
+	return false
 }
 
 func (r *run) count(key string) {
@@ -282,12 +298,13 @@ func (r *run) webUser(index int, createBy time.Time, leave <-chan struct{}, rng 
 	resumed := false // this user's socket streamed again after the storm (counted once)
 	attempt := 0
 	for {
+		var end error // how the last socket ended
 		s, err := r.dialWS(id)
 		if err != nil {
 			r.count("connect:" + err.Error())
 		} else {
 			inStorm := stormed && !resumed // a connection after the drop, not yet streaming
-			end := r.holdWS(index, id, s, leave, inStorm, &stormed)
+			end = r.holdWS(index, id, s, leave, inStorm, &stormed)
 			if inStorm && s.started {
 				resumed = true
 			}
@@ -296,6 +313,11 @@ func (r *run) webUser(index int, createBy time.Time, leave <-chan struct{}, rng 
 				return // left
 			case errors.Is(end, errNoSession):
 				return
+			case stopsClient(websocket.CloseStatus(end)):
+				if websocket.CloseStatus(end) != websocket.StatusNormalClosure {
+					r.deleteWebSession(id) // a client bug: its session is not kept
+				}
+				return // 1000: the session was closed
 			}
 			if !s.started && stormed {
 				r.storm.retries.Add(1)
@@ -309,6 +331,9 @@ func (r *run) webUser(index int, createBy time.Time, leave <-chan struct{}, rng 
 		var pause time.Duration
 		if stormed {
 			pause = backoff(rng, attempt, r.cfg.stormBackoff, r.cfg.stormBackoffMax)
+			if code := websocket.CloseStatus(end); code == closeTryLater || code == 1011 {
+				pause += tryLaterPause
+			}
 		} else {
 			pause = time.Duration(500+rng.IntN(1000)) * time.Millisecond
 			if time.Now().Add(pause).After(createBy) && !r.everStreamed(index) {
@@ -395,7 +420,13 @@ func (r *run) holdWS(index int, id string, s *wsStream, leave <-chan struct{}, i
 			return errors.New("dropped")
 		case <-leave:
 			r.leaveWS(index, id, s)
-			<-done
+			select {
+			case <-done:
+			case <-time.After(r.cfg.leaveTimeout): // the server's 1000 after DELETE never came
+				r.count("close:no_1000")
+				_ = s.conn.CloseNow()
+				<-done
+			}
 			return nil
 		case err := <-done:
 			code := websocket.CloseStatus(err)
@@ -408,10 +439,12 @@ func (r *run) holdWS(index int, id string, s *wsStream, leave <-chan struct{}, i
 					r.storm.lost.Add(1)
 				}
 				return errNoSession
-			case code == closeTryLater || code == closeBusy:
+			case (code == closeTryLater || code == closeBusy) && !s.started:
 				if !*stormed {
-					r.count(fmt.Sprintf("connect:%d", code))
+					r.count(fmt.Sprintf("connect:%d", code)) // refused before it streamed
 				}
+			case stopsClient(code) && code != websocket.StatusNormalClosure:
+				r.count(fmt.Sprintf("client_bug:%d", code))
 			default:
 				r.count(fmt.Sprintf("stream:%d", code))
 			}
@@ -493,9 +526,15 @@ func (r *run) sseUser(index int, id string, createBy time.Time, leave <-chan str
 			case <-leave:
 				if index%2 == 0 && r.deleteWebSession(id) {
 					r.closed.Add(1)
-					end = <-done // the server ends the stream: event close 1000
-					if end != nil && !errors.Is(end, errClosed1000) {
-						r.count("close:" + end.Error())
+					select {
+					case end = <-done: // the server ends the stream: event close 1000
+						if end != nil && !errors.Is(end, errClosed1000) {
+							r.count("close:" + end.Error())
+						}
+					case <-time.After(r.cfg.leaveTimeout):
+						r.count("close:no_1000")
+						cancel()
+						<-done
 					}
 				} else {
 					cancel()
@@ -516,8 +555,8 @@ func (r *run) sseUser(index int, id string, createBy time.Time, leave <-chan str
 			return
 		}
 		r.count("stream:" + end.Error())
-		if errors.Is(end, errNoSession) {
-			return
+		if errors.Is(end, errNoSession) || errors.Is(end, errClosed1000) {
+			return // the session is gone (1000: closed)
 		}
 		pause := time.Duration(500+rng.IntN(1000)) * time.Millisecond
 		if time.Now().Add(pause).After(createBy) && !r.everStreamed(index) {
