@@ -415,8 +415,35 @@ async def test_a_busy_event_stream_is_a_4009_to_the_page(serve, page) -> None:
     await page.open(server.web_port, "?transport=sse")
     state = await page.wait_for(lambda s: len(s["closes"]) >= 2, "two refusals", timeout=15)
     assert set(state["closes"]) == {4009}
-    assert (await page.text("#status")).startswith("disconnected (4009")
+    # Between reconnects (each after a backoff of its own) the status says why.
+    await wait_for_status(page, "disconnected (4009")
     assert page.errors == []
+
+
+async def test_an_event_stream_refused_for_now_is_a_1013_to_the_page(serve, page) -> None:
+    """An EventSource refused with 503 (the pod's admission rate, its limit, a drain) on a
+    session that exists and is not streamed counts as 1013: the page waits a second more,
+    as for the WebSocket's 1013, instead of retrying it as a drop."""
+    server = serve()
+
+    async def refused(route: Any) -> None:
+        await route.fulfill(
+            status=503, content_type="application/json", body='{"error": {"code": "rate"}}'
+        )
+
+    await page.page.route("**/events", refused)
+    await page.open(server.web_port, "?transport=sse")
+    state = await page.wait_for(lambda s: len(s["closes"]) >= 2, "two refusals", timeout=15)
+    assert set(state["closes"]) == {1013}
+    assert page.errors == []
+
+
+async def wait_for_status(page: LivePage, prefix: str, timeout: float = 10.0) -> None:
+    """Poll the status line until it starts with ``prefix``."""
+    deadline = time.monotonic() + timeout
+    while not (shown := await page.text("#status")).startswith(prefix):
+        assert time.monotonic() < deadline, f"status {shown!r}, never {prefix!r}..."
+        await asyncio.sleep(0.02)
 
 
 async def test_end_while_a_new_session_is_being_created_deletes_it(serve, desk, page) -> None:
@@ -459,3 +486,78 @@ async def wait_for_created(created: list[str]) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("the held POST was never answered")
+
+
+class HeldCreates:
+    """Holds every POST /v1/sessions of the page until ``release``; the ids they created."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.created: list[str] = []
+
+    async def __call__(self, route: Any) -> None:
+        if route.request.method != "POST":
+            await route.continue_()
+            return
+        await self.release.wait()
+        response = await route.fetch()
+        self.created.append(json.loads(await response.text())["session_id"])
+        await route.fulfill(response=response)
+
+    async def answered(self, count: int) -> list[str]:
+        for _ in range(200):
+            if len(self.created) >= count:
+                return self.created
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{len(self.created)} of {count} held POSTs answered")
+
+
+async def session_status(page: LivePage, session_id: str) -> int:
+    return await page.page.evaluate(
+        "id => fetch(`/v1/sessions/${id}`).then(r => r.status)", session_id
+    )
+
+
+async def test_end_before_the_first_session_exists_ends_the_page(serve, page) -> None:
+    """End while the page's first session is still being created: the page stays ended, and
+    that session is deleted when its POST is answered."""
+    server = serve()
+    held = HeldCreates()
+    await page.page.route("**/v1/sessions", held)
+    await page.open(server.web_port)
+    await page.wait_for_text("#status", "creating a session…")
+    await page.page.click("#end")
+    await page.wait_for_text("#status", "session closed")
+    held.release.set()
+    [created] = await held.answered(1)
+    await page.holds_for(lambda s: not s["connected"], "nothing streams after End", seconds=1.0)
+    assert await page.text("#status") == "session closed"
+    assert await session_status(page, created) == 404
+    assert page.errors == []
+
+
+async def test_a_session_created_for_a_superseded_start_is_deleted(serve, page) -> None:
+    """Restart twice before the first POST is answered: the page streams the second
+    session, and the first, never used, is deleted instead of holding a slot until its
+    TTL."""
+    server = serve()
+    await page.open(server.web_port)
+    await page.wait_for(streaming("websocket"), "the first session streaming")
+    held = HeldCreates()
+    await page.page.route("**/v1/sessions", held)
+    await page.page.click("#start")
+    await page.wait_for_text("#status", "creating a session…")
+    await page.page.click("#start")
+    held.release.set()
+    first, second = await held.answered(2)
+    state = await page.wait_for(
+        lambda s: s["connected"] and s["sessionId"] in (first, second), "the last Restart's"
+    )
+    kept = state["sessionId"]
+    dropped = first if kept == second else second
+    deadline = time.monotonic() + 5
+    while await session_status(page, dropped) != 404:
+        assert time.monotonic() < deadline, "the superseded session was not deleted"
+        await asyncio.sleep(0.1)
+    assert await session_status(page, kept) == 200
+    assert page.errors == []

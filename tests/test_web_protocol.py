@@ -1258,6 +1258,8 @@ def test_request_targets_origin_and_absolute_form_segments_and_shown_path():
     assert hosted.header(b"host") == b"a.example" and hosted.header_list(b"host") == b"a.example"
     other = Request.from_target(b"GET", b"ftp://a.example/x", [], b"", "::1")
     assert other.path == "ftp://a.example/x"  # no route: 404
+    control = Request.from_target(b"GET", b"/%0Ax\x01", [], b"", "::1")
+    assert control.segments == ["", "\nx\x01"] and control.shown_path == "/%0Ax?"
 
 
 async def test_100_continue_only_while_the_body_is_awaited(harnesses):
@@ -1282,5 +1284,3 @@ async def test_100_continue_only_while_the_body_is_awaited(harnesses):
     together.feed(head + b"hello")
     await settle()
     assert [status for status, _, _ in parse_responses(together.new_bytes())] == [200]
-    control = Request.from_target(b"GET", b"/%0Ax\x01", [], b"", "::1")
-    assert control.segments == ["", "\nx\x01"] and control.shown_path == "/%0Ax?"
