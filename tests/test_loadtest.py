@@ -127,6 +127,28 @@ def test_smoke_run_against_a_real_server(own_redis: RedisProcess, tmp_path: Path
         feed.wait()
 
 
+def run_web_loadtest(
+    server: ServeProcess, transport: str, out: Path, *, stages: str, workers: int,
+    max_error_rate: float, leak_timeout: float,
+) -> tuple[subprocess.CompletedProcess[str], dict]:  # fmt: skip
+    """`pricestream loadtest --transport ws|sse` against ``server``: how it ended, and its
+    report (written to ``out``)."""
+    command = pricestream_command(
+        "loadtest", "--transport", transport,
+        "--web-target", f"127.0.0.1:{server.web_port}",
+        "--metrics-url", f"http://127.0.0.1:{server.http_port}/metrics",
+        "--stages", stages,
+        "--workers", str(workers),
+        "--max-error-rate", str(max_error_rate),
+        "--leak-timeout", str(leak_timeout),
+        "--out", str(out),
+        "--no-plots",
+        "--quiet",
+    )  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=90)
+    return result, json.loads((out / "report.json").read_text())
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("transport", ["ws", "sse"])
 def test_browser_path_smoke_run_against_a_real_server(
@@ -138,22 +160,11 @@ def test_browser_path_smoke_run_against_a_real_server(
     feed = start_feed(own_redis.url, tickers=50, rate=1000)
     server = ServeProcess(fast_env(own_redis.url), tmp_path / "serve.log")
     try:
-        out = tmp_path / "report"
-        command = pricestream_command(
-            "loadtest", "--transport", transport,
-            "--web-target", f"127.0.0.1:{server.web_port}",
-            "--metrics-url", f"http://127.0.0.1:{server.http_port}/metrics",
-            "--stages", "2s:60,3s:60,2s:0",
-            "--workers", "2",
-            "--max-error-rate", "0",
-            "--leak-timeout", "20",
-            "--out", str(out),
-            "--no-plots",
-            "--quiet",
+        result, report = run_web_loadtest(
+            server, transport, tmp_path / "report", stages="2s:60,3s:60,2s:0", workers=2,
+            max_error_rate=0, leak_timeout=20,
         )  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, timeout=90)
         assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-        report = json.loads((out / "report.json").read_text())
         assert report["run"]["transport"] == transport
         assert report["leak_verdict"]["passed"], report["leak_verdict"]
         total = report["total"]
@@ -190,21 +201,10 @@ def test_refused_browser_streams_back_off_and_leave_no_session_behind(
         tmp_path / "serve.log",
     )
     try:
-        out = tmp_path / "report"
-        command = pricestream_command(
-            "loadtest", "--transport", transport,
-            "--web-target", f"127.0.0.1:{server.web_port}",
-            "--metrics-url", f"http://127.0.0.1:{server.http_port}/metrics",
-            "--stages", "1s:20,4s:20,1s:0",
-            "--workers", "1",
-            "--max-error-rate", "1",
-            "--leak-timeout", "15",
-            "--out", str(out),
-            "--no-plots",
-            "--quiet",
+        result, report = run_web_loadtest(
+            server, transport, tmp_path / "report", stages="1s:20,4s:20,1s:0", workers=1,
+            max_error_rate=1, leak_timeout=15,
         )  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, timeout=90)
-        report = json.loads((out / "report.json").read_text())
         assert report["leak_verdict"]["passed"], report["leak_verdict"]
         total = report["total"]
         refused = "stream:1013" if transport == "ws" else "stream:HTTP503"
