@@ -57,7 +57,7 @@ type config struct {
 	hold              time.Duration
 	leaveTimeout      time.Duration
 	stormAt           time.Duration // ws: drop every socket this long after the hold started
-	stormBackoff      time.Duration // ws: first reconnect delay after the drop (jittered)
+	stormBackoff      time.Duration // ws: ceiling of the first reconnect delay after the drop (full jitter)
 	stormBackoffMax   time.Duration // ws: cap of the exponential reconnect delay
 }
 
@@ -376,7 +376,7 @@ func main() {
 	flag.DurationVar(&cfg.stormAt, "storm-at", 0,
 		"ws: drop every socket at once this long after the hold started, then reconnect (0: no storm)")
 	flag.DurationVar(&cfg.stormBackoff, "storm-backoff", 200*time.Millisecond,
-		"ws: the storm's first reconnect delay; each retry doubles the ceiling (full jitter)")
+		"ws: the ceiling of the storm's first reconnect delay (full jitter: uniform below it); each retry doubles the ceiling")
 	flag.DurationVar(&cfg.stormBackoffMax, "storm-backoff-max", 5*time.Second,
 		"ws: the storm's reconnect delay ceiling")
 	flag.Parse()
